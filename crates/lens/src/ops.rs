@@ -1,0 +1,361 @@
+//! Lens operations: each defines both directions and what it keeps aside.
+//!
+//! Every operation is applied with the record the opposite direction left
+//! (`kept_in`, possibly none) and returns the record for the next opposite
+//! application (`kept_out`). The records are what a migration's complement is
+//! made of: a removed value, the original of a collapsed conversion, a field
+//! an `add` overwrote, where a moved key stood in its object.
+
+use crate::path::FieldPath;
+use crate::script::Script;
+use crate::selector::json_eq;
+use crate::LensError;
+use serde_json::{Map, Value};
+
+/// Which way a migration is applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// From the version before the migration to the version after it.
+    Up,
+    /// Back from the version after the migration to the one before.
+    Down,
+}
+
+/// How `wrap` / `unwrap` package a value.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Wrapping {
+    /// A one-field object `{key: value}`.
+    Key(String),
+    /// A one-element array `[value]`.
+    Array,
+}
+
+/// One lens operation of a migration step.
+#[derive(Debug, Clone)]
+pub enum Op {
+    /// Move a field to another path (into or out of nested objects).
+    Rename { from: FieldPath, to: FieldPath },
+    /// Set a field to a value going up; remove it going down.
+    Add { path: FieldPath, value: Value },
+    /// Remove a field going up; restore it (or `default`) going down.
+    Remove { path: FieldPath, default: Value },
+    /// Copy a field going up; remove the copy going down.
+    Copy { from: FieldPath, to: FieldPath },
+    /// Map values both ways. `forward` is the `map`; `backward` its reverse
+    /// (the stated `reverse` where `map` is not one-to-one).
+    Convert {
+        path: FieldPath,
+        forward: Vec<(Value, Value)>,
+        backward: Vec<(Value, Value)>,
+    },
+    /// Wrap a value going up; unwrap it going down.
+    Wrap { path: FieldPath, wrapping: Wrapping },
+    /// Unwrap a value going up; wrap it going down.
+    Unwrap { path: FieldPath, wrapping: Wrapping },
+    /// JavaScript `up(doc, kept)` and `down(doc, kept)`.
+    Custom(Script),
+}
+
+/// The record an operation keeps for the opposite direction.
+pub type Kept = Map<String, Value>;
+
+impl Op {
+    /// The operation's name as written in migration files.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Op::Rename { .. } => "rename",
+            Op::Add { .. } => "add",
+            Op::Remove { .. } => "remove",
+            Op::Copy { .. } => "copy",
+            Op::Convert { .. } => "convert",
+            Op::Wrap { .. } => "wrap",
+            Op::Unwrap { .. } => "unwrap",
+            Op::Custom(_) => "custom",
+        }
+    }
+
+    /// The paths this operation writes going up (for overlap checks).
+    pub fn writes(&self) -> Vec<&FieldPath> {
+        match self {
+            Op::Rename { to, .. } | Op::Copy { to, .. } => vec![to],
+            Op::Add { path, .. }
+            | Op::Convert { path, .. }
+            | Op::Wrap { path, .. }
+            | Op::Unwrap { path, .. } => vec![path],
+            Op::Remove { .. } | Op::Custom(_) => vec![],
+        }
+    }
+
+    /// Applies the operation to `doc` in `direction`, given what the opposite
+    /// direction kept; returns what this application keeps.
+    pub fn apply(
+        &self,
+        direction: Direction,
+        doc: &mut Value,
+        kept_in: Option<&Kept>,
+    ) -> Result<Option<Kept>, LensError> {
+        let empty = Kept::new();
+        let kept_in = kept_in.unwrap_or(&empty);
+        let out = match (self, direction) {
+            (Op::Rename { from, to }, Direction::Up) => move_field(doc, from, to, kept_in)?,
+            (Op::Rename { from, to }, Direction::Down) => move_field(doc, to, from, kept_in)?,
+            (Op::Add { path, value }, Direction::Up) => set_field(doc, path, value, kept_in)?,
+            (Op::Add { path, value }, Direction::Down) => unset_field(doc, path, value, kept_in),
+            (Op::Copy { from, to }, Direction::Up) => match from.get(doc).cloned() {
+                Some(value) => set_field(doc, to, &value, kept_in)?,
+                None => Kept::new(),
+            },
+            (Op::Copy { from, to }, Direction::Down) => match from.get(doc).cloned() {
+                Some(value) => unset_field(doc, to, &value, kept_in),
+                None => unset_field(doc, to, &Value::Null, kept_in),
+            },
+            (Op::Remove { path, .. }, Direction::Up) => remove_field(doc, path, kept_in),
+            (Op::Remove { path, default }, Direction::Down) => {
+                restore_field(doc, path, default, kept_in)?
+            }
+            (Op::Convert { path, forward, backward }, Direction::Up) => {
+                convert(doc, path, forward, backward, kept_in)
+            }
+            (Op::Convert { path, forward, backward }, Direction::Down) => {
+                convert(doc, path, backward, forward, kept_in)
+            }
+            (Op::Wrap { path, wrapping }, Direction::Up)
+            | (Op::Unwrap { path, wrapping }, Direction::Down) => {
+                wrap(doc, path, wrapping, kept_in)
+            }
+            (Op::Wrap { path, wrapping }, Direction::Down)
+            | (Op::Unwrap { path, wrapping }, Direction::Up) => unwrap(doc, path, wrapping),
+            (Op::Custom(script), direction) => script.run(direction, doc, kept_in)?,
+        };
+        Ok((!out.is_empty()).then_some(out))
+    }
+}
+
+fn shape_error(path: &FieldPath) -> LensError {
+    LensError::Shape(format!(
+        "cannot write `{path}`: one of its parents is not an object"
+    ))
+}
+
+fn index_of(kept: &Kept, key: &str) -> Option<usize> {
+    kept.get(key)
+        .and_then(Value::as_u64)
+        .and_then(|i| usize::try_from(i).ok())
+}
+
+fn created_levels(kept: &Kept) -> usize {
+    index_of(kept, "mk").unwrap_or(0)
+}
+
+/// Moves the value at `src` to `dst`. `kept_in` is what the opposite move
+/// (`dst` to `src`) recorded: where the value stood, what it overwrote, which
+/// parents it created.
+fn move_field(
+    doc: &mut Value,
+    src: &FieldPath,
+    dst: &FieldPath,
+    kept_in: &Kept,
+) -> Result<Kept, LensError> {
+    let mut out = Kept::new();
+    let Some(taken) = src.take_indexed(doc) else {
+        return Ok(out);
+    };
+    // Undo what the opposite move did at `src`.
+    if let Some(over) = kept_in.get("over") {
+        let _ = src.put(doc, over.clone(), Some(taken.index));
+    } else {
+        src.prune_empty_parents(doc, created_levels(kept_in));
+    }
+    let same_parent = src.parent() == dst.parent();
+    let index = index_of(kept_in, "pos").or(same_parent.then_some(taken.index));
+    let put = dst
+        .put(doc, taken.value, index)
+        .map_err(|_| shape_error(dst))?;
+    if !same_parent && !taken.was_last {
+        out.insert("pos".into(), taken.index.into());
+    }
+    if let Some(replaced) = put.replaced {
+        out.insert("over".into(), replaced);
+    }
+    if put.created_parents > 0 {
+        out.insert("mk".into(), put.created_parents.into());
+    }
+    Ok(out)
+}
+
+/// Sets `path` to the value the opposite direction saw there (`set`) or to `value`.
+fn set_field(
+    doc: &mut Value,
+    path: &FieldPath,
+    value: &Value,
+    kept_in: &Kept,
+) -> Result<Kept, LensError> {
+    let mut out = Kept::new();
+    if kept_in.contains_key("absent") {
+        out.insert("absent".into(), true.into());
+        return Ok(out);
+    }
+    let value = kept_in.get("set").unwrap_or(value).clone();
+    let put = path
+        .put(doc, value, index_of(kept_in, "pos"))
+        .map_err(|_| shape_error(path))?;
+    if let Some(replaced) = put.replaced {
+        out.insert("over".into(), replaced);
+    }
+    if put.created_parents > 0 {
+        out.insert("mk".into(), put.created_parents.into());
+    }
+    Ok(out)
+}
+
+/// Removes the field `set_field` wrote, keeping it when it differs from `expected`.
+fn unset_field(doc: &mut Value, path: &FieldPath, expected: &Value, kept_in: &Kept) -> Kept {
+    let mut out = Kept::new();
+    let Some(taken) = path.take_indexed(doc) else {
+        out.insert("absent".into(), true.into());
+        return out;
+    };
+    if let Some(over) = kept_in.get("over") {
+        let _ = path.put(doc, over.clone(), Some(taken.index));
+    } else {
+        path.prune_empty_parents(doc, created_levels(kept_in));
+    }
+    if !same_text(&taken.value, expected) {
+        out.insert("set".into(), taken.value);
+    }
+    if !taken.was_last {
+        out.insert("pos".into(), taken.index.into());
+    }
+    out
+}
+
+/// `remove` going up: the value is kept aside.
+fn remove_field(doc: &mut Value, path: &FieldPath, kept_in: &Kept) -> Kept {
+    let mut out = Kept::new();
+    if kept_in.contains_key("kept") {
+        out.insert("kept".into(), true.into());
+        return out;
+    }
+    match path.take_indexed(doc) {
+        Some(taken) => {
+            path.prune_empty_parents(doc, created_levels(kept_in));
+            out.insert("val".into(), taken.value);
+            if !taken.was_last {
+                out.insert("pos".into(), taken.index.into());
+            }
+        }
+        None => {
+            out.insert("absent".into(), true.into());
+        }
+    }
+    out
+}
+
+/// `remove` going down: the kept value, or the default, comes back.
+fn restore_field(
+    doc: &mut Value,
+    path: &FieldPath,
+    default: &Value,
+    kept_in: &Kept,
+) -> Result<Kept, LensError> {
+    let mut out = Kept::new();
+    if kept_in.contains_key("absent") {
+        return Ok(out);
+    }
+    if path.get(doc).is_some() {
+        // A newer writer set the field the new shape does not have: leave it.
+        out.insert("kept".into(), true.into());
+        return Ok(out);
+    }
+    let value = kept_in.get("val").unwrap_or(default).clone();
+    let put = path
+        .put(doc, value, index_of(kept_in, "pos"))
+        .map_err(|_| shape_error(path))?;
+    if put.created_parents > 0 {
+        out.insert("mk".into(), put.created_parents.into());
+    }
+    Ok(out)
+}
+
+fn lookup<'a>(pairs: &'a [(Value, Value)], key: &Value) -> Option<&'a Value> {
+    pairs.iter().find(|(k, _)| json_eq(k, key)).map(|(_, v)| v)
+}
+
+fn same_text(a: &Value, b: &Value) -> bool {
+    serde_json::to_string(a).ok() == serde_json::to_string(b).ok()
+}
+
+/// Converts the value at `path` through `there`; `back` is the opposite map.
+fn convert(
+    doc: &mut Value,
+    path: &FieldPath,
+    there: &[(Value, Value)],
+    back: &[(Value, Value)],
+    kept_in: &Kept,
+) -> Kept {
+    let mut out = Kept::new();
+    let Some(slot) = path.get_mut(doc) else {
+        return out;
+    };
+    if kept_in.contains_key("keep") {
+        out.insert("keep".into(), true.into());
+        return out;
+    }
+    match lookup(there, slot) {
+        Some(converted) => {
+            let original = std::mem::replace(slot, converted.clone());
+            let restored = kept_in.get("orig").cloned();
+            if let Some(restored) = restored {
+                *slot = restored;
+            }
+            let comes_back = lookup(back, slot);
+            if !comes_back.is_some_and(|b| same_text(b, &original)) {
+                out.insert("orig".into(), original);
+            }
+        }
+        None => {
+            if lookup(back, slot).is_some() {
+                // Already looks converted: the way back must leave it alone.
+                out.insert("keep".into(), true.into());
+            }
+        }
+    }
+    out
+}
+
+fn wrap(doc: &mut Value, path: &FieldPath, wrapping: &Wrapping, kept_in: &Kept) -> Kept {
+    if kept_in.contains_key("skip") {
+        return Kept::new();
+    }
+    if let Some(slot) = path.get_mut(doc) {
+        let inner = slot.take();
+        *slot = match wrapping {
+            Wrapping::Key(key) => {
+                let mut object = Map::new();
+                object.insert(key.clone(), inner);
+                Value::Object(object)
+            }
+            Wrapping::Array => Value::Array(vec![inner]),
+        };
+    }
+    Kept::new()
+}
+
+fn unwrap(doc: &mut Value, path: &FieldPath, wrapping: &Wrapping) -> Kept {
+    let mut out = Kept::new();
+    let Some(slot) = path.get_mut(doc) else {
+        return out;
+    };
+    let inner = match (wrapping, &mut *slot) {
+        (Wrapping::Key(key), Value::Object(object)) if object.len() == 1 => object.remove(key),
+        (Wrapping::Array, Value::Array(items)) if items.len() == 1 => items.pop(),
+        _ => None,
+    };
+    match inner {
+        Some(inner) => *slot = inner,
+        None => {
+            out.insert("skip".into(), true.into());
+        }
+    }
+    out
+}

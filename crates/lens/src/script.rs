@@ -1,0 +1,199 @@
+//! `custom` steps: JavaScript `up` and `down` functions run in an embedded,
+//! sandboxed QuickJS engine (no I/O, bounded memory, a time limit per call).
+//!
+//! Each thread keeps one engine and caches compiled functions by source, so a
+//! migration set can be shared between threads while QuickJS stays on one.
+
+use crate::ops::{Direction, Kept};
+use crate::LensError;
+use rquickjs::{Context, Ctx, Function, Persistent, Runtime, Value as JsValue};
+use serde_json::Value;
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+/// The default time limit for one call of a `custom` function.
+pub const DEFAULT_TIME_LIMIT: Duration = Duration::from_millis(200);
+const MEMORY_LIMIT: usize = 64 << 20;
+
+/// A `custom` step: the JavaScript source of its two functions.
+///
+/// Each source is an expression that evaluates to a function of
+/// `(doc, kept)`: it returns the new document (or changes `doc` in place and
+/// returns nothing) and may store in the object `kept` whatever the opposite
+/// direction needs to restore; it receives what the opposite direction kept.
+#[derive(Debug, Clone)]
+pub struct Script {
+    /// Source of `up`.
+    pub up: String,
+    /// Source of `down`.
+    pub down: String,
+    /// Limit for one call.
+    pub time_limit: Duration,
+}
+
+struct Engine {
+    _runtime: Runtime,
+    context: Context,
+    deadline: Rc<Cell<Option<Instant>>>,
+    functions: HashMap<String, Persistent<Function<'static>>>,
+}
+
+thread_local! {
+    static ENGINE: RefCell<Option<Engine>> = const { RefCell::new(None) };
+}
+
+fn with_engine<R>(f: impl FnOnce(&mut Engine) -> Result<R, String>) -> Result<R, String> {
+    ENGINE.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        if slot.is_none() {
+            let runtime = Runtime::new().map_err(|e| e.to_string())?;
+            runtime.set_memory_limit(MEMORY_LIMIT);
+            runtime.set_max_stack_size(1 << 20);
+            let deadline: Rc<Cell<Option<Instant>>> = Rc::new(Cell::new(None));
+            let watched = deadline.clone();
+            runtime.set_interrupt_handler(Some(Box::new(move || {
+                watched.get().is_some_and(|d| Instant::now() > d)
+            })));
+            let context = Context::full(&runtime).map_err(|e| e.to_string())?;
+            *slot = Some(Engine {
+                _runtime: runtime,
+                context,
+                deadline,
+                functions: HashMap::new(),
+            });
+        }
+        f(slot.as_mut().expect("engine was just created"))
+    })
+}
+
+fn exception_text(ctx: &Ctx<'_>, error: rquickjs::Error) -> String {
+    if error.is_exception() {
+        let caught = ctx.catch();
+        if let Some(exception) = caught.as_exception() {
+            return exception.to_string();
+        }
+        if let Ok(Some(text)) = ctx.json_stringify(caught) {
+            if let Ok(text) = text.to_string() {
+                return text;
+            }
+        }
+        return "a JavaScript exception".to_owned();
+    }
+    error.to_string()
+}
+
+fn function<'js>(
+    ctx: &Ctx<'js>,
+    functions: &mut HashMap<String, Persistent<Function<'static>>>,
+    source: &str,
+) -> Result<Function<'js>, String> {
+    if let Some(saved) = functions.get(source) {
+        return saved.clone().restore(ctx).map_err(|e| e.to_string());
+    }
+    let value: JsValue = ctx
+        .eval(format!("({source}\n)"))
+        .map_err(|e| exception_text(ctx, e))?;
+    let Some(f) = value.as_function().cloned() else {
+        return Err("the source does not evaluate to a function".to_owned());
+    };
+    functions.insert(source.to_owned(), Persistent::save(ctx, f.clone()));
+    Ok(f)
+}
+
+fn stringify<'js>(ctx: &Ctx<'js>, value: JsValue<'js>) -> Result<String, String> {
+    match ctx.json_stringify(value).map_err(|e| exception_text(ctx, e))? {
+        Some(s) => s.to_string().map_err(|e| e.to_string()),
+        None => Err("the function returned something that is not JSON".into()),
+    }
+}
+
+impl Script {
+    /// Compiles both functions; the error says which one and why.
+    pub fn compile(&self) -> Result<(), String> {
+        for (name, source) in [("up", &self.up), ("down", &self.down)] {
+            with_engine(|engine| {
+                engine
+                    .context
+                    .with(|ctx| function(&ctx, &mut engine.functions, source).map(|_| ()))
+            })
+            .map_err(|e| format!("`{name}` does not compile: {e}"))?;
+        }
+        Ok(())
+    }
+
+    /// Runs the function for `direction` on `doc`, given what the opposite direction kept.
+    pub fn run(
+        &self,
+        direction: Direction,
+        doc: &mut Value,
+        kept_in: &Kept,
+    ) -> Result<Kept, LensError> {
+        let (name, source) = match direction {
+            Direction::Up => ("up", &self.up),
+            Direction::Down => ("down", &self.down),
+        };
+        let doc_text = serde_json::to_string(doc).map_err(|e| LensError::Script(e.to_string()))?;
+        let kept_text =
+            serde_json::to_string(kept_in).map_err(|e| LensError::Script(e.to_string()))?;
+        let (new_doc, kept_out) = with_engine(|engine| {
+            engine.deadline.set(Some(Instant::now() + self.time_limit));
+            let result = engine.context.with(|ctx| {
+                let f = function(&ctx, &mut engine.functions, source)?;
+                let doc_js = ctx.json_parse(doc_text).map_err(|e| exception_text(&ctx, e))?;
+                let kept_js = ctx
+                    .json_parse(kept_text)
+                    .map_err(|e| exception_text(&ctx, e))?;
+                let returned: JsValue = f
+                    .call((doc_js.clone(), kept_js.clone()))
+                    .map_err(|e| exception_text(&ctx, e))?;
+                let result = if returned.is_undefined() { doc_js } else { returned };
+                Ok((stringify(&ctx, result)?, stringify(&ctx, kept_js)?))
+            });
+            engine.deadline.set(None);
+            result
+        })
+        .map_err(|e| LensError::Script(format!("`{name}`: {e}")))?;
+        let mut new_doc: Value = serde_json::from_str(&new_doc)
+            .map_err(|e| LensError::Script(format!("`{name}` returned bad JSON: {e}")))?;
+        if !new_doc.is_object() {
+            return Err(LensError::Script(format!(
+                "`{name}` must return an object, returned {new_doc}"
+            )));
+        }
+        restore_number_text(&mut new_doc, doc);
+        *doc = new_doc;
+        match serde_json::from_str(&kept_out) {
+            Ok(Value::Object(kept)) => Ok(kept),
+            _ => Err(LensError::Script(format!(
+                "`{name}` replaced `kept` with something that is not an object"
+            ))),
+        }
+    }
+}
+
+/// JavaScript numbers are doubles: where a number came back with the same
+/// value at the same place, put the original text back (`1.10`, big integers).
+fn restore_number_text(new: &mut Value, old: &Value) {
+    match (new, old) {
+        (Value::Number(n), Value::Number(o)) => {
+            if n.as_f64().is_some() && n.as_f64() == o.as_f64() {
+                *n = o.clone();
+            }
+        }
+        (Value::Object(n), Value::Object(o)) => {
+            for (key, value) in n.iter_mut() {
+                if let Some(old) = o.get(key) {
+                    restore_number_text(value, old);
+                }
+            }
+        }
+        (Value::Array(n), Value::Array(o)) => {
+            for (value, old) in n.iter_mut().zip(o) {
+                restore_number_text(value, old);
+            }
+        }
+        _ => {}
+    }
+}
