@@ -1,1 +1,53 @@
-fn main() {}
+//! `rewind`: reversible schema upgrades for CouchDB/PouchDB apps.
+//!
+//! The binary is thin: it parses arguments, calls a library function and
+//! prints. No decision about documents, revisions or versions lives here.
+
+mod check;
+mod sample;
+mod translate;
+
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// Reversible schema upgrades for offline-first CouchDB/PouchDB apps.
+///
+/// Migrations are YAML files in a directory (default ./migrations), applied in
+/// file-name order; version N means "the first N files applied". Every
+/// migration defines its own reverse, so an upgrade can always be rolled back.
+///
+/// Start with `rewind check --migrations examples/cht` to see a migration set
+/// checked, and `rewind sample --docs 5` to see the sample data.
+#[derive(Parser)]
+#[command(name = "rewind", version, about, long_about, max_term_width = 100)]
+struct Cli {
+    /// Configuration file (default: ./rewind.toml when it exists).
+    #[arg(long, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    Check(check::Args),
+    Translate(translate::Args),
+    Sample(sample::Args),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match &cli.command {
+        Command::Check(args) => check::run(&cli, args),
+        Command::Translate(args) => translate::run(&cli, args),
+        Command::Sample(args) => sample::run(args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -11,6 +11,7 @@
 //! migration set across versions with the stamp, [`laws`] checks the
 //! round-trip laws on sample and generated documents.
 
+pub mod json_text;
 pub mod laws;
 pub mod migration;
 pub mod ops;

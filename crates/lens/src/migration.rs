@@ -404,12 +404,13 @@ impl Migration {
                 .map(|l| (l.line(), l.column()))
                 .unwrap_or((1, 1));
             let message = e.without_snippet().to_string();
-            let reason = message
-                .lines()
-                .next()
-                .unwrap_or("not a valid migration file")
-                .trim()
-                .to_owned();
+            let first = message.lines().next().unwrap_or("not a valid migration file");
+            let reason = match first.rfind(" at line ") {
+                Some(at) => &first[..at],
+                None => first,
+            }
+            .trim()
+            .to_owned();
             invalid(file, At { line, column }, reason)
         })?;
         let when = Selector::parse(&raw.when.value)
@@ -605,19 +606,26 @@ impl MigrationSet {
             .and_then(|v| u32::try_from(v).ok())
     }
 
-    fn set_stamp(&self, doc: &mut Value, version: Option<u32>) {
-        let Some(object) = doc.as_object_mut() else {
-            return;
-        };
+    /// Sets (or with `None` / 0 removes) the stamp. A new stamp goes at
+    /// `index` when given, else last. Returns where a removed stamp stood
+    /// when it was not the last key.
+    fn set_stamp(&self, doc: &mut Value, version: Option<u32>, index: Option<usize>) -> Option<usize> {
+        let object = doc.as_object_mut()?;
         match version {
-            Some(v) if v > 0 => match object.get_mut(&self.stamp) {
-                Some(slot) => *slot = Value::from(v),
-                None => {
-                    object.insert(self.stamp.clone(), Value::from(v));
+            Some(v) if v > 0 => {
+                match object.get_mut(&self.stamp) {
+                    Some(slot) => *slot = Value::from(v),
+                    None => {
+                        let at = index.unwrap_or(object.len()).min(object.len());
+                        object.shift_insert(at, self.stamp.clone(), Value::from(v));
+                    }
                 }
-            },
+                None
+            }
             _ => {
+                let at = object.keys().position(|k| *k == self.stamp)?;
                 object.shift_remove(&self.stamp);
+                (at < object.len()).then_some(at)
             }
         }
     }
@@ -642,9 +650,17 @@ impl MigrationSet {
         }
         let prior = self.stamp_of(doc);
         let mut work = doc.clone();
+        // Undo in the reverse order of `down_step`: a stamp `down` removed
+        // from the middle goes back before the operations run.
+        let stamp_at = complement
+            .and_then(|c| c.get("stamp_pos"))
+            .and_then(Value::as_u64)
+            .map(|i| i as usize);
+        if stamp_at.is_some() {
+            self.set_stamp(&mut work, Some(version), stamp_at);
+        }
         let ops = migration.up(&mut work, complement)?;
-        // The stamp goes back to a restored value when the down kept one.
-        self.set_stamp(&mut work, Some(version));
+        self.set_stamp(&mut work, Some(version), None);
         let mut kept = Map::new();
         let derived_prior = (version > 1).then_some(version - 1);
         if prior != derived_prior {
@@ -678,12 +694,15 @@ impl MigrationSet {
             Some(v) => v.as_u64().and_then(|v| u32::try_from(v).ok()),
             None => Some(version - 1),
         };
-        self.set_stamp(&mut work, restored);
-        let kept = (!ops.is_empty()).then(|| {
-            let mut kept = Map::new();
+        let removed_at = self.set_stamp(&mut work, restored, None);
+        let mut kept = Map::new();
+        if let Some(at) = removed_at {
+            kept.insert("stamp_pos".into(), at.into());
+        }
+        if !ops.is_empty() {
             kept.insert("ops".into(), Value::Object(ops));
-            Value::Object(kept)
-        });
+        }
+        let kept = (!kept.is_empty()).then_some(Value::Object(kept));
         *doc = work;
         Ok(StepOutcome::Applied(kept))
     }
@@ -720,7 +739,7 @@ impl MigrationSet {
                 }
             }
             if self.stamp_of(doc).is_some_and(|s| s > to) {
-                self.set_stamp(doc, Some(to));
+                self.set_stamp(doc, Some(to), None);
             }
         }
         Ok(())

@@ -171,7 +171,9 @@ fn move_field(
     let put = dst
         .put(doc, taken.value, index)
         .map_err(|_| shape_error(dst))?;
-    if !same_parent && !taken.was_last {
+    // Going back puts the value at its old index when it stood elsewhere
+    // than where it will be found.
+    if (!same_parent && !taken.was_last) || (same_parent && put.replaced.is_some()) {
         out.insert("pos".into(), taken.index.into());
     }
     if let Some(replaced) = put.replaced {

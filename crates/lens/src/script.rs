@@ -20,9 +20,10 @@ const MEMORY_LIMIT: usize = 64 << 20;
 /// A `custom` step: the JavaScript source of its two functions.
 ///
 /// Each source is an expression that evaluates to a function of
-/// `(doc, kept)`: it returns the new document (or changes `doc` in place and
-/// returns nothing) and may store in the object `kept` whatever the opposite
-/// direction needs to restore; it receives what the opposite direction kept.
+/// `(doc, kept, keep)`: it returns the new document (or changes `doc` in
+/// place and returns nothing). `kept` is what the opposite direction kept for
+/// this document (`{}` if nothing); into the empty object `keep` it puts
+/// whatever the opposite direction will need to restore exactly.
 #[derive(Debug, Clone)]
 pub struct Script {
     /// Source of `up`.
@@ -33,11 +34,13 @@ pub struct Script {
     pub time_limit: Duration,
 }
 
+/// Fields drop in order: saved functions before their context, the context
+/// before its runtime (QuickJS asserts that nothing outlives the runtime).
 struct Engine {
-    _runtime: Runtime,
+    functions: HashMap<String, Persistent<Function<'static>>>,
     context: Context,
     deadline: Rc<Cell<Option<Instant>>>,
-    functions: HashMap<String, Persistent<Function<'static>>>,
+    _runtime: Runtime,
 }
 
 thread_local! {
@@ -58,10 +61,10 @@ fn with_engine<R>(f: impl FnOnce(&mut Engine) -> Result<R, String>) -> Result<R,
             })));
             let context = Context::full(&runtime).map_err(|e| e.to_string())?;
             *slot = Some(Engine {
-                _runtime: runtime,
+                functions: HashMap::new(),
                 context,
                 deadline,
-                functions: HashMap::new(),
+                _runtime: runtime,
             });
         }
         f(slot.as_mut().expect("engine was just created"))
@@ -118,7 +121,10 @@ impl Script {
                     .context
                     .with(|ctx| function(&ctx, &mut engine.functions, source).map(|_| ()))
             })
-            .map_err(|e| format!("`{name}` does not compile: {e}"))?;
+            .map_err(|e| {
+                let e = e.lines().map(str::trim).collect::<Vec<_>>().join(" ");
+                format!("`{name}` does not compile: {e}")
+            })?;
         }
         Ok(())
     }
@@ -134,7 +140,10 @@ impl Script {
             Direction::Up => ("up", &self.up),
             Direction::Down => ("down", &self.down),
         };
-        let doc_text = serde_json::to_string(doc).map_err(|e| LensError::Script(e.to_string()))?;
+        let mut shielded = doc.clone();
+        shield_numbers(&mut shielded);
+        let doc_text =
+            serde_json::to_string(&shielded).map_err(|e| LensError::Script(e.to_string()))?;
         let kept_text =
             serde_json::to_string(kept_in).map_err(|e| LensError::Script(e.to_string()))?;
         let (new_doc, kept_out) = with_engine(|engine| {
@@ -145,11 +154,12 @@ impl Script {
                 let kept_js = ctx
                     .json_parse(kept_text)
                     .map_err(|e| exception_text(&ctx, e))?;
+                let keep_js = rquickjs::Object::new(ctx.clone()).map_err(|e| e.to_string())?;
                 let returned: JsValue = f
-                    .call((doc_js.clone(), kept_js.clone()))
+                    .call((doc_js.clone(), kept_js, keep_js.clone()))
                     .map_err(|e| exception_text(&ctx, e))?;
                 let result = if returned.is_undefined() { doc_js } else { returned };
-                Ok((stringify(&ctx, result)?, stringify(&ctx, kept_js)?))
+                Ok((stringify(&ctx, result)?, stringify(&ctx, keep_js.into_value())?))
             });
             engine.deadline.set(None);
             result
@@ -162,38 +172,70 @@ impl Script {
                 "`{name}` must return an object, returned {new_doc}"
             )));
         }
-        restore_number_text(&mut new_doc, doc);
+        let mut numbers = HashMap::new();
+        collect_numbers(doc, &mut numbers);
+        collect_numbers(&Value::Object(kept_in.clone()), &mut numbers);
+        restore_number_text(&mut new_doc, &numbers);
         *doc = new_doc;
         match serde_json::from_str(&kept_out) {
-            Ok(Value::Object(kept)) => Ok(kept),
+            Ok(Value::Object(mut kept)) => {
+                for value in kept.values_mut() {
+                    restore_number_text(value, &numbers);
+                }
+                Ok(kept)
+            }
             _ => Err(LensError::Script(format!(
-                "`{name}` replaced `kept` with something that is not an object"
+                "`{name}` put something in `keep` that is not JSON"
             ))),
         }
     }
 }
 
-/// JavaScript numbers are doubles: where a number came back with the same
-/// value at the same place, put the original text back (`1.10`, big integers).
-fn restore_number_text(new: &mut Value, old: &Value) {
-    match (new, old) {
-        (Value::Number(n), Value::Number(o)) => {
-            if n.as_f64().is_some() && n.as_f64() == o.as_f64() {
-                *n = o.clone();
+/// Marks a number a double cannot hold (`1e400`) while JavaScript has the document.
+const SHIELD: &str = "\u{0}rewind-number:";
+
+/// Replaces numbers a double cannot hold by marked strings.
+fn shield_numbers(value: &mut Value) {
+    match value {
+        Value::Number(n) if !n.as_f64().is_some_and(f64::is_finite) => {
+            *value = Value::String(format!("{SHIELD}{n}"));
+        }
+        Value::Object(o) => o.values_mut().for_each(shield_numbers),
+        Value::Array(a) => a.iter_mut().for_each(shield_numbers),
+        _ => {}
+    }
+}
+
+/// The numbers of the input by their double value, with their original text.
+fn collect_numbers(value: &Value, out: &mut HashMap<u64, serde_json::Number>) {
+    match value {
+        Value::Number(n) => {
+            if let Some(f) = n.as_f64() {
+                out.entry(f.to_bits()).or_insert_with(|| n.clone());
             }
         }
-        (Value::Object(n), Value::Object(o)) => {
-            for (key, value) in n.iter_mut() {
-                if let Some(old) = o.get(key) {
-                    restore_number_text(value, old);
-                }
+        Value::Object(o) => o.values().for_each(|v| collect_numbers(v, out)),
+        Value::Array(a) => a.iter().for_each(|v| collect_numbers(v, out)),
+        _ => {}
+    }
+}
+
+/// JavaScript numbers are doubles: a number that came back with the value of
+/// an input number gets that number's text back (`1.10`, big integers).
+fn restore_number_text(value: &mut Value, numbers: &HashMap<u64, serde_json::Number>) {
+    match value {
+        Value::Number(n) => {
+            if let Some(original) = n.as_f64().and_then(|f| numbers.get(&f.to_bits())) {
+                *n = original.clone();
             }
         }
-        (Value::Array(n), Value::Array(o)) => {
-            for (value, old) in n.iter_mut().zip(o) {
-                restore_number_text(value, old);
+        Value::String(s) if s.starts_with(SHIELD) => {
+            if let Ok(n) = s[SHIELD.len()..].parse::<serde_json::Number>() {
+                *value = Value::Number(n);
             }
         }
+        Value::Object(o) => o.values_mut().for_each(|v| restore_number_text(v, numbers)),
+        Value::Array(a) => a.iter_mut().for_each(|v| restore_number_text(v, numbers)),
         _ => {}
     }
 }

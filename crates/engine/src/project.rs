@@ -1,0 +1,115 @@
+//! The project: `rewind.toml` and the migrations directory.
+
+use crate::{EngineError, Result};
+use rewind_lens::{MigrationSet, DEFAULT_STAMP};
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+
+/// The name of the configuration file looked for in the current directory.
+pub const CONFIG_FILE: &str = "rewind.toml";
+/// The default migrations directory.
+pub const DEFAULT_MIGRATIONS: &str = "migrations";
+
+/// Settings from `rewind.toml`; every key is optional.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// The stamp field's name (default `rewind`).
+    pub stamp: String,
+    /// The migrations directory (default `migrations`).
+    pub migrations: PathBuf,
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config {
+            stamp: DEFAULT_STAMP.to_owned(),
+            migrations: PathBuf::from(DEFAULT_MIGRATIONS),
+        }
+    }
+}
+
+impl Config {
+    /// Reads `path`, or `rewind.toml` in the current directory when it exists,
+    /// or returns the defaults.
+    pub fn load(path: Option<&Path>) -> Result<Config> {
+        let path = match path {
+            Some(p) => p.to_path_buf(),
+            None if Path::new(CONFIG_FILE).exists() => PathBuf::from(CONFIG_FILE),
+            None => return Ok(Config::default()),
+        };
+        let text = std::fs::read_to_string(&path).map_err(|source| EngineError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        let config: Config = toml::from_str(&text).map_err(|e| EngineError::Config {
+            path: path.clone(),
+            reason: e.to_string().lines().collect::<Vec<_>>().join(" "),
+        })?;
+        if config.stamp.is_empty() || config.stamp.starts_with('_') {
+            return Err(EngineError::Config {
+                path,
+                reason: format!(
+                    "`stamp = \"{}\"`: the stamp field needs a name that does not start with `_` (CouchDB reserves those)",
+                    config.stamp
+                ),
+            });
+        }
+        Ok(config)
+    }
+}
+
+/// A loaded project: its configuration and its checked migration set.
+#[derive(Debug, Clone)]
+pub struct Project {
+    /// The configuration in force.
+    pub config: Config,
+    /// The migrations directory that was read.
+    pub migrations_dir: PathBuf,
+    /// The parsed and checked migrations.
+    pub migrations: MigrationSet,
+}
+
+impl Project {
+    /// Loads the configuration and every `*.yaml` / `*.yml` file of the
+    /// migrations directory (`migrations_dir` overrides the configuration),
+    /// in file-name order. Every malformed file is reported.
+    pub fn load(config_path: Option<&Path>, migrations_dir: Option<&Path>) -> Result<Project> {
+        let config = Config::load(config_path)?;
+        let dir = migrations_dir
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| config.migrations.clone());
+        let files = read_migration_files(&dir)?;
+        let migrations = MigrationSet::parse_files(&files, &config.stamp)
+            .map_err(EngineError::Migrations)?;
+        Ok(Project {
+            config,
+            migrations_dir: dir,
+            migrations,
+        })
+    }
+}
+
+/// The `(path, text)` of every migration file in `dir`, sorted by name.
+pub fn read_migration_files(dir: &Path) -> Result<Vec<(PathBuf, String)>> {
+    let io = |source| EngineError::Io {
+        path: dir.to_path_buf(),
+        source,
+    };
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(io)? {
+        let path = entry.map_err(io)?.path();
+        let is_yaml = path
+            .extension()
+            .is_some_and(|e| e == "yaml" || e == "yml");
+        if path.is_file() && is_yaml {
+            let text = std::fs::read_to_string(&path).map_err(|source| EngineError::Io {
+                path: path.clone(),
+                source,
+            })?;
+            files.push((path, text));
+        }
+    }
+    files.sort_by(|a, b| a.0.file_name().cmp(&b.0.file_name()));
+    Ok(files)
+}

@@ -1,0 +1,158 @@
+//! Migration files: what is refused, where, and why; and what a valid file does.
+
+use rewind_lens::{LensError, Migration, MigrationSet, StepOutcome};
+use serde_json::{json, Value};
+use std::path::Path;
+
+fn parse(text: &str) -> Result<Migration, LensError> {
+    Migration::parse(Path::new("0001-test.yaml"), text)
+}
+
+fn refused(text: &str) -> (u64, String) {
+    match parse(text) {
+        Err(LensError::Invalid { line, reason, .. }) => (line, reason),
+        Err(other) => panic!("expected Invalid, got {other}"),
+        Ok(_) => panic!("expected the file to be refused:\n{text}"),
+    }
+}
+
+#[test]
+fn malformed_and_irreversible_files_are_refused_with_line_and_reason() {
+    let cases: &[(&str, u64, &str)] = &[
+        ("description: x\nwhen: {type: a}\nup:\n  - renam: {from: a, to: b}\n", 4, "unknown variant `renam`"),
+        ("description: x\nwhen: {type: a}\nup:\n  - add: {path: x, value: 1, extra: 2}\n", 4, "unknown field `extra`"),
+        ("description: x\nwhen: {type: a}\nup:\n  - add: {path: x}\n", 4, "`add` needs a `value`"),
+        ("description: x\nwhen: {type: a}\nup:\n  - add: {path: x, value: 1}\n  - remove: {path: y}\n", 5, "`remove` needs a `default`"),
+        ("description: x\nwhen: {type: a}\nup:\n  - add: {path: x, value: 1}\n  - rename: {from: a, to: x.y}\n", 5, "earlier operation of this step writes"),
+        ("description: x\nwhen: {type: a}\nup:\n  - convert: {path: s, map: {m: x, f: x}}\n", 4, "not one-to-one"),
+        ("description: x\nwhen: {type: a, legacy: 1}\nup:\n  - remove: {path: legacy, default: null}\n", 2, "`when_after` cannot be derived"),
+        ("description: x\nwhen: {type: a}\nup:\n  - custom: {up: 'function (d) { return d', down: 'd => d'}\nwhen_after: {type: a}\n", 4, "`up` does not compile"),
+        ("description: x\nwhen: {type: a}\nup:\n  - custom: {up: 'd => d', down: 'd => d'}\n", 2, "`when_after` cannot be derived"),
+        ("description: x\nwhen: {type: {$regex: a}}\nup:\n  - add: {path: x, value: 1}\n", 2, "unsupported condition `$regex`"),
+        ("description: x\nwhen: [1\n", 2, "unclosed bracket"),
+        ("description: x\nwhen: {type: a}\nup: []\n", 3, "lists no operation"),
+        ("description: x\nwhen: {type: a}\nup:\n  - rename: {from: a, to: a.b}\n", 4, "overlap"),
+        ("description: x\nwhen: {type: a}\nup:\n  - wrap: {path: a}\n", 4, "exactly one of `key"),
+        ("description: x\nwhen: {type: a}\nup:\n  - rename: {from: 'a..b', to: c}\n", 4, "not a dotted field path"),
+    ];
+    for (text, line, reason) in cases {
+        let (found_line, found_reason) = refused(text);
+        assert!(found_reason.contains(reason), "{text}\n=> {found_reason}");
+        assert_eq!(found_line, *line, "{text}\n=> {found_reason}");
+    }
+}
+
+#[test]
+fn the_error_names_file_line_and_column() {
+    let err = parse("description: x\nwhen: {type: a}\nup:\n  - renam: {}\n").unwrap_err();
+    assert!(err.to_string().starts_with("0001-test.yaml:4:5: "), "{err}");
+}
+
+fn set(texts: &[&str]) -> MigrationSet {
+    let files: Vec<_> = texts
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (Path::new(&format!("{:04}-m.yaml", i + 1)).to_path_buf(), t.to_string()))
+        .collect();
+    MigrationSet::parse_files(&files, "rewind").unwrap()
+}
+
+fn text(v: &Value) -> String {
+    serde_json::to_string(v).unwrap()
+}
+
+#[test]
+fn rename_into_a_missing_parent_creates_it_and_down_removes_it_again() {
+    let s = set(&["description: x\nwhen: {type: a}\nup:\n  - rename: {from: parent, to: lineage.parent}\n"]);
+    let original = json!({"_id": "d", "type": "a", "parent": {"_id": "p"}, "z": 1});
+    let mut doc = original.clone();
+    let StepOutcome::Applied(kept) = s.up_step(1, &mut doc, None).unwrap() else { panic!() };
+    assert_eq!(text(&doc), r#"{"_id":"d","type":"a","z":1,"lineage":{"parent":{"_id":"p"}},"rewind":1}"#);
+    s.down_step(1, &mut doc, kept.as_ref()).unwrap();
+    assert_eq!(text(&doc), text(&original));
+}
+
+#[test]
+fn numbers_keep_their_text_and_unmatched_documents_are_untouched() {
+    let s = set(&["description: x\nwhen: {type: a}\nup:\n  - rename: {from: n, to: m}\n"]);
+    let (mut doc, style) = rewind_lens::json_text::parse(r#"{"_id":"d","type":"a","n":12345678901234567890,"f":1.10,"e":1e400}"#).unwrap();
+    s.translate(&mut doc, 0, 1, &mut rewind_lens::migration::NoComplements).unwrap();
+    assert_eq!(rewind_lens::json_text::to_string(&doc, style), r#"{"_id":"d","type":"a","m":12345678901234567890,"f":1.10,"e":1e400,"rewind":1}"#);
+    let mut other = json!({"_id": "o", "type": "b", "n": 1});
+    s.translate(&mut other, 0, 1, &mut rewind_lens::migration::NoComplements).unwrap();
+    assert_eq!(other, json!({"_id": "o", "type": "b", "n": 1}));
+}
+
+#[test]
+fn remove_keeps_the_value_and_down_without_complement_uses_the_default() {
+    let s = set(&["description: x\nwhen: {type: a}\nup:\n  - remove: {path: code, default: none}\n"]);
+    let original = json!({"_id": "d", "type": "a", "code": "A1", "x": 2});
+    let mut doc = original.clone();
+    let StepOutcome::Applied(kept) = s.up_step(1, &mut doc, None).unwrap() else { panic!() };
+    assert_eq!(doc, json!({"_id": "d", "type": "a", "x": 2, "rewind": 1}));
+    let mut exact = doc.clone();
+    s.down_step(1, &mut exact, kept.as_ref()).unwrap();
+    assert_eq!(text(&exact), text(&original));
+    let mut fresh = json!({"_id": "n", "type": "a", "rewind": 1});
+    s.down_step(1, &mut fresh, None).unwrap();
+    assert_eq!(fresh, json!({"_id": "n", "type": "a", "code": "none"}));
+}
+
+#[test]
+fn a_non_injective_convert_restores_the_original_from_the_complement() {
+    let s = set(&["description: x\nwhen: {type: a}\nup:\n  - convert: {path: s, map: {m: male, man: male, f: female}, reverse: {male: m}}\n"]);
+    let mut doc = json!({"_id": "d", "type": "a", "s": "man"});
+    let StepOutcome::Applied(kept) = s.up_step(1, &mut doc, None).unwrap() else { panic!() };
+    assert_eq!(doc["s"], "male");
+    let mut back = doc.clone();
+    s.down_step(1, &mut back, kept.as_ref()).unwrap();
+    assert_eq!(back["s"], "man");
+    let mut fresh = doc.clone();
+    s.down_step(1, &mut fresh, None).unwrap();
+    assert_eq!(fresh["s"], "m");
+}
+
+#[test]
+fn add_keeps_a_value_a_newer_writer_set_and_up_restores_it() {
+    let s = set(&["description: x\nwhen: {type: a}\nup:\n  - add: {path: status, value: active}\n"]);
+    let mut new = json!({"_id": "d", "type": "a", "status": "paused", "rewind": 1});
+    let StepOutcome::Applied(kept) = s.down_step(1, &mut new, None).unwrap() else { panic!() };
+    assert_eq!(new, json!({"_id": "d", "type": "a"}));
+    s.up_step(1, &mut new, kept.as_ref()).unwrap();
+    assert_eq!(new, json!({"_id": "d", "type": "a", "status": "paused", "rewind": 1}));
+}
+
+#[test]
+fn wrap_and_unwrap_are_each_others_reverse() {
+    let s = set(&["description: x\nwhen: {type: a}\nup:\n  - wrap: {path: phone, key: number}\n  - wrap: {path: tags, array: true}\n"]);
+    let original = json!({"_id": "d", "type": "a", "phone": "+1", "tags": "x"});
+    let mut doc = original.clone();
+    let StepOutcome::Applied(kept) = s.up_step(1, &mut doc, None).unwrap() else { panic!() };
+    assert_eq!(doc, json!({"_id": "d", "type": "a", "phone": {"number": "+1"}, "tags": ["x"], "rewind": 1}));
+    s.down_step(1, &mut doc, kept.as_ref()).unwrap();
+    assert_eq!(text(&doc), text(&original));
+}
+
+#[test]
+fn design_documents_are_never_migrated() {
+    let s = set(&["description: x\nwhen: {}\nup:\n  - add: {path: x, value: 1}\n"]);
+    let mut doc = json!({"_id": "_design/app", "views": {}});
+    assert_eq!(s.up_step(1, &mut doc, None).unwrap(), StepOutcome::Skipped);
+}
+
+#[test]
+fn a_custom_step_that_loops_is_stopped_by_the_time_limit() {
+    let s = set(&["description: x\nwhen: {type: a}\nup:\n  - custom: {up: 'd => { for(;;){} }', down: 'd => d', time_limit_ms: 50}\nwhen_after: {type: a}\n"]);
+    let mut doc = json!({"_id": "d", "type": "a"});
+    let err = s.up_step(1, &mut doc, None).unwrap_err();
+    assert!(err.to_string().contains("custom step failed"), "{err}");
+    assert_eq!(doc, json!({"_id": "d", "type": "a"}), "a failed step changes nothing");
+}
+
+#[test]
+fn a_custom_step_has_no_io() {
+    let s = set(&["description: x\nwhen: {type: a}\nup:\n  - custom: {up: 'd => { d.t = typeof require + typeof std + typeof os + typeof fetch; return d }', down: 'd => d'}\nwhen_after: {type: a}\n"]);
+    let mut doc = json!({"_id": "d", "type": "a"});
+    s.up_step(1, &mut doc, None).unwrap();
+    assert_eq!(doc["t"], "undefinedundefinedundefinedundefined");
+}

@@ -1,0 +1,207 @@
+//! Taking documents apart (metadata, body, attachments) and putting them back together.
+
+use base64::Engine as _;
+use serde_json::{Map, Value};
+
+use crate::error::{Result, StoreError};
+use crate::rev::{rev_path, Rev};
+
+/// A document as written, split into its parts and validated.
+#[derive(Debug, Clone)]
+pub(crate) struct ParsedDoc {
+    pub id: String,
+    /// `_rev` (the parent with `new_edits=true`, the revision itself with `false`).
+    pub rev: Option<Rev>,
+    /// With `new_edits=false`: the path `_rev` + `_revisions` describe, newest first.
+    pub path: Vec<Rev>,
+    pub deleted: bool,
+    /// The body without special members, serialized exactly as given.
+    pub body: String,
+    pub atts: Vec<(String, AttIn)>,
+}
+
+/// One attachment as written.
+#[derive(Debug, Clone)]
+pub(crate) enum AttIn {
+    /// New data (base64 `data` decoded).
+    Inline { content_type: String, data: Vec<u8>, revpos: Option<u64> },
+    /// `stub: true`: keep what an earlier revision had.
+    Stub { digest: Option<String> },
+}
+
+const IGNORED_SPECIALS: [&str; 4] = ["_conflicts", "_deleted_conflicts", "_revs_info", "_local_seq"];
+
+/// Checks a document id: a non-empty string; ids starting with `_` must be
+/// `_design/...` or `_local/...`.
+pub(crate) fn check_id(id: &str) -> Result<()> {
+    if id.is_empty() {
+        return Err(StoreError::bad("document id must not be empty"));
+    }
+    if id.starts_with('_') && !id.starts_with("_design/") && !id.starts_with("_local/") {
+        return Err(StoreError::bad(format!(
+            "invalid document id {id:?}: only _design/ and _local/ ids may start with an underscore"
+        )));
+    }
+    Ok(())
+}
+
+/// Splits and validates one document of a `bulk_docs` request.
+pub(crate) fn parse_doc(doc: Value, new_edits: bool) -> Result<ParsedDoc> {
+    let Value::Object(map) = doc else {
+        return Err(StoreError::bad("a document must be a JSON object"));
+    };
+    let mut body = Map::new();
+    let (mut id, mut rev, mut revisions, mut deleted, mut atts_raw) = (None, None, None, false, None);
+    for (k, v) in map {
+        if !k.starts_with('_') {
+            body.insert(k, v);
+            continue;
+        }
+        match k.as_str() {
+            "_id" => match v {
+                Value::String(s) => id = Some(s),
+                _ => return Err(StoreError::bad("_id must be a string")),
+            },
+            "_rev" => match v {
+                Value::String(s) => rev = Some(s.parse::<Rev>()?),
+                Value::Null => {}
+                _ => return Err(StoreError::bad("_rev must be a string")),
+            },
+            "_deleted" => match v {
+                Value::Bool(b) => deleted = b,
+                Value::Null => {}
+                _ => return Err(StoreError::bad("_deleted must be true or false")),
+            },
+            "_revisions" => revisions = Some(v),
+            "_attachments" => atts_raw = Some(v),
+            k if IGNORED_SPECIALS.contains(&k) => {}
+            _ => return Err(StoreError::bad(format!("bad special document member: {k}"))),
+        }
+    }
+    let id = match id {
+        Some(id) => id,
+        None if new_edits => new_uuid(),
+        None => return Err(StoreError::bad("a document written with new_edits=false needs an _id")),
+    };
+    check_id(&id)?;
+    let path = match (&rev, new_edits) {
+        (Some(rev), false) => rev_path(rev, revisions.as_ref())
+            .map_err(|e| StoreError::bad(format!("document {id}: {}", e.couch_error().1)))?,
+        (None, false) => return Err(StoreError::bad(format!("document {id}: new_edits=false needs a _rev"))),
+        _ => Vec::new(),
+    };
+    let atts = match atts_raw {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::Object(m)) => m
+            .into_iter()
+            .map(|(name, a)| parse_att(&id, &name, a).map(|a| (name, a)))
+            .collect::<Result<_>>()?,
+        Some(_) => return Err(StoreError::bad(format!("document {id}: _attachments must be an object"))),
+    };
+    let body = serde_json::to_string(&Value::Object(body)).expect("a JSON value serializes");
+    Ok(ParsedDoc { id, rev, path, deleted, body, atts })
+}
+
+fn parse_att(id: &str, name: &str, a: Value) -> Result<AttIn> {
+    let bad = |why: &str| StoreError::bad(format!("document {id}: attachment {name:?}: {why}"));
+    let Value::Object(a) = a else { return Err(bad("must be an object")) };
+    if a.get("stub").and_then(Value::as_bool) == Some(true) {
+        return Ok(AttIn::Stub { digest: a.get("digest").and_then(Value::as_str).map(str::to_owned) });
+    }
+    let data = a.get("data").and_then(Value::as_str).ok_or_else(|| bad("needs base64 `data` or `stub: true`"))?;
+    let data = base64::engine::general_purpose::STANDARD
+        .decode(data.trim())
+        .map_err(|e| bad(&format!("data is not base64: {e}")))?;
+    let content_type = a
+        .get("content_type")
+        .and_then(Value::as_str)
+        .unwrap_or("application/octet-stream")
+        .to_owned();
+    Ok(AttIn::Inline { content_type, data, revpos: a.get("revpos").and_then(Value::as_u64) })
+}
+
+/// CouchDB's attachment digest: `md5-` + base64 of the md5 of the data.
+pub(crate) fn digest(data: &[u8]) -> String {
+    format!("md5-{}", base64::engine::general_purpose::STANDARD.encode(md5::compute(data).0))
+}
+
+/// Base64 for inline attachment data.
+pub(crate) fn b64(data: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(data)
+}
+
+/// The metadata of a stored attachment: `{content_type, digest, length, revpos}`.
+pub(crate) fn att_meta(content_type: &str, digest: &str, length: u64, revpos: u64) -> Value {
+    serde_json::json!({ "content_type": content_type, "digest": digest, "length": length, "revpos": revpos })
+}
+
+/// A random document id (32 hex characters), as CouchDB makes for documents without `_id`.
+pub(crate) fn new_uuid() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let mut out = String::with_capacity(32);
+    for _ in 0..2 {
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos()));
+        out.push_str(&format!("{:016x}", h.finish()));
+    }
+    out
+}
+
+/// Extra members added around a stored body when a document is read.
+#[derive(Default)]
+pub(crate) struct Extras {
+    pub deleted: bool,
+    pub attachments: Option<Map<String, Value>>,
+    pub conflicts: Option<Vec<String>>,
+    pub revisions: Option<Value>,
+}
+
+/// Puts a document back together: `_id`, `_rev`, the stored body members in
+/// their order, then `_deleted`, `_attachments`, `_conflicts`, `_revisions`.
+pub(crate) fn assemble(id: &str, rev: &str, body: &str, extras: Extras) -> Result<Value> {
+    let stored: Map<String, Value> = serde_json::from_str(body)
+        .map_err(|e| StoreError::Internal(format!("document {id} {rev}: stored body unreadable: {e}")))?;
+    let mut out = Map::with_capacity(stored.len() + 4);
+    out.insert("_id".into(), Value::from(id));
+    out.insert("_rev".into(), Value::from(rev));
+    out.extend(stored);
+    if extras.deleted {
+        out.insert("_deleted".into(), Value::Bool(true));
+    }
+    if let Some(a) = extras.attachments.filter(|a| !a.is_empty()) {
+        out.insert("_attachments".into(), Value::Object(a));
+    }
+    if let Some(c) = extras.conflicts.filter(|c| !c.is_empty()) {
+        out.insert("_conflicts".into(), c.into_iter().map(Value::from).collect());
+    }
+    if let Some(r) = extras.revisions {
+        out.insert("_revisions".into(), r);
+    }
+    Ok(Value::Object(out))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn body_keeps_key_order_and_big_numbers() {
+        let text = r#"{"z":1,"_id":"a","big":12345678901234567890,"f":1.10,"a":{"y":1,"x":2}}"#;
+        let p = parse_doc(serde_json::from_str(text).unwrap(), true).unwrap();
+        assert_eq!(p.body, r#"{"z":1,"big":12345678901234567890,"f":1.10,"a":{"y":1,"x":2}}"#);
+        let back = assemble("a", "1-ab", &p.body, Extras::default()).unwrap();
+        assert_eq!(
+            serde_json::to_string(&back).unwrap(),
+            r#"{"_id":"a","_rev":"1-ab","z":1,"big":12345678901234567890,"f":1.10,"a":{"y":1,"x":2}}"#
+        );
+    }
+
+    #[test]
+    fn unknown_special_members_and_bad_ids_are_refused() {
+        assert!(parse_doc(serde_json::json!({"_id": "a", "_foo": 1}), true).is_err());
+        assert!(parse_doc(serde_json::json!({"_id": "_bad"}), true).is_err());
+        assert!(parse_doc(serde_json::json!({"_id": "a", "_rev": "nope"}), true).is_err());
+        assert!(parse_doc(serde_json::json!([1]), true).is_err());
+        assert!(parse_doc(serde_json::json!({"_id": "a"}), false).is_err());
+    }
+}

@@ -1,0 +1,953 @@
+//! The embedded backend: one SQLite file per database, CouchDB's revision rules.
+//!
+//! Layout: `docs` holds one row per document (its revision tree as compact
+//! JSON, its winner and the sequence of its latest change, so the changes feed
+//! is an index scan that lists each document once); `revs` holds the body of
+//! every revision still in a tree, byte for byte as written; `blobs` holds
+//! attachment data by digest; `local` holds `_local/` documents (no history,
+//! not in the feed); `meta` holds the uuid, `revs_limit` and document counts.
+//!
+//! Durability: WAL mode with `synchronous=FULL`. Every `bulk_docs` call is one
+//! transaction on the single writer connection, so a crash (SIGKILL, power
+//! loss) keeps every batch that was acknowledged and none of a batch that was
+//! not: a revision is never half written. Readers use their own connections
+//! and see the last committed snapshot; they never block the writer.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension, Transaction};
+use serde_json::{Map, Value};
+use tokio::sync::watch;
+
+use crate::doc::{self, AttIn, Extras, ParsedDoc};
+use crate::error::{Result, StoreError};
+use crate::rev::{Merge, Rev, RevTree, DEFAULT_REVS_LIMIT};
+use crate::types::*;
+
+/// `PRAGMA application_id` of a rewind store ("RWND").
+const APPLICATION_ID: i64 = 0x52574e44;
+/// `PRAGMA user_version` of the current schema.
+const SCHEMA_VERSION: i64 = 1;
+
+const SCHEMA: &str = "
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
+CREATE TABLE docs (
+    id TEXT PRIMARY KEY,
+    seq INTEGER NOT NULL UNIQUE,
+    deleted INTEGER NOT NULL,
+    winner TEXT NOT NULL,
+    tree TEXT NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE revs (
+    id TEXT NOT NULL,
+    rev TEXT NOT NULL,
+    body TEXT NOT NULL,
+    atts TEXT,
+    PRIMARY KEY (id, rev)
+) WITHOUT ROWID;
+CREATE TABLE blobs (digest TEXT PRIMARY KEY, data BLOB NOT NULL) WITHOUT ROWID;
+CREATE TABLE local (id TEXT PRIMARY KEY, rev INTEGER NOT NULL, body TEXT NOT NULL) WITHOUT ROWID;
+";
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(source: rusqlite::Error) -> Self {
+        StoreError::Sqlite { path: String::new(), source }
+    }
+}
+
+/// A database in one SQLite file. Cheap to clone; clones share connections.
+#[derive(Clone)]
+pub struct SqliteStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    path: PathBuf,
+    name: String,
+    uuid: String,
+    writer: Mutex<Writer>,
+    readers: Mutex<Vec<Connection>>,
+    exists: AtomicBool,
+    /// Copies of the writer's counters, published after each write.
+    doc_count: AtomicI64,
+    del_count: AtomicI64,
+    revs_limit: AtomicU64,
+    /// The latest committed sequence, for `wait_for_change`.
+    seq: watch::Sender<u64>,
+}
+
+struct Writer {
+    conn: Connection,
+    next_seq: u64,
+    revs_limit: u64,
+    doc_count: i64,
+    del_count: i64,
+}
+
+fn path_str(p: &Path) -> String {
+    p.display().to_string()
+}
+
+fn configure(conn: &Connection) -> rusqlite::Result<()> {
+    conn.busy_timeout(Duration::from_secs(30))?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    Ok(())
+}
+
+impl SqliteStore {
+    /// Opens the store at `path`, creating it (with its schema) if the file is
+    /// missing or empty.
+    ///
+    /// An existing file must be a rewind store: a text file, a damaged file or
+    /// another application's SQLite database gives [`StoreError::NotAStore`],
+    /// and nothing is written to it. Blocking; call it from a blocking context
+    /// or through [`crate::open`].
+    pub fn open(path: impl AsRef<Path>) -> Result<SqliteStore> {
+        let path = path.as_ref().to_path_buf();
+        let ps = path_str(&path);
+        let not_store = |reason: String| StoreError::NotAStore { path: ps.clone(), reason };
+        let fresh = std::fs::metadata(&path).map(|m| m.len() == 0).unwrap_or(true);
+        let mut conn = if fresh {
+            Connection::open(&path).map_err(|e| not_store(format!("cannot create: {e}")))?
+        } else {
+            // Validate before any pragma that writes (journal_mode would).
+            let conn = Connection::open_with_flags(&path, OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX)
+                .map_err(|e| not_store(format!("cannot open: {e}")))?;
+            let app_id: i64 = conn
+                .pragma_query_value(None, "application_id", |r| r.get(0))
+                .map_err(|e| not_store(format!("not a SQLite database ({e})")))?;
+            if app_id != APPLICATION_ID {
+                return Err(not_store("a SQLite database without rewind's schema (application_id differs)".into()));
+            }
+            let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0)).map_err(|e| not_store(e.to_string()))?;
+            if version != SCHEMA_VERSION {
+                return Err(not_store(format!("schema version {version}; this rewind reads version {SCHEMA_VERSION}")));
+            }
+            conn
+        };
+        configure(&conn).map_err(|e| not_store(e.to_string()))?;
+        if fresh {
+            let tx = conn.transaction()?;
+            tx.execute_batch(SCHEMA)?;
+            tx.pragma_update(None, "application_id", APPLICATION_ID)?;
+            tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+            let meta = [
+                ("uuid", doc::new_uuid()),
+                ("revs_limit", DEFAULT_REVS_LIMIT.to_string()),
+                ("doc_count", "0".into()),
+                ("del_count", "0".into()),
+                ("exists", "1".into()),
+            ];
+            for (k, v) in meta {
+                tx.execute("INSERT INTO meta (key, value) VALUES (?1, ?2)", params![k, v])?;
+            }
+            tx.commit()?;
+        }
+        let meta = |key: &str| -> Result<String> {
+            conn.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
+                .optional()
+                .map_err(|e| not_store(e.to_string()))?
+                .ok_or_else(|| not_store(format!("meta entry {key:?} is missing")))
+        };
+        let num = |key: &str| -> Result<i64> {
+            meta(key)?.parse().map_err(|_| not_store(format!("meta entry {key:?} is not a number")))
+        };
+        let uuid = meta("uuid")?;
+        let revs_limit = num("revs_limit")? as u64;
+        let (doc_count, del_count, exists) = (num("doc_count")?, num("del_count")?, num("exists")? != 0);
+        let max_seq: Option<i64> = conn.query_row("SELECT max(seq) FROM docs", [], |r| r.get(0))?;
+        let last_seq = max_seq.unwrap_or(0) as u64;
+        let name = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| ps.clone());
+        Ok(SqliteStore {
+            inner: Arc::new(Inner {
+                path,
+                name,
+                uuid,
+                writer: Mutex::new(Writer { conn, next_seq: last_seq + 1, revs_limit, doc_count, del_count }),
+                readers: Mutex::new(Vec::new()),
+                exists: AtomicBool::new(exists),
+                doc_count: AtomicI64::new(doc_count),
+                del_count: AtomicI64::new(del_count),
+                revs_limit: AtomicU64::new(revs_limit),
+                seq: watch::Sender::new(last_seq),
+            }),
+        })
+    }
+
+    /// The file this store lives in.
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    /// A random id made when the file was created; it survives copies of the file.
+    pub fn uuid(&self) -> &str {
+        &self.inner.uuid
+    }
+
+    fn with_path(&self, e: StoreError) -> StoreError {
+        match e {
+            StoreError::Sqlite { path, source } if path.is_empty() => {
+                StoreError::Sqlite { path: path_str(&self.inner.path), source }
+            }
+            e => e,
+        }
+    }
+
+    fn check_exists(&self) -> Result<()> {
+        if self.inner.exists.load(Ordering::Acquire) {
+            Ok(())
+        } else {
+            Err(StoreError::NotFound { what: format!("database {}", self.inner.name), reason: "Database does not exist.".into() })
+        }
+    }
+
+    /// Runs `f` on a reader connection inside a read transaction (one snapshot).
+    async fn read<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T> + Send + 'static,
+    {
+        self.check_exists()?;
+        let this = self.clone();
+        let run = move || -> Result<T> {
+            let pooled = this.inner.readers.lock().expect("reader pool").pop();
+            let conn = match pooled {
+                Some(c) => c,
+                None => {
+                    let c = Connection::open_with_flags(&this.inner.path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)?;
+                    c.busy_timeout(Duration::from_secs(30))?;
+                    c
+                }
+            };
+            let out = (|| {
+                let tx = conn.unchecked_transaction()?;
+                f(&tx)
+            })();
+            this.inner.readers.lock().expect("reader pool").push(conn);
+            out
+        };
+        let this = self.clone();
+        tokio::task::spawn_blocking(run)
+            .await
+            .map_err(|e| StoreError::Internal(format!("reader task failed: {e}")))?
+            .map_err(|e| this.with_path(e))
+    }
+
+    /// Runs `f` with the writer; `f` commits its own transaction. Wakes
+    /// `wait_for_change` callers afterwards.
+    async fn write<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Writer) -> Result<T> + Send + 'static,
+    {
+        let this = self.clone();
+        let run = move || -> Result<T> {
+            let mut w = this.inner.writer.lock().map_err(|_| StoreError::Internal("writer lock poisoned".into()))?;
+            let before = w.next_seq;
+            let out = f(&mut w);
+            this.inner.doc_count.store(w.doc_count, Ordering::Release);
+            this.inner.del_count.store(w.del_count, Ordering::Release);
+            this.inner.revs_limit.store(w.revs_limit, Ordering::Release);
+            if w.next_seq != before {
+                this.inner.seq.send_replace(w.next_seq - 1);
+            }
+            out
+        };
+        let this = self.clone();
+        tokio::task::spawn_blocking(run)
+            .await
+            .map_err(|e| StoreError::Internal(format!("writer task failed: {e}")))?
+            .map_err(|e| this.with_path(e))
+    }
+
+    fn update_seq(&self) -> u64 {
+        *self.inner.seq.borrow()
+    }
+
+    fn parse_since(&self, since: &Seq) -> Result<u64> {
+        match since {
+            Value::Number(n) => n.as_u64().ok_or_else(|| StoreError::bad(format!("invalid since {n}: expected a sequence number"))),
+            Value::String(s) if s == "now" => Ok(self.update_seq()),
+            Value::String(s) => s.parse().map_err(|_| StoreError::bad(format!("invalid since {s:?}: expected a sequence number or \"now\""))),
+            Value::Null => Ok(0),
+            other => Err(StoreError::bad(format!("invalid since {other}: expected a sequence number"))),
+        }
+    }
+
+    /// Lists every `_local/` document (ids with their `_local/` prefix), for copies.
+    pub async fn local_docs(&self) -> Result<Vec<Value>> {
+        self.read(|c| {
+            let mut st = c.prepare("SELECT id, rev, body FROM local ORDER BY id")?;
+            let rows = st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?, r.get::<_, String>(2)?)))?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (id, rev, body) = row?;
+                out.push(local_doc(&id, rev, &body)?);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    // ---- the Store operations (called through the `Store` trait) ----
+
+    pub(crate) async fn info(&self) -> Result<DbInfo> {
+        self.check_exists()?;
+        Ok(DbInfo {
+            db_name: self.inner.name.clone(),
+            doc_count: self.inner.doc_count.load(Ordering::Acquire).max(0) as u64,
+            doc_del_count: self.inner.del_count.load(Ordering::Acquire).max(0) as u64,
+            update_seq: Value::from(self.update_seq()),
+        })
+    }
+
+    pub(crate) async fn get(&self, id: &str, opts: &GetOptions) -> Result<GetResult> {
+        if id.starts_with("_local/") {
+            return self.get_local(id).await.map(GetResult::Doc);
+        }
+        let (id, opts) = (id.to_owned(), opts.clone());
+        let rev = opts.rev.as_deref().map(str::parse::<Rev>).transpose()?;
+        let list = match &opts.open_revs {
+            Some(OpenRevs::List(l)) => Some(l.iter().map(|r| r.parse::<Rev>()).collect::<Result<Vec<_>>>()?),
+            _ => None,
+        };
+        self.read(move |c| {
+            let loaded = load_doc(c, &id)?;
+            let what = || format!("document {id}");
+            let Some((tree, _)) = loaded else {
+                return match list {
+                    Some(list) => Ok(GetResult::Revs(list.iter().map(|r| OpenRev::Missing(r.to_string())).collect())),
+                    None => Err(StoreError::missing(what())),
+                };
+            };
+            match (&opts.open_revs, list) {
+                (None, _) => {
+                    let idx = match &rev {
+                        Some(r) => tree.find(r).ok_or_else(|| StoreError::missing(format!("document {id} revision {r}")))?,
+                        None => {
+                            let w = tree.winner();
+                            if tree.nodes[w].deleted {
+                                return Err(StoreError::NotFound { what: what(), reason: "deleted".into() });
+                            }
+                            w
+                        }
+                    };
+                    build_doc(c, &id, &tree, idx, &opts)?
+                        .map(GetResult::Doc)
+                        .ok_or_else(|| StoreError::missing(format!("document {id} revision {}", tree.nodes[idx].rev)))
+                }
+                (Some(OpenRevs::All), _) => {
+                    let mut out = Vec::new();
+                    for idx in tree.sorted_leaves() {
+                        out.push(match build_doc(c, &id, &tree, idx, &opts)? {
+                            Some(d) => OpenRev::Ok(d),
+                            None => OpenRev::Missing(tree.nodes[idx].rev.to_string()),
+                        });
+                    }
+                    Ok(GetResult::Revs(out))
+                }
+                (Some(OpenRevs::List(_)), list) => {
+                    let mut out = Vec::new();
+                    for r in list.unwrap_or_default() {
+                        open_rev(c, &id, &tree, &r, &opts, &mut out)?;
+                    }
+                    Ok(GetResult::Revs(out))
+                }
+            }
+        })
+        .await
+    }
+
+    pub(crate) async fn bulk_docs(&self, docs: Vec<Value>, new_edits: bool) -> Result<Vec<BulkResult>> {
+        self.check_exists()?;
+        // Validate everything before writing anything: a bad document fails the request.
+        let mut parsed = Vec::with_capacity(docs.len());
+        for d in docs {
+            if let Some(id) = d.get("_id").and_then(Value::as_str).filter(|id| id.starts_with("_local/")) {
+                parsed.push(Item::Local(id.to_owned(), d));
+            } else {
+                parsed.push(Item::Doc(doc::parse_doc(d, new_edits)?));
+            }
+        }
+        self.write(move |w| {
+            let tx = w.conn.transaction()?;
+            let mut results = Vec::with_capacity(parsed.len());
+            let mut st = State { next_seq: w.next_seq, revs_limit: w.revs_limit, doc_delta: 0, del_delta: 0 };
+            for item in parsed {
+                let r = match item {
+                    Item::Local(id, body) => match put_local_tx(&tx, &id, body) {
+                        Ok(rev) => Some(BulkResult { id, rev: Some(rev), error: None, reason: None }),
+                        Err(e) => Some(error_result(id, &e)),
+                    },
+                    Item::Doc(d) => {
+                        let id = d.id.clone();
+                        match write_doc(&tx, &mut st, d, new_edits) {
+                            Ok(Some(rev)) if new_edits => Some(BulkResult { id, rev: Some(rev), error: None, reason: None }),
+                            Ok(_) => None,
+                            Err(e @ (StoreError::Conflict { .. } | StoreError::MissingStub { .. })) => Some(error_result(id, &e)),
+                            Err(e) => return Err(e),
+                        }
+                    }
+                };
+                results.extend(r);
+            }
+            let (doc_count, del_count) = (w.doc_count + st.doc_delta, w.del_count + st.del_delta);
+            if st.doc_delta != 0 || st.del_delta != 0 {
+                let mut up = tx.prepare_cached("UPDATE meta SET value = ?2 WHERE key = ?1")?;
+                up.execute(params!["doc_count", doc_count.to_string()])?;
+                up.execute(params!["del_count", del_count.to_string()])?;
+            }
+            tx.commit()?; // durable from here: the batch is acknowledged only after this
+            w.next_seq = st.next_seq;
+            w.doc_count = doc_count;
+            w.del_count = del_count;
+            Ok(results)
+        })
+        .await
+    }
+
+    pub(crate) async fn bulk_get(&self, reqs: Vec<BulkGetRequest>, opts: BulkGetOptions) -> Result<Vec<BulkGetResult>> {
+        for r in &reqs {
+            if let Some(rev) = &r.rev {
+                rev.parse::<Rev>()?;
+            }
+        }
+        self.read(move |c| {
+            let gopts = GetOptions { revs: opts.revs, latest: opts.latest, attachments: opts.attachments, ..Default::default() };
+            let mut out = Vec::with_capacity(reqs.len());
+            for r in reqs {
+                let loaded = load_doc(c, &r.id)?;
+                let err = |rev: &str, reason: &str| {
+                    BulkGetItem::Error(DocError { id: r.id.clone(), rev: rev.to_owned(), error: "not_found".into(), reason: reason.into() })
+                };
+                let docs = match (loaded, &r.rev) {
+                    (None, rev) => vec![err(rev.as_deref().unwrap_or("undefined"), "missing")],
+                    (Some((tree, _)), None) => {
+                        let w = tree.winner();
+                        match build_doc(c, &r.id, &tree, w, &gopts)? {
+                            Some(d) if !tree.nodes[w].deleted => vec![BulkGetItem::Ok(d)],
+                            Some(_) => vec![err("undefined", "deleted")],
+                            None => vec![err("undefined", "missing")],
+                        }
+                    }
+                    (Some((tree, _)), Some(rev)) => {
+                        let mut revs = Vec::new();
+                        open_rev(c, &r.id, &tree, &rev.parse()?, &gopts, &mut revs)?;
+                        revs.into_iter()
+                            .map(|o| match o {
+                                OpenRev::Ok(d) => BulkGetItem::Ok(d),
+                                OpenRev::Missing(m) => err(&m, "missing"),
+                            })
+                            .collect()
+                    }
+                };
+                out.push(BulkGetResult { id: r.id, docs });
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    pub(crate) async fn revs_diff(&self, revs: BTreeMap<String, Vec<String>>) -> Result<BTreeMap<String, RevsDiffEntry>> {
+        let parsed: Vec<(String, Vec<Rev>)> = revs
+            .into_iter()
+            .map(|(id, rs)| Ok((id, rs.iter().map(|r| r.parse()).collect::<Result<Vec<Rev>>>()?)))
+            .collect::<Result<_>>()?;
+        self.read(move |c| {
+            let mut out = BTreeMap::new();
+            for (id, revs) in parsed {
+                let tree = load_doc(c, &id)?.map(|(t, _)| t).unwrap_or_default();
+                let missing: Vec<&Rev> = revs.iter().filter(|r| tree.find(r).is_none()).collect();
+                if missing.is_empty() {
+                    continue;
+                }
+                let max_pos = missing.iter().map(|r| r.pos).max().unwrap_or(0);
+                let mut ancestors: Vec<&Rev> =
+                    tree.leaves().into_iter().map(|i| &tree.nodes[i].rev).filter(|r| r.pos < max_pos).collect();
+                ancestors.sort();
+                let mut missing_s: Vec<String> = Vec::new();
+                for r in missing {
+                    let s = r.to_string();
+                    if !missing_s.contains(&s) {
+                        missing_s.push(s);
+                    }
+                }
+                out.insert(
+                    id,
+                    RevsDiffEntry { missing: missing_s, possible_ancestors: ancestors.iter().map(|r| r.to_string()).collect() },
+                );
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    pub(crate) async fn all_docs(&self, opts: &AllDocsOptions) -> Result<AllDocs> {
+        let opts = opts.clone();
+        let total_rows = self.info().await?.doc_count;
+        self.read(move |c| {
+            let gopts = GetOptions::default();
+            let mut rows = Vec::new();
+            if let Some(keys) = &opts.keys {
+                let iter: Box<dyn Iterator<Item = &String>> =
+                    if opts.descending { Box::new(keys.iter().rev()) } else { Box::new(keys.iter()) };
+                for key in iter.skip(opts.skip).take(opts.limit.unwrap_or(usize::MAX)) {
+                    rows.push(match load_doc(c, key)? {
+                        None => AllDocsRow { id: None, key: key.clone(), value: None, doc: None, error: Some("not_found".into()) },
+                        Some((tree, _)) => {
+                            let w = tree.winner();
+                            let deleted = tree.nodes[w].deleted;
+                            let doc = match (opts.include_docs, deleted) {
+                                (false, _) => None,
+                                (true, true) => Some(Value::Null),
+                                (true, false) => build_doc(c, key, &tree, w, &gopts)?,
+                            };
+                            AllDocsRow {
+                                id: Some(key.clone()),
+                                key: key.clone(),
+                                value: Some(RowValue { rev: tree.nodes[w].rev.to_string(), deleted }),
+                                doc,
+                                error: None,
+                            }
+                        }
+                    });
+                }
+            } else {
+                let (lo, hi) = if opts.descending { (&opts.end_key, &opts.start_key) } else { (&opts.start_key, &opts.end_key) };
+                let sql = format!(
+                    "SELECT id, tree FROM docs WHERE deleted = 0 AND (?1 IS NULL OR id >= ?1) AND (?2 IS NULL OR id <= ?2) \
+                     ORDER BY id {} LIMIT ?3 OFFSET ?4",
+                    if opts.descending { "DESC" } else { "ASC" }
+                );
+                let mut st = c.prepare_cached(&sql)?;
+                let limit = opts.limit.map_or(-1, |l| l as i64);
+                let found: Vec<(String, String)> = st
+                    .query_map(params![lo, hi, limit, opts.skip as i64], |r| Ok((r.get(0)?, r.get(1)?)))?
+                    .collect::<rusqlite::Result<_>>()?;
+                for (id, tree) in found {
+                    let tree = RevTree::from_json(&tree)?;
+                    let w = tree.winner();
+                    let doc = if opts.include_docs { build_doc(c, &id, &tree, w, &gopts)? } else { None };
+                    rows.push(AllDocsRow {
+                        id: Some(id.clone()),
+                        key: id,
+                        value: Some(RowValue { rev: tree.nodes[w].rev.to_string(), deleted: false }),
+                        doc,
+                        error: None,
+                    });
+                }
+            }
+            Ok(AllDocs { total_rows, offset: opts.skip as u64, rows })
+        })
+        .await
+    }
+
+    pub(crate) async fn changes(&self, opts: &ChangesOptions) -> Result<Changes> {
+        let since = self.parse_since(&opts.since)?;
+        let opts = opts.clone();
+        self.read(move |c| {
+            let sql = format!(
+                "SELECT id, seq, tree FROM docs WHERE seq > ?1 ORDER BY seq {} LIMIT ?2",
+                if opts.descending { "DESC" } else { "ASC" }
+            );
+            let mut st = c.prepare_cached(&sql)?;
+            let limit = opts.limit.map_or(-1, |l| l as i64);
+            let found: Vec<(String, i64, String)> =
+                st.query_map(params![since as i64, limit], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?.collect::<rusqlite::Result<_>>()?;
+            let mut results = Vec::with_capacity(found.len());
+            let mut last = since;
+            for (id, seq, tree) in found {
+                let tree = RevTree::from_json(&tree)?;
+                let leaves = tree.sorted_leaves();
+                let w = leaves[0];
+                let revs = if opts.style_all_docs { leaves } else { vec![w] };
+                let doc = if opts.include_docs { build_doc(c, &id, &tree, w, &GetOptions::default())? } else { None };
+                last = seq as u64;
+                results.push(ChangeRow {
+                    seq: Value::from(seq),
+                    id,
+                    changes: revs.into_iter().map(|i| ChangeRev { rev: tree.nodes[i].rev.to_string() }).collect(),
+                    deleted: tree.nodes[w].deleted,
+                    doc,
+                });
+            }
+            Ok(Changes { results, last_seq: Value::from(last) })
+        })
+        .await
+    }
+
+    pub(crate) async fn wait_for_change(&self, since: &Seq, timeout: Duration) -> Result<bool> {
+        let since = self.parse_since(since)?;
+        let mut rx = self.inner.seq.subscribe();
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if *rx.borrow_and_update() > since {
+                return Ok(true);
+            }
+            match tokio::time::timeout_at(deadline, rx.changed()).await {
+                Ok(Ok(())) => continue,
+                _ => return Ok(false),
+            }
+        }
+    }
+
+    pub(crate) async fn get_local(&self, id: &str) -> Result<Value> {
+        let id = local_id(id)?;
+        self.read(move |c| {
+            let row: Option<(i64, String)> =
+                c.prepare_cached("SELECT rev, body FROM local WHERE id = ?1")?.query_row([&id], |r| Ok((r.get(0)?, r.get(1)?))).optional()?;
+            let (rev, body) = row.ok_or_else(|| StoreError::missing(format!("document {id}")))?;
+            local_doc(&id, rev, &body)
+        })
+        .await
+    }
+
+    pub(crate) async fn put_local(&self, id: &str, body: Value) -> Result<String> {
+        self.check_exists()?;
+        let id = local_id(id)?;
+        self.write(move |w| {
+            let tx = w.conn.transaction()?;
+            let rev = put_local_tx(&tx, &id, body)?;
+            tx.commit()?;
+            Ok(rev)
+        })
+        .await
+    }
+
+    pub(crate) async fn delete_local(&self, id: &str, rev: Option<&str>) -> Result<()> {
+        self.check_exists()?;
+        let id = local_id(id)?;
+        let rev = rev.map(str::to_owned);
+        self.write(move |w| {
+            let tx = w.conn.transaction()?;
+            let cur: Option<i64> = tx.query_row("SELECT rev FROM local WHERE id = ?1", [&id], |r| r.get(0)).optional()?;
+            let cur = cur.ok_or_else(|| StoreError::missing(format!("document {id}")))?;
+            if rev.is_some_and(|r| r != format!("0-{cur}")) {
+                return Err(StoreError::Conflict { what: format!("document {id}") });
+            }
+            tx.execute("DELETE FROM local WHERE id = ?1", [&id])?;
+            tx.commit()?;
+            Ok(())
+        })
+        .await
+    }
+
+    pub(crate) async fn create_db(&self) -> Result<()> {
+        if self.inner.exists.load(Ordering::Acquire) {
+            return Err(StoreError::FileExists { what: format!("database {}", self.inner.name) });
+        }
+        self.write(|w| {
+            w.conn.execute("UPDATE meta SET value = '1' WHERE key = 'exists'", [])?;
+            Ok(())
+        })
+        .await?;
+        self.inner.exists.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    /// Empties the file and marks the database as deleted (the file stays, so
+    /// open handles remain valid); `create_db` makes it usable again.
+    pub(crate) async fn delete_db(&self) -> Result<()> {
+        self.check_exists()?;
+        self.inner.exists.store(false, Ordering::Release);
+        self.write(|w| {
+            let tx = w.conn.transaction()?;
+            tx.execute_batch(
+                "DELETE FROM docs; DELETE FROM revs; DELETE FROM blobs; DELETE FROM local;
+                 UPDATE meta SET value = '0' WHERE key IN ('exists', 'doc_count', 'del_count');",
+            )?;
+            tx.commit()?;
+            w.doc_count = 0;
+            w.del_count = 0;
+            // Sequences keep growing, so a feed reader never sees an old seq reused.
+            Ok(())
+        })
+        .await
+    }
+
+    pub(crate) async fn exists(&self) -> Result<bool> {
+        Ok(self.inner.exists.load(Ordering::Acquire))
+    }
+
+    pub(crate) async fn revs_limit(&self) -> Result<u64> {
+        Ok(self.inner.revs_limit.load(Ordering::Acquire))
+    }
+
+    pub(crate) async fn set_revs_limit(&self, limit: u64) -> Result<()> {
+        if limit == 0 {
+            return Err(StoreError::bad("revs_limit must be at least 1"));
+        }
+        self.write(move |w| {
+            w.conn.execute("UPDATE meta SET value = ?1 WHERE key = 'revs_limit'", [limit.to_string()])?;
+            w.revs_limit = limit;
+            Ok(())
+        })
+        .await
+    }
+
+    pub(crate) fn identity(&self) -> String {
+        format!("sqlite:{}", self.inner.uuid)
+    }
+}
+
+enum Item {
+    Doc(ParsedDoc),
+    Local(String, Value),
+}
+
+struct State {
+    next_seq: u64,
+    revs_limit: u64,
+    doc_delta: i64,
+    del_delta: i64,
+}
+
+fn error_result(id: String, e: &StoreError) -> BulkResult {
+    let (error, reason) = e.couch_error();
+    BulkResult { id, rev: None, error: Some(error), reason: Some(reason) }
+}
+
+fn local_id(id: &str) -> Result<String> {
+    let id = if id.starts_with("_local/") { id.to_owned() } else { format!("_local/{id}") };
+    if id.len() == "_local/".len() {
+        return Err(StoreError::bad("a _local document id needs a name after _local/"));
+    }
+    Ok(id)
+}
+
+fn local_doc(id: &str, rev: i64, body: &str) -> Result<Value> {
+    doc::assemble(id, &format!("0-{rev}"), body, Extras::default())
+}
+
+/// Writes a `_local/` document: `_rev` must name the current one (`0-N`), or be
+/// absent for a new document. Returns the new `0-N+1`.
+fn put_local_tx(tx: &Transaction<'_>, id: &str, body: Value) -> Result<String> {
+    let Value::Object(mut m) = body else {
+        return Err(StoreError::bad(format!("document {id}: must be a JSON object")));
+    };
+    m.remove("_id");
+    let given = m.remove("_rev");
+    let deleted = m.remove("_deleted").and_then(|d| d.as_bool()).unwrap_or(false);
+    let cur: Option<i64> =
+        tx.prepare_cached("SELECT rev FROM local WHERE id = ?1")?.query_row([id], |r| r.get(0)).optional()?;
+    let given = given.as_ref().and_then(Value::as_str);
+    let ok = match (cur, given) {
+        (None, None) => true,
+        (None, Some(g)) => g == "0-0",
+        (Some(c), Some(g)) => g == format!("0-{c}"),
+        (Some(_), None) => false,
+    };
+    if !ok {
+        return Err(StoreError::Conflict { what: format!("document {id}") });
+    }
+    if deleted {
+        tx.execute("DELETE FROM local WHERE id = ?1", [id])?;
+        return Ok("0-0".into());
+    }
+    let next = cur.unwrap_or(0) + 1;
+    let text = serde_json::to_string(&Value::Object(m)).expect("JSON serializes");
+    tx.prepare_cached("INSERT INTO local (id, rev, body) VALUES (?1, ?2, ?3) ON CONFLICT(id) DO UPDATE SET rev = excluded.rev, body = excluded.body")?
+        .execute(params![id, next, text])?;
+    Ok(format!("0-{next}"))
+}
+
+fn load_doc(c: &Connection, id: &str) -> Result<Option<(RevTree, u64)>> {
+    let row: Option<(String, i64)> =
+        c.prepare_cached("SELECT tree, seq FROM docs WHERE id = ?1")?.query_row([id], |r| Ok((r.get(0)?, r.get(1)?))).optional()?;
+    row.map(|(t, s)| Ok((RevTree::from_json(&t)?, s as u64))).transpose()
+}
+
+fn load_rev(c: &Connection, id: &str, rev: &Rev) -> Result<Option<(String, Option<String>)>> {
+    Ok(c.prepare_cached("SELECT body, atts FROM revs WHERE id = ?1 AND rev = ?2")?
+        .query_row(params![id, rev.to_string()], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?)
+}
+
+/// The document at tree node `idx`, or `None` if its body is not stored
+/// (an ancestor known only by id).
+fn build_doc(c: &Connection, id: &str, tree: &RevTree, idx: usize, opts: &GetOptions) -> Result<Option<Value>> {
+    let node = &tree.nodes[idx];
+    let Some((body, atts)) = load_rev(c, id, &node.rev)? else { return Ok(None) };
+    let attachments = match atts {
+        None => None,
+        Some(a) => {
+            let mut a: Map<String, Value> =
+                serde_json::from_str(&a).map_err(|e| StoreError::Internal(format!("document {id}: attachment list unreadable: {e}")))?;
+            for (name, meta) in a.iter_mut() {
+                let Value::Object(m) = meta else { continue };
+                if opts.attachments {
+                    let digest = m.get("digest").and_then(Value::as_str).unwrap_or_default().to_owned();
+                    let data: Option<Vec<u8>> =
+                        c.prepare_cached("SELECT data FROM blobs WHERE digest = ?1")?.query_row([&digest], |r| r.get(0)).optional()?;
+                    let data = data.ok_or_else(|| StoreError::Internal(format!("document {id}: attachment {name:?} data is missing")))?;
+                    m.remove("length");
+                    m.insert("data".into(), Value::from(doc::b64(&data)));
+                } else {
+                    m.insert("stub".into(), Value::Bool(true));
+                }
+            }
+            Some(a)
+        }
+    };
+    let extras = Extras {
+        deleted: node.deleted,
+        attachments,
+        conflicts: opts.conflicts.then(|| tree.conflicts().iter().map(|&i| tree.nodes[i].rev.to_string()).collect()),
+        revisions: opts.revs.then(|| tree.revisions_json(idx)),
+    };
+    doc::assemble(id, &node.rev.to_string(), &body, extras).map(Some)
+}
+
+/// Appends the `open_revs` answer for one requested revision.
+fn open_rev(c: &Connection, id: &str, tree: &RevTree, rev: &Rev, opts: &GetOptions, out: &mut Vec<OpenRev>) -> Result<()> {
+    let Some(idx) = tree.find(rev) else {
+        out.push(OpenRev::Missing(rev.to_string()));
+        return Ok(());
+    };
+    let targets = if opts.latest { tree.leaves_under(idx) } else { vec![idx] };
+    for t in targets {
+        out.push(match build_doc(c, id, tree, t, opts)? {
+            Some(d) => OpenRev::Ok(d),
+            None => OpenRev::Missing(tree.nodes[t].rev.to_string()),
+        });
+    }
+    Ok(())
+}
+
+/// Resolves a document's attachments into stored metadata, storing new data.
+/// Stubs come from `parent_atts` (new edits) or from any revision of the
+/// document or the blob table (replication).
+fn store_atts(tx: &Transaction<'_>, d: &ParsedDoc, pos: u64, parent_atts: Option<&Map<String, Value>>, new_edits: bool) -> Result<(Option<String>, String)> {
+    if d.atts.is_empty() {
+        return Ok((None, String::new()));
+    }
+    let mut out = Map::new();
+    let mut digests = String::new();
+    for (name, a) in &d.atts {
+        let meta = match a {
+            AttIn::Inline { content_type, data, revpos } => {
+                let digest = doc::digest(data);
+                tx.prepare_cached("INSERT OR IGNORE INTO blobs (digest, data) VALUES (?1, ?2)")?.execute(params![digest, data])?;
+                let revpos = if new_edits { pos } else { revpos.unwrap_or(pos) };
+                doc::att_meta(content_type, &digest, data.len() as u64, revpos)
+            }
+            AttIn::Stub { digest } => {
+                let missing = || StoreError::MissingStub { id: d.id.clone(), name: name.clone() };
+                let mut found = parent_atts.and_then(|p| p.get(name)).cloned();
+                if found.is_none() && !new_edits {
+                    found = find_att_meta(tx, &d.id, name, digest.as_deref())?;
+                }
+                let found = found.ok_or_else(missing)?;
+                let have: Option<i64> = tx
+                    .prepare_cached("SELECT 1 FROM blobs WHERE digest = ?1")?
+                    .query_row([found.get("digest").and_then(Value::as_str).unwrap_or_default()], |r| r.get(0))
+                    .optional()?;
+                if have.is_none() {
+                    return Err(missing());
+                }
+                found
+            }
+        };
+        digests.push_str(name);
+        digests.push('\0');
+        digests.push_str(meta.get("digest").and_then(Value::as_str).unwrap_or_default());
+        digests.push('\0');
+        out.insert(name.clone(), meta);
+    }
+    Ok((Some(serde_json::to_string(&out).expect("JSON serializes")), digests))
+}
+
+fn find_att_meta(tx: &Transaction<'_>, id: &str, name: &str, digest: Option<&str>) -> Result<Option<Value>> {
+    let mut st = tx.prepare_cached("SELECT atts FROM revs WHERE id = ?1 AND atts IS NOT NULL")?;
+    let rows: Vec<String> = st.query_map([id], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?;
+    for a in rows {
+        let m: Map<String, Value> = serde_json::from_str(&a).map_err(|e| StoreError::Internal(e.to_string()))?;
+        if let Some(meta) = m.get(name) {
+            if digest.is_none() || meta.get("digest").and_then(Value::as_str) == digest {
+                return Ok(Some(meta.clone()));
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// Writes one document inside the batch transaction. Returns the new revision
+/// (`None` when a replicated revision was already known).
+fn write_doc(tx: &Transaction<'_>, st: &mut State, d: ParsedDoc, new_edits: bool) -> Result<Option<String>> {
+    let existing = load_doc(tx, &d.id)?;
+    let was = existing.as_ref().map(|(t, _)| t.nodes[t.winner()].deleted);
+    let mut tree = existing.map(|(t, _)| t).unwrap_or_default();
+    let conflict = || StoreError::Conflict { what: format!("document {}", d.id) };
+
+    let (new_rev, atts) = if new_edits {
+        let parent = match (&d.rev, was) {
+            (None, None) => None,
+            (Some(_), None) => return Err(conflict()),
+            (None, Some(true)) => Some(tree.winner()),
+            (None, Some(false)) => return Err(conflict()),
+            (Some(r), Some(winner_deleted)) => {
+                let idx = tree.find(r).filter(|&i| tree.is_leaf(i)).ok_or_else(conflict)?;
+                if winner_deleted && d.deleted {
+                    return Err(conflict());
+                }
+                Some(idx)
+            }
+        };
+        let parent_rev = parent.map(|p| tree.nodes[p].rev.clone());
+        let parent_atts = match &parent_rev {
+            Some(p) => load_rev(tx, &d.id, p)?
+                .and_then(|(_, a)| a)
+                .map(|a| serde_json::from_str::<Map<String, Value>>(&a))
+                .transpose()
+                .map_err(|e| StoreError::Internal(e.to_string()))?,
+            None => None,
+        };
+        let pos = parent_rev.as_ref().map_or(1, |p| p.pos + 1);
+        let (atts, digests) = store_atts(tx, &d, pos, parent_atts.as_ref(), true)?;
+        let rev = Rev::child_of(parent_rev.as_ref(), d.deleted, &d.body, &digests);
+        tree.push(rev.clone(), parent, d.deleted);
+        (rev, atts)
+    } else {
+        let rev = d.path[0].clone();
+        let (atts, _) = store_atts(tx, &d, rev.pos, None, false)?;
+        if tree.merge_path(&d.path, d.deleted) == Merge::Known {
+            // Already known: fill in a body we only knew by id, change nothing else.
+            tx.prepare_cached("INSERT OR IGNORE INTO revs (id, rev, body, atts) VALUES (?1, ?2, ?3, ?4)")?
+                .execute(params![d.id, rev.to_string(), d.body, atts])?;
+            return Ok(None);
+        }
+        (rev, atts)
+    };
+
+    for gone in tree.stem(st.revs_limit) {
+        tx.prepare_cached("DELETE FROM revs WHERE id = ?1 AND rev = ?2")?.execute(params![d.id, gone.to_string()])?;
+    }
+    let rev_s = new_rev.to_string();
+    tx.prepare_cached("INSERT OR REPLACE INTO revs (id, rev, body, atts) VALUES (?1, ?2, ?3, ?4)")?
+        .execute(params![d.id, rev_s, d.body, atts])?;
+    let w = tree.winner();
+    let now_deleted = tree.nodes[w].deleted;
+    let seq = st.next_seq;
+    st.next_seq += 1;
+    tx.prepare_cached(
+        "INSERT INTO docs (id, seq, deleted, winner, tree) VALUES (?1, ?2, ?3, ?4, ?5) \
+         ON CONFLICT(id) DO UPDATE SET seq = excluded.seq, deleted = excluded.deleted, winner = excluded.winner, tree = excluded.tree",
+    )?
+    .execute(params![d.id, seq as i64, now_deleted, tree.nodes[w].rev.to_string(), tree.to_json()])?;
+    match was {
+        None => {}
+        Some(true) => st.del_delta -= 1,
+        Some(false) => st.doc_delta -= 1,
+    }
+    if now_deleted {
+        st.del_delta += 1;
+    } else {
+        st.doc_delta += 1;
+    }
+    Ok(Some(rev_s))
+}
