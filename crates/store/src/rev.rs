@@ -6,8 +6,6 @@
 use std::fmt;
 use std::str::FromStr;
 
-use serde::{Deserialize, Serialize};
-
 use crate::error::StoreError;
 
 /// Revisions kept per branch unless a database says otherwise (CouchDB's default).
@@ -88,7 +86,7 @@ pub fn rev_path(rev: &Rev, revisions: Option<&serde_json::Value>) -> Result<Vec<
 }
 
 /// One revision in a tree.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Node {
     pub rev: Rev,
     /// Index of the parent node; `None` for a root.

@@ -294,9 +294,11 @@ impl SqliteStore {
         .await
     }
 
-    // ---- the Store operations (called through the `Store` trait) ----
+}
 
-    pub(crate) async fn info(&self) -> Result<DbInfo> {
+impl crate::Store for SqliteStore {
+
+    async fn info(&self) -> Result<DbInfo> {
         self.check_exists()?;
         Ok(DbInfo {
             db_name: self.inner.name.clone(),
@@ -306,7 +308,7 @@ impl SqliteStore {
         })
     }
 
-    pub(crate) async fn get(&self, id: &str, opts: &GetOptions) -> Result<GetResult> {
+    async fn get(&self, id: &str, opts: &GetOptions) -> Result<GetResult> {
         if id.starts_with("_local/") {
             return self.get_local(id).await.map(GetResult::Doc);
         }
@@ -363,7 +365,7 @@ impl SqliteStore {
         .await
     }
 
-    pub(crate) async fn bulk_docs(&self, docs: Vec<Value>, new_edits: bool) -> Result<Vec<BulkResult>> {
+    async fn bulk_docs(&self, docs: Vec<Value>, new_edits: bool) -> Result<Vec<BulkResult>> {
         self.check_exists()?;
         // Validate everything before writing anything: a bad document fails the request.
         let mut parsed = Vec::with_capacity(docs.len());
@@ -411,7 +413,7 @@ impl SqliteStore {
         .await
     }
 
-    pub(crate) async fn bulk_get(&self, reqs: Vec<BulkGetRequest>, opts: BulkGetOptions) -> Result<Vec<BulkGetResult>> {
+    async fn bulk_get(&self, reqs: Vec<BulkGetRequest>, opts: BulkGetOptions) -> Result<Vec<BulkGetResult>> {
         for r in &reqs {
             if let Some(rev) = &r.rev {
                 rev.parse::<Rev>()?;
@@ -453,7 +455,7 @@ impl SqliteStore {
         .await
     }
 
-    pub(crate) async fn revs_diff(&self, revs: BTreeMap<String, Vec<String>>) -> Result<BTreeMap<String, RevsDiffEntry>> {
+    async fn revs_diff(&self, revs: BTreeMap<String, Vec<String>>) -> Result<BTreeMap<String, RevsDiffEntry>> {
         let parsed: Vec<(String, Vec<Rev>)> = revs
             .into_iter()
             .map(|(id, rs)| Ok((id, rs.iter().map(|r| r.parse()).collect::<Result<Vec<Rev>>>()?)))
@@ -487,7 +489,7 @@ impl SqliteStore {
         .await
     }
 
-    pub(crate) async fn all_docs(&self, opts: &AllDocsOptions) -> Result<AllDocs> {
+    async fn all_docs(&self, opts: &AllDocsOptions) -> Result<AllDocs> {
         let opts = opts.clone();
         let total_rows = self.info().await?.doc_count;
         self.read(move |c| {
@@ -547,7 +549,7 @@ impl SqliteStore {
         .await
     }
 
-    pub(crate) async fn changes(&self, opts: &ChangesOptions) -> Result<Changes> {
+    async fn changes(&self, opts: &ChangesOptions) -> Result<Changes> {
         let since = self.parse_since(&opts.since)?;
         let opts = opts.clone();
         self.read(move |c| {
@@ -581,7 +583,7 @@ impl SqliteStore {
         .await
     }
 
-    pub(crate) async fn wait_for_change(&self, since: &Seq, timeout: Duration) -> Result<bool> {
+    async fn wait_for_change(&self, since: &Seq, timeout: Duration) -> Result<bool> {
         let since = self.parse_since(since)?;
         let mut rx = self.inner.seq.subscribe();
         let deadline = tokio::time::Instant::now() + timeout;
@@ -596,7 +598,7 @@ impl SqliteStore {
         }
     }
 
-    pub(crate) async fn get_local(&self, id: &str) -> Result<Value> {
+    async fn get_local(&self, id: &str) -> Result<Value> {
         let id = local_id(id)?;
         self.read(move |c| {
             let row: Option<(i64, String)> =
@@ -607,7 +609,7 @@ impl SqliteStore {
         .await
     }
 
-    pub(crate) async fn put_local(&self, id: &str, body: Value) -> Result<String> {
+    async fn put_local(&self, id: &str, body: Value) -> Result<String> {
         self.check_exists()?;
         let id = local_id(id)?;
         self.write(move |w| {
@@ -619,7 +621,7 @@ impl SqliteStore {
         .await
     }
 
-    pub(crate) async fn delete_local(&self, id: &str, rev: Option<&str>) -> Result<()> {
+    async fn delete_local(&self, id: &str, rev: Option<&str>) -> Result<()> {
         self.check_exists()?;
         let id = local_id(id)?;
         let rev = rev.map(str::to_owned);
@@ -637,7 +639,7 @@ impl SqliteStore {
         .await
     }
 
-    pub(crate) async fn create_db(&self) -> Result<()> {
+    async fn create_db(&self) -> Result<()> {
         if self.inner.exists.load(Ordering::Acquire) {
             return Err(StoreError::FileExists { what: format!("database {}", self.inner.name) });
         }
@@ -650,9 +652,9 @@ impl SqliteStore {
         Ok(())
     }
 
-    /// Empties the file and marks the database as deleted (the file stays, so
-    /// open handles remain valid); `create_db` makes it usable again.
-    pub(crate) async fn delete_db(&self) -> Result<()> {
+    // Empties the file and marks the database as deleted (the file stays, so
+    // open handles remain valid); `create_db` makes it usable again.
+    async fn delete_db(&self) -> Result<()> {
         self.check_exists()?;
         self.inner.exists.store(false, Ordering::Release);
         self.write(|w| {
@@ -670,15 +672,15 @@ impl SqliteStore {
         .await
     }
 
-    pub(crate) async fn exists(&self) -> Result<bool> {
+    async fn exists(&self) -> Result<bool> {
         Ok(self.inner.exists.load(Ordering::Acquire))
     }
 
-    pub(crate) async fn revs_limit(&self) -> Result<u64> {
+    async fn revs_limit(&self) -> Result<u64> {
         Ok(self.inner.revs_limit.load(Ordering::Acquire))
     }
 
-    pub(crate) async fn set_revs_limit(&self, limit: u64) -> Result<()> {
+    async fn set_revs_limit(&self, limit: u64) -> Result<()> {
         if limit == 0 {
             return Err(StoreError::bad("revs_limit must be at least 1"));
         }
@@ -690,7 +692,7 @@ impl SqliteStore {
         .await
     }
 
-    pub(crate) fn identity(&self) -> String {
+    fn identity(&self) -> String {
         format!("sqlite:{}", self.inner.uuid)
     }
 }
