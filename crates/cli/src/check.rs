@@ -79,7 +79,11 @@ pub fn run(cli: &Cli, args: &Args) -> anyhow::Result<ExitCode> {
             format!("{}/{}", r.sample_applied, r.sample_docs),
             format!("{}/{}", r.generated_applied, r.generated_docs),
             &checksum[..8],
-            if r.broken.is_empty() { "hold" } else { "BROKEN" }
+            if r.broken.is_empty() {
+                "hold"
+            } else {
+                "BROKEN"
+            }
         );
     }
     for (id, _, _, _, r) in &report.migrations {

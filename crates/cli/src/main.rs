@@ -4,6 +4,7 @@
 //! prints. No decision about documents, revisions or versions lives here.
 
 mod check;
+mod db;
 mod sample;
 mod translate;
 
@@ -32,14 +33,23 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     Check(check::Args),
+    Plan(db::PlanArgs),
+    Upgrade(db::UpgradeArgs),
+    Rollback(db::RollbackArgs),
+    Status(db::StatusArgs),
     Translate(translate::Args),
     Sample(sample::Args),
 }
 
 fn main() -> ExitCode {
+    restore_sigpipe();
     let cli = Cli::parse();
     let result = match &cli.command {
         Command::Check(args) => check::run(&cli, args),
+        Command::Plan(args) => db::plan_cmd(&cli, args),
+        Command::Upgrade(args) => db::upgrade(&cli, args),
+        Command::Rollback(args) => db::rollback(&cli, args),
+        Command::Status(args) => db::status(args),
         Command::Translate(args) => translate::run(&cli, args),
         Command::Sample(args) => sample::run(args),
     };
@@ -48,6 +58,23 @@ fn main() -> ExitCode {
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// Dies quietly on a closed pipe (`rewind plan | head`), like other Unix tools.
+fn restore_sigpipe() {
+    #[cfg(unix)]
+    {
+        extern "C" {
+            fn signal(signum: i32, handler: usize) -> usize;
+        }
+        const SIGPIPE: i32 = 13;
+        const SIG_DFL: usize = 0;
+        // SAFETY: resetting a signal's disposition to the default has no
+        // preconditions; it runs first thing, before any thread starts.
+        unsafe {
+            signal(SIGPIPE, SIG_DFL);
         }
     }
 }

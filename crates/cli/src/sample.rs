@@ -1,8 +1,10 @@
+use indicatif::ProgressBar;
 use std::io::{BufWriter, Write};
 use std::process::ExitCode;
 
 /// Write deterministic sample documents shaped like Community Health Toolkit
-/// data (reports, persons, places), one JSON document per line.
+/// data (reports, persons, places): one JSON document per line on stdout, or
+/// into a database with --db.
 ///
 /// Document i depends only on the seed and i, so `--docs 100` is a prefix of
 /// `--docs 1000`. Tests, benches and the drill use the same data.
@@ -14,9 +16,42 @@ pub struct Args {
     /// The seed: the same seed gives the same documents.
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Write them into this database (a CouchDB URL or an embedded store's
+    /// file, created if missing) instead of stdout.
+    #[arg(long, value_name = "TARGET")]
+    db: Option<String>,
 }
 
 pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
+    if let Some(target) = &args.db {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()?;
+        return rt.block_on(async {
+            let store = rewind_store::open(target).await?;
+            let bar = ProgressBar::new(args.docs);
+            if !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+                bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+            }
+            let started = std::time::Instant::now();
+            let n = rewind_engine::load::load(
+                &store,
+                rewind_sample::docs(args.docs, args.seed),
+                1000,
+                &mut |done| bar.set_position(done),
+            )
+            .await?;
+            bar.finish_and_clear();
+            let secs = started.elapsed().as_secs_f64().max(0.001);
+            println!(
+                "sample: {n} documents written to {} in {secs:.1} s ({:.0} docs/s)",
+                rewind_store::redact_url(target),
+                n as f64 / secs
+            );
+            Ok(ExitCode::SUCCESS)
+        });
+    }
     let stdout = std::io::stdout();
     let mut out = BufWriter::new(stdout.lock());
     for doc in rewind_sample::docs(args.docs, args.seed) {

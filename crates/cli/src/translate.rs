@@ -65,7 +65,11 @@ pub fn run(cli: &Cli, args: &Args) -> anyhow::Result<ExitCode> {
         }
         let (doc, style) = rewind_lens::json_text::parse(&line)
             .with_context(|| format!("stdin:{}: not a JSON document", index + 1))?;
-        anyhow::ensure!(doc.is_object(), "stdin:{}: a document must be a JSON object", index + 1);
+        anyhow::ensure!(
+            doc.is_object(),
+            "stdin:{}: a document must be a JSON object",
+            index + 1
+        );
         docs.push((doc, style));
     }
     let mut translated = Vec::with_capacity(docs.len());

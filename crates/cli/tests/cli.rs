@@ -24,7 +24,10 @@ fn run_with_stdin(mut cmd: Command, stdin: &[u8]) -> Output {
 }
 
 fn sample(n: u32) -> Vec<u8> {
-    let out = rewind().args(["sample", "--docs", &n.to_string()]).output().unwrap();
+    let out = rewind()
+        .args(["sample", "--docs", &n.to_string()])
+        .output()
+        .unwrap();
     assert!(out.status.success());
     out.stdout
 }
@@ -43,7 +46,11 @@ fn check_passes_on_the_example_migrations_with_a_sample() {
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(stdout.contains("0007-split-name"), "{stdout}");
     assert!(stdout.contains("laws hold"), "{stdout}");
 }
@@ -56,10 +63,18 @@ fn check_refuses_a_bad_file_with_its_line_and_exits_non_zero() {
         "description: x\nwhen: {type: a}\nup:\n  - remove: {path: legacy}\n",
     )
     .unwrap();
-    let out = rewind().arg("check").arg("--migrations").arg(dir.path()).output().unwrap();
+    let out = rewind()
+        .arg("check")
+        .arg("--migrations")
+        .arg(dir.path())
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("0001-bad.yaml:4:5: `remove` needs a `default`"), "{stderr}");
+    assert!(
+        stderr.contains("0001-bad.yaml:4:5: `remove` needs a `default`"),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -71,7 +86,12 @@ fn check_reports_a_broken_law_with_a_counterexample() {
         "description: x\nwhen: {type: a}\nup:\n  - custom: {up: 'd => { d.n = String(d.n) + \"!\"; return d }', down: 'd => d'}\nwhen_after: {type: a}\n",
     )
     .unwrap();
-    let out = rewind().arg("check").arg("--migrations").arg(dir.path()).output().unwrap();
+    let out = rewind()
+        .arg("check")
+        .arg("--migrations")
+        .arg(dir.path())
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("down(up(doc)) = doc fails"), "{stderr}");
@@ -92,7 +112,11 @@ fn translate_up_then_down_with_the_same_complements_gives_back_every_document() 
         .arg("--complements")
         .arg(&complements);
     let up = run_with_stdin(up, &input);
-    assert!(up.status.success(), "{}", String::from_utf8_lossy(&up.stderr));
+    assert!(
+        up.status.success(),
+        "{}",
+        String::from_utf8_lossy(&up.stderr)
+    );
     assert_ne!(up.stdout, input);
     let mut down = rewind();
     down.args(["translate", "--from", "7", "--to", "0", "--migrations"])
@@ -100,8 +124,15 @@ fn translate_up_then_down_with_the_same_complements_gives_back_every_document() 
         .arg("--complements")
         .arg(&complements);
     let down = run_with_stdin(down, &up.stdout);
-    assert!(down.status.success(), "{}", String::from_utf8_lossy(&down.stderr));
-    let (got, want) = (String::from_utf8_lossy(&down.stdout), String::from_utf8_lossy(&input));
+    assert!(
+        down.status.success(),
+        "{}",
+        String::from_utf8_lossy(&down.stderr)
+    );
+    let (got, want) = (
+        String::from_utf8_lossy(&down.stdout),
+        String::from_utf8_lossy(&input),
+    );
     for (g, w) in got.lines().zip(want.lines()) {
         assert_eq!(g, w);
     }
@@ -123,7 +154,8 @@ fn translate_refuses_bad_input_and_writes_nothing() {
     assert!(out.stdout.is_empty());
     assert_eq!(std::fs::read(&complements).unwrap_or_default(), b"");
     let mut cmd = rewind();
-    cmd.args(["translate", "--from", "0", "--to", "99", "--migrations"]).arg(examples());
+    cmd.args(["translate", "--from", "0", "--to", "99", "--migrations"])
+        .arg(examples());
     let out = run_with_stdin(cmd, b"");
     assert!(String::from_utf8_lossy(&out.stderr).contains("version 99 does not exist"));
 }
@@ -133,6 +165,9 @@ fn sample_is_deterministic_and_prefix_stable() {
     let a = sample(100);
     let b = sample(200);
     assert_eq!(a, b[..a.len()]);
-    let seeded = rewind().args(["sample", "--docs", "100", "--seed", "2"]).output().unwrap();
+    let seeded = rewind()
+        .args(["sample", "--docs", "100", "--seed", "2"])
+        .output()
+        .unwrap();
     assert_ne!(seeded.stdout, a);
 }

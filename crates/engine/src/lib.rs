@@ -4,8 +4,13 @@
 //! on (journal entry, then document, then checkpoint), and it lives next to
 //! the data, so any process can resume a run another one started.
 
+pub mod journal;
+pub mod load;
 pub mod offline;
+pub mod plan;
 pub mod project;
+pub mod run;
+pub mod state;
 
 pub use project::{Config, Project};
 
@@ -38,6 +43,31 @@ pub enum EngineError {
         /// What is wrong.
         reason: String,
     },
+    /// The database or its companion failed.
+    #[error(transparent)]
+    Store(#[from] rewind_store::StoreError),
+    /// The lens failed on a document.
+    #[error("document {id}: {source}")]
+    Lens {
+        /// The document.
+        id: String,
+        /// What failed.
+        source: rewind_lens::LensError,
+    },
+    /// The state in the database does not allow the operation.
+    #[error("{0}")]
+    Refused(String),
+    /// Another run holds the lease.
+    #[error("another run holds the lease ({owner}) for {seconds} more seconds; wait, or check `rewind status`")]
+    Busy {
+        /// Who holds it.
+        owner: String,
+        /// How long it still holds it.
+        seconds: u64,
+    },
+    /// Stored state could not be read.
+    #[error("corrupt rewind state: {0}")]
+    Corrupt(String),
     /// One or more migration files are malformed or not reversible.
     #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))]
     Migrations(Vec<rewind_lens::LensError>),

@@ -119,7 +119,11 @@ impl ComplementFile {
     }
 
     /// The complements of one document, as the lens reads and writes them.
-    pub fn for_doc<'a>(&'a mut self, id: &str, out: Option<&'a mut dyn Write>) -> DocComplements<'a> {
+    pub fn for_doc<'a>(
+        &'a mut self,
+        id: &str,
+        out: Option<&'a mut dyn Write>,
+    ) -> DocComplements<'a> {
         DocComplements {
             file: self,
             id: id.to_owned(),

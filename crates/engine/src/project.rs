@@ -80,8 +80,8 @@ impl Project {
             .map(Path::to_path_buf)
             .unwrap_or_else(|| config.migrations.clone());
         let files = read_migration_files(&dir)?;
-        let migrations = MigrationSet::parse_files(&files, &config.stamp)
-            .map_err(EngineError::Migrations)?;
+        let migrations =
+            MigrationSet::parse_files(&files, &config.stamp).map_err(EngineError::Migrations)?;
         Ok(Project {
             config,
             migrations_dir: dir,
@@ -99,9 +99,7 @@ pub fn read_migration_files(dir: &Path) -> Result<Vec<(PathBuf, String)>> {
     let mut files = Vec::new();
     for entry in std::fs::read_dir(dir).map_err(io)? {
         let path = entry.map_err(io)?.path();
-        let is_yaml = path
-            .extension()
-            .is_some_and(|e| e == "yaml" || e == "yml");
+        let is_yaml = path.extension().is_some_and(|e| e == "yaml" || e == "yml");
         if path.is_file() && is_yaml {
             let text = std::fs::read_to_string(&path).map_err(|source| EngineError::Io {
                 path: path.clone(),

@@ -40,8 +40,15 @@ pub fn style_of(text: &str) -> NumberStyle {
     let bytes = text.as_bytes();
     let (mut unsigned, mut signed, mut upper, mut lower) = (false, false, false, false);
     outside_strings(text, |i, b| {
-        if (b == b'e' || b == b'E') && i > 0 && (bytes[i - 1].is_ascii_digit() || bytes[i - 1] == b'.') {
-            if b == b'E' { upper = true } else { lower = true }
+        if (b == b'e' || b == b'E')
+            && i > 0
+            && (bytes[i - 1].is_ascii_digit() || bytes[i - 1] == b'.')
+        {
+            if b == b'E' {
+                upper = true
+            } else {
+                lower = true
+            }
             match bytes.get(i + 1) {
                 Some(b'+') => signed = true,
                 Some(b'-') => {}
@@ -84,7 +91,11 @@ pub fn to_string(value: &Value, style: NumberStyle) -> String {
         if drop.binary_search(&i).is_ok() {
             continue;
         }
-        out.push(if upper.binary_search(&i).is_ok() { b'E' } else { b });
+        out.push(if upper.binary_search(&i).is_ok() {
+            b'E'
+        } else {
+            b
+        });
     }
     String::from_utf8(out).unwrap_or(text)
 }

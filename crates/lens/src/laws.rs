@@ -157,7 +157,9 @@ pub fn check_laws(set: &MigrationSet, samples: &[Value], generated: u32) -> Vec<
 pub fn same_json(a: &Value, b: &Value) -> bool {
     match (a, b) {
         (Value::Object(x), Value::Object(y)) => {
-            x.len() == y.len() && x.iter().all(|(k, v)| y.get(k).is_some_and(|w| same_json(v, w)))
+            x.len() == y.len()
+                && x.iter()
+                    .all(|(k, v)| y.get(k).is_some_and(|w| same_json(v, w)))
         }
         (Value::Array(x), Value::Array(y)) => {
             x.len() == y.len() && x.iter().zip(y).all(|(v, w)| same_json(v, w))
@@ -350,16 +352,25 @@ fn check_generated(set: &MigrationSet, version: u32, cases: u32, report: &mut Mi
                 applied.set(applied.get() + usize::from(a));
                 Ok(())
             }
-            Err(b) => Err(TestCaseError::fail(serde_json::to_string(&json!({
-                "law": b.law, "input": b.input, "expected": b.expected, "found": b.found
-            })).unwrap_or_default())),
+            Err(b) => Err(TestCaseError::fail(
+                serde_json::to_string(&json!({
+                    "law": b.law, "input": b.input, "expected": b.expected, "found": b.found
+                }))
+                .unwrap_or_default(),
+            )),
         }
     });
     report.generated_docs += total.get();
     report.generated_applied += applied.get();
     if let Err(proptest::test_runner::TestError::Fail(reason, _)) = result {
         let parsed: Value = serde_json::from_str(reason.message()).unwrap_or(Value::Null);
-        let field = |k: &str| parsed.get(k).and_then(Value::as_str).unwrap_or("").to_owned();
+        let field = |k: &str| {
+            parsed
+                .get(k)
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_owned()
+        };
         let law: &'static str = match field("law").as_str() {
             "down(up(doc)) = doc" => "down(up(doc)) = doc",
             "up(down(new)) = new" => "up(down(new)) = new",

@@ -207,7 +207,8 @@ fn convert_pairs(
             match stated {
                 Some(Value::String(s)) if sources.iter().any(|k| text(k) == *s) => key_value(s),
                 _ => {
-                    let names: Vec<String> = sources.iter().map(|k| format!("`{}`", text(k))).collect();
+                    let names: Vec<String> =
+                        sources.iter().map(|k| format!("`{}`", text(k))).collect();
                     return Err(invalid(
                         file,
                         at,
@@ -352,7 +353,9 @@ fn push_condition(op: &Op, path: &FieldPath, condition: &Condition) -> Option<Se
                 same()
             }
         }
-        Op::Convert { path: p, forward, .. } => {
+        Op::Convert {
+            path: p, forward, ..
+        } => {
             if path == p {
                 let map = |v: &Value| -> Option<Value> {
                     forward
@@ -384,9 +387,10 @@ fn push_condition(op: &Op, path: &FieldPath, condition: &Condition) -> Option<Se
             _ => same(),
         },
         Op::Unwrap { path: p, wrapping } => match wrapping {
-            Wrapping::Key(key) if path.starts_with(&p.child(key)) => {
-                Some(Selector::Field(path.rebase(&p.child(key), p)?, condition.clone()))
-            }
+            Wrapping::Key(key) if path.starts_with(&p.child(key)) => Some(Selector::Field(
+                path.rebase(&p.child(key), p)?,
+                condition.clone(),
+            )),
             _ if path.overlaps(p) => None,
             _ => same(),
         },
@@ -404,7 +408,10 @@ impl Migration {
                 .map(|l| (l.line(), l.column()))
                 .unwrap_or((1, 1));
             let message = e.without_snippet().to_string();
-            let first = message.lines().next().unwrap_or("not a valid migration file");
+            let first = message
+                .lines()
+                .next()
+                .unwrap_or("not a valid migration file");
             let reason = match first.rfind(" at line ") {
                 Some(at) => &first[..at],
                 None => first,
@@ -494,10 +501,7 @@ impl Migration {
 }
 
 fn op_record(complement: Option<&Value>, index: usize) -> Option<&Kept> {
-    complement?
-        .get("ops")?
-        .get(index.to_string())?
-        .as_object()
+    complement?.get("ops")?.get(index.to_string())?.as_object()
 }
 
 /// SHA-256 of `bytes`, lowercase hex.
@@ -609,7 +613,12 @@ impl MigrationSet {
     /// Sets (or with `None` / 0 removes) the stamp. A new stamp goes at
     /// `index` when given, else last. Returns where a removed stamp stood
     /// when it was not the last key.
-    fn set_stamp(&self, doc: &mut Value, version: Option<u32>, index: Option<usize>) -> Option<usize> {
+    fn set_stamp(
+        &self,
+        doc: &mut Value,
+        version: Option<u32>,
+        index: Option<usize>,
+    ) -> Option<usize> {
         let object = doc.as_object_mut()?;
         match version {
             Some(v) if v > 0 => {
@@ -637,7 +646,8 @@ impl MigrationSet {
     }
 
     /// Applies migration `version` going up to a document at `version - 1`,
-    /// given the complement its last `down` kept.
+    /// given the complement its last `down` kept. Skipped when the document
+    /// does not match `when`, or its stamp is already `version` or later.
     pub fn up_step(
         &self,
         version: u32,
@@ -645,7 +655,10 @@ impl MigrationSet {
         complement: Option<&Value>,
     ) -> Result<StepOutcome> {
         let migration = self.migration(version)?;
-        if !Self::is_migratable(doc) || !migration.when.matches(doc) {
+        // A stamp at or past this version means the step already ran: a
+        // resumed upgrade never applies a migration twice.
+        let done = self.stamp_of(doc).is_some_and(|s| s >= version);
+        if done || !Self::is_migratable(doc) || !migration.when.matches(doc) {
             return Ok(StepOutcome::Skipped);
         }
         let prior = self.stamp_of(doc);
@@ -664,13 +677,18 @@ impl MigrationSet {
         let mut kept = Map::new();
         let derived_prior = (version > 1).then_some(version - 1);
         if prior != derived_prior {
-            kept.insert("stamp".into(), prior.map(Value::from).unwrap_or(Value::Null));
+            kept.insert(
+                "stamp".into(),
+                prior.map(Value::from).unwrap_or(Value::Null),
+            );
         }
         if !ops.is_empty() {
             kept.insert("ops".into(), Value::Object(ops));
         }
         *doc = work;
-        Ok(StepOutcome::Applied((!kept.is_empty()).then_some(Value::Object(kept))))
+        Ok(StepOutcome::Applied(
+            (!kept.is_empty()).then_some(Value::Object(kept)),
+        ))
     }
 
     /// Applies migration `version` going down to a document at `version`,

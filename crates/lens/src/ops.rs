@@ -113,12 +113,22 @@ impl Op {
             (Op::Remove { path, default }, Direction::Down) => {
                 restore_field(doc, path, default, kept_in)?
             }
-            (Op::Convert { path, forward, backward }, Direction::Up) => {
-                convert(doc, path, forward, backward, kept_in)
-            }
-            (Op::Convert { path, forward, backward }, Direction::Down) => {
-                convert(doc, path, backward, forward, kept_in)
-            }
+            (
+                Op::Convert {
+                    path,
+                    forward,
+                    backward,
+                },
+                Direction::Up,
+            ) => convert(doc, path, forward, backward, kept_in),
+            (
+                Op::Convert {
+                    path,
+                    forward,
+                    backward,
+                },
+                Direction::Down,
+            ) => convert(doc, path, backward, forward, kept_in),
             (Op::Wrap { path, wrapping }, Direction::Up)
             | (Op::Unwrap { path, wrapping }, Direction::Down) => {
                 wrap(doc, path, wrapping, kept_in)

@@ -76,7 +76,11 @@ impl FieldPath {
         let last = self.0.last()?;
         let index = parent.keys().position(|k| k == last)?;
         let value = parent.shift_remove(last)?;
-        Some(Taken { value, index, was_last: index == parent.len() })
+        Some(Taken {
+            value,
+            index,
+            was_last: index == parent.len(),
+        })
     }
 
     /// The value at this path, mutable.
@@ -136,7 +140,10 @@ impl FieldPath {
             }
             _ => object.insert(last.clone(), value),
         };
-        Ok(Put { replaced, created_parents: created })
+        Ok(Put {
+            replaced,
+            created_parents: created,
+        })
     }
 
     /// Removes the innermost `levels` parent objects of this path when they are empty.

@@ -106,7 +106,10 @@ fn function<'js>(
 }
 
 fn stringify<'js>(ctx: &Ctx<'js>, value: JsValue<'js>) -> Result<String, String> {
-    match ctx.json_stringify(value).map_err(|e| exception_text(ctx, e))? {
+    match ctx
+        .json_stringify(value)
+        .map_err(|e| exception_text(ctx, e))?
+    {
         Some(s) => s.to_string().map_err(|e| e.to_string()),
         None => Err("the function returned something that is not JSON".into()),
     }
@@ -150,7 +153,9 @@ impl Script {
             engine.deadline.set(Some(Instant::now() + self.time_limit));
             let result = engine.context.with(|ctx| {
                 let f = function(&ctx, &mut engine.functions, source)?;
-                let doc_js = ctx.json_parse(doc_text).map_err(|e| exception_text(&ctx, e))?;
+                let doc_js = ctx
+                    .json_parse(doc_text)
+                    .map_err(|e| exception_text(&ctx, e))?;
                 let kept_js = ctx
                     .json_parse(kept_text)
                     .map_err(|e| exception_text(&ctx, e))?;
@@ -158,8 +163,15 @@ impl Script {
                 let returned: JsValue = f
                     .call((doc_js.clone(), kept_js, keep_js.clone()))
                     .map_err(|e| exception_text(&ctx, e))?;
-                let result = if returned.is_undefined() { doc_js } else { returned };
-                Ok((stringify(&ctx, result)?, stringify(&ctx, keep_js.into_value())?))
+                let result = if returned.is_undefined() {
+                    doc_js
+                } else {
+                    returned
+                };
+                Ok((
+                    stringify(&ctx, result)?,
+                    stringify(&ctx, keep_js.into_value())?,
+                ))
             });
             engine.deadline.set(None);
             result

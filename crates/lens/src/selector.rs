@@ -149,7 +149,9 @@ fn parse_object(value: &Value, prefix: Option<&FieldPath>) -> Result<Selector, S
     for (key, inner) in object {
         if let Some(operator) = key.strip_prefix('$') {
             if prefix.is_some() {
-                return Err(format!("`{key}` is not allowed inside a field condition here"));
+                return Err(format!(
+                    "`{key}` is not allowed inside a field condition here"
+                ));
             }
             parts.push(parse_combinator(operator, inner)?);
         } else {

@@ -52,7 +52,12 @@ fn set(texts: &[&str]) -> MigrationSet {
     let files: Vec<_> = texts
         .iter()
         .enumerate()
-        .map(|(i, t)| (Path::new(&format!("{:04}-m.yaml", i + 1)).to_path_buf(), t.to_string()))
+        .map(|(i, t)| {
+            (
+                Path::new(&format!("{:04}-m.yaml", i + 1)).to_path_buf(),
+                t.to_string(),
+            )
+        })
         .collect();
     MigrationSet::parse_files(&files, "rewind").unwrap()
 }
@@ -63,11 +68,18 @@ fn text(v: &Value) -> String {
 
 #[test]
 fn rename_into_a_missing_parent_creates_it_and_down_removes_it_again() {
-    let s = set(&["description: x\nwhen: {type: a}\nup:\n  - rename: {from: parent, to: lineage.parent}\n"]);
+    let s = set(&[
+        "description: x\nwhen: {type: a}\nup:\n  - rename: {from: parent, to: lineage.parent}\n",
+    ]);
     let original = json!({"_id": "d", "type": "a", "parent": {"_id": "p"}, "z": 1});
     let mut doc = original.clone();
-    let StepOutcome::Applied(kept) = s.up_step(1, &mut doc, None).unwrap() else { panic!() };
-    assert_eq!(text(&doc), r#"{"_id":"d","type":"a","z":1,"lineage":{"parent":{"_id":"p"}},"rewind":1}"#);
+    let StepOutcome::Applied(kept) = s.up_step(1, &mut doc, None).unwrap() else {
+        panic!()
+    };
+    assert_eq!(
+        text(&doc),
+        r#"{"_id":"d","type":"a","z":1,"lineage":{"parent":{"_id":"p"}},"rewind":1}"#
+    );
     s.down_step(1, &mut doc, kept.as_ref()).unwrap();
     assert_eq!(text(&doc), text(&original));
 }
@@ -75,20 +87,31 @@ fn rename_into_a_missing_parent_creates_it_and_down_removes_it_again() {
 #[test]
 fn numbers_keep_their_text_and_unmatched_documents_are_untouched() {
     let s = set(&["description: x\nwhen: {type: a}\nup:\n  - rename: {from: n, to: m}\n"]);
-    let (mut doc, style) = rewind_lens::json_text::parse(r#"{"_id":"d","type":"a","n":12345678901234567890,"f":1.10,"e":1e400}"#).unwrap();
-    s.translate(&mut doc, 0, 1, &mut rewind_lens::migration::NoComplements).unwrap();
-    assert_eq!(rewind_lens::json_text::to_string(&doc, style), r#"{"_id":"d","type":"a","m":12345678901234567890,"f":1.10,"e":1e400,"rewind":1}"#);
+    let (mut doc, style) = rewind_lens::json_text::parse(
+        r#"{"_id":"d","type":"a","n":12345678901234567890,"f":1.10,"e":1e400}"#,
+    )
+    .unwrap();
+    s.translate(&mut doc, 0, 1, &mut rewind_lens::migration::NoComplements)
+        .unwrap();
+    assert_eq!(
+        rewind_lens::json_text::to_string(&doc, style),
+        r#"{"_id":"d","type":"a","m":12345678901234567890,"f":1.10,"e":1e400,"rewind":1}"#
+    );
     let mut other = json!({"_id": "o", "type": "b", "n": 1});
-    s.translate(&mut other, 0, 1, &mut rewind_lens::migration::NoComplements).unwrap();
+    s.translate(&mut other, 0, 1, &mut rewind_lens::migration::NoComplements)
+        .unwrap();
     assert_eq!(other, json!({"_id": "o", "type": "b", "n": 1}));
 }
 
 #[test]
 fn remove_keeps_the_value_and_down_without_complement_uses_the_default() {
-    let s = set(&["description: x\nwhen: {type: a}\nup:\n  - remove: {path: code, default: none}\n"]);
+    let s =
+        set(&["description: x\nwhen: {type: a}\nup:\n  - remove: {path: code, default: none}\n"]);
     let original = json!({"_id": "d", "type": "a", "code": "A1", "x": 2});
     let mut doc = original.clone();
-    let StepOutcome::Applied(kept) = s.up_step(1, &mut doc, None).unwrap() else { panic!() };
+    let StepOutcome::Applied(kept) = s.up_step(1, &mut doc, None).unwrap() else {
+        panic!()
+    };
     assert_eq!(doc, json!({"_id": "d", "type": "a", "x": 2, "rewind": 1}));
     let mut exact = doc.clone();
     s.down_step(1, &mut exact, kept.as_ref()).unwrap();
@@ -102,7 +125,9 @@ fn remove_keeps_the_value_and_down_without_complement_uses_the_default() {
 fn a_non_injective_convert_restores_the_original_from_the_complement() {
     let s = set(&["description: x\nwhen: {type: a}\nup:\n  - convert: {path: s, map: {m: male, man: male, f: female}, reverse: {male: m}}\n"]);
     let mut doc = json!({"_id": "d", "type": "a", "s": "man"});
-    let StepOutcome::Applied(kept) = s.up_step(1, &mut doc, None).unwrap() else { panic!() };
+    let StepOutcome::Applied(kept) = s.up_step(1, &mut doc, None).unwrap() else {
+        panic!()
+    };
     assert_eq!(doc["s"], "male");
     let mut back = doc.clone();
     s.down_step(1, &mut back, kept.as_ref()).unwrap();
@@ -114,12 +139,18 @@ fn a_non_injective_convert_restores_the_original_from_the_complement() {
 
 #[test]
 fn add_keeps_a_value_a_newer_writer_set_and_up_restores_it() {
-    let s = set(&["description: x\nwhen: {type: a}\nup:\n  - add: {path: status, value: active}\n"]);
+    let s =
+        set(&["description: x\nwhen: {type: a}\nup:\n  - add: {path: status, value: active}\n"]);
     let mut new = json!({"_id": "d", "type": "a", "status": "paused", "rewind": 1});
-    let StepOutcome::Applied(kept) = s.down_step(1, &mut new, None).unwrap() else { panic!() };
+    let StepOutcome::Applied(kept) = s.down_step(1, &mut new, None).unwrap() else {
+        panic!()
+    };
     assert_eq!(new, json!({"_id": "d", "type": "a"}));
     s.up_step(1, &mut new, kept.as_ref()).unwrap();
-    assert_eq!(new, json!({"_id": "d", "type": "a", "status": "paused", "rewind": 1}));
+    assert_eq!(
+        new,
+        json!({"_id": "d", "type": "a", "status": "paused", "rewind": 1})
+    );
 }
 
 #[test]
@@ -127,8 +158,13 @@ fn wrap_and_unwrap_are_each_others_reverse() {
     let s = set(&["description: x\nwhen: {type: a}\nup:\n  - wrap: {path: phone, key: number}\n  - wrap: {path: tags, array: true}\n"]);
     let original = json!({"_id": "d", "type": "a", "phone": "+1", "tags": "x"});
     let mut doc = original.clone();
-    let StepOutcome::Applied(kept) = s.up_step(1, &mut doc, None).unwrap() else { panic!() };
-    assert_eq!(doc, json!({"_id": "d", "type": "a", "phone": {"number": "+1"}, "tags": ["x"], "rewind": 1}));
+    let StepOutcome::Applied(kept) = s.up_step(1, &mut doc, None).unwrap() else {
+        panic!()
+    };
+    assert_eq!(
+        doc,
+        json!({"_id": "d", "type": "a", "phone": {"number": "+1"}, "tags": ["x"], "rewind": 1})
+    );
     s.down_step(1, &mut doc, kept.as_ref()).unwrap();
     assert_eq!(text(&doc), text(&original));
 }
@@ -146,7 +182,11 @@ fn a_custom_step_that_loops_is_stopped_by_the_time_limit() {
     let mut doc = json!({"_id": "d", "type": "a"});
     let err = s.up_step(1, &mut doc, None).unwrap_err();
     assert!(err.to_string().contains("custom step failed"), "{err}");
-    assert_eq!(doc, json!({"_id": "d", "type": "a"}), "a failed step changes nothing");
+    assert_eq!(
+        doc,
+        json!({"_id": "d", "type": "a"}),
+        "a failed step changes nothing"
+    );
 }
 
 #[test]

@@ -1,0 +1,245 @@
+//! `rewind plan | upgrade | rollback | status`: the engine on a database.
+
+use crate::Cli;
+use indicatif::{ProgressBar, ProgressStyle};
+use rewind_engine::plan::plan;
+use rewind_engine::run::{run, Progress, RunOptions};
+use rewind_engine::state::{Database, State};
+use rewind_engine::Project;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+/// Where the database is and which migrations apply to it.
+#[derive(clap::Args)]
+pub struct Target {
+    /// The database: a CouchDB database URL such as
+    /// http://admin:pass@127.0.0.1:5984/medic, or an embedded store's file.
+    #[arg(long, value_name = "TARGET")]
+    db: String,
+    /// The migrations directory (default: from rewind.toml, else ./migrations).
+    #[arg(long, value_name = "DIR")]
+    migrations: Option<PathBuf>,
+}
+
+/// Show what an upgrade (or rollback) would do. Writes nothing.
+///
+/// Lists documents affected per migration and per type, sample before/after
+/// diffs, the bytes rewritten, and what each phone will re-download.
+#[derive(clap::Args)]
+pub struct PlanArgs {
+    #[command(flatten)]
+    target: Target,
+    /// The version to plan for (default: the latest).
+    #[arg(long, value_name = "N")]
+    to: Option<u32>,
+    /// Print the plan as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Upgrade every document to a newer schema version, journaled and resumable.
+///
+/// Streams documents in batches; writes each migrated document as a new
+/// revision conditional on the one it read (a user's concurrent edit is
+/// migrated, never overwritten); catches up on documents written during the
+/// run; migrates every live leaf of a conflicted document. Killed at any
+/// point, it finishes when run again, migrating no document twice.
+#[derive(clap::Args)]
+pub struct UpgradeArgs {
+    #[command(flatten)]
+    target: Target,
+    /// The version to upgrade to (default: the latest).
+    #[arg(long, value_name = "N")]
+    to: Option<u32>,
+    /// Documents per batch.
+    #[arg(long, default_value_t = 500, value_name = "N")]
+    batch: usize,
+}
+
+/// Roll documents back to an older schema version, keeping every edit.
+///
+/// A rollback moves history forward and the schema back: documents untouched
+/// since the upgrade get their journaled before-image (the same bytes) as a
+/// new revision; documents edited since are translated down with their
+/// complement, keeping the edit; documents created at the newer version are
+/// translated down; deletions stay deleted. Resumable like an upgrade.
+#[derive(clap::Args)]
+pub struct RollbackArgs {
+    #[command(flatten)]
+    target: Target,
+    /// The version to roll back to.
+    #[arg(long, value_name = "N")]
+    to: u32,
+    /// Documents per batch.
+    #[arg(long, default_value_t = 500, value_name = "N")]
+    batch: usize,
+}
+
+/// Show the database's schema version, the run in progress, and the last runs.
+#[derive(clap::Args)]
+pub struct StatusArgs {
+    /// The database: a CouchDB database URL or an embedded store's file.
+    #[arg(long, value_name = "TARGET")]
+    db: String,
+    /// Print the status as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?)
+}
+
+fn progress_bar() -> ProgressBar {
+    let bar = ProgressBar::new(0);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} docs  {per_sec}  ETA {eta}  {msg}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    if !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    bar
+}
+
+fn execute(cli: &Cli, target: &Target, to: Option<u32>, batch: usize) -> anyhow::Result<ExitCode> {
+    let project = Project::load(cli.config.as_deref(), target.migrations.as_deref())?;
+    let set = project.migrations;
+    let rt = runtime()?;
+    rt.block_on(async {
+        let db = Database::open(&target.db).await?;
+        let to = to.unwrap_or(set.latest());
+        let bar = progress_bar();
+        let started = Instant::now();
+        let mut on_progress = |p: &Progress| {
+            bar.set_length(p.total.max(p.counts.read));
+            bar.set_position(p.counts.read);
+            bar.set_message(format!(
+                "{} written, {} retried",
+                p.counts.written, p.counts.retried
+            ));
+        };
+        let opts = RunOptions {
+            batch,
+            ..RunOptions::default()
+        };
+        let finished = run(&db, &set, to, &opts, &mut on_progress).await?;
+        bar.finish_and_clear();
+        let secs = started.elapsed().as_secs_f64().max(0.001);
+        let c = &finished.counts;
+        println!(
+            "{} {} → {}: done in {:.1} s{}",
+            finished.kind,
+            finished.from,
+            finished.to,
+            secs,
+            if finished.resumed > 0 {
+                format!(" (resumed {} times)", finished.resumed)
+            } else {
+                String::new()
+            }
+        );
+        println!("  documents read      {:>10}", c.read);
+        println!(
+            "  documents written   {:>10}   ({:.0} docs/s)",
+            c.written,
+            c.written as f64 / secs
+        );
+        if finished.kind == "rollback" {
+            println!(
+                "  restored exactly    {:>10}   (before-image, byte for byte)",
+                c.restored
+            );
+            println!(
+                "  translated down     {:>10}   (edited or created since the upgrade)",
+                c.written - c.restored
+            );
+        }
+        println!("  redone after edits  {:>10}", c.retried);
+        println!("  bytes written       {:>10}", c.bytes);
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+pub fn upgrade(cli: &Cli, args: &UpgradeArgs) -> anyhow::Result<ExitCode> {
+    execute(cli, &args.target, args.to, args.batch)
+}
+
+pub fn rollback(cli: &Cli, args: &RollbackArgs) -> anyhow::Result<ExitCode> {
+    execute(cli, &args.target, Some(args.to), args.batch)
+}
+
+pub fn plan_cmd(cli: &Cli, args: &PlanArgs) -> anyhow::Result<ExitCode> {
+    let project = Project::load(cli.config.as_deref(), args.target.migrations.as_deref())?;
+    let rt = runtime()?;
+    rt.block_on(async {
+        let db = Database::open(&args.target.db).await?;
+        let p = plan(&db, &project.migrations, args.to, 1000).await?;
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(&p)?);
+            return Ok(ExitCode::SUCCESS);
+        }
+        let color = std::io::IsTerminal::is_terminal(&std::io::stdout());
+        let (red, green, reset) = if color { ("\x1b[31m", "\x1b[32m", "\x1b[0m") } else { ("", "", "") };
+        println!("plan for {}: version {} → {} (nothing is written)", db.name, p.from, p.to);
+        for m in &p.migrations {
+            let total: u64 = m.by_type.values().sum();
+            let types: Vec<String> = m.by_type.iter().map(|(t, n)| format!("{t}: {n}")).collect();
+            println!("\n  {}  {} documents  ({})", m.id, total, types.join(", "));
+            for s in &m.samples {
+                println!("    {}", s.id);
+                for (path, before, after) in &s.fields {
+                    println!("      {path}: {red}- {before}{reset}  {green}+ {after}{reset}");
+                }
+            }
+        }
+        println!(
+            "\n  {} of {} documents rewritten, {} bytes; every phone that syncs this database re-downloads those {} documents",
+            p.rewritten, p.docs, p.bytes, p.rewritten
+        );
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+pub fn status(args: &StatusArgs) -> anyhow::Result<ExitCode> {
+    let rt = runtime()?;
+    rt.block_on(async {
+        let db = Database::open(&args.db).await?;
+        let state = State::load(&db).await?;
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(&state)?);
+            return Ok(ExitCode::SUCCESS);
+        }
+        println!("{}: schema version {}", db.name, state.version);
+        for (i, a) in state.applied.iter().enumerate() {
+            println!("  {:>3}  {}  {}", i + 1, a.id, &a.checksum[..12.min(a.checksum.len())]);
+        }
+        match &state.run {
+            Some(r) => println!(
+                "run in progress: {} {} → {} ({}), {} read, {} written, checkpoint {}; run `rewind {} --to {}` to finish it",
+                r.kind, r.from, r.to, r.outcome, r.counts.read, r.counts.written, r.since, r.kind, r.to
+            ),
+            None => println!("no run in progress"),
+        }
+        if let Some(lease) = &state.lease {
+            println!("lease held by {}", lease.owner);
+        }
+        if !state.history.is_empty() {
+            println!("last runs:");
+            for r in state.history.iter().rev().take(5) {
+                let secs = r.finished.unwrap_or(r.started).saturating_sub(r.started) as f64 / 1000.0;
+                println!(
+                    "  {} {} → {}  {}  {} written in {:.1} s",
+                    r.kind, r.from, r.to, r.outcome, r.counts.written, secs
+                );
+            }
+        }
+        Ok(ExitCode::SUCCESS)
+    })
+}

@@ -1,0 +1,503 @@
+//! Upgrade and rollback: a journaled, resumable rewrite of every document.
+//!
+//! Both walk the changes feed from the run's checkpoint in batches (bounded
+//! memory whatever the database size) and, for every live leaf of every
+//! document:
+//! 1. compute the new body with the lens (and, on rollback, the journal);
+//! 2. write the journal entry (before-image, complements) — survives a crash
+//!    before the document is written: the entry is simply rewritten;
+//! 3. write the document as a new revision conditional on the one read (a
+//!    user's concurrent edit makes it fail with 409: the document is re-read
+//!    and the edit migrated instead — never overwritten, never a conflict);
+//! 4. advance the checkpoint — a crash before it repeats the batch, which
+//!    the stamp makes harmless: a step whose version the stamp already
+//!    carries is skipped, so no document is migrated twice.
+//!
+//! The feed also brings documents written during the run; the run records
+//! the new version only once a pass over the feed finds nothing left to do.
+
+use crate::journal::{body_hash, body_of, journal_id, Image, Journal, JournalComplements};
+use crate::state::{now_ms, owner_name, Applied, Counts, Database, Run, State};
+use crate::{EngineError, Result};
+use rewind_lens::MigrationSet;
+use rewind_store::{
+    AllDocsOptions, ChangesOptions, GetOptions, GetResult, OpenRev, OpenRevs, Store,
+};
+use serde_json::Value;
+use std::collections::{HashMap, HashSet};
+use std::hash::{Hash, Hasher};
+
+/// Which way a run goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// To a newer version.
+    Upgrade,
+    /// Back to an older version.
+    Rollback,
+}
+
+impl Kind {
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Upgrade => "upgrade",
+            Kind::Rollback => "rollback",
+        }
+    }
+}
+
+/// Settings of a run.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// Documents per batch.
+    pub batch: usize,
+    /// Retries of a document whose write keeps meeting newer edits.
+    pub max_retries: u32,
+}
+
+impl Default for RunOptions {
+    fn default() -> RunOptions {
+        RunOptions {
+            batch: 500,
+            max_retries: 20,
+        }
+    }
+}
+
+/// Progress of a run, for a progress bar.
+#[derive(Debug, Clone)]
+pub struct Progress {
+    /// Documents in the database (an estimate of the work).
+    pub total: u64,
+    /// The counters so far.
+    pub counts: Counts,
+}
+
+/// A document revision to process: a live leaf.
+struct Leaf {
+    doc: Value,
+}
+
+fn id_of(doc: &Value) -> String {
+    doc.get("_id")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_owned()
+}
+
+fn rev_of(doc: &Value) -> String {
+    doc.get("_rev")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_owned()
+}
+
+fn key(id: &str, rev: &str) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    id.hash(&mut h);
+    rev.hash(&mut h);
+    h.finish()
+}
+
+/// The live leaves of a document.
+async fn live_leaves(db: &Database, id: &str) -> Result<Vec<Leaf>> {
+    let opts = GetOptions {
+        open_revs: Some(OpenRevs::All),
+        ..GetOptions::default()
+    };
+    let found = match db.data.get(id, &opts).await {
+        Ok(found) => found,
+        Err(rewind_store::StoreError::NotFound { .. }) => return Ok(vec![]),
+        Err(e) => return Err(e.into()),
+    };
+    let GetResult::Revs(revs) = found else {
+        return Ok(vec![]);
+    };
+    Ok(revs
+        .into_iter()
+        .filter_map(|r| match r {
+            OpenRev::Ok(doc)
+                if !doc
+                    .get("_deleted")
+                    .and_then(Value::as_bool)
+                    .unwrap_or(false) =>
+            {
+                Some(Leaf { doc })
+            }
+            _ => None,
+        })
+        .collect())
+}
+
+async fn load_journals(db: &Database, ids: &[String]) -> Result<HashMap<String, Journal>> {
+    let keys: Vec<String> = ids.iter().map(|id| journal_id(id)).collect();
+    let rows = db
+        .state
+        .all_docs(&AllDocsOptions {
+            keys: Some(keys),
+            include_docs: true,
+            ..AllDocsOptions::default()
+        })
+        .await?
+        .rows;
+    let mut out = HashMap::new();
+    for row in rows {
+        if let Some(doc) = row.doc {
+            let id = row.key.trim_start_matches("journal:").to_owned();
+            let journal: Journal = serde_json::from_value(doc)
+                .map_err(|e| EngineError::Corrupt(format!("journal of {id}: {e}")))?;
+            out.insert(id, journal);
+        }
+    }
+    Ok(out)
+}
+
+/// What to do with one leaf.
+struct Rewrite {
+    doc: Value,
+    restored: bool,
+}
+
+/// Computes the new body of a leaf, updating its journal.
+fn rewrite(
+    set: &MigrationSet,
+    kind: Kind,
+    from: u32,
+    to: u32,
+    leaf: &Value,
+    journal: &mut Journal,
+) -> Result<Option<Rewrite>> {
+    let id = id_of(leaf);
+    let lens_error = |source| EngineError::Lens {
+        id: id.clone(),
+        source,
+    };
+    if !MigrationSet::is_migratable(leaf) {
+        return Ok(None);
+    }
+    match kind {
+        Kind::Upgrade => {
+            let mut doc = leaf.clone();
+            let mut scratch = journal.clone();
+            set.translate(&mut doc, from, to, &mut JournalComplements(&mut scratch))
+                .map_err(lens_error)?;
+            if body_hash(&doc) == body_hash(leaf) {
+                return Ok(None);
+            }
+            *journal = scratch;
+            let before = serde_json::to_string(&body_of(leaf)).unwrap_or_default();
+            journal.push_image(Image {
+                from,
+                to,
+                rev: rev_of(leaf),
+                after: body_hash(&doc),
+                body: before,
+            });
+            Ok(Some(Rewrite {
+                doc,
+                restored: false,
+            }))
+        }
+        Kind::Rollback => {
+            let stamped = set.stamp_of(leaf).unwrap_or(0);
+            if stamped <= to {
+                return Ok(None);
+            }
+            // Untouched since the upgrade(s): restore the before-image(s).
+            let mut current = body_hash(leaf);
+            let mut restored: Option<(Value, u32)> = None;
+            while let Some(image) = journal.images.last() {
+                if image.after != current {
+                    break;
+                }
+                let body: Value = serde_json::from_str(&image.body)
+                    .map_err(|e| EngineError::Corrupt(format!("before-image of {id}: {e}")))?;
+                current = body_hash(&body);
+                let from_version = image.from;
+                journal.images.pop();
+                restored = Some((body, from_version));
+                if from_version <= to {
+                    break;
+                }
+            }
+            if let Some((mut body, version)) = restored {
+                // The complements of the undone steps were consumed.
+                for v in version + 1..=from {
+                    journal.keep(v, None);
+                }
+                if version != to {
+                    // Partly restored (an edit between two upgrades): the
+                    // rest of the way by translation.
+                    set.translate(&mut body, version, to, &mut JournalComplements(journal))
+                        .map_err(lens_error)?;
+                }
+                if let (Some(object), Some(rev)) = (body.as_object_mut(), leaf.get("_rev")) {
+                    object.insert("_rev".into(), rev.clone());
+                }
+                return Ok(Some(Rewrite {
+                    doc: body,
+                    restored: true,
+                }));
+            }
+            // Edited since, or created at the newer version: translate down.
+            let mut doc = leaf.clone();
+            set.translate(&mut doc, from, to, &mut JournalComplements(journal))
+                .map_err(lens_error)?;
+            if body_hash(&doc) == body_hash(leaf) {
+                return Ok(None);
+            }
+            Ok(Some(Rewrite {
+                doc,
+                restored: false,
+            }))
+        }
+    }
+}
+
+/// Runs an upgrade (`to > current`) or a rollback (`to < current`), or
+/// resumes the run in progress. Returns the finished run.
+pub async fn run(
+    db: &Database,
+    set: &MigrationSet,
+    to: u32,
+    opts: &RunOptions,
+    progress: &mut (dyn FnMut(&Progress) + Send),
+) -> Result<Run> {
+    let owner = owner_name();
+    let mut state = State::acquire(db, &owner).await?;
+    let result = run_with_lease(db, set, to, opts, progress, &mut state).await;
+    match &result {
+        Ok(_) => state.release(db).await?,
+        Err(e) => {
+            if let Some(run) = &mut state.run {
+                run.outcome = format!("interrupted: {e}");
+            }
+            // Keep the run for resumption; give the lease up.
+            let _ = state.release(db).await;
+        }
+    }
+    result
+}
+
+async fn run_with_lease(
+    db: &Database,
+    set: &MigrationSet,
+    to: u32,
+    opts: &RunOptions,
+    progress: &mut (dyn FnMut(&Progress) + Send),
+    state: &mut State,
+) -> Result<Run> {
+    state.verify(set)?;
+    if to > set.latest() {
+        return Err(EngineError::Refused(format!(
+            "version {to} does not exist: the migrations go from 0 to {}",
+            set.latest()
+        )));
+    }
+    let mut run = match state.run.take() {
+        Some(mut run) if run.to == to => {
+            run.resumed += 1;
+            run.outcome = "running".into();
+            run
+        }
+        Some(run) => {
+            return Err(EngineError::Refused(format!(
+                "a {} from {} to {} is in progress (run {}); finish it first: rewind {} --to {}",
+                run.kind, run.from, run.to, run.id, run.kind, run.to
+            )))
+        }
+        None => {
+            if to == state.version {
+                return Err(EngineError::Refused(format!(
+                    "the database is already at version {to}"
+                )));
+            }
+            let kind = if to > state.version {
+                Kind::Upgrade
+            } else {
+                Kind::Rollback
+            };
+            Run {
+                id: format!("{:x}-{}", now_ms(), std::process::id()),
+                kind: kind.name().into(),
+                from: state.version,
+                to,
+                started: now_ms(),
+                finished: None,
+                outcome: "running".into(),
+                since: Value::from(0),
+                resumed: 0,
+                counts: Counts::default(),
+            }
+        }
+    };
+    let kind = if run.kind == "upgrade" {
+        Kind::Upgrade
+    } else {
+        Kind::Rollback
+    };
+    state.run = Some(run.clone());
+    state.renew(db).await?;
+    let total = db.data.info().await?.doc_count;
+    let mut written_here: HashSet<u64> = HashSet::new();
+    loop {
+        let changes = db
+            .data
+            .changes(&ChangesOptions {
+                since: run.since.clone(),
+                limit: Some(opts.batch),
+                style_all_docs: true,
+                include_docs: true,
+                ..ChangesOptions::default()
+            })
+            .await?;
+        if changes.results.is_empty() {
+            break;
+        }
+        let mut leaves: Vec<Value> = Vec::new();
+        for row in &changes.results {
+            if row
+                .changes
+                .iter()
+                .all(|c| written_here.contains(&key(&row.id, &c.rev)))
+            {
+                continue;
+            }
+            if row.changes.len() == 1 {
+                if let Some(doc) = &row.doc {
+                    if !row.deleted {
+                        leaves.push(doc.clone());
+                    }
+                    continue;
+                }
+            }
+            leaves.extend(live_leaves(db, &row.id).await?.into_iter().map(|l| l.doc));
+        }
+        run.counts.read += leaves.len() as u64;
+        process(db, set, kind, &mut run, leaves, opts, &mut written_here).await?;
+        // Checkpoint: everything up to here is written and journaled.
+        run.since = changes.last_seq.clone();
+        state.run = Some(run.clone());
+        state.renew(db).await?;
+        progress(&Progress {
+            total,
+            counts: run.counts.clone(),
+        });
+    }
+    run.finished = Some(now_ms());
+    run.outcome = "done".into();
+    state.version = to;
+    state.applied = set.migrations()[..to as usize]
+        .iter()
+        .map(|m| Applied {
+            id: m.id.clone(),
+            checksum: m.checksum.clone(),
+        })
+        .collect();
+    state.run = None;
+    state.history.push(run.clone());
+    if state.history.len() > 20 {
+        state.history.remove(0);
+    }
+    state.save(db).await?;
+    Ok(run)
+}
+
+/// Rewrites a batch of leaves: journal first, then documents; documents
+/// that meet a newer edit are re-read and redone.
+async fn process(
+    db: &Database,
+    set: &MigrationSet,
+    kind: Kind,
+    run: &mut Run,
+    mut leaves: Vec<Value>,
+    opts: &RunOptions,
+    written_here: &mut HashSet<u64>,
+) -> Result<()> {
+    let (from, to) = (run.from, run.to);
+    for attempt in 0..=opts.max_retries {
+        if leaves.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<String> = {
+            let mut seen = HashSet::new();
+            leaves
+                .iter()
+                .map(id_of)
+                .filter(|id| seen.insert(id.clone()))
+                .collect()
+        };
+        let mut journals = load_journals(db, &ids).await?;
+        let mut docs = Vec::new();
+        let mut touched: HashSet<String> = HashSet::new();
+        let mut restored = 0u64;
+        for leaf in &leaves {
+            let id = id_of(leaf);
+            let journal = journals.entry(id.clone()).or_default();
+            if let Some(rewrite) = rewrite(set, kind, from, to, leaf, journal)? {
+                restored += u64::from(rewrite.restored);
+                docs.push(rewrite.doc);
+                touched.insert(id);
+            }
+        }
+        if docs.is_empty() {
+            return Ok(());
+        }
+        // 1. The journal, before the documents it describes.
+        let mut journal_docs = Vec::new();
+        for id in &touched {
+            if let Some(journal) = journals.get(id) {
+                let mut doc = serde_json::to_value(journal)
+                    .map_err(|e| EngineError::Corrupt(e.to_string()))?;
+                doc["_id"] = Value::from(journal_id(id));
+                journal_docs.push(doc);
+            }
+        }
+        for result in db.state.bulk_docs(journal_docs, true).await? {
+            if let Some(error) = result.error {
+                return Err(EngineError::Refused(format!(
+                    "journal of {} could not be written ({error}): is another process writing the journal?",
+                    result.id
+                )));
+            }
+        }
+        // 2. The documents, each conditional on the revision read.
+        let bytes: u64 = docs.iter().map(|d| d.to_string().len() as u64).sum();
+        let results = db.data.bulk_docs(docs, true).await?;
+        let mut retry_ids = Vec::new();
+        for result in results {
+            match (&result.rev, result.error.as_deref()) {
+                (Some(rev), None) => {
+                    written_here.insert(key(&result.id, rev));
+                    run.counts.written += 1;
+                }
+                (_, Some("conflict")) => retry_ids.push(result.id.clone()),
+                (_, error) => {
+                    return Err(EngineError::Refused(format!(
+                        "document {} could not be written: {} {}",
+                        result.id,
+                        error.unwrap_or("error"),
+                        result.reason.unwrap_or_default()
+                    )))
+                }
+            }
+        }
+        run.counts.bytes += bytes;
+        run.counts.restored += restored;
+        if retry_ids.is_empty() {
+            return Ok(());
+        }
+        // 3. Someone edited these meanwhile: migrate their edit instead.
+        run.counts.retried += retry_ids.len() as u64;
+        leaves = Vec::new();
+        for id in retry_ids {
+            leaves.extend(live_leaves(db, &id).await?.into_iter().map(|l| l.doc));
+        }
+        if attempt == opts.max_retries {
+            return Err(EngineError::Refused(format!(
+                "documents keep changing under the {}; run it again to continue",
+                kind.name()
+            )));
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,286 @@
+//! Where a database's rewind state lives, and the lease that keeps two runs apart.
+//!
+//! State lives next to the data, in a companion database: `<db>-rewind` on
+//! CouchDB, and a companion file `<file>-rewind` beside an embedded store. It
+//! holds one `state` document (current version, applied migrations with
+//! their checksums, the run in progress with its checkpoint, the last runs,
+//! the lease) and one `journal:<doc id>` document per migrated document
+//! (before-images and complements). Any process can resume a run another
+//! one started.
+
+use crate::{EngineError, Result};
+use rewind_lens::MigrationSet;
+use rewind_store::{AnyStore, GetOptions, Store, StoreError};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// The id of the state document in the companion database.
+pub const STATE_ID: &str = "state";
+/// How long a lease lasts without renewal.
+pub const LEASE_MS: u64 = 60_000;
+
+/// A database and its companion.
+#[derive(Clone)]
+pub struct Database {
+    /// The documents.
+    pub data: AnyStore,
+    /// The companion that holds state and journal.
+    pub state: AnyStore,
+    /// How the user named the database (credentials removed).
+    pub name: String,
+}
+
+/// The companion of a target: `<url>-rewind` or `<path>-rewind`.
+pub fn companion_target(target: &str) -> String {
+    if target.starts_with("http://") || target.starts_with("https://") {
+        let (base, query) = match target.split_once('?') {
+            Some((b, q)) => (b, Some(q)),
+            None => (target, None),
+        };
+        let base = base.trim_end_matches('/');
+        match query {
+            Some(q) => format!("{base}-rewind?{q}"),
+            None => format!("{base}-rewind"),
+        }
+    } else {
+        format!("{target}-rewind")
+    }
+}
+
+impl Database {
+    /// Opens a database that must exist, and its companion (created if missing).
+    pub async fn open(target: &str) -> Result<Database> {
+        let is_url = target.starts_with("http://") || target.starts_with("https://");
+        if !is_url && !std::path::Path::new(target).exists() {
+            return Err(EngineError::Input {
+                what: target.to_owned(),
+                reason: "no such database file (create one with `rewind copy` or `rewind drill`)"
+                    .into(),
+            });
+        }
+        let data = rewind_store::open(target).await?;
+        if !data.exists().await? {
+            return Err(EngineError::Input {
+                what: rewind_store::redact_url(target),
+                reason: "the database does not exist".into(),
+            });
+        }
+        let state = rewind_store::open(&companion_target(target)).await?;
+        if !state.exists().await? {
+            match state.create_db().await {
+                Ok(()) | Err(StoreError::FileExists { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(Database {
+            data,
+            state,
+            name: rewind_store::redact_url(target),
+        })
+    }
+}
+
+/// One applied migration as recorded.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Applied {
+    /// The migration id (file stem).
+    pub id: String,
+    /// Its checksum when it was applied.
+    pub checksum: String,
+}
+
+/// Counters of a run.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Counts {
+    /// Document revisions read.
+    pub read: u64,
+    /// Documents written (migrated, restored or translated).
+    pub written: u64,
+    /// Of those written on rollback, restored from their before-image.
+    pub restored: u64,
+    /// Writes that met a newer revision (a user's edit) and were redone on it.
+    pub retried: u64,
+    /// Bytes of documents written.
+    pub bytes: u64,
+}
+
+/// A run: an upgrade or a rollback, in progress or finished.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Run {
+    /// Unique id of the run.
+    pub id: String,
+    /// `upgrade` or `rollback`.
+    pub kind: String,
+    /// Version before.
+    pub from: u32,
+    /// Version after.
+    pub to: u32,
+    /// Milliseconds since the epoch.
+    pub started: u64,
+    /// Milliseconds since the epoch, when finished.
+    pub finished: Option<u64>,
+    /// `running`, `done` or `failed: reason`.
+    pub outcome: String,
+    /// The changes-feed checkpoint: everything up to it is done.
+    pub since: Value,
+    /// How many times the run was resumed after an interruption.
+    pub resumed: u32,
+    /// Counters.
+    pub counts: Counts,
+}
+
+/// Who holds the lease, until when.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Lease {
+    /// `host:pid:nonce`.
+    pub owner: String,
+    /// Milliseconds since the epoch.
+    pub expires: u64,
+}
+
+/// The state document.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct State {
+    /// The schema version of the database's documents.
+    pub version: u32,
+    /// The applied migrations, in order; `version` entries.
+    pub applied: Vec<Applied>,
+    /// The run in progress, if any.
+    pub run: Option<Run>,
+    /// The last finished runs, newest last.
+    pub history: Vec<Run>,
+    /// The lease, if held.
+    pub lease: Option<Lease>,
+    #[serde(rename = "_rev", skip_serializing_if = "Option::is_none", default)]
+    rev: Option<String>,
+}
+
+/// Milliseconds since the epoch.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn host() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "localhost".into())
+}
+
+/// This process's lease owner name.
+pub fn owner_name() -> String {
+    format!("{}:{}:{:x}", host(), std::process::id(), now_ms())
+}
+
+/// True when the lease belongs to a process on this host that no longer runs.
+fn holder_is_dead(owner: &str) -> bool {
+    let mut parts = owner.split(':');
+    let (Some(h), Some(pid)) = (parts.next(), parts.next()) else {
+        return false;
+    };
+    h == host()
+        && pid != std::process::id().to_string()
+        && !std::path::Path::new(&format!("/proc/{pid}")).exists()
+}
+
+impl State {
+    /// Reads the state document (defaults when there is none).
+    pub async fn load(db: &Database) -> Result<State> {
+        match db.state.get(STATE_ID, &GetOptions::default()).await {
+            Ok(found) => {
+                let doc = found.into_doc().unwrap_or(Value::Null);
+                serde_json::from_value(doc)
+                    .map_err(|e| EngineError::Corrupt(format!("the state document: {e}")))
+            }
+            Err(StoreError::NotFound { .. }) => Ok(State::default()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Writes the state document, conditional on the revision it was read at.
+    pub async fn save(&mut self, db: &Database) -> Result<()> {
+        let mut doc =
+            serde_json::to_value(&*self).map_err(|e| EngineError::Corrupt(e.to_string()))?;
+        doc["_id"] = Value::from(STATE_ID);
+        let rev = db.state.put(doc).await?;
+        self.rev = Some(rev);
+        Ok(())
+    }
+
+    /// Checks that the applied migrations are the first ones of `set`, unchanged.
+    pub fn verify(&self, set: &MigrationSet) -> Result<()> {
+        for (index, applied) in self.applied.iter().enumerate() {
+            let Some(m) = set.migrations().get(index) else {
+                return Err(EngineError::Refused(format!(
+                    "the database is at version {} but only {} migration files are present: {} was applied and is missing",
+                    self.version,
+                    set.latest(),
+                    applied.id
+                )));
+            };
+            if m.id != applied.id {
+                return Err(EngineError::Refused(format!(
+                    "migration {} is `{}` in the files but `{}` was applied: files were renamed or reordered",
+                    index + 1,
+                    m.id,
+                    applied.id
+                )));
+            }
+            if m.checksum != applied.checksum {
+                return Err(EngineError::Refused(format!(
+                    "{} was changed after it was applied (checksum {} now, {} when applied); restore the file, or roll back to version {} first",
+                    m.file.display(),
+                    &m.checksum[..12],
+                    &applied.checksum[..12.min(applied.checksum.len())],
+                    index
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes the lease for `owner`, or says who holds it.
+    pub async fn acquire(db: &Database, owner: &str) -> Result<State> {
+        for _ in 0..10 {
+            let mut state = State::load(db).await?;
+            if let Some(lease) = &state.lease {
+                let live = lease.expires > now_ms() && !holder_is_dead(&lease.owner);
+                if live && lease.owner != owner {
+                    return Err(EngineError::Busy {
+                        owner: lease.owner.clone(),
+                        seconds: (lease.expires.saturating_sub(now_ms())) / 1000,
+                    });
+                }
+            }
+            state.lease = Some(Lease {
+                owner: owner.to_owned(),
+                expires: now_ms() + LEASE_MS,
+            });
+            match state.save(db).await {
+                Ok(()) => return Ok(state),
+                Err(EngineError::Store(StoreError::Conflict { .. })) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(EngineError::Refused(
+            "could not take the lease: the state document keeps changing".into(),
+        ))
+    }
+
+    /// Extends the lease this state holds and saves.
+    pub async fn renew(&mut self, db: &Database) -> Result<()> {
+        if let Some(lease) = &mut self.lease {
+            lease.expires = now_ms() + LEASE_MS;
+        }
+        self.save(db).await
+    }
+
+    /// Gives the lease up and saves.
+    pub async fn release(&mut self, db: &Database) -> Result<()> {
+        self.lease = None;
+        self.save(db).await
+    }
+}
