@@ -6,6 +6,7 @@
 mod check;
 mod db;
 mod sample;
+mod serve;
 mod translate;
 
 use clap::{Parser, Subcommand};
@@ -37,6 +38,7 @@ enum Command {
     Upgrade(db::UpgradeArgs),
     Rollback(db::RollbackArgs),
     Status(db::StatusArgs),
+    Serve(serve::Args),
     Translate(translate::Args),
     Sample(sample::Args),
 }
@@ -50,6 +52,7 @@ fn main() -> ExitCode {
         Command::Upgrade(args) => db::upgrade(&cli, args),
         Command::Rollback(args) => db::rollback(&cli, args),
         Command::Status(args) => db::status(args),
+        Command::Serve(args) => serve::run(&cli, args),
         Command::Translate(args) => translate::run(&cli, args),
         Command::Sample(args) => sample::run(args),
     };

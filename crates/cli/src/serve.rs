@@ -1,0 +1,72 @@
+use crate::Cli;
+use rewind_engine::Project;
+use rewind_gateway::{Backend, GatewayConfig};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// Serve the CouchDB replication protocol so that unmodified PouchDB phones
+/// at different schema versions sync at once.
+///
+/// A phone chooses its version by URL prefix, `/v/{N}/{db}` (or the
+/// X-Rewind-Version header); `/{db}` serves the database's current version.
+/// Pulled documents are translated to the phone's version, pushed ones to the
+/// server's, with complements kept; revision ids stay consistent, so a phone
+/// that switches version re-downloads only what changed shape, and an old
+/// phone downloads nothing for an upgrade plus rollback it never saw.
+///
+/// Example: rewind serve --data ./data --migrations examples/cht
+#[derive(clap::Args)]
+pub struct Args {
+    /// Serve embedded stores from this directory, one file per database
+    /// (`{db}.db`).
+    #[arg(long, value_name = "DIR", conflicts_with = "couch")]
+    data: Option<PathBuf>,
+    /// Serve a CouchDB server (its root URL, e.g. http://127.0.0.1:5984);
+    /// each user's own credentials are passed through.
+    #[arg(long, value_name = "URL")]
+    couch: Option<String>,
+    /// The address to listen on.
+    #[arg(long, default_value = "127.0.0.1:5987", value_name = "ADDR")]
+    listen: String,
+    /// The migrations directory (default: from rewind.toml, else ./migrations).
+    #[arg(long, value_name = "DIR")]
+    migrations: Option<PathBuf>,
+}
+
+pub fn run(cli: &Cli, args: &Args) -> anyhow::Result<ExitCode> {
+    let project = Project::load(cli.config.as_deref(), args.migrations.as_deref())?;
+    let backend = match (&args.data, &args.couch) {
+        (Some(dir), None) => {
+            std::fs::create_dir_all(dir)?;
+            Backend::Embedded(dir.clone())
+        }
+        (None, Some(url)) => Backend::Couch(url.clone()),
+        _ => anyhow::bail!(
+            "give either --data DIR (embedded stores) or --couch URL (a CouchDB server)"
+        ),
+    };
+    let shown = match &backend {
+        Backend::Embedded(dir) => format!("embedded stores in {}", dir.display()),
+        Backend::Couch(url) => rewind_store::redact_url(url),
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        eprintln!(
+            "rewind serve: {} migrations, serving {shown} on http://{} (versions /v/0 .. /v/{})",
+            project.migrations.latest(),
+            args.listen,
+            project.migrations.latest()
+        );
+        rewind_gateway::serve(
+            GatewayConfig {
+                backend,
+                migrations: project.migrations,
+            },
+            &args.listen,
+        )
+        .await?;
+        Ok(ExitCode::SUCCESS)
+    })
+}

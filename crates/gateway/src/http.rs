@@ -1,0 +1,1151 @@
+//! HTTP: parsing CouchDB requests, dispatching them, answering CouchDB-style.
+
+use crate::sync::{winner, Session};
+use crate::GatewayError;
+use axum::body::{Body, Bytes};
+use axum::extract::{Query, Request, State as AxumState};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Router;
+use rewind_engine::state::{companion_target, Database, State};
+use rewind_lens::MigrationSet;
+use rewind_store::{AllDocsOptions, ChangesOptions, Seq, Store, StoreError};
+use serde_json::{json, Value};
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// The largest request body accepted (CouchDB's default `max_http_request_size` is larger;
+/// phones send batches well under this).
+pub const MAX_BODY: usize = 64 << 20;
+/// The largest document accepted (CouchDB's default `max_document_size`).
+pub const MAX_DOCUMENT: usize = 8 << 20;
+/// How long a database's version state is cached.
+const STATE_TTL: Duration = Duration::from_millis(250);
+
+/// Where the documents are.
+#[derive(Debug, Clone)]
+pub enum Backend {
+    /// Embedded stores, one file per database (`DIR/{db}.db`).
+    Embedded(PathBuf),
+    /// A CouchDB server (its root URL, without credentials).
+    Couch(String),
+}
+
+/// How the gateway is set up.
+#[derive(Clone)]
+pub struct GatewayConfig {
+    /// The store behind the gateway.
+    pub backend: Backend,
+    /// The migrations.
+    pub migrations: MigrationSet,
+}
+
+struct Inner {
+    backend: Backend,
+    set: MigrationSet,
+    checksum: String,
+    identity: String,
+    dbs: Mutex<HashMap<String, Database>>,
+    states: Mutex<HashMap<String, (Instant, State)>>,
+}
+
+/// A running gateway's shared parts. Cheap to clone.
+#[derive(Clone)]
+pub struct Gateway {
+    inner: Arc<Inner>,
+}
+
+impl Gateway {
+    /// A gateway for `config`.
+    pub fn new(config: GatewayConfig) -> Gateway {
+        let identity = match &config.backend {
+            Backend::Embedded(dir) => format!(
+                "embedded:{}",
+                std::fs::canonicalize(dir)
+                    .unwrap_or_else(|_| dir.clone())
+                    .display()
+            ),
+            Backend::Couch(url) => format!("couch:{}", rewind_store::redact_url(url)),
+        };
+        Gateway {
+            inner: Arc::new(Inner {
+                backend: config.backend,
+                checksum: config.migrations.checksum(),
+                set: config.migrations,
+                identity,
+                dbs: Mutex::new(HashMap::new()),
+                states: Mutex::new(HashMap::new()),
+            }),
+        }
+    }
+
+    /// The uuid answered at a root serving version `k`: it changes with the
+    /// version, so a phone whose version changes restarts its checkpoints.
+    pub fn uuid(&self, k: u32) -> String {
+        let digest = md5::compute(format!(
+            "{}\n{}\n{k}",
+            self.inner.identity, self.inner.checksum
+        ));
+        format!("{digest:x}")
+    }
+
+    fn target(&self, db: &str, auth: Option<&str>) -> String {
+        match &self.inner.backend {
+            Backend::Embedded(dir) => dir.join(format!("{db}.db")).display().to_string(),
+            Backend::Couch(root) => {
+                let root = root.trim_end_matches('/');
+                match auth.and_then(basic_credentials) {
+                    Some((user, pass)) => {
+                        let (scheme, rest) = root.split_once("://").unwrap_or(("http", root));
+                        format!("{scheme}://{}:{}@{rest}/{db}", encode(&user), encode(&pass))
+                    }
+                    None => format!("{root}/{db}"),
+                }
+            }
+        }
+    }
+
+    async fn database(
+        &self,
+        db: &str,
+        auth: Option<&str>,
+        create: bool,
+    ) -> Result<Database, GatewayError> {
+        let key = format!("{db}\n{}", auth.unwrap_or(""));
+        if let Some(found) = self.inner.dbs.lock().map_err(poisoned)?.get(&key) {
+            return Ok(found.clone());
+        }
+        let target = self.target(db, auth);
+        if let Backend::Embedded(_) = self.inner.backend {
+            if !create && !std::path::Path::new(&target).exists() {
+                return Err(GatewayError::NotFound("Database does not exist.".into()));
+            }
+        }
+        let data = rewind_store::open(&target).await?;
+        if create {
+            match data.create_db().await {
+                Ok(()) => {}
+                Err(StoreError::FileExists { .. })
+                    if matches!(self.inner.backend, Backend::Embedded(_)) =>
+                {
+                    return Err(StoreError::FileExists {
+                        what: db.to_owned(),
+                    }
+                    .into())
+                }
+                Err(e) => return Err(e.into()),
+            }
+        } else if !data.exists().await? {
+            return Err(GatewayError::NotFound("Database does not exist.".into()));
+        }
+        let state = rewind_store::open(&companion_target(&target)).await?;
+        if !state.exists().await? {
+            match state.create_db().await {
+                Ok(()) | Err(StoreError::FileExists { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let database = Database {
+            data,
+            state,
+            name: db.to_owned(),
+        };
+        self.inner
+            .dbs
+            .lock()
+            .map_err(poisoned)?
+            .insert(key, database.clone());
+        Ok(database)
+    }
+
+    async fn state(&self, db: &str, database: &Database) -> Result<State, GatewayError> {
+        if let Some((at, state)) = self.inner.states.lock().map_err(poisoned)?.get(db) {
+            if at.elapsed() < STATE_TTL {
+                return Ok(state.clone());
+            }
+        }
+        let state = State::load(database).await?;
+        self.inner
+            .states
+            .lock()
+            .map_err(poisoned)?
+            .insert(db.to_owned(), (Instant::now(), state.clone()));
+        Ok(state)
+    }
+}
+
+fn poisoned<T>(_: T) -> GatewayError {
+    GatewayError::Internal("a lock was poisoned".into())
+}
+
+fn encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+fn basic_credentials(header: &str) -> Option<(String, String)> {
+    let encoded = header.strip_prefix("Basic ")?;
+    let decoded = decode_base64(encoded.trim())?;
+    let text = String::from_utf8(decoded).ok()?;
+    let (user, pass) = text.split_once(':')?;
+    Some((user.to_owned(), pass.to_owned()))
+}
+
+fn decode_base64(s: &str) -> Option<Vec<u8>> {
+    let mut out = Vec::new();
+    let mut buffer = 0u32;
+    let mut bits = 0;
+    for c in s.bytes() {
+        let v = match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' | b'-' => 62,
+            b'/' | b'_' => 63,
+            b'=' => break,
+            _ => return None,
+        };
+        buffer = (buffer << 6) | u32::from(v);
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((buffer >> bits) as u8);
+        }
+    }
+    Some(out)
+}
+
+/// The router: every request goes through one dispatcher (CouchDB paths
+/// carry ids with slashes and an optional `/v/{N}` version prefix).
+pub fn router(gateway: Gateway) -> Router {
+    use tower_http::cors::{AllowOrigin, CorsLayer};
+    let cors = CorsLayer::new()
+        .allow_origin(AllowOrigin::mirror_request())
+        .allow_credentials(true)
+        .allow_methods([
+            Method::GET,
+            Method::HEAD,
+            Method::POST,
+            Method::PUT,
+            Method::DELETE,
+            Method::OPTIONS,
+        ])
+        .allow_headers([
+            header::CONTENT_TYPE,
+            header::AUTHORIZATION,
+            header::ACCEPT,
+            header::ORIGIN,
+            header::REFERER,
+            header::HeaderName::from_static("x-rewind-version"),
+        ])
+        .max_age(Duration::from_secs(3600));
+    Router::new()
+        .fallback(dispatch)
+        .with_state(gateway)
+        .layer(tower_http::compression::CompressionLayer::new().gzip(true))
+        .layer(tower_http::decompression::RequestDecompressionLayer::new().gzip(true))
+        .layer(cors)
+}
+
+fn json_response(status: u16, value: &Value) -> Response {
+    let mut response = (
+        StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+        value.to_string(),
+    )
+        .into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+fn error_response(error: &GatewayError) -> Response {
+    let (status, error, reason) = error.couch();
+    json_response(status, &json!({"error": error, "reason": reason}))
+}
+
+/// A parsed request.
+struct Call {
+    method: Method,
+    /// Path segments after the version prefix, percent-decoded.
+    path: Vec<String>,
+    /// The version asked for by prefix or header.
+    version: Option<u32>,
+    query: HashMap<String, String>,
+    headers: HeaderMap,
+    body: Bytes,
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' && i + 2 < bytes.len() + 0 && i + 2 <= bytes.len() - 1 {
+            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
+                out.push(v);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+async fn dispatch(AxumState(gateway): AxumState<Gateway>, request: Request) -> Response {
+    match parse(request).await {
+        Ok(call) => match route(&gateway, call).await {
+            Ok(response) => response,
+            Err(error) => error_response(&error),
+        },
+        Err(error) => error_response(&error),
+    }
+}
+
+async fn parse(request: Request) -> Result<Call, GatewayError> {
+    let (parts, body) = request.into_parts();
+    let query: HashMap<String, String> = Query::<HashMap<String, String>>::try_from_uri(&parts.uri)
+        .map(|q| q.0)
+        .map_err(|e| GatewayError::BadRequest(format!("malformed query string: {e}")))?;
+    let mut path: Vec<String> = parts
+        .uri
+        .path()
+        .split('/')
+        .filter(|s| !s.is_empty())
+        .map(percent_decode)
+        .collect();
+    let mut version = None;
+    if path.first().map(String::as_str) == Some("v") && path.len() >= 2 {
+        let n = path[1].parse::<u32>().map_err(|_| {
+            GatewayError::BadRequest(format!("`/v/{}`: the version must be a number", path[1]))
+        })?;
+        version = Some(n);
+        path.drain(..2);
+    } else if let Some(h) = parts.headers.get("x-rewind-version") {
+        let text = h.to_str().unwrap_or("");
+        version = Some(text.trim().parse::<u32>().map_err(|_| {
+            GatewayError::BadRequest(format!(
+                "X-Rewind-Version: `{text}` is not a version number"
+            ))
+        })?);
+    }
+    let body = axum::body::to_bytes(body, MAX_BODY).await.map_err(|_| {
+        GatewayError::TooLarge(format!("the request body is larger than {MAX_BODY} bytes"))
+    })?;
+    Ok(Call {
+        method: parts.method,
+        path,
+        version,
+        query,
+        headers: parts.headers,
+        body,
+    })
+}
+
+impl Call {
+    fn auth(&self) -> Option<&str> {
+        self.headers
+            .get(header::AUTHORIZATION)
+            .and_then(|h| h.to_str().ok())
+    }
+
+    fn json_body(&self) -> Result<Value, GatewayError> {
+        if self.body.is_empty() {
+            return Err(GatewayError::BadRequest(
+                "the request body is empty; a JSON object was expected".into(),
+            ));
+        }
+        let value: Value = serde_json::from_slice(&self.body).map_err(|e| {
+            GatewayError::BadRequest(format!("the request body is not valid JSON: {e}"))
+        })?;
+        if !value.is_object() {
+            return Err(GatewayError::BadRequest(
+                "the request body must be a JSON object".into(),
+            ));
+        }
+        Ok(value)
+    }
+
+    fn flag(&self, name: &str) -> bool {
+        matches!(
+            self.query.get(name).map(String::as_str),
+            Some("true") | Some("1")
+        )
+    }
+
+    fn json_param(&self, name: &str) -> Result<Option<Value>, GatewayError> {
+        match self.query.get(name) {
+            None => Ok(None),
+            Some(text) => serde_json::from_str(text).map(Some).map_err(|_| {
+                GatewayError::BadRequest(format!(
+                    "query parameter `{name}` must be JSON, got `{text}`"
+                ))
+            }),
+        }
+    }
+
+    fn number(&self, name: &str) -> Result<Option<u64>, GatewayError> {
+        match self.query.get(name) {
+            None => Ok(None),
+            Some(text) => text.parse().map(Some).map_err(|_| {
+                GatewayError::BadRequest(format!(
+                    "query parameter `{name}` must be a number, got `{text}`"
+                ))
+            }),
+        }
+    }
+}
+
+const ADMIN_ENDPOINTS: [&str; 12] = [
+    "_config",
+    "_node",
+    "_replicate",
+    "_active_tasks",
+    "_membership",
+    "_cluster_setup",
+    "_reshard",
+    "_scheduler",
+    "_dbs",
+    "_global_changes",
+    "_stats",
+    "_system",
+];
+
+fn valid_db_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    matches!(chars.next(), Some('a'..='z'))
+        && chars
+            .all(|c| matches!(c, 'a'..='z' | '0'..='9' | '_' | '$' | '(' | ')' | '+' | '-' | '/'))
+}
+
+async fn route(gateway: &Gateway, call: Call) -> Result<Response, GatewayError> {
+    let served_k = call.version;
+    let segments: Vec<&str> = call.path.iter().map(String::as_str).collect();
+    match segments.as_slice() {
+        [] => root(gateway, &call).await,
+        ["_session"] => Ok(json_response(
+            200,
+            &json!({"ok": true, "userCtx": {"name": null, "roles": ["_admin"]},
+                    "info": {"authentication_handlers": ["default"]}}),
+        )),
+        ["_up"] => Ok(json_response(200, &json!({"status": "ok"}))),
+        ["_uuids"] => {
+            let n = call.number("count")?.unwrap_or(1).min(1000);
+            let uuids: Vec<String> = (0..n)
+                .map(|i| format!("{:x}", md5::compute(format!("{:?}{i}{}", Instant::now(), std::process::id()))))
+                .collect();
+            Ok(json_response(200, &json!({"uuids": uuids})))
+        }
+        ["_all_dbs"] => all_dbs(gateway),
+        [first, ..] if ADMIN_ENDPOINTS.contains(first) || (*first == "_users" && call.method != Method::GET) => {
+            Err(GatewayError::Forbidden(format!(
+                "`/{first}` is a server admin endpoint; the rewind gateway does not serve it to users"
+            )))
+        }
+        [db, rest @ ..] => {
+            if !valid_db_name(db) {
+                return Err(GatewayError::BadRequest(format!(
+                    "`{db}` is not a valid database name: lowercase letters, digits and _$()+-/ , starting with a letter"
+                )));
+            }
+            database_route(gateway, &call, db, rest, served_k).await
+        }
+    }
+}
+
+async fn root(gateway: &Gateway, call: &Call) -> Result<Response, GatewayError> {
+    // The version served at this root: the prefix's, else the latest the
+    // databases here serve (the uuid changes with it).
+    let k = match call.version {
+        Some(k) => k,
+        None => gateway.inner.set.latest(),
+    };
+    Ok(json_response(
+        200,
+        &json!({"couchdb": "Welcome", "version": "3.3.3", "uuid": gateway.uuid(k),
+                "vendor": {"name": "rewind", "version": env!("CARGO_PKG_VERSION")},
+                "features": [], "rewind": {"version": k}}),
+    ))
+}
+
+fn all_dbs(gateway: &Gateway) -> Result<Response, GatewayError> {
+    match &gateway.inner.backend {
+        Backend::Embedded(dir) => {
+            let mut names: Vec<String> = std::fs::read_dir(dir)
+                .map_err(|e| GatewayError::Internal(format!("{}: {e}", dir.display())))?
+                .filter_map(|e| e.ok())
+                .filter_map(|e| {
+                    e.file_name()
+                        .to_str()
+                        .and_then(|n| n.strip_suffix(".db"))
+                        .map(str::to_owned)
+                })
+                .collect();
+            names.sort();
+            Ok(json_response(200, &json!(names)))
+        }
+        Backend::Couch(_) => Err(GatewayError::Forbidden(
+            "`/_all_dbs` is not served through the gateway".into(),
+        )),
+    }
+}
+
+async fn database_route(
+    gateway: &Gateway,
+    call: &Call,
+    db: &str,
+    rest: &[&str],
+    asked_k: Option<u32>,
+) -> Result<Response, GatewayError> {
+    if rest.is_empty() && call.method == Method::PUT {
+        gateway.database(db, call.auth(), true).await?;
+        return Ok(json_response(201, &json!({"ok": true})));
+    }
+    let database = gateway.database(db, call.auth(), false).await?;
+    let state = gateway.state(db, &database).await?;
+    let k = asked_k.unwrap_or(state.version);
+    if k > gateway.inner.set.latest() {
+        return Err(GatewayError::BadRequest(format!(
+            "version {k} does not exist: this gateway's migrations go from 0 to {}",
+            gateway.inner.set.latest()
+        )));
+    }
+    let session = Session {
+        db: &database,
+        set: &gateway.inner.set,
+        checksum: &gateway.inner.checksum,
+        k,
+        state: &state,
+    };
+    match (rest, &call.method) {
+        ([], &Method::GET) | ([], &Method::HEAD) => {
+            let info = database.data.info().await?;
+            Ok(json_response(
+                200,
+                &json!({"db_name": db, "doc_count": info.doc_count, "doc_del_count": info.doc_del_count,
+                        "update_seq": info.update_seq, "instance_start_time": "0",
+                        "rewind": {"version": k, "server_version": state.version}}),
+            ))
+        }
+        ([], &Method::DELETE) => {
+            database.data.delete_db().await?;
+            let _ = database.state.delete_db().await;
+            gateway
+                .inner
+                .dbs
+                .lock()
+                .map_err(poisoned)?
+                .retain(|key, _| !key.starts_with(&format!("{db}\n")));
+            Ok(json_response(200, &json!({"ok": true})))
+        }
+        ([], &Method::POST) => {
+            let mut doc = call.json_body()?;
+            if doc.get("_id").is_none() {
+                doc["_id"] = Value::from(format!(
+                    "{:x}",
+                    md5::compute(format!("{:?}{}", Instant::now(), doc))
+                ));
+            }
+            write_one(&session, doc).await
+        }
+        (["_changes"], &Method::GET) | (["_changes"], &Method::POST) => {
+            changes(&session, call).await
+        }
+        (["_bulk_get"], &Method::POST) => bulk_get(&session, call).await,
+        (["_bulk_docs"], &Method::POST) => bulk_docs(&session, call).await,
+        (["_revs_diff"], &Method::POST) => {
+            let body = call.json_body()?;
+            let asked: BTreeMap<String, Vec<String>> =
+                serde_json::from_value(body).map_err(|e| {
+                    GatewayError::BadRequest(format!("_revs_diff expects {{id: [rev, ...]}}: {e}"))
+                })?;
+            let diff = session.revs_diff(asked).await?;
+            Ok(json_response(
+                200,
+                &serde_json::to_value(diff).unwrap_or_default(),
+            ))
+        }
+        (["_all_docs"], &Method::GET) | (["_all_docs"], &Method::POST) => {
+            all_docs(&session, call).await
+        }
+        (["_ensure_full_commit"], &Method::POST) => Ok(json_response(
+            201,
+            &json!({"ok": true, "instance_start_time": "0"}),
+        )),
+        (["_local", id @ ..], method) if !id.is_empty() => {
+            local(&database, &id.join("/"), method, call).await
+        }
+        (["_design", name, more @ ..], method) => {
+            if !more.is_empty() {
+                return Err(GatewayError::NotFound(format!(
+                    "`_design/{name}/{}`: views and other design functions are not served by the gateway",
+                    more.join("/")
+                )));
+            }
+            document(&session, &format!("_design/{name}"), method, call).await
+        }
+        ([special, ..], _) if special.starts_with('_') => Err(GatewayError::NotFound(format!(
+            "`{special}` is not an endpoint the gateway serves"
+        ))),
+        ([id], method) => document(&session, id, method, call).await,
+        ([id, attachment @ ..], &Method::GET) => {
+            attachment_get(&session, id, &attachment.join("/")).await
+        }
+        _ => Err(GatewayError::NotFound("no such endpoint".into())),
+    }
+}
+
+fn parse_since(text: Option<&String>) -> Seq {
+    match text {
+        None => Value::from(0),
+        Some(t) => serde_json::from_str::<Value>(t).unwrap_or_else(|_| Value::from(t.clone())),
+    }
+}
+
+async fn changes(session: &Session<'_>, call: &Call) -> Result<Response, GatewayError> {
+    let body = if call.method == Method::POST && !call.body.is_empty() {
+        Some(call.json_body()?)
+    } else {
+        None
+    };
+    if let Some(filter) = call.query.get("filter") {
+        return Err(GatewayError::BadRequest(format!(
+            "filter `{filter}` is not supported by the gateway; replicate without a filter"
+        )));
+    }
+    let _ = body;
+    let mut since = parse_since(call.query.get("since"));
+    if since == Value::from("now") {
+        since = session.db.data.info().await?.update_seq;
+    }
+    let limit = call.number("limit")?.map(|n| n as usize);
+    let opts = ChangesOptions {
+        since: since.clone(),
+        limit,
+        style_all_docs: call.query.get("style").map(String::as_str) == Some("all_docs"),
+        include_docs: call.flag("include_docs"),
+        descending: call.flag("descending"),
+    };
+    let feed = call
+        .query
+        .get("feed")
+        .map(String::as_str)
+        .unwrap_or("normal");
+    let heartbeat = call.number("heartbeat")?.map(Duration::from_millis);
+    let timeout = call.number("timeout")?.map(Duration::from_millis);
+    match feed {
+        "normal" => {
+            let changes = session.changes(&opts).await?;
+            Ok(json_response(
+                200,
+                &serde_json::to_value(changes).unwrap_or_default(),
+            ))
+        }
+        "longpoll" => {
+            let first = session.changes(&opts).await?;
+            if !first.results.is_empty() {
+                return Ok(json_response(
+                    200,
+                    &serde_json::to_value(first).unwrap_or_default(),
+                ));
+            }
+            let wait = timeout
+                .or(heartbeat)
+                .unwrap_or(Duration::from_secs(60))
+                .min(Duration::from_secs(60));
+            if session
+                .db
+                .data
+                .wait_for_change(&first.last_seq, wait)
+                .await?
+            {
+                let changes = session.changes(&opts).await?;
+                return Ok(json_response(
+                    200,
+                    &serde_json::to_value(changes).unwrap_or_default(),
+                ));
+            }
+            Ok(json_response(
+                200,
+                &json!({"results": [], "last_seq": first.last_seq}),
+            ))
+        }
+        "continuous" => continuous(session, opts, heartbeat, timeout).await,
+        other => Err(GatewayError::BadRequest(format!(
+            "feed `{other}` is not supported: use normal, longpoll or continuous"
+        ))),
+    }
+}
+
+async fn continuous(
+    session: &Session<'_>,
+    mut opts: ChangesOptions,
+    heartbeat: Option<Duration>,
+    timeout: Option<Duration>,
+) -> Result<Response, GatewayError> {
+    // Collect lines until the feed has waited `timeout` with nothing new, or
+    // `limit` rows went out; heartbeats keep idle connections open.
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(16);
+    let db = session.db.clone();
+    let state = session.state.clone();
+    let set = session.set.clone();
+    let checksum = session.checksum.to_owned();
+    let k = session.k;
+    tokio::spawn(async move {
+        let session = Session {
+            db: &db,
+            set: &set,
+            checksum: &checksum,
+            k,
+            state: &state,
+        };
+        let started = Instant::now();
+        let mut sent = 0usize;
+        loop {
+            let changes = match session.changes(&opts).await {
+                Ok(c) => c,
+                Err(e) => {
+                    let (_, error, reason) = e.couch();
+                    let _ = tx
+                        .send(Ok(Bytes::from(
+                            json!({"error": error, "reason": reason}).to_string() + "\n",
+                        )))
+                        .await;
+                    return;
+                }
+            };
+            for row in &changes.results {
+                let line = serde_json::to_string(row).unwrap_or_default() + "\n";
+                if tx.send(Ok(Bytes::from(line))).await.is_err() {
+                    return;
+                }
+                sent += 1;
+            }
+            opts.since = changes.last_seq.clone();
+            if opts.limit.is_some_and(|l| sent >= l) {
+                let _ = tx
+                    .send(Ok(Bytes::from(
+                        json!({"last_seq": opts.since}).to_string() + "\n",
+                    )))
+                    .await;
+                return;
+            }
+            let wait = heartbeat.unwrap_or(Duration::from_secs(60));
+            match db.data.wait_for_change(&opts.since, wait).await {
+                Ok(true) => continue,
+                Ok(false) => {
+                    if timeout.is_some_and(|t| started.elapsed() >= t)
+                        || (heartbeat.is_none() && timeout.is_none())
+                    {
+                        let _ = tx
+                            .send(Ok(Bytes::from(
+                                json!({"last_seq": opts.since}).to_string() + "\n",
+                            )))
+                            .await;
+                        return;
+                    }
+                    if tx.send(Ok(Bytes::from_static(b"\n"))).await.is_err() {
+                        return;
+                    }
+                }
+                Err(_) => return,
+            }
+        }
+    });
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    });
+    let mut response = Response::new(Body::from_stream(stream));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    Ok(response)
+}
+
+async fn bulk_get(session: &Session<'_>, call: &Call) -> Result<Response, GatewayError> {
+    let body = call.json_body()?;
+    let docs = body.get("docs").and_then(Value::as_array).ok_or_else(|| {
+        GatewayError::BadRequest(
+            "_bulk_get expects {\"docs\": [{\"id\": .., \"rev\": ..}, ...]}".into(),
+        )
+    })?;
+    let revs = call.flag("revs");
+    let mut results = Vec::with_capacity(docs.len());
+    for item in docs {
+        let id = item.get("id").and_then(Value::as_str).ok_or_else(|| {
+            GatewayError::BadRequest("each _bulk_get entry needs a string `id`".into())
+        })?;
+        let rev = item.get("rev").and_then(Value::as_str);
+        let found = session.get(id, rev).await?;
+        let entry = match found {
+            Some(mut doc) => {
+                if !revs {
+                    if let Some(o) = doc.as_object_mut() {
+                        o.shift_remove("_revisions");
+                    }
+                }
+                json!({"ok": doc})
+            }
+            None => {
+                json!({"error": {"id": id, "rev": rev.unwrap_or("undefined"), "error": "not_found", "reason": "missing"}})
+            }
+        };
+        results.push(json!({"id": id, "docs": [entry]}));
+    }
+    Ok(json_response(200, &json!({"results": results})))
+}
+
+fn check_doc(doc: &Value) -> Result<(), GatewayError> {
+    if !doc.is_object() {
+        return Err(GatewayError::BadRequest(
+            "every document must be a JSON object".into(),
+        ));
+    }
+    let size = doc.to_string().len();
+    if size > MAX_DOCUMENT {
+        return Err(GatewayError::TooLarge(format!(
+            "document {} is {size} bytes; the limit is {MAX_DOCUMENT}",
+            doc.get("_id").and_then(Value::as_str).unwrap_or("?")
+        )));
+    }
+    if let Some(rev) = doc.get("_rev") {
+        let valid = rev
+            .as_str()
+            .and_then(|r| r.split_once('-'))
+            .is_some_and(|(g, h)| {
+                g.parse::<u64>().is_ok_and(|g| g > 0)
+                    && !h.is_empty()
+                    && h.bytes().all(|b| b.is_ascii_hexdigit())
+            });
+        if !valid {
+            return Err(GatewayError::BadRequest(format!(
+                "invalid revision `{rev}`: expected N-hex"
+            )));
+        }
+    }
+    Ok(())
+}
+
+async fn bulk_docs(session: &Session<'_>, call: &Call) -> Result<Response, GatewayError> {
+    let body = call.json_body()?;
+    let docs = body
+        .get("docs")
+        .and_then(Value::as_array)
+        .cloned()
+        .ok_or_else(|| GatewayError::BadRequest("_bulk_docs expects {\"docs\": [...]}".into()))?;
+    for doc in &docs {
+        check_doc(doc)?;
+    }
+    let new_edits = body
+        .get("new_edits")
+        .and_then(Value::as_bool)
+        .unwrap_or(true);
+    if !new_edits {
+        for doc in &docs {
+            if doc.get("_id").and_then(Value::as_str).is_none() || doc.get("_rev").is_none() {
+                return Err(GatewayError::BadRequest(
+                    "with new_edits=false every document needs `_id` and `_rev`".into(),
+                ));
+            }
+        }
+        let errors = if session.passthrough() {
+            session
+                .db
+                .data
+                .bulk_docs(docs, false)
+                .await?
+                .into_iter()
+                .filter(|r| r.error.is_some())
+                .map(|r| serde_json::to_value(r).unwrap_or_default())
+                .collect()
+        } else {
+            session.push(docs).await?
+        };
+        return Ok(json_response(201, &Value::Array(errors)));
+    }
+    let mut results = Vec::with_capacity(docs.len());
+    for mut doc in docs {
+        if doc.get("_id").is_none() {
+            doc["_id"] = Value::from(format!(
+                "{:x}",
+                md5::compute(format!("{:?}{}", Instant::now(), doc))
+            ));
+        }
+        let id = doc
+            .get("_id")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_owned();
+        match session.edit(doc).await? {
+            Ok((id, rev)) => results.push(json!({"ok": true, "id": id, "rev": rev})),
+            Err(e) => {
+                let (_, error, reason) = e.couch();
+                results.push(json!({"id": id, "error": error, "reason": reason}));
+            }
+        }
+    }
+    Ok(json_response(201, &Value::Array(results)))
+}
+
+async fn write_one(session: &Session<'_>, doc: Value) -> Result<Response, GatewayError> {
+    check_doc(&doc)?;
+    match session.edit(doc).await? {
+        Ok((id, rev)) => Ok(json_response(
+            201,
+            &json!({"ok": true, "id": id, "rev": rev}),
+        )),
+        Err(e) => Err(e),
+    }
+}
+
+async fn all_docs(session: &Session<'_>, call: &Call) -> Result<Response, GatewayError> {
+    let body = if call.method == Method::POST {
+        Some(call.json_body()?)
+    } else {
+        None
+    };
+    let keys = match body
+        .as_ref()
+        .and_then(|b| b.get("keys"))
+        .cloned()
+        .or(call.json_param("keys")?)
+    {
+        Some(Value::Array(keys)) => Some(
+            keys.iter()
+                .filter_map(|k| k.as_str().map(str::to_owned))
+                .collect(),
+        ),
+        Some(_) => {
+            return Err(GatewayError::BadRequest(
+                "`keys` must be a list of ids".into(),
+            ))
+        }
+        None => None,
+    };
+    let key_param = |names: &[&str]| -> Result<Option<String>, GatewayError> {
+        for name in names {
+            if let Some(v) = call.json_param(name)? {
+                return v.as_str().map(|s| Some(s.to_owned())).ok_or_else(|| {
+                    GatewayError::BadRequest(format!("`{name}` must be a JSON string"))
+                });
+            }
+        }
+        Ok(None)
+    };
+    let include_docs = call.flag("include_docs");
+    let opts = AllDocsOptions {
+        keys,
+        start_key: key_param(&["startkey", "start_key"])?,
+        end_key: key_param(&["endkey", "end_key"])?,
+        limit: call.number("limit")?.map(|n| n as usize),
+        skip: call.number("skip")?.unwrap_or(0) as usize,
+        include_docs,
+        descending: call.flag("descending"),
+    };
+    let mut answer = session.db.data.all_docs(&opts).await?;
+    if !session.passthrough() {
+        for row in &mut answer.rows {
+            let Some(id) = row.id.clone() else { continue };
+            if row.value.as_ref().is_some_and(|v| v.deleted) {
+                continue;
+            }
+            if let Some(presented) = winner(session.presented_leaves(&id).await?) {
+                if let Some(value) = &mut row.value {
+                    value.rev = presented.rev.clone();
+                }
+                if include_docs {
+                    let mut doc = presented.doc;
+                    if let Some(o) = doc.as_object_mut() {
+                        o.shift_remove("_revisions");
+                    }
+                    row.doc = Some(doc);
+                }
+            }
+        }
+    }
+    Ok(json_response(
+        200,
+        &serde_json::to_value(answer).unwrap_or_default(),
+    ))
+}
+
+async fn local(
+    database: &Database,
+    id: &str,
+    method: &Method,
+    call: &Call,
+) -> Result<Response, GatewayError> {
+    let full = format!("_local/{id}");
+    match *method {
+        Method::GET => Ok(json_response(200, &database.data.get_local(&full).await?)),
+        Method::PUT => {
+            let body = call.json_body()?;
+            let rev = database.data.put_local(&full, body).await?;
+            Ok(json_response(
+                201,
+                &json!({"ok": true, "id": full, "rev": rev}),
+            ))
+        }
+        Method::DELETE => {
+            database
+                .data
+                .delete_local(&full, call.query.get("rev").map(String::as_str))
+                .await?;
+            Ok(json_response(
+                200,
+                &json!({"ok": true, "id": full, "rev": "0-0"}),
+            ))
+        }
+        _ => Err(GatewayError::BadRequest(format!(
+            "{method} is not allowed on a local document"
+        ))),
+    }
+}
+
+async fn document(
+    session: &Session<'_>,
+    id: &str,
+    method: &Method,
+    call: &Call,
+) -> Result<Response, GatewayError> {
+    match *method {
+        Method::GET | Method::HEAD => {
+            if let Some(open_revs) = call.query.get("open_revs") {
+                let presented = session.presented_leaves(id).await?;
+                let wanted: Vec<String> = if open_revs == "all" {
+                    presented.iter().map(|p| p.rev.clone()).collect()
+                } else {
+                    serde_json::from_str(open_revs).map_err(|_| {
+                        GatewayError::BadRequest(format!("open_revs must be `all` or a JSON list of revisions, got `{open_revs}`"))
+                    })?
+                };
+                let mut out = Vec::new();
+                for rev in wanted {
+                    match session.get(id, Some(&rev)).await? {
+                        Some(mut doc) => {
+                            if !call.flag("revs") {
+                                if let Some(o) = doc.as_object_mut() {
+                                    o.shift_remove("_revisions");
+                                }
+                            }
+                            out.push(json!({"ok": doc}));
+                        }
+                        None => out.push(json!({"missing": rev})),
+                    }
+                }
+                return Ok(json_response(200, &Value::Array(out)));
+            }
+            let rev = call.query.get("rev").map(String::as_str);
+            let Some(mut doc) = session.get(id, rev).await? else {
+                return Err(GatewayError::NotFound("missing".into()));
+            };
+            if rev.is_none() && doc.get("_deleted").and_then(Value::as_bool) == Some(true) {
+                return Err(GatewayError::NotFound("deleted".into()));
+            }
+            if let Some(o) = doc.as_object_mut() {
+                if !call.flag("revs") {
+                    o.shift_remove("_revisions");
+                }
+            }
+            if call.flag("conflicts") {
+                let presented = session.presented_leaves(id).await?;
+                let current = doc
+                    .get("_rev")
+                    .and_then(Value::as_str)
+                    .unwrap_or("")
+                    .to_owned();
+                let conflicts: Vec<String> = presented
+                    .iter()
+                    .filter(|p| {
+                        p.rev != current
+                            && p.doc.get("_deleted").and_then(Value::as_bool) != Some(true)
+                    })
+                    .map(|p| p.rev.clone())
+                    .collect();
+                if !conflicts.is_empty() {
+                    doc["_conflicts"] = json!(conflicts);
+                }
+            }
+            Ok(json_response(200, &doc))
+        }
+        Method::PUT => {
+            let mut doc = call.json_body()?;
+            doc["_id"] = Value::from(id);
+            if let Some(rev) = call.query.get("rev") {
+                doc["_rev"] = Value::from(rev.clone());
+            }
+            if call.query.get("new_edits").map(String::as_str) == Some("false") {
+                check_doc(&doc)?;
+                let errors = session.push(vec![doc]).await?;
+                if let Some(e) = errors.first() {
+                    return Err(GatewayError::BadRequest(e.to_string()));
+                }
+                return Ok(json_response(201, &json!({"ok": true, "id": id})));
+            }
+            write_one(session, doc).await
+        }
+        Method::DELETE => {
+            let rev = call
+                .query
+                .get("rev")
+                .ok_or_else(|| GatewayError::Conflict(id.to_owned()))?;
+            write_one(session, json!({"_id": id, "_rev": rev, "_deleted": true})).await
+        }
+        _ => Err(GatewayError::BadRequest(format!(
+            "{method} is not allowed on a document"
+        ))),
+    }
+}
+
+async fn attachment_get(
+    session: &Session<'_>,
+    id: &str,
+    name: &str,
+) -> Result<Response, GatewayError> {
+    let opts = rewind_store::GetOptions {
+        attachments: true,
+        ..rewind_store::GetOptions::default()
+    };
+    let doc = session
+        .db
+        .data
+        .get(id, &opts)
+        .await?
+        .into_doc()
+        .unwrap_or(Value::Null);
+    let att = doc
+        .get("_attachments")
+        .and_then(|a| a.get(name))
+        .ok_or_else(|| GatewayError::NotFound(format!("Document is missing attachment {name}")))?;
+    let data = att.get("data").and_then(Value::as_str).unwrap_or("");
+    let bytes = decode_base64(data)
+        .ok_or_else(|| GatewayError::Internal("attachment data is not base64".into()))?;
+    let content_type = att
+        .get("content_type")
+        .and_then(Value::as_str)
+        .unwrap_or("application/octet-stream");
+    let mut response = Response::new(Body::from(bytes));
+    if let Ok(v) = HeaderValue::from_str(content_type) {
+        response.headers_mut().insert(header::CONTENT_TYPE, v);
+    }
+    Ok(response)
+}
+
+/// Serves the gateway on `listen` until the process ends.
+pub async fn serve(config: GatewayConfig, listen: &str) -> std::io::Result<()> {
+    let gateway = Gateway::new(config);
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    axum::serve(listener, router(gateway)).await
+}
