@@ -71,6 +71,10 @@ pub struct RollbackArgs {
     /// The version to roll back to.
     #[arg(long, value_name = "N")]
     to: u32,
+    /// Serve version N to phones at once (the gateway flips in under a
+    /// second, translating on the fly), then rewrite the documents behind it.
+    #[arg(long)]
+    instant: bool,
     /// Documents per batch.
     #[arg(long, default_value_t = 500, value_name = "N")]
     batch: usize,
@@ -108,7 +112,12 @@ fn progress_bar() -> ProgressBar {
     bar
 }
 
-fn execute(cli: &Cli, target: &Target, to: Option<u32>, batch: usize) -> anyhow::Result<ExitCode> {
+fn execute(
+    cli: &Cli,
+    target: &Target,
+    to: Option<u32>,
+    opts: RunOptions,
+) -> anyhow::Result<ExitCode> {
     let project = Project::load(cli.config.as_deref(), target.migrations.as_deref())?;
     let set = project.migrations;
     let rt = runtime()?;
@@ -124,10 +133,6 @@ fn execute(cli: &Cli, target: &Target, to: Option<u32>, batch: usize) -> anyhow:
                 "{} written, {} retried",
                 p.counts.written, p.counts.retried
             ));
-        };
-        let opts = RunOptions {
-            batch,
-            ..RunOptions::default()
         };
         let finished = run(&db, &set, to, &opts, &mut on_progress).await?;
         bar.finish_and_clear();
@@ -168,11 +173,20 @@ fn execute(cli: &Cli, target: &Target, to: Option<u32>, batch: usize) -> anyhow:
 }
 
 pub fn upgrade(cli: &Cli, args: &UpgradeArgs) -> anyhow::Result<ExitCode> {
-    execute(cli, &args.target, args.to, args.batch)
+    let opts = RunOptions {
+        batch: args.batch,
+        ..RunOptions::default()
+    };
+    execute(cli, &args.target, args.to, opts)
 }
 
 pub fn rollback(cli: &Cli, args: &RollbackArgs) -> anyhow::Result<ExitCode> {
-    execute(cli, &args.target, Some(args.to), args.batch)
+    let opts = RunOptions {
+        batch: args.batch,
+        instant: args.instant,
+        ..RunOptions::default()
+    };
+    execute(cli, &args.target, Some(args.to), opts)
 }
 
 pub fn plan_cmd(cli: &Cli, args: &PlanArgs) -> anyhow::Result<ExitCode> {
@@ -217,6 +231,9 @@ pub fn status(args: &StatusArgs) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::SUCCESS);
         }
         println!("{}: schema version {}", db.name, state.version);
+        if let Some(served) = state.served {
+            println!("  serving version {served} to phones (instant rollback in progress)");
+        }
         for (i, a) in state.applied.iter().enumerate() {
             println!("  {:>3}  {}  {}", i + 1, a.id, &a.checksum[..12.min(a.checksum.len())]);
         }

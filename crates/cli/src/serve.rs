@@ -31,6 +31,10 @@ pub struct Args {
     /// The migrations directory (default: from rewind.toml, else ./migrations).
     #[arg(long, value_name = "DIR")]
     migrations: Option<PathBuf>,
+    /// In front of CouchDB: the databases phones sync (default: medic); the
+    /// uuid at `/` changes when their served version does.
+    #[arg(long = "db", value_name = "NAME", default_value = "medic")]
+    databases: Vec<String>,
 }
 
 pub fn run(cli: &Cli, args: &Args) -> anyhow::Result<ExitCode> {
@@ -63,6 +67,7 @@ pub fn run(cli: &Cli, args: &Args) -> anyhow::Result<ExitCode> {
             GatewayConfig {
                 backend,
                 migrations: project.migrations,
+                databases: args.databases.clone(),
             },
             &args.listen,
         )

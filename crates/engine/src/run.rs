@@ -52,6 +52,9 @@ pub struct RunOptions {
     pub batch: usize,
     /// Retries of a document whose write keeps meeting newer edits.
     pub max_retries: u32,
+    /// Rollback only: serve the target version at once (the gateway flips
+    /// within a second) and rewrite the documents behind it.
+    pub instant: bool,
 }
 
 impl Default for RunOptions {
@@ -59,6 +62,7 @@ impl Default for RunOptions {
         RunOptions {
             batch: 500,
             max_retries: 20,
+            instant: false,
         }
     }
 }
@@ -386,6 +390,7 @@ async fn run_with_lease(
     run.finished = Some(now_ms());
     run.outcome = "done".into();
     state.version = to;
+    state.served = None;
     state.applied = set.migrations()[..to as usize]
         .iter()
         .map(|m| Applied {
@@ -414,6 +419,11 @@ async fn process(
     written_here: &mut HashSet<u64>,
 ) -> Result<()> {
     let (from, to) = (run.from, run.to);
+    // The journals as they were before this batch. A document whose write
+    // meets a newer edit is redone from these, not from what the failed
+    // attempt journaled: that attempt already consumed the before-image and
+    // the complements (rollback) for a write that did not happen.
+    let mut before: Option<HashMap<String, Journal>> = None;
     for attempt in 0..=opts.max_retries {
         if leaves.is_empty() {
             return Ok(());
@@ -426,7 +436,14 @@ async fn process(
                 .filter(|id| seen.insert(id.clone()))
                 .collect()
         };
-        let mut journals = load_journals(db, &ids).await?;
+        let mut journals = match &before {
+            Some(before) => ids
+                .iter()
+                .filter_map(|id| before.get(id).map(|j| (id.clone(), j.clone())))
+                .collect(),
+            None => load_journals(db, &ids).await?,
+        };
+        let before = before.get_or_insert_with(|| journals.clone());
         let mut docs = Vec::new();
         let mut touched: HashSet<String> = HashSet::new();
         let mut restored = 0u64;
@@ -458,6 +475,11 @@ async fn process(
                     "journal of {} could not be written ({error}): is another process writing the journal?",
                     result.id
                 )));
+            }
+            // A retry rewrites the journal from its content before the
+            // batch, on top of the revision just written.
+            if let Some(id) = result.id.strip_prefix("journal:") {
+                before.entry(id.to_owned()).or_default().rev = result.rev.clone();
             }
         }
         // 2. The documents, each conditional on the revision read.

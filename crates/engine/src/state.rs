@@ -152,6 +152,11 @@ pub struct State {
     pub history: Vec<Run>,
     /// The lease, if held.
     pub lease: Option<Lease>,
+    /// The version served to clients that do not choose one, when it is not
+    /// `version`: set at once by an instant rollback, cleared when the
+    /// documents have caught up.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub served: Option<u32>,
     #[serde(rename = "_rev", skip_serializing_if = "Option::is_none", default)]
     rev: Option<String>,
 }
@@ -187,6 +192,11 @@ fn holder_is_dead(owner: &str) -> bool {
 }
 
 impl State {
+    /// The version served to clients that do not choose one.
+    pub fn served_version(&self) -> u32 {
+        self.served.unwrap_or(self.version)
+    }
+
     /// Reads the state document (defaults when there is none).
     pub async fn load(db: &Database) -> Result<State> {
         match db.state.get(STATE_ID, &GetOptions::default()).await {

@@ -40,9 +40,13 @@ pub struct GatewayConfig {
     pub backend: Backend,
     /// The migrations.
     pub migrations: MigrationSet,
+    /// The databases whose served version names the root's uuid (in front
+    /// of CouchDB, where the gateway cannot list them).
+    pub databases: Vec<String>,
 }
 
 struct Inner {
+    databases: Vec<String>,
     backend: Backend,
     set: MigrationSet,
     checksum: String,
@@ -71,6 +75,7 @@ impl Gateway {
         };
         Gateway {
             inner: Arc::new(Inner {
+                databases: config.databases,
                 backend: config.backend,
                 checksum: config.migrations.checksum(),
                 set: config.migrations,
@@ -81,14 +86,40 @@ impl Gateway {
         }
     }
 
-    /// The uuid answered at a root serving version `k`: it changes with the
+    /// The uuid answered at a root serving `versions`: it changes with the
     /// version, so a phone whose version changes restarts its checkpoints.
-    pub fn uuid(&self, k: u32) -> String {
+    pub fn uuid(&self, versions: &str) -> String {
         let digest = md5::compute(format!(
-            "{}\n{}\n{k}",
+            "{}\n{}\n{versions}",
             self.inner.identity, self.inner.checksum
         ));
         format!("{digest:x}")
+    }
+
+    /// The databases this gateway serves: the embedded files, or the
+    /// databases named in the configuration.
+    fn database_names(&self) -> Vec<String> {
+        match &self.inner.backend {
+            Backend::Embedded(dir) => {
+                let mut names: Vec<String> = std::fs::read_dir(dir)
+                    .map(|entries| {
+                        entries
+                            .filter_map(|e| e.ok())
+                            .filter_map(|e| {
+                                e.file_name()
+                                    .to_str()
+                                    .and_then(|n| n.strip_suffix(".db"))
+                                    .map(str::to_owned)
+                            })
+                            .filter(|n| valid_db_name(n))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                names.sort();
+                names
+            }
+            Backend::Couch(_) => self.inner.databases.clone(),
+        }
     }
 
     fn target(&self, db: &str, auth: Option<&str>) -> String {
@@ -447,7 +478,7 @@ async fn route(gateway: &Gateway, call: Call) -> Result<Response, GatewayError> 
                 .collect();
             Ok(json_response(200, &json!({"uuids": uuids})))
         }
-        ["_all_dbs"] => all_dbs(gateway),
+        ["_all_dbs"] => Ok(json_response(200, &json!(gateway.database_names()))),
         [first, ..] if ADMIN_ENDPOINTS.contains(first) || (*first == "_users" && call.method != Method::GET) => {
             Err(GatewayError::Forbidden(format!(
                 "`/{first}` is a server admin endpoint; the rewind gateway does not serve it to users"
@@ -465,40 +496,34 @@ async fn route(gateway: &Gateway, call: Call) -> Result<Response, GatewayError> 
 }
 
 async fn root(gateway: &Gateway, call: &Call) -> Result<Response, GatewayError> {
-    // The version served at this root: the prefix's, else the latest the
-    // databases here serve (the uuid changes with it).
-    let k = match call.version {
-        Some(k) => k,
-        None => gateway.inner.set.latest(),
+    // The uuid names what is served at this root: a fixed version with a
+    // prefix, else the versions the databases serve now, so that a rollback
+    // on `/{db}` restarts the phones' checkpoints.
+    let (uuid, version) = match call.version {
+        Some(k) => (gateway.uuid(&k.to_string()), json!(k)),
+        None => {
+            let mut served = Vec::new();
+            for db in gateway.database_names() {
+                if let Ok(database) = gateway.database(&db, call.auth(), false).await {
+                    if let Ok(state) = gateway.state(&db, &database).await {
+                        served.push((db, state.served_version()));
+                    }
+                }
+            }
+            let key: Vec<String> = served.iter().map(|(db, v)| format!("{db}={v}")).collect();
+            let versions: serde_json::Map<String, Value> = served
+                .into_iter()
+                .map(|(db, v)| (db, Value::from(v)))
+                .collect();
+            (gateway.uuid(&key.join(",")), Value::Object(versions))
+        }
     };
     Ok(json_response(
         200,
-        &json!({"couchdb": "Welcome", "version": "3.3.3", "uuid": gateway.uuid(k),
+        &json!({"couchdb": "Welcome", "version": "3.3.3", "uuid": uuid,
                 "vendor": {"name": "rewind", "version": env!("CARGO_PKG_VERSION")},
-                "features": [], "rewind": {"version": k}}),
+                "features": [], "rewind": {"version": version}}),
     ))
-}
-
-fn all_dbs(gateway: &Gateway) -> Result<Response, GatewayError> {
-    match &gateway.inner.backend {
-        Backend::Embedded(dir) => {
-            let mut names: Vec<String> = std::fs::read_dir(dir)
-                .map_err(|e| GatewayError::Internal(format!("{}: {e}", dir.display())))?
-                .filter_map(|e| e.ok())
-                .filter_map(|e| {
-                    e.file_name()
-                        .to_str()
-                        .and_then(|n| n.strip_suffix(".db"))
-                        .map(str::to_owned)
-                })
-                .collect();
-            names.sort();
-            Ok(json_response(200, &json!(names)))
-        }
-        Backend::Couch(_) => Err(GatewayError::Forbidden(
-            "`/_all_dbs` is not served through the gateway".into(),
-        )),
-    }
 }
 
 async fn database_route(
@@ -514,7 +539,7 @@ async fn database_route(
     }
     let database = gateway.database(db, call.auth(), false).await?;
     let state = gateway.state(db, &database).await?;
-    let k = asked_k.unwrap_or(state.version);
+    let k = asked_k.unwrap_or(state.served_version());
     if k > gateway.inner.set.latest() {
         return Err(GatewayError::BadRequest(format!(
             "version {k} does not exist: this gateway's migrations go from 0 to {}",
