@@ -1,0 +1,431 @@
+'use strict';
+// Real PouchDB 9 phones syncing through `rewind serve`, at different schema
+// versions at once, over the embedded store and over pouchdb-server
+// (`rewind serve --couch`). Each test has its own store and gateway; the
+// servers are stopped in `t.after`, whatever happens.
+
+const { describe, test } = require('node:test');
+const assert = require('node:assert/strict');
+const h = require('./lib/harness');
+
+const N = 120;
+
+/** A store with N sample docs (at `version`), a gateway in front, cleanup registered on `t`. */
+async function setup(t, kind, { version = 0, docs = N } = {}) {
+  const cleanup = new h.Cleanup();
+  t.after(() => cleanup.run());
+  const store = await h.makeStore(cleanup, kind, docs);
+  if (version > 0) await h.upgrade(store, version);
+  const gw = await h.startGateway(cleanup, store);
+  const phone = (k, name) => h.makePhone(cleanup, gw, k, name);
+  return { cleanup, store, gw, phone };
+}
+
+/** The database URLs that invariant 2 is checked at: every served version, and the raw store. */
+function serverBases(ctx) {
+  const bases = [`${ctx.gw.url}/${h.DB}`, `${ctx.gw.url}/v/0/${h.DB}`, `${ctx.gw.url}/v/7/${h.DB}`];
+  if (ctx.store.couch) bases.push(`${ctx.store.couch}/${h.DB}`);
+  return bases;
+}
+
+async function assertNoConflicts(ctx, phones, allowed = []) {
+  for (const base of serverBases(ctx)) await h.assertNoServerConflicts(base, allowed);
+  for (const p of phones) await h.assertNoPhoneConflicts(p, allowed);
+}
+
+/** A new person document in the shape of version k. */
+function newPerson(id, k, first, last) {
+  if (k === 0) return { _id: id, type: 'person', name: `${first} ${last}`, sex: 'female', phone: '+1-new' };
+  const doc = { _id: id, type: 'contact', contact_type: 'person' };
+  if (k >= 7) Object.assign(doc, { first_name: first, last_name: last });
+  else doc.name = `${first} ${last}`;
+  doc.sex = k >= 6 ? 'f' : 'female';
+  doc.phone = '+1-new';
+  return doc;
+}
+
+for (const kind of h.STORE_KINDS) {
+  describe(`gateway over ${kind}`, () => {
+    test('phones at v0, v3 and v7 pull and push at once (one-off)', async (t) => {
+      const ctx = await setup(t, kind);
+      const phones = [ctx.phone(0), ctx.phone(3), ctx.phone(7)];
+      const pulls = await Promise.all(phones.map((p) => p.pull()));
+      for (const r of pulls) {
+        assert.equal(r.ok, true);
+        assert.equal(r.docs_written, N);
+      }
+      for (const p of phones) await h.assertPhoneShapes(p, N);
+
+      // Each phone edits a person and a report, and creates a person, at its own version.
+      const persons = await h.sampleIds(N, 'person');
+      const reports = await h.sampleIds(N, 'report');
+      const edits = [];
+      const edited = {};
+      for (const [i, p] of phones.entries()) {
+        const value = `+1-edited-at-v${p.k}`;
+        await p.edit(persons[i], (d) => (d.phone = value));
+        edits.push({ id: persons[i], field: 'phone', value });
+        edited[persons[i]] = ['phone'];
+        const note = `note from v${p.k}`;
+        await p.edit(reports[i], (d) => (d.edit_note = note));
+        edits.push({ id: reports[i], field: 'edit_note', value: note });
+        edited[reports[i]] = ['edit_note'];
+        await p.db.put(newPerson(`new-person-v${p.k}`, p.k, 'Zoe', `Kamau${p.k}`));
+        edits.push({ id: `new-person-v${p.k}`, field: 'phone', value: '+1-new' });
+      }
+      const pushes = await Promise.all(phones.map((p) => p.push()));
+      for (const r of pushes) {
+        assert.equal(r.ok, true);
+        assert.deepEqual(r.errors, []);
+        assert.equal(r.docs_written, 3);
+      }
+      await Promise.all(phones.map((p) => p.pull()));
+
+      await h.assertEditsEverywhere(edits, {
+        bases: [`${ctx.gw.url}/${h.DB}`, `${ctx.gw.url}/v/0/${h.DB}`, `${ctx.gw.url}/v/3/${h.DB}`, `${ctx.gw.url}/v/7/${h.DB}`],
+        phones,
+      });
+      for (const p of phones) await h.assertPhoneShapes(p, N, { edited });
+      // A person created at v7 reads back joined at v0, and the other way round.
+      const fromV7 = await phones[0].db.get('new-person-v7');
+      assert.equal(fromV7.name, 'Zoe Kamau7');
+      assert.equal(fromV7.sex, 'female');
+      const fromV0 = await phones[2].db.get('new-person-v0');
+      assert.equal(fromV0.first_name, 'Zoe');
+      assert.equal(fromV0.last_name, 'Kamau0');
+      assert.equal(fromV0.sex, 'f');
+      await assertNoConflicts(ctx, phones);
+      // A second round moves nothing.
+      for (const p of phones) {
+        const { pushed, pulled } = await p.sync();
+        assert.equal(pushed.docs_written, 0, `v${p.k} pushed again`);
+        assert.equal(pulled.docs_written, 0, `v${p.k} pulled again`);
+      }
+    });
+
+    test('live sync (retry) with phones at v0, v3 and v7', async (t) => {
+      const ctx = await setup(t, kind, { version: 3 });
+      const phones = [ctx.phone(0), ctx.phone(3), ctx.phone(7)];
+      await Promise.all(phones.map((p) => p.pull()));
+      const handles = phones.map((p) => p.db.sync(p.url, { live: true, retry: true, batch_size: 50 }));
+      t.after(() => handles.forEach((s) => s.cancel()));
+      const persons = await h.sampleIds(N, 'person');
+      const edits = [];
+      for (const [i, p] of phones.entries()) {
+        const value = `+1-live-v${p.k}`;
+        await p.edit(persons[10 + i], (d) => (d.phone = value));
+        edits.push({ id: persons[10 + i], field: 'phone', value });
+        await p.db.put(newPerson(`live-v${p.k}`, p.k, 'Ali', `Live${p.k}`));
+      }
+      for (const p of phones) {
+        await h.waitFor(
+          async () => {
+            for (const e of edits) {
+              const doc = await p.db.get(e.id);
+              if (doc.phone !== e.value) return false;
+            }
+            for (const q of phones) await p.db.get(`live-v${q.k}`);
+            return true;
+          },
+          30000,
+          `the live edits to reach the phone at v${p.k}`,
+        );
+      }
+      for (const s of handles) s.cancel();
+      await h.assertEditsEverywhere(edits, { bases: [`${ctx.gw.url}/${h.DB}`], phones });
+      const edited = Object.fromEntries(edits.map((e) => [e.id, ['phone']]));
+      for (const p of phones) await h.assertPhoneShapes(p, N, { edited });
+      await assertNoConflicts(ctx, phones);
+    });
+
+    test('a phone switching version re-downloads only shape-changed docs, in one sync', async (t) => {
+      const ctx = await setup(t, kind);
+      const p = ctx.phone(0);
+      assert.equal((await p.pull()).docs_written, N);
+      const at = async (k) => new Map((await h.sampleAt(N, k)).map((d) => [d._id, JSON.stringify(h.bodyOf(d))]));
+      const changed = async (a, b) => {
+        const [x, y] = [await at(a), await at(b)];
+        return [...x.keys()].filter((id) => x.get(id) !== y.get(id)).length;
+      };
+      p.k = 7;
+      const switched = await p.pull();
+      assert.equal(switched.docs_read, await changed(0, 7), 'docs downloaded on switching v0 → v7');
+      await h.assertPhoneShapes(p, N);
+      assert.equal((await p.pull()).docs_read, 0, 'a second pull at v7 downloads nothing');
+
+      const q = ctx.phone(6);
+      await q.pull();
+      await h.assertPhoneShapes(q, N);
+      q.k = 7;
+      const r = await q.pull();
+      assert.equal(r.docs_read, await changed(6, 7), 'docs downloaded on switching v6 → v7');
+      await h.assertPhoneShapes(q, N);
+      // And back down: v7 → v3 converges too.
+      q.k = 3;
+      const back = await q.pull();
+      assert.equal(back.docs_read, await changed(7, 3), 'docs downloaded on switching v7 → v3');
+      await h.assertPhoneShapes(q, N);
+      await assertNoConflicts(ctx, [p, q]);
+    });
+
+    test('the same doc edited in turn at v0, v7 and v3: every edit survives, no conflict', async (t) => {
+      const ctx = await setup(t, kind, { version: 3 });
+      const [a, b, c] = [ctx.phone(0), ctx.phone(7), ctx.phone(3)];
+      await Promise.all([a, b, c].map((p) => p.pull()));
+      const [person] = await h.sampleIds(N, 'person');
+      const [report] = await h.sampleIds(N, 'report');
+      let expect = {};
+      for (const [i, p] of [a, b, c, a, b].entries()) {
+        await p.pull();
+        const value = `turn ${i} at v${p.k}`;
+        await p.edit(person, (d) => (d.phone = value));
+        await p.edit(report, (d) => (d.edit_note = value));
+        const r = await p.push();
+        assert.deepEqual(r.errors, []);
+        assert.equal(r.docs_written, 2, `turn ${i}: pushed`);
+        expect = { person: value };
+      }
+      await Promise.all([a, b, c].map((p) => p.pull()));
+      const edits = [
+        { id: person, field: 'phone', value: expect.person },
+        { id: report, field: 'edit_note', value: expect.person },
+      ];
+      await h.assertEditsEverywhere(edits, {
+        bases: [`${ctx.gw.url}/${h.DB}`, `${ctx.gw.url}/v/0/${h.DB}`, `${ctx.gw.url}/v/7/${h.DB}`],
+        phones: [a, b, c],
+      });
+      const edited = { [person]: ['phone'], [report]: ['edit_note'] };
+      for (const p of [a, b, c]) await h.assertPhoneShapes(p, N, { edited });
+      await assertNoConflicts(ctx, [a, b, c]);
+    });
+
+    test('two humans editing one doc concurrently at v0 and v7 make the only conflict', async (t) => {
+      const ctx = await setup(t, kind, { version: 3 });
+      const [a, b] = [ctx.phone(0), ctx.phone(7)];
+      await Promise.all([a, b].map((p) => p.pull()));
+      const [person] = await h.sampleIds(N, 'person');
+      await a.edit(person, (d) => (d.phone = 'from a'));
+      await b.edit(person, (d) => (d.phone = 'from b'));
+      await a.push();
+      await b.push();
+      await a.pull();
+      await b.pull();
+      // Both edits are kept (one wins, the other is a conflict), and nothing else conflicts.
+      for (const base of serverBases(ctx)) {
+        assert.deepEqual(await h.serverConflicts(base), [person], `conflicts at ${base}`);
+        const res = await h.http(`${base}/${person}?open_revs=all`);
+        const phones = res.json.filter((r) => r.ok && !r.ok._deleted).map((r) => r.ok.phone).sort();
+        assert.deepEqual(phones, ['from a', 'from b'], `live leaves at ${base}`);
+      }
+      for (const p of [a, b]) {
+        await h.assertNoPhoneConflicts(p, [person]);
+        const doc = await p.get(person);
+        assert.equal(doc._conflicts && doc._conflicts.length, 1, `v${p.k} phone sees the conflict`);
+      }
+    });
+
+    test('deletes at v3 and v7 reach every phone and the server', async (t) => {
+      const ctx = await setup(t, kind);
+      const phones = [ctx.phone(0), ctx.phone(3), ctx.phone(7)];
+      await Promise.all(phones.map((p) => p.pull()));
+      const persons = await h.sampleIds(N, 'person');
+      const reports = await h.sampleIds(N, 'report');
+      const places = await h.sampleIds(N, 'place');
+      const gone = [persons[0], reports[0], places[0]];
+      await phones[1].db.remove(await phones[1].db.get(persons[0]));
+      await phones[1].db.remove(await phones[1].db.get(reports[0]));
+      await phones[2].db.remove(await phones[2].db.get(places[0]));
+      for (const p of phones) await p.sync();
+      for (const p of phones) await p.pull();
+      for (const p of phones) {
+        for (const id of gone) {
+          await assert.rejects(p.db.get(id), { status: 404 }, `${id} on the phone at v${p.k}`);
+        }
+        await h.assertPhoneShapes(p, N, { deleted: gone });
+      }
+      for (const base of serverBases(ctx)) {
+        for (const id of gone) {
+          const res = await h.http(`${base}/${id}`);
+          assert.equal(res.status, 404, `${base}/${id} after its delete: ${res.text}`);
+        }
+      }
+      await assertNoConflicts(ctx, phones);
+    });
+
+    test('a v0 phone deletes a doc the server migrated to v7', async (t) => {
+      const ctx = await setup(t, kind);
+      const old = ctx.phone(0);
+      await old.pull();
+      await h.upgrade(ctx.store, 7);
+      const fresh = ctx.phone(7);
+      await fresh.pull();
+      const [person] = await h.sampleIds(N, 'person');
+      await old.db.remove(await old.db.get(person));
+      const r = await old.push();
+      assert.deepEqual(r.errors, []);
+      await fresh.pull();
+      await old.pull();
+      await assert.rejects(fresh.db.get(person), { status: 404 }, 'the delete reached the v7 phone');
+      await assert.rejects(old.db.get(person), { status: 404 }, 'the v0 phone keeps its delete');
+      for (const base of serverBases(ctx)) {
+        const res = await h.http(`${base}/${person}`);
+        assert.equal(res.status, 404, `${base}/${person} after its delete at v0: ${res.text}`);
+      }
+      await assertNoConflicts(ctx, [old, fresh]);
+    });
+
+    test('attachments cross versions', async (t) => {
+      const ctx = await setup(t, kind);
+      const [a, b] = [ctx.phone(0), ctx.phone(7)];
+      await Promise.all([a, b].map((p) => p.pull()));
+      const [person] = await h.sampleIds(N, 'person');
+      const text = Buffer.from('photo of the patient card');
+      const doc = await a.db.get(person);
+      await a.db.putAttachment(person, 'card.txt', doc._rev, text, 'text/plain');
+      const created = newPerson('with-attachment', 7, 'Ada', 'Obi');
+      created._attachments = { 'note.txt': { content_type: 'text/plain', data: Buffer.from('made at v7') } };
+      await b.db.put(created);
+      assert.deepEqual((await a.push()).errors, []);
+      assert.deepEqual((await b.push()).errors, []);
+      await b.pull();
+      await a.pull();
+      const got = await b.db.getAttachment(person, 'card.txt');
+      assert.equal(Buffer.from(got).toString(), text.toString());
+      const pulled = await b.db.get(person);
+      assert.ok(pulled.first_name, 'the v7 phone holds the v7 shape of the person with an attachment');
+      const back = await a.db.getAttachment('with-attachment', 'note.txt');
+      assert.equal(Buffer.from(back).toString(), 'made at v7');
+      assert.equal((await a.db.get('with-attachment')).name, 'Ada Obi');
+      const res = await h.http(`${ctx.gw.url}/v/3/${h.DB}/${person}/card.txt`);
+      assert.equal(res.status, 200);
+      assert.equal(res.text, text.toString());
+      await assertNoConflicts(ctx, [a, b]);
+    });
+
+    test('checkpoints survive a gateway restart', async (t) => {
+      const ctx = await setup(t, kind, { version: 3 });
+      const phones = [ctx.phone(0), ctx.phone(3), ctx.phone(7)];
+      for (const p of phones) {
+        assert.equal((await p.pull()).docs_read, N);
+        await p.push();
+      }
+      await ctx.gw.restart();
+      for (const p of phones) {
+        const pulled = await p.pull();
+        assert.equal(pulled.docs_read, 0, `v${p.k} pull after the restart`);
+        const pushed = await p.push();
+        assert.equal(pushed.docs_read, 0, `v${p.k} push after the restart`);
+      }
+    });
+
+    test('two gateways over the same store answer byte-identically', async (t) => {
+      const ctx = await setup(t, kind, { version: 7 });
+      // Some history: an edit at v0, a rollback to 3.
+      const p = ctx.phone(0);
+      await p.pull();
+      const [person] = await h.sampleIds(N, 'person');
+      await p.edit(person, (d) => (d.phone = 'determinism'));
+      await p.push();
+      await h.rollback(ctx.store, 3);
+      const other = await h.startGateway(ctx.cleanup, ctx.store);
+      const compare = async (path, init) => {
+        const [x, y] = [await h.http(ctx.gw.url + path, init), await h.http(other.url + path, init)];
+        assert.equal(x.status, y.status, path);
+        assert.equal(x.text, y.text, `${path} differs between two gateways`);
+        return x;
+      };
+      await compare('/');
+      for (const k of [0, 3, 7, null]) {
+        const base = k === null ? `/${h.DB}` : `/v/${k}/${h.DB}`;
+        if (k !== null) await compare(`/v/${k}/`);
+        const changes = await compare(`${base}/_changes?style=all_docs`);
+        const docs = changes.json.results.flatMap((r) => r.changes.map((c) => ({ id: r.id, rev: c.rev })));
+        assert.ok(docs.length >= N);
+        await compare(`${base}/_bulk_get?revs=true&latest=true`, { method: 'POST', body: { docs } });
+        await compare(`${base}/_all_docs?include_docs=true`);
+        await compare(`${base}/${person}?revs=true&open_revs=all`);
+      }
+    });
+
+    test('an old v0 phone downloads nothing for an upgrade plus rollback it never saw', async (t) => {
+      const ctx = await setup(t, kind);
+      const watcher = ctx.phone(0, 'watcher');
+      const sleeper = ctx.phone(0, 'sleeper');
+      await watcher.pull();
+      await sleeper.pull();
+      await h.upgrade(ctx.store, 7);
+      const during = await watcher.pull();
+      assert.equal(during.docs_read, 0, 'a v0 phone pulling while the server is at v7');
+      await h.rollback(ctx.store, 0);
+      for (const p of [watcher, sleeper]) {
+        const r = await p.pull();
+        assert.equal(r.docs_read, 0, `${p.db.name}: docs_read after upgrade + rollback`);
+        assert.equal(r.docs_written, 0, `${p.db.name}: docs_written after upgrade + rollback`);
+        await h.assertPhoneShapes(p, N);
+      }
+      await assertNoConflicts(ctx, [watcher, sleeper]);
+    });
+
+    test('bad input gets a CouchDB-style 400 and changes nothing', async (t) => {
+      const ctx = await setup(t, kind, { version: 3, docs: 20 });
+      const base = `${ctx.gw.url}/v/0/${h.DB}`;
+      const info = async () => (await h.http(`${ctx.gw.url}/${h.DB}`)).json;
+      const before = await info();
+      const [person] = await h.sampleIds(20, 'person');
+      const isError = (res, status, what) => {
+        assert.equal(res.status, status, `${what}: ${res.text}`);
+        assert.equal(typeof res.json, 'object', `${what}: the body is JSON`);
+        assert.equal(typeof res.json.error, 'string', `${what}: has error`);
+        assert.equal(typeof res.json.reason, 'string', `${what}: has reason`);
+      };
+      isError(await h.http(`${base}/_bulk_docs`, { method: 'POST', body: '{"docs": [', raw: true }), 400, 'malformed JSON');
+      isError(await h.http(`${base}/_bulk_docs`, { method: 'POST', body: '[1,2]', raw: true }), 400, 'a JSON array body');
+      isError(
+        await h.http(`${base}/_bulk_docs`, {
+          method: 'POST',
+          body: { new_edits: false, docs: [{ _id: 'bad-rev', _rev: 'not-a-rev', type: 'person' }] },
+        }),
+        400,
+        'bad revision with new_edits=false',
+      );
+      isError(
+        await h.http(`${base}/_bulk_docs`, {
+          method: 'POST',
+          body: { new_edits: false, docs: [{ _id: 'bad-rev2', _rev: '1-abc' }, { _id: 'bad-rev3', _rev: 'x-1' }] },
+        }),
+        400,
+        'one bad revision in a batch',
+      );
+      isError(await h.http(`${base}/_revs_diff`, { method: 'POST', body: { [person]: 'no-list' } }), 400, 'bad _revs_diff');
+      isError(await h.http(`${base}/${person}?open_revs=garbage`), 400, 'open_revs garbage');
+      isError(await h.http(`${base}/${person}?open_revs=%5B1%2C`), 400, 'open_revs truncated JSON');
+      isError(await h.http(`${base}/_changes?limit=lots`), 400, 'a non-numeric limit');
+      isError(await h.http(`${ctx.gw.url}/v/x/${h.DB}`), 400, 'a non-numeric version');
+      isError(await h.http(`${ctx.gw.url}/v/99/${h.DB}`), 400, 'a version that does not exist');
+      isError(await h.http(`${ctx.gw.url}/${h.DB}`, { headers: { 'x-rewind-version': 'seven' } }), 400, 'a bad version header');
+      isError(await h.http(`${base}/${person}`, { method: 'PUT', body: 'nope', raw: true }), 400, 'PUT with a malformed body');
+      const after = await info();
+      assert.equal(after.doc_count, before.doc_count);
+      assert.deepEqual(after.update_seq, before.update_seq, 'nothing was written');
+      for (const id of ['bad-rev', 'bad-rev2', 'bad-rev3']) {
+        assert.equal((await h.http(`${base}/${id}`)).status, 404, `${id} was not created`);
+      }
+    });
+
+    test('server admin endpoints are refused with 403', async (t) => {
+      const ctx = await setup(t, kind, { docs: 5 });
+      for (const path of ['/_config', '/_config/admins/eve', '/_node/_local/_config', '/_node/nonode@nohost/_stats', '/v/0/_config']) {
+        for (const method of ['GET', 'PUT']) {
+          const res = await h.http(ctx.gw.url + path, method === 'PUT' ? { method, body: '"pw"', raw: true } : {});
+          assert.equal(res.status, 403, `${method} ${path}: ${res.text}`);
+          assert.equal(res.json.error, 'forbidden');
+        }
+      }
+      if (ctx.store.couch) {
+        // Nothing reached pouchdb-server: it is still in admin party.
+        const res = await h.http(`${ctx.store.couch}/_config/admins`);
+        assert.deepEqual(res.json, {});
+      }
+    });
+  });
+}
