@@ -5,6 +5,7 @@
 
 mod check;
 mod db;
+mod drill;
 mod sample;
 mod serve;
 mod translate;
@@ -39,6 +40,7 @@ enum Command {
     Rollback(db::RollbackArgs),
     Status(db::StatusArgs),
     Serve(serve::Args),
+    Drill(drill::Args),
     Translate(translate::Args),
     Sample(sample::Args),
 }
@@ -53,6 +55,7 @@ fn main() -> ExitCode {
         Command::Rollback(args) => db::rollback(&cli, args),
         Command::Status(args) => db::status(args),
         Command::Serve(args) => serve::run(&cli, args),
+        Command::Drill(args) => drill::run_drill(&cli, args),
         Command::Translate(args) => translate::run(&cli, args),
         Command::Sample(args) => sample::run(args),
     };

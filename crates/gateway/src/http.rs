@@ -191,6 +191,23 @@ impl Gateway {
         Ok(database)
     }
 
+    /// Opens (and caches) a database the way requests do, so that the engine
+    /// can share it in-process.
+    pub async fn open_database(&self, db: &str) -> Result<Database, GatewayError> {
+        self.database(db, None, false).await
+    }
+
+    /// Forgets every open database and cached state (after their files were
+    /// replaced, e.g. by a restore).
+    pub fn forget_all(&self) {
+        if let Ok(mut dbs) = self.inner.dbs.lock() {
+            dbs.clear();
+        }
+        if let Ok(mut states) = self.inner.states.lock() {
+            states.clear();
+        }
+    }
+
     async fn state(&self, db: &str, database: &Database) -> Result<State, GatewayError> {
         if let Some((at, state)) = self.inner.states.lock().map_err(poisoned)?.get(db) {
             if at.elapsed() < STATE_TTL {

@@ -1,0 +1,428 @@
+//! The invariants of shared/design.md, checked on the server and on every phone.
+
+use crate::scenario::{server_store, Counterexample, Drill, InvariantResult, Pin};
+use crate::{step_error, DrillError};
+use rewind_engine::journal::body_of;
+use rewind_lens::laws::same_json;
+use rewind_lens::migration::NoComplements;
+use rewind_replicator::{DocLeaves, Phone};
+use rewind_store::{AnyStore, GetOptions, GetResult, OpenRev, OpenRevs, Store};
+use serde_json::Value;
+use std::collections::{HashMap, HashSet};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const KEEP: usize = 5;
+
+/// What the drill did, to check against.
+pub(crate) struct Expectations {
+    originals: HashMap<String, Value>,
+    last_marker: HashMap<String, String>,
+    pub(crate) deleted: HashSet<String>,
+    pub(crate) edits: u64,
+}
+
+impl Expectations {
+    pub(crate) fn new(originals: &[Value]) -> Expectations {
+        Expectations {
+            originals: originals
+                .iter()
+                .filter_map(|d| {
+                    d.get("_id")
+                        .and_then(Value::as_str)
+                        .map(|id| (id.to_owned(), d.clone()))
+                })
+                .collect(),
+            last_marker: HashMap::new(),
+            deleted: HashSet::new(),
+            edits: 0,
+        }
+    }
+
+    pub(crate) fn edit(&mut self, id: &str, marker: &str, _phone: usize, _version: u32) {
+        self.last_marker.insert(id.to_owned(), marker.to_owned());
+        self.edits += 1;
+    }
+
+    pub(crate) fn delete(&mut self, id: &str) {
+        self.deleted.insert(id.to_owned());
+        self.last_marker.remove(id);
+        self.edits += 1;
+    }
+
+    fn touched(&self, id: &str) -> bool {
+        self.last_marker.contains_key(id) || self.deleted.contains(id)
+    }
+}
+
+/// Which phone edits a document: each phone has its own documents, so only
+/// the drill's deliberate scenarios could make two humans edit one.
+pub(crate) fn owner(id: &str, devices: usize) -> usize {
+    let digest = md5::compute(id.as_bytes());
+    (u64::from_le_bytes(digest.0[..8].try_into().unwrap_or([0; 8])) % devices.max(1) as u64)
+        as usize
+}
+
+/// The ids of a phone's live documents.
+pub(crate) async fn local_live_ids(phone: &Phone) -> Result<Vec<String>, String> {
+    Ok(phone
+        .all_docs_with_leaves()
+        .await
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .filter(|d| !d.deleted)
+        .map(|d| d.id)
+        .collect())
+}
+
+fn text(v: &Value) -> String {
+    serde_json::to_string(&body_of(v)).unwrap_or_default()
+}
+
+fn result(
+    number: u8,
+    name: &str,
+    checked: u64,
+    counterexamples: Vec<Counterexample>,
+) -> InvariantResult {
+    InvariantResult {
+        number,
+        name: name.to_owned(),
+        holds: counterexamples.is_empty(),
+        checked,
+        counterexamples: counterexamples.into_iter().take(KEEP).collect(),
+    }
+}
+
+fn cx(
+    document: &str,
+    place: &str,
+    expected: impl Into<String>,
+    found: impl Into<String>,
+) -> Counterexample {
+    let clip = |s: String| {
+        if s.len() > 300 {
+            format!("{}…", &s[..s.floor_char_boundary(300)])
+        } else {
+            s
+        }
+    };
+    Counterexample {
+        document: document.to_owned(),
+        place: place.to_owned(),
+        expected: clip(expected.into()),
+        found: clip(found.into()),
+    }
+}
+
+async fn all_leaves(store: &AnyStore) -> Result<Vec<DocLeaves>, DrillError> {
+    rewind_replicator::leaves(store)
+        .await
+        .map_err(|e| step_error("checks")(e.to_string()))
+}
+
+/// Invariant 3, first half: right after the rollback, every document nobody
+/// edited has its exact bytes from before the upgrade.
+pub(crate) async fn exact_rollback(drill: &Drill) -> Result<InvariantResult, DrillError> {
+    let server = server_store(drill).await?;
+    let mut bad = Vec::new();
+    let mut checked = 0;
+    for doc in all_leaves(&server).await? {
+        let Some(original) = drill.expect().originals.get(&doc.id) else {
+            continue;
+        };
+        if drill.expect().touched(&doc.id) {
+            continue;
+        }
+        checked += 1;
+        if text(&doc.body) != text(original) {
+            bad.push(cx(&doc.id, "server", text(original), text(&doc.body)));
+        }
+    }
+    Ok(result(3, "exact rollback", checked, bad))
+}
+
+/// Invariant 3, second half: re-upgrading restores the complement: every
+/// untouched document is exactly the upgrade of its original.
+pub(crate) async fn complement_restored(drill: &Drill) -> Result<InvariantResult, DrillError> {
+    let server = server_store(drill).await?;
+    let mut bad = Vec::new();
+    let mut checked = 0;
+    for doc in all_leaves(&server).await? {
+        let Some(original) = drill.expect().originals.get(&doc.id) else {
+            continue;
+        };
+        if drill.expect().touched(&doc.id) {
+            continue;
+        }
+        checked += 1;
+        let mut expected = body_of(original);
+        if drill
+            .set()
+            .translate(&mut expected, 0, drill.latest(), &mut NoComplements)
+            .is_err()
+        {
+            continue;
+        }
+        if !same_json(&expected, &body_of(&doc.body)) {
+            bad.push(cx(&doc.id, "server", text(&expected), text(&doc.body)));
+        }
+    }
+    Ok(result(3, "exact rollback", checked, bad))
+}
+
+async fn live_leaf_count(store: &AnyStore, id: &str) -> usize {
+    let opts = GetOptions {
+        open_revs: Some(OpenRevs::All),
+        ..GetOptions::default()
+    };
+    match store.get(id, &opts).await {
+        Ok(GetResult::Revs(revs)) => revs
+            .iter()
+            .filter(|r| matches!(r, OpenRev::Ok(d) if d.get("_deleted").and_then(Value::as_bool) != Some(true)))
+            .count(),
+        _ => 1,
+    }
+}
+
+/// Invariants 1, 2, 3 (merged), 4 and 5 after the last sync.
+pub(crate) async fn final_checks(
+    drill: &Drill,
+    exact: InvariantResult,
+    complement: InvariantResult,
+) -> Result<Vec<InvariantResult>, DrillError> {
+    let server = server_store(drill).await?;
+    let mut places: Vec<(String, AnyStore)> = vec![("server".into(), server.clone())];
+    for device in drill.devices() {
+        places.push((device.phone.name.clone(), device.phone.local.clone()));
+    }
+    let (mut lost, mut conflicts) = (Vec::new(), Vec::new());
+    let (mut lost_checked, mut conflict_checked) = (0u64, 0u64);
+    let mut server_docs = Vec::new();
+    for (place, store) in &places {
+        let docs = all_leaves(store).await?;
+        let by_id: HashMap<&str, &DocLeaves> = docs.iter().map(|d| (d.id.as_str(), d)).collect();
+        // 1. No lost edit.
+        for (id, marker) in &drill.expect().last_marker {
+            lost_checked += 1;
+            match by_id.get(id.as_str()) {
+                Some(d)
+                    if !d.deleted
+                        && d.body.get("drill_note").and_then(Value::as_str) == Some(marker) => {}
+                Some(d) => lost.push(cx(
+                    id,
+                    place,
+                    format!("drill_note = {marker}"),
+                    text(&d.body),
+                )),
+                None => lost.push(cx(
+                    id,
+                    place,
+                    format!("drill_note = {marker}"),
+                    "the document is missing",
+                )),
+            }
+        }
+        for id in &drill.expect().deleted {
+            lost_checked += 1;
+            if let Some(d) = by_id.get(id.as_str()) {
+                if !d.deleted {
+                    lost.push(cx(id, place, "deleted", text(&d.body)));
+                }
+            }
+        }
+        // 2. No spurious conflict: the drill's phones edit disjoint documents.
+        for d in &docs {
+            conflict_checked += 1;
+            if d.leaves.len() > 1 && live_leaf_count(store, &d.id).await > 1 {
+                conflicts.push(cx(
+                    &d.id,
+                    place,
+                    "one live leaf",
+                    format!("leaves {:?}", d.leaves),
+                ));
+            }
+        }
+        if place == "server" {
+            server_docs = docs;
+        }
+    }
+    // 3. Exact rollback (and the complement on re-upgrade).
+    let mut exact_all = exact.counterexamples.clone();
+    exact_all.extend(complement.counterexamples.clone());
+    let exact = result(
+        3,
+        "exact rollback",
+        exact.checked + complement.checked,
+        exact_all,
+    );
+    // 4. Convergence: each phone holds what the gateway serves at its version.
+    let (mut diverged, mut converged_checked) = (Vec::new(), 0u64);
+    let served = drill.latest();
+    for device in drill.devices() {
+        let k = match device.pin {
+            Pin::Follow => served,
+            Pin::At(k) => k,
+        };
+        let view_url = format!("{}/v/{k}/medic", drill.base());
+        let view = rewind_store::open(&view_url)
+            .await
+            .map_err(|e| step_error("checks")(e.to_string()))?;
+        let expected = all_leaves(&view).await?;
+        let phone_docs = all_leaves(&device.phone.local).await?;
+        let mine: HashMap<&str, &DocLeaves> =
+            phone_docs.iter().map(|d| (d.id.as_str(), d)).collect();
+        for want in &expected {
+            converged_checked += 1;
+            match mine.get(want.id.as_str()) {
+                Some(have)
+                    if have.winner == want.winner
+                        && (want.deleted
+                            || same_json(&body_of(&have.body), &body_of(&want.body))) => {}
+                Some(have) => diverged.push(cx(
+                    &want.id,
+                    &device.phone.name,
+                    format!("{} {}", want.winner, text(&want.body)),
+                    format!("{} {}", have.winner, text(&have.body)),
+                )),
+                None => diverged.push(cx(
+                    &want.id,
+                    &device.phone.name,
+                    want.winner.clone(),
+                    "missing",
+                )),
+            }
+        }
+    }
+    // 5. Crash safety: every untouched document migrated exactly once.
+    let (mut twice, mut once_checked) = (Vec::new(), 0u64);
+    for doc in &server_docs {
+        let Some(original) = drill.expect().originals.get(&doc.id) else {
+            continue;
+        };
+        if drill.expect().touched(&doc.id) {
+            continue;
+        }
+        once_checked += 1;
+        let mut expected = body_of(original);
+        if drill
+            .set()
+            .translate(&mut expected, 0, drill.latest(), &mut NoComplements)
+            .is_ok()
+            && !same_json(&expected, &body_of(&doc.body))
+        {
+            twice.push(cx(&doc.id, "server", text(&expected), text(&doc.body)));
+        }
+    }
+    let crash_name = if drill.kill_mode() {
+        "crash safety (runs killed with SIGKILL and resumed)"
+    } else {
+        "crash safety (no --kill: checked that no document was migrated twice)"
+    };
+    Ok(vec![
+        result(1, "no lost edit", lost_checked, lost),
+        result(2, "no spurious conflict", conflict_checked, conflicts),
+        exact,
+        result(4, "convergence", converged_checked, diverged),
+        result(5, crash_name, once_checked, twice),
+    ])
+}
+
+async fn http(base: &str, method: &str, path: &str, body: &str) -> Result<Vec<u8>, String> {
+    let addr = base.trim_start_matches("http://");
+    let mut stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| e.to_string())?;
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    stream
+        .write_all(request.as_bytes())
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut response = Vec::new();
+    stream
+        .read_to_end(&mut response)
+        .await
+        .map_err(|e| e.to_string())?;
+    let split = response
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map(|p| p + 4)
+        .unwrap_or(0);
+    Ok(response[split..].to_vec())
+}
+
+/// Invariant 6: a second gateway over the same store answers byte for byte the same.
+pub(crate) async fn determinism(drill: &Drill) -> Result<InvariantResult, DrillError> {
+    let second = rewind_gateway::Gateway::new(rewind_gateway::GatewayConfig {
+        backend: rewind_gateway::Backend::Embedded(drill.data_dir().to_path_buf()),
+        migrations: drill.set().clone(),
+        databases: vec!["medic".into()],
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .map_err(|e| step_error("determinism")(e.to_string()))?;
+    let port = listener
+        .local_addr()
+        .map_err(|e| step_error("determinism")(e.to_string()))?
+        .port();
+    let router = rewind_gateway::router(second);
+    let task = tokio::spawn(async move {
+        let _ = axum::serve(listener, router).await;
+    });
+    let other = format!("http://127.0.0.1:{port}");
+    let latest = drill.latest();
+    let mut requests: Vec<(String, String, String)> = vec![
+        ("GET".into(), "/".into(), String::new()),
+        ("GET".into(), "/v/0/".into(), String::new()),
+        ("GET".into(), "/medic".into(), String::new()),
+    ];
+    for k in [0, latest / 2, latest] {
+        requests.push((
+            "GET".into(),
+            format!("/v/{k}/medic/_changes?style=all_docs&limit=200"),
+            String::new(),
+        ));
+    }
+    let server = server_store(drill).await?;
+    let ids: Vec<String> = all_leaves(&server)
+        .await?
+        .into_iter()
+        .take(50)
+        .map(|d| d.id)
+        .collect();
+    let docs: Vec<Value> = ids.iter().map(|id| serde_json::json!({"id": id})).collect();
+    let body = serde_json::json!({"docs": docs}).to_string();
+    for k in [0, latest] {
+        requests.push((
+            "POST".into(),
+            format!("/v/{k}/medic/_bulk_get?revs=true&latest=true"),
+            body.clone(),
+        ));
+    }
+    let mut bad = Vec::new();
+    for (method, path, body) in &requests {
+        let a = http(drill.base(), method, path, body)
+            .await
+            .map_err(step_error("determinism"))?;
+        let b = http(&other, method, path, body)
+            .await
+            .map_err(step_error("determinism"))?;
+        if a != b {
+            bad.push(cx(
+                path,
+                "second gateway",
+                String::from_utf8_lossy(&a).into_owned(),
+                String::from_utf8_lossy(&b).into_owned(),
+            ));
+        }
+    }
+    task.abort();
+    Ok(result(
+        6,
+        "determinism (two gateways answer byte for byte the same)",
+        requests.len() as u64,
+        bad,
+    ))
+}

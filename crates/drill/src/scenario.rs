@@ -1,0 +1,857 @@
+//! The drill's scenario, step by step.
+
+use crate::checks::{self, Expectations};
+use crate::{builtin_migrations, step_error, DrillError};
+use rewind_engine::run::{run as engine_run, RunOptions};
+use rewind_gateway::{Backend, Gateway, GatewayConfig};
+use rewind_lens::MigrationSet;
+use rewind_replicator::Phone;
+use rewind_store::{AnyStore, Store};
+use serde::Serialize;
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// What to drill.
+#[derive(Debug, Clone)]
+pub struct DrillOptions {
+    /// Sample documents (ignored with `db`).
+    pub docs: u64,
+    /// Simulated phones (at least 3).
+    pub devices: usize,
+    /// Seed of the sample data and of every random choice.
+    pub seed: u64,
+    /// Drill on a copy of this database (a CouchDB URL or an embedded file).
+    pub db: Option<String>,
+    /// The migration files (default: the built-in `examples/cht`).
+    pub migrations: Option<Vec<(PathBuf, String)>>,
+    /// Kill the upgrade/rollback process (this binary) with SIGKILL at
+    /// random points of every run; needs `rewind_bin`.
+    pub kill: bool,
+    /// The `rewind` binary for `kill` mode.
+    pub rewind_bin: Option<PathBuf>,
+    /// Where to work (default: a temporary directory, removed afterwards).
+    pub work_dir: Option<PathBuf>,
+    /// Called with each step's result as it finishes.
+    pub verbose: bool,
+}
+
+impl Default for DrillOptions {
+    fn default() -> DrillOptions {
+        DrillOptions {
+            docs: 1000,
+            devices: 6,
+            seed: 1,
+            db: None,
+            migrations: None,
+            kill: false,
+            rewind_bin: None,
+            work_dir: None,
+            verbose: false,
+        }
+    }
+}
+
+/// One step of the drill.
+#[derive(Debug, Clone, Serialize)]
+pub struct StepResult {
+    /// What happened.
+    pub name: String,
+    /// How long it took.
+    pub seconds: f64,
+    /// Documents written by the engine, or pulled by phones.
+    pub docs: u64,
+    /// `docs / seconds`.
+    pub docs_per_sec: f64,
+    /// Bytes each phone downloaded during the step.
+    pub downloaded: Vec<u64>,
+}
+
+/// A counterexample to an invariant.
+#[derive(Debug, Clone, Serialize)]
+pub struct Counterexample {
+    /// The document.
+    pub document: String,
+    /// Where: `server` or a phone's name.
+    pub place: String,
+    /// What the invariant requires.
+    pub expected: String,
+    /// What was found.
+    pub found: String,
+}
+
+/// One invariant of shared/design.md, checked.
+#[derive(Debug, Clone, Serialize)]
+pub struct InvariantResult {
+    /// Its number in the design.
+    pub number: u8,
+    /// Its name.
+    pub name: String,
+    /// True when it holds.
+    pub holds: bool,
+    /// How many facts were checked.
+    pub checked: u64,
+    /// The first counterexamples.
+    pub counterexamples: Vec<Counterexample>,
+}
+
+/// The drill's report.
+#[derive(Debug, Clone, Serialize)]
+pub struct DrillReport {
+    /// Documents in the database.
+    pub docs: u64,
+    /// Phones.
+    pub devices: usize,
+    /// The seed.
+    pub seed: u64,
+    /// The version drilled from and to.
+    pub versions: (u32, u32),
+    /// Processes killed with SIGKILL.
+    pub kills: u32,
+    /// Edits made on phones.
+    pub edits: u64,
+    /// The steps, in order.
+    pub steps: Vec<StepResult>,
+    /// The invariants.
+    pub invariants: Vec<InvariantResult>,
+    /// True when every invariant holds.
+    pub holds: bool,
+}
+
+/// A simple deterministic generator (xorshift64*).
+pub(crate) struct Rng(u64);
+
+impl Rng {
+    pub(crate) fn new(seed: u64) -> Rng {
+        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+    pub(crate) fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    pub(crate) fn below(&mut self, n: u64) -> u64 {
+        if n == 0 {
+            0
+        } else {
+            self.next() % n
+        }
+    }
+}
+
+/// Where a phone syncs: the server's version, or a version of its own.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) enum Pin {
+    Follow,
+    At(u32),
+}
+
+pub(crate) struct Device {
+    pub(crate) phone: Phone,
+    pub(crate) pin: Pin,
+    pub(crate) online: bool,
+}
+
+pub(crate) struct Drill {
+    opts: DrillOptions,
+    set: MigrationSet,
+    work: PathBuf,
+    data: PathBuf,
+    migrations_dir: PathBuf,
+    gateway: Gateway,
+    base: String,
+    devices: Vec<Device>,
+    rng: Rng,
+    expect: Expectations,
+    steps: Vec<StepResult>,
+    kills: u32,
+    latest: u32,
+    _temp: Option<TempDir>,
+}
+
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+const DB: &str = "medic";
+
+fn err(e: impl std::fmt::Display) -> String {
+    e.to_string()
+}
+
+impl Drill {
+    fn url(&self, pin: Pin) -> String {
+        match pin {
+            Pin::Follow => format!("{}/{DB}", self.base),
+            Pin::At(k) => format!("{}/v/{k}/{DB}", self.base),
+        }
+    }
+
+    fn db_path(&self) -> PathBuf {
+        self.data.join(format!("{DB}.db"))
+    }
+
+    fn version_of(&self, pin: Pin, served: u32) -> u32 {
+        match pin {
+            Pin::Follow => served,
+            Pin::At(k) => k,
+        }
+    }
+
+    async fn served(&self) -> Result<u32, DrillError> {
+        let db = self
+            .gateway
+            .open_database(DB)
+            .await
+            .map_err(err)
+            .map_err(step_error("state"))?;
+        let state = rewind_engine::state::State::load(&db)
+            .await
+            .map_err(err)
+            .map_err(step_error("state"))?;
+        Ok(state.served_version())
+    }
+
+    /// Syncs every online phone once; returns (docs pulled, bytes per phone).
+    async fn sync_all(&mut self, step: &str) -> Result<(u64, Vec<u64>), DrillError> {
+        let mut pulled = 0;
+        let mut bytes = vec![0; self.devices.len()];
+        for (i, device) in self.devices.iter_mut().enumerate() {
+            if !device.online {
+                continue;
+            }
+            let report = device
+                .phone
+                .sync()
+                .await
+                .map_err(err)
+                .map_err(step_error(step))?;
+            pulled += report.pull.docs_written;
+            bytes[i] += report.pull.bytes_downloaded;
+        }
+        Ok((pulled, bytes))
+    }
+
+    /// Each online phone (or the ones in `which`) edits `n` of its documents.
+    async fn edit_round(
+        &mut self,
+        step: &str,
+        n: usize,
+        only_offline: bool,
+    ) -> Result<(), DrillError> {
+        let served = self.served().await?;
+        for i in 0..self.devices.len() {
+            let device = &self.devices[i];
+            if only_offline == device.online {
+                continue;
+            }
+            let version = self.version_of(device.pin, served);
+            let ids = checks::local_live_ids(&device.phone)
+                .await
+                .map_err(step_error(step))?;
+            let mine: Vec<&String> = ids
+                .iter()
+                .filter(|id| {
+                    checks::owner(id, self.devices.len()) == i && !self.expect.deleted.contains(*id)
+                })
+                .collect();
+            for _ in 0..n.min(mine.len()) {
+                let id = mine[self.rng.below(mine.len() as u64) as usize].clone();
+                let marker = format!(
+                    "{}-{step}-{}",
+                    device.phone.name,
+                    self.rng.next() % 1_000_000
+                );
+                let m = marker.clone();
+                device
+                    .phone
+                    .edit(&id, move |doc| {
+                        doc["drill_note"] = Value::from(m);
+                    })
+                    .await
+                    .map_err(err)
+                    .map_err(step_error(step))?;
+                self.expect.edit(&id, &marker, i, version);
+            }
+            // A document created on the phone, in its version's shape.
+            let id = format!(
+                "drill-{}-{}-{}",
+                device.phone.name,
+                step,
+                self.rng.next() % 1_000_000
+            );
+            let marker = format!("{}-{step}-created", device.phone.name);
+            let doc = if version >= 7.min(self.latest) && self.latest >= 7 {
+                json!({"_id": id, "type": "contact", "contact_type": "person", "first_name": "Drill", "last_name": "Person", "drill_note": marker})
+            } else if version >= 1 {
+                json!({"_id": id, "type": "contact", "contact_type": "person", "name": "Drill Person", "drill_note": marker})
+            } else {
+                json!({"_id": id, "type": "person", "name": "Drill Person", "drill_note": marker})
+            };
+            device
+                .phone
+                .create(doc)
+                .await
+                .map_err(err)
+                .map_err(step_error(step))?;
+            self.expect.edit(&id, &marker, i, version);
+        }
+        Ok(())
+    }
+
+    /// One phone deletes one of its documents.
+    async fn delete_one(&mut self, i: usize, step: &str) -> Result<(), DrillError> {
+        let ids = checks::local_live_ids(&self.devices[i].phone)
+            .await
+            .map_err(step_error(step))?;
+        let mine: Vec<&String> = ids
+            .iter()
+            .filter(|id| checks::owner(id, self.devices.len()) == i && !id.starts_with("drill-"))
+            .collect();
+        if let Some(id) = mine.first() {
+            let id = (*id).clone();
+            self.devices[i]
+                .phone
+                .delete(&id)
+                .await
+                .map_err(err)
+                .map_err(step_error(step))?;
+            self.expect.delete(&id);
+        }
+        Ok(())
+    }
+
+    /// Runs the engine to `to`; with `kill`, as a child process killed at random points first.
+    async fn engine(&mut self, step: &str, to: u32, instant: bool) -> Result<u64, DrillError> {
+        if self.opts.kill {
+            let bin = self
+                .opts
+                .rewind_bin
+                .clone()
+                .ok_or_else(|| step_error(step)("--kill needs the rewind binary".into()))?;
+            let verb = if to > self.served().await? {
+                "upgrade"
+            } else {
+                "rollback"
+            };
+            for _ in 0..3 {
+                let mut child = std::process::Command::new(&bin)
+                    .arg(verb)
+                    .arg("--db")
+                    .arg(self.db_path())
+                    .arg("--migrations")
+                    .arg(&self.migrations_dir)
+                    .args(["--to", &to.to_string(), "--batch", "25"])
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::null())
+                    .spawn()
+                    .map_err(err)
+                    .map_err(step_error(step))?;
+                let delay = 20 + self.rng.below(300);
+                tokio::time::sleep(Duration::from_millis(delay)).await;
+                if child
+                    .try_wait()
+                    .map_err(err)
+                    .map_err(step_error(step))?
+                    .is_none()
+                {
+                    let _ = child.kill(); // SIGKILL
+                    self.kills += 1;
+                }
+                let _ = child.wait();
+            }
+        }
+        let db = self
+            .gateway
+            .open_database(DB)
+            .await
+            .map_err(err)
+            .map_err(step_error(step))?;
+        let opts = RunOptions {
+            batch: 100,
+            instant,
+            ..RunOptions::default()
+        };
+        let state = rewind_engine::state::State::load(&db)
+            .await
+            .map_err(err)
+            .map_err(step_error(step))?;
+        if state.version == to && state.run.is_none() {
+            return Ok(0);
+        }
+        // A killed run may have left its lease to a dead process: the lease
+        // names the pid, and a dead holder is taken over.
+        let run = engine_run(&db, &self.set, to, &opts, &mut |_| {})
+            .await
+            .map_err(err)
+            .map_err(step_error(step))?;
+        Ok(run.counts.written)
+    }
+
+    fn record(&mut self, name: &str, started: Instant, docs: u64, downloaded: Vec<u64>) {
+        let seconds = started.elapsed().as_secs_f64();
+        let result = StepResult {
+            name: name.to_owned(),
+            seconds,
+            docs,
+            docs_per_sec: if seconds > 0.0 {
+                docs as f64 / seconds
+            } else {
+                0.0
+            },
+            downloaded,
+        };
+        if self.opts.verbose {
+            eprintln!(
+                "drill: {:<58} {:>6.2} s {:>7} docs",
+                result.name, result.seconds, result.docs
+            );
+        }
+        self.steps.push(result);
+    }
+
+    fn add(a: &mut [u64], b: &[u64]) {
+        for (x, y) in a.iter_mut().zip(b) {
+            *x += y;
+        }
+    }
+}
+
+async fn start_gateway(
+    data: &Path,
+    set: &MigrationSet,
+) -> Result<(Gateway, String, tokio::task::JoinHandle<()>), DrillError> {
+    let gateway = Gateway::new(GatewayConfig {
+        backend: Backend::Embedded(data.to_path_buf()),
+        migrations: set.clone(),
+        databases: vec![DB.to_owned()],
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .map_err(err)
+        .map_err(step_error("gateway"))?;
+    let port = listener
+        .local_addr()
+        .map_err(err)
+        .map_err(step_error("gateway"))?
+        .port();
+    let router = rewind_gateway::router(gateway.clone());
+    let handle = tokio::spawn(async move {
+        let _ = axum::serve(listener, router).await;
+    });
+    Ok((gateway, format!("http://127.0.0.1:{port}"), handle))
+}
+
+async fn copy_store(from: &str, to: &str, step: &str) -> Result<(), DrillError> {
+    let src = rewind_store::open(from)
+        .await
+        .map_err(err)
+        .map_err(step_error(step))?;
+    let dst = rewind_store::open(to)
+        .await
+        .map_err(err)
+        .map_err(step_error(step))?;
+    if !dst.exists().await.map_err(err).map_err(step_error(step))? {
+        dst.create_db()
+            .await
+            .map_err(err)
+            .map_err(step_error(step))?;
+    }
+    rewind_store::copy(&src, &dst, |_| {})
+        .await
+        .map_err(err)
+        .map_err(step_error(step))?;
+    Ok(())
+}
+
+fn remove_store_files(path: &Path) {
+    for suffix in ["", "-wal", "-shm", "-journal"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+    }
+}
+
+/// Runs the drill.
+pub async fn run(opts: DrillOptions) -> Result<DrillReport, DrillError> {
+    let files = opts.migrations.clone().unwrap_or_else(builtin_migrations);
+    let set = MigrationSet::parse_files(&files, rewind_lens::DEFAULT_STAMP).map_err(|errors| {
+        step_error("migrations")(
+            errors
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("; "),
+        )
+    })?;
+    let latest = set.latest();
+    if latest == 0 {
+        return Err(step_error("migrations")(
+            "the migration set is empty".into(),
+        ));
+    }
+    let (work, temp) = match &opts.work_dir {
+        Some(dir) => (dir.clone(), None),
+        None => {
+            let dir = std::env::temp_dir().join(format!(
+                "rewind-drill-{}-{}",
+                std::process::id(),
+                opts.seed
+            ));
+            (dir.clone(), Some(TempDir(dir)))
+        }
+    };
+    let data = work.join("data");
+    let snapshot = work.join("snapshot");
+    let migrations_dir = work.join("migrations");
+    for dir in [&data, &snapshot, &migrations_dir] {
+        std::fs::create_dir_all(dir)
+            .map_err(err)
+            .map_err(step_error("setup"))?;
+    }
+    for (path, text) in &files {
+        let name = path.file_name().map(|n| n.to_owned()).unwrap_or_default();
+        std::fs::write(migrations_dir.join(name), text)
+            .map_err(err)
+            .map_err(step_error("setup"))?;
+    }
+    let db_path = data.join(format!("{DB}.db"));
+    remove_store_files(&db_path);
+    remove_store_files(Path::new(&format!("{}-rewind", db_path.display())));
+
+    // 0. The database, its snapshot, the gateway, the phones.
+    let started = Instant::now();
+    let originals: Vec<Value> = match &opts.db {
+        Some(target) => {
+            copy_store(
+                target,
+                &db_path.display().to_string(),
+                "copying the database",
+            )
+            .await?;
+            let store = rewind_store::open(&db_path.display().to_string())
+                .await
+                .map_err(err)
+                .map_err(step_error("setup"))?;
+            rewind_replicator::leaves(&store)
+                .await
+                .map_err(err)
+                .map_err(step_error("setup"))?
+                .into_iter()
+                .filter(|d| !d.deleted)
+                .map(|d| d.body)
+                .collect()
+        }
+        None => {
+            let store = rewind_store::open(&db_path.display().to_string())
+                .await
+                .map_err(err)
+                .map_err(step_error("setup"))?;
+            rewind_engine::load::load(
+                &store,
+                rewind_sample::docs(opts.docs, opts.seed),
+                1000,
+                &mut |_| {},
+            )
+            .await
+            .map_err(err)
+            .map_err(step_error("loading sample data"))?;
+            rewind_replicator::leaves(&store)
+                .await
+                .map_err(err)
+                .map_err(step_error("setup"))?
+                .into_iter()
+                .map(|d| d.body)
+                .collect()
+        }
+    };
+    let (gateway, base, mut server) = start_gateway(&data, &set).await?;
+    gateway
+        .open_database(DB)
+        .await
+        .map_err(err)
+        .map_err(step_error("setup"))?;
+    let snap_path = snapshot.join(format!("{DB}.db"));
+    remove_store_files(&snap_path);
+    remove_store_files(Path::new(&format!("{}-rewind", snap_path.display())));
+    copy_store(
+        &db_path.display().to_string(),
+        &snap_path.display().to_string(),
+        "snapshot",
+    )
+    .await?;
+    copy_store(
+        &format!("{}-rewind", db_path.display()),
+        &format!("{}-rewind", snap_path.display()),
+        "snapshot",
+    )
+    .await?;
+    let mut drill = Drill {
+        expect: Expectations::new(&originals),
+        opts: opts.clone(),
+        set,
+        work: work.clone(),
+        data: data.clone(),
+        migrations_dir,
+        gateway,
+        base,
+        devices: Vec::new(),
+        rng: Rng::new(opts.seed),
+        steps: Vec::new(),
+        kills: 0,
+        latest,
+        _temp: temp,
+    };
+    let devices = opts.devices.max(3);
+    for i in 0..devices {
+        let url = drill.url(Pin::Follow);
+        let phone = Phone::new(&format!("phone{i}"), &url)
+            .await
+            .map_err(err)
+            .map_err(step_error("phones"))?;
+        drill.devices.push(Device {
+            phone,
+            pin: Pin::Follow,
+            online: true,
+        });
+    }
+    let (pulled, bytes) = drill.sync_all("initial sync").await?;
+    drill.record(
+        &format!("phones pull the database at v0 ({devices} phones)"),
+        started,
+        pulled,
+        bytes,
+    );
+
+    // 1. Upgrade while v0 phones keep syncing and editing.
+    let started = Instant::now();
+    let mut bytes = vec![0; devices];
+    let engine = {
+        let gateway = drill.gateway.clone();
+        let set = drill.set.clone();
+        let kill = opts.kill;
+        tokio::spawn(async move {
+            if kill {
+                return Ok(0);
+            }
+            let db = gateway.open_database(DB).await.map_err(err)?;
+            let run = engine_run(
+                &db,
+                &set,
+                latest,
+                &RunOptions {
+                    batch: 100,
+                    ..RunOptions::default()
+                },
+                &mut |_| {},
+            )
+            .await
+            .map_err(err)?;
+            Ok::<u64, String>(run.counts.written)
+        })
+    };
+    let mut rounds = 0;
+    while rounds < 2 || !engine.is_finished() {
+        drill.edit_round("upgrade-traffic", 2, false).await?;
+        let (_, b) = drill.sync_all("sync during upgrade").await?;
+        Drill::add(&mut bytes, &b);
+        rounds += 1;
+        if rounds > 50 {
+            break;
+        }
+    }
+    let mut written = engine
+        .await
+        .map_err(err)
+        .map_err(step_error("upgrade"))?
+        .map_err(step_error("upgrade"))?;
+    written += drill.engine("upgrade", latest, false).await?;
+    drill.record(
+        &format!("upgrade v0 → v{latest} while phones sync and edit"),
+        started,
+        written,
+        bytes,
+    );
+
+    // 2. Some phones move to the new version and edit; two go offline and edit.
+    let started = Instant::now();
+    let (pulled, bytes) = drill.sync_all("sync at new version").await?;
+    let half = devices / 2;
+    for device in drill.devices.iter_mut().take(half) {
+        device.pin = Pin::At(latest);
+        device.phone.remote_url = format!("{}/v/{latest}/{DB}", drill.base);
+    }
+    for device in drill.devices.iter_mut().skip(half) {
+        device.pin = Pin::At(0);
+        device.phone.remote_url = format!("{}/v/0/{DB}", drill.base);
+    }
+    let (pulled2, bytes2) = drill.sync_all("phones switch version").await?;
+    let mut all_bytes = bytes;
+    Drill::add(&mut all_bytes, &bytes2);
+    drill.devices[half - 1].online = false; // a new-version phone goes offline
+    drill.devices[devices - 1].online = false; // an old-version phone goes offline
+    drill.edit_round("new-version", 2, false).await?;
+    drill.delete_one(0, "new-version").await?;
+    drill.edit_round("offline", 2, true).await?;
+    let (_, bytes3) = drill.sync_all("sync edits").await?;
+    Drill::add(&mut all_bytes, &bytes3);
+    drill.record(
+        &format!("{half} phones switch to v{latest} and edit; 2 go offline and edit"),
+        started,
+        pulled + pulled2,
+        all_bytes,
+    );
+
+    // 3. Roll back (the logout-bug case); online phones converge to v0.
+    let started = Instant::now();
+    let written = drill.engine("rollback", 0, true).await?;
+    let exact = checks::exact_rollback(&drill).await?;
+    for device in drill.devices.iter_mut() {
+        device.pin = Pin::Follow;
+        device.phone.remote_url = format!("{}/{DB}", drill.base);
+    }
+    let (_, bytes) = drill.sync_all("sync after rollback").await?;
+    drill.record(
+        "rollback to v0 (instant); online phones converge",
+        started,
+        written,
+        bytes,
+    );
+
+    // 4. The offline phones come back and push their v0 and new-version edits.
+    let started = Instant::now();
+    let offline_pins = [(half - 1, Pin::At(latest)), (devices - 1, Pin::At(0))];
+    let mut bytes = vec![0; devices];
+    for (i, pin) in offline_pins {
+        let url = drill.url(pin);
+        let device = &mut drill.devices[i];
+        device.online = true;
+        device.pin = pin;
+        device.phone.remote_url = url;
+        let report = device
+            .phone
+            .sync()
+            .await
+            .map_err(err)
+            .map_err(step_error("offline phones return"))?;
+        bytes[i] += report.pull.bytes_downloaded;
+        device.pin = Pin::Follow;
+        device.phone.remote_url = format!("{}/{DB}", drill.base);
+    }
+    let (pulled, b) = drill.sync_all("everyone syncs").await?;
+    Drill::add(&mut bytes, &b);
+    drill.record(
+        "offline phones return with v0 and new-version edits",
+        started,
+        pulled,
+        bytes,
+    );
+
+    // 5. Re-upgrade after the fix.
+    let started = Instant::now();
+    let written = drill.engine("re-upgrade", latest, false).await?;
+    let complement = checks::complement_restored(&drill).await?;
+    let (_, bytes) = drill.sync_all("sync after re-upgrade").await?;
+    drill.edit_round("after-fix", 1, false).await?;
+    let (_, b2) = drill.sync_all("sync edits after re-upgrade").await?;
+    let mut bytes = bytes;
+    Drill::add(&mut bytes, &b2);
+    drill.record(
+        &format!("re-upgrade to v{latest}; phones follow and edit"),
+        started,
+        written,
+        bytes,
+    );
+
+    // 5b. Restore the pre-upgrade snapshot while phones hold new-version documents.
+    let started = Instant::now();
+    drill.gateway.forget_all();
+    remove_store_files(&db_path);
+    let companion = PathBuf::from(format!("{}-rewind", db_path.display()));
+    remove_store_files(&companion);
+    copy_store(
+        &snap_path.display().to_string(),
+        &db_path.display().to_string(),
+        "restore",
+    )
+    .await?;
+    copy_store(
+        &format!("{}-rewind", snap_path.display()),
+        &companion.display().to_string(),
+        "restore",
+    )
+    .await?;
+    drill.gateway.forget_all();
+    let (pulled, bytes) = drill.sync_all("sync after restore").await?;
+    let written = drill.engine("upgrade after restore", latest, false).await?;
+    let (_, b2) = drill.sync_all("sync after upgrade").await?;
+    let (_, b3) = drill.sync_all("final sync").await?;
+    let mut bytes = bytes;
+    Drill::add(&mut bytes, &b2);
+    Drill::add(&mut bytes, &b3);
+    drill.record(
+        "restore the pre-upgrade snapshot; phones push back what it lost; upgrade again",
+        started,
+        pulled + written,
+        bytes,
+    );
+
+    // 7. The invariants.
+    let mut invariants = checks::final_checks(&drill, exact, complement).await?;
+    let determinism = checks::determinism(&drill).await?;
+    invariants.push(determinism);
+    invariants.sort_by_key(|i| i.number);
+    server.abort();
+    let _ = (&mut server).await;
+    let holds = invariants.iter().all(|i| i.holds);
+    let _ = drill.work.clone();
+    Ok(DrillReport {
+        docs: originals.len() as u64,
+        devices,
+        seed: opts.seed,
+        versions: (0, latest),
+        kills: drill.kills,
+        edits: drill.expect.edits,
+        steps: drill.steps.clone(),
+        invariants,
+        holds,
+    })
+}
+
+impl Drill {
+    pub(crate) fn devices(&self) -> &[Device] {
+        &self.devices
+    }
+    pub(crate) fn set(&self) -> &MigrationSet {
+        &self.set
+    }
+    pub(crate) fn expect(&self) -> &Expectations {
+        &self.expect
+    }
+    pub(crate) fn base(&self) -> &str {
+        &self.base
+    }
+    pub(crate) fn data_dir(&self) -> &Path {
+        &self.data
+    }
+    pub(crate) fn kill_mode(&self) -> bool {
+        self.opts.kill
+    }
+    pub(crate) fn latest(&self) -> u32 {
+        self.latest
+    }
+}
+
+/// The server's store.
+pub(crate) async fn server_store(drill: &Drill) -> Result<AnyStore, DrillError> {
+    Ok(drill
+        .gateway
+        .open_database(DB)
+        .await
+        .map_err(err)
+        .map_err(step_error("checks"))?
+        .data)
+}
