@@ -1,0 +1,66 @@
+//! The one error type of this crate.
+
+use rewind_store::StoreError;
+
+/// Everything replication and the simulated phone can fail with.
+///
+/// Every message names the databases involved; they are rendered through
+/// [`rewind_store::redact_url`], so no password ever appears in one.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplicateError {
+    /// A store operation failed during a replication.
+    #[error("replication {replication}: {step}: {error}")]
+    Store {
+        /// `source -> target`, credentials removed.
+        replication: String,
+        /// What the replicator was doing, e.g. "reading the source's changes".
+        step: String,
+        #[source]
+        error: Box<StoreError>,
+    },
+    /// The source listed a revision in its changes feed but could not give it.
+    #[error(
+        "replication {replication}: the source could not give document {id} revision {rev}: \
+         {error}: {reason}"
+    )]
+    Fetch {
+        replication: String,
+        id: String,
+        rev: String,
+        error: String,
+        reason: String,
+    },
+    /// The target refused a replicated revision for a reason other than
+    /// access control (`forbidden`/`unauthorized` refusals are counted in the
+    /// report instead, as PouchDB does).
+    #[error("replication {replication}: the target refused document {id}: {error}: {reason}")]
+    Refused {
+        replication: String,
+        id: String,
+        error: String,
+        reason: String,
+    },
+    /// `GET /` on a server did not give an answer we can use.
+    #[error("{url}: cannot read the server's uuid: {reason}")]
+    Uuid { url: String, reason: String },
+    /// A phone's own operation failed (opening its stores, reading or writing
+    /// its local database).
+    #[error("phone {phone}: {step}: {error}")]
+    Phone {
+        phone: String,
+        step: String,
+        #[source]
+        error: Box<StoreError>,
+    },
+    /// A phone could not create its temporary directory.
+    #[error("phone {phone}: cannot create {path}: {error}")]
+    TempDir {
+        phone: String,
+        path: String,
+        #[source]
+        error: std::io::Error,
+    },
+}
+
+/// Shorthand used across the crate.
+pub type Result<T, E = ReplicateError> = std::result::Result<T, E>;
