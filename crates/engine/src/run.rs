@@ -266,7 +266,15 @@ pub async fn run(
     opts: &RunOptions,
     progress: &mut (dyn FnMut(&Progress) + Send),
 ) -> Result<Run> {
-    let owner = owner_name();
+    // Unique per run, not only per process and millisecond: two runs started
+    // together in one process (a test, the drill) must not both think they
+    // hold the lease.
+    static RUNS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let owner = format!(
+        "{}:{}",
+        owner_name(),
+        RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    );
     let mut state = State::acquire(db, &owner).await?;
     let result = run_with_lease(db, set, to, opts, progress, &mut state).await;
     match &result {
