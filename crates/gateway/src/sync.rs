@@ -315,6 +315,14 @@ impl Session<'_> {
             let mut newest = rev.clone();
             if !is_deleted(&doc) && version != target && MigrationSet::is_migratable(&doc) {
                 let mut translated = doc.clone();
+                // A body with no stamp is read at the client's version; tell
+                // the lens, which takes an unstamped body for version 0 and
+                // would skip every step going down.
+                if version > 0 && self.set.stamp_of(&translated).is_none() {
+                    if let Some(object) = translated.as_object_mut() {
+                        object.insert(self.set.stamp_field().to_owned(), Value::from(version));
+                    }
+                }
                 self.set
                     .translate(
                         &mut translated,
