@@ -501,7 +501,8 @@ pub async fn run(opts: DrillOptions) -> Result<DrillReport, DrillError> {
                 std::process::id(),
                 opts.seed
             ));
-            (dir.clone(), Some(TempDir(dir)))
+            let keep = std::env::var_os("REWIND_DRILL_KEEP").is_some();
+            (dir.clone(), (!keep).then(|| TempDir(dir)))
         }
     };
     let data = work.join("data");
@@ -608,7 +609,11 @@ pub async fn run(opts: DrillOptions) -> Result<DrillReport, DrillError> {
     let devices = opts.devices.max(3);
     for i in 0..devices {
         let url = drill.url(Pin::Follow);
-        let phone = Phone::new(&format!("phone{i}"), &url)
+        let phones_dir = work.join("phones");
+        std::fs::create_dir_all(&phones_dir).map_err(err).map_err(step_error("phones"))?;
+        let local = phones_dir.join(format!("phone{i}.db"));
+        remove_store_files(&local);
+        let phone = Phone::open(&format!("phone{i}"), &local, &url)
             .await
             .map_err(err)
             .map_err(step_error("phones"))?;

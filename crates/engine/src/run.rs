@@ -206,55 +206,76 @@ fn rewrite(
             if stamped <= to {
                 return Ok(None);
             }
-            // Untouched since the upgrade(s): restore the before-image(s).
-            let mut current = body_hash(leaf);
-            let mut restored: Option<(Value, u32)> = None;
-            while let Some(image) = journal.images.last() {
-                if image.after != current {
-                    break;
+            let before = serde_json::to_string(&body_of(leaf)).unwrap_or_default();
+            let (mut doc, restored) = match restore_images(journal, leaf, to)? {
+                // Untouched since the upgrade(s): the before-image, exactly.
+                Some((mut body, version)) => {
+                    // The complements of the undone steps were consumed.
+                    for v in version + 1..=from {
+                        journal.keep(v, None);
+                    }
+                    if version != to {
+                        // Partly restored (an edit between two upgrades):
+                        // the rest of the way by translation.
+                        set.translate(&mut body, version, to, &mut JournalComplements(journal))
+                            .map_err(lens_error)?;
+                    }
+                    if let (Some(object), Some(rev)) = (body.as_object_mut(), leaf.get("_rev")) {
+                        object.insert("_rev".into(), rev.clone());
+                    }
+                    (body, true)
                 }
-                let body: Value = serde_json::from_str(&image.body)
-                    .map_err(|e| EngineError::Corrupt(format!("before-image of {id}: {e}")))?;
-                current = body_hash(&body);
-                let from_version = image.from;
-                journal.images.pop();
-                restored = Some((body, from_version));
-                if from_version <= to {
-                    break;
-                }
-            }
-            if let Some((mut body, version)) = restored {
-                // The complements of the undone steps were consumed.
-                for v in version + 1..=from {
-                    journal.keep(v, None);
-                }
-                if version != to {
-                    // Partly restored (an edit between two upgrades): the
-                    // rest of the way by translation.
-                    set.translate(&mut body, version, to, &mut JournalComplements(journal))
+                // Edited since, or created at the newer version: translate down.
+                None => {
+                    let mut doc = leaf.clone();
+                    set.translate(&mut doc, from, to, &mut JournalComplements(journal))
                         .map_err(lens_error)?;
+                    if body_hash(&doc) == body_hash(leaf) {
+                        return Ok(None);
+                    }
+                    (doc, false)
                 }
-                if let (Some(object), Some(rev)) = (body.as_object_mut(), leaf.get("_rev")) {
-                    object.insert("_rev".into(), rev.clone());
-                }
-                return Ok(Some(Rewrite {
-                    doc: body,
-                    restored: true,
-                }));
+            };
+            // The rollback's revision is system-written too: recorded, so
+            // that views see through it and a phone's edit of an older
+            // revision wins over it.
+            journal.push_image(Image {
+                from: stamped.min(from),
+                to,
+                rev: rev_of(leaf),
+                after: body_hash(&doc),
+                body: before,
+            });
+            if let Some(object) = doc.as_object_mut() {
+                object.shift_remove("_revisions");
             }
-            // Edited since, or created at the newer version: translate down.
-            let mut doc = leaf.clone();
-            set.translate(&mut doc, from, to, &mut JournalComplements(journal))
-                .map_err(lens_error)?;
-            if body_hash(&doc) == body_hash(leaf) {
-                return Ok(None);
-            }
-            Ok(Some(Rewrite {
-                doc,
-                restored: false,
-            }))
+            Ok(Some(Rewrite { doc, restored }))
         }
     }
+}
+
+/// Follows the before-images of upgrades back from `leaf` while each is
+/// exactly what an upgrade wrote, down to version `to` or below. Returns the
+/// oldest body reached and its version.
+fn restore_images(journal: &Journal, leaf: &Value, to: u32) -> Result<Option<(Value, u32)>> {
+    let mut current = body_hash(leaf);
+    let mut below = journal.images.len();
+    let mut restored = None;
+    while let Some(index) = journal.images[..below]
+        .iter()
+        .rposition(|image| image.after == current && image.from < image.to)
+    {
+        let image = &journal.images[index];
+        let body: Value = serde_json::from_str(&image.body)
+            .map_err(|e| EngineError::Corrupt(format!("before-image of {}: {e}", id_of(leaf))))?;
+        current = body_hash(&body);
+        restored = Some((body, image.from));
+        below = index;
+        if image.from <= to {
+            break;
+        }
+    }
+    Ok(restored)
 }
 
 /// Runs an upgrade (`to > current`) or a rollback (`to < current`), or

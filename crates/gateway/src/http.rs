@@ -902,19 +902,7 @@ async fn bulk_docs(session: &Session<'_>, call: &Call) -> Result<Response, Gatew
                 ));
             }
         }
-        let errors = if session.passthrough() {
-            session
-                .db
-                .data
-                .bulk_docs(docs, false)
-                .await?
-                .into_iter()
-                .filter(|r| r.error.is_some())
-                .map(|r| serde_json::to_value(r).unwrap_or_default())
-                .collect()
-        } else {
-            session.push(docs).await?
-        };
+        let errors = session.push(docs).await?;
         return Ok(json_response(201, &Value::Array(errors)));
     }
     let mut results = Vec::with_capacity(docs.len());
@@ -997,10 +985,14 @@ async fn all_docs(session: &Session<'_>, call: &Call) -> Result<Response, Gatewa
         descending: call.flag("descending"),
     };
     let mut answer = session.db.data.all_docs(&opts).await?;
-    if !session.passthrough() {
+    let ids: Vec<String> = answer.rows.iter().filter_map(|r| r.id.clone()).collect();
+    let journaled = session.journals(&ids).await?;
+    {
         for row in &mut answer.rows {
             let Some(id) = row.id.clone() else { continue };
-            if row.value.as_ref().is_some_and(|v| v.deleted) {
+            if row.value.as_ref().is_some_and(|v| v.deleted)
+                || (session.plain() && !journaled.contains_key(&id))
+            {
                 continue;
             }
             if let Some(presented) = winner(session.presented_leaves(&id).await?) {

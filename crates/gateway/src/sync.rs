@@ -50,9 +50,11 @@ impl Session<'_> {
             .unwrap_or(self.state.version)
     }
 
-    /// True when documents pass through unchanged: the client is at the
-    /// storage version and no run is rewriting documents.
-    pub fn passthrough(&self) -> bool {
+    /// True when a document with no journal passes through unchanged: the
+    /// client is at the storage version and no run is rewriting documents.
+    /// (A journaled document may have a system-written history that views
+    /// see through, so it is always presented.)
+    pub fn plain(&self) -> bool {
         self.state.run.is_none() && self.k == self.state.version
     }
 
@@ -135,15 +137,21 @@ impl Session<'_> {
 
     /// A normal changes feed, with each leaf's presented revision.
     pub async fn changes(&self, opts: &ChangesOptions) -> Result<Changes, GatewayError> {
-        if self.passthrough() {
-            return Ok(self.db.data.changes(opts).await?);
-        }
-        let mut inner = opts.clone();
-        inner.include_docs = false;
-        let mut changes = self.db.data.changes(&inner).await?;
-        // Fetch every listed leaf with its history, present, and rewrite the rows.
+        let mut changes = self.db.data.changes(opts).await?;
+        // Documents with no journal pass through when the client is at the
+        // storage version; the others are fetched with their history and
+        // presented.
+        let journaled: std::collections::HashSet<String> = if self.plain() {
+            let ids: Vec<String> = changes.results.iter().map(|r| r.id.clone()).collect();
+            self.journals(&ids).await?.into_keys().collect()
+        } else {
+            changes.results.iter().map(|r| r.id.clone()).collect()
+        };
         let mut leaves = Vec::new();
         for row in &changes.results {
+            if !journaled.contains(&row.id) {
+                continue;
+            }
             if row.changes.len() == 1 && !row.deleted {
                 leaves.push((row.id.clone(), Some(row.changes[0].rev.clone())));
             } else {
@@ -190,6 +198,9 @@ impl Session<'_> {
             by_id.entry(id_of(&p.doc)).or_default().push(p);
         }
         for row in &mut changes.results {
+            if !journaled.contains(&row.id) {
+                continue;
+            }
             if let Some(ps) = by_id.get(&row.id) {
                 // The winner first, as CouchDB lists it.
                 row.changes = ps
@@ -217,7 +228,7 @@ impl Session<'_> {
     /// A document at a presented revision (or its winner), as `_bulk_get`
     /// and `GET /{db}/{id}` answer. `None` when there is no such revision.
     pub async fn get(&self, id: &str, rev: Option<&str>) -> Result<Option<Value>, GatewayError> {
-        if self.passthrough() {
+        if self.plain() && self.journals(&[id.to_owned()]).await?.is_empty() {
             let opts = GetOptions {
                 rev: rev.map(str::to_owned),
                 revs: true,
@@ -258,10 +269,12 @@ impl Session<'_> {
         asked: BTreeMap<String, Vec<String>>,
     ) -> Result<BTreeMap<String, rewind_store::RevsDiffEntry>, GatewayError> {
         let mut missing = self.db.data.revs_diff(asked).await?;
-        if self.passthrough() {
-            return Ok(missing);
+        let mut ids: Vec<String> = missing.keys().cloned().collect();
+        if self.plain() {
+            // Only journaled documents can have presented revisions.
+            let journaled = self.journals(&ids).await?;
+            ids.retain(|id| journaled.contains_key(id));
         }
-        let ids: Vec<String> = missing.keys().cloned().collect();
         for id in ids {
             let presented = self.presented_leaves(&id).await?;
             if let Some(entry) = missing.get_mut(&id) {
@@ -283,36 +296,43 @@ impl Session<'_> {
     /// appears. Synthetic revisions coming back are ignored.
     pub async fn push(&self, docs: Vec<Value>) -> Result<Vec<Value>, GatewayError> {
         let target = self.storage_version();
+        let docs: Vec<Value> = docs
+            .into_iter()
+            .filter(|doc| is_deleted(doc) || !view::is_synthetic(doc, self.k, self.checksum))
+            .collect();
+        if docs.is_empty() {
+            return Ok(Vec::new());
+        }
+        // 1. Every revision as sent (one batch).
         let mut errors = Vec::new();
+        let mut failed = std::collections::HashSet::new();
+        for failure in self.db.data.bulk_docs(docs.clone(), false).await? {
+            if failure.error.is_some() {
+                failed.insert(failure.id.clone());
+                errors.push(serde_json::to_value(failure).unwrap_or_default());
+            }
+        }
+        let ids: Vec<String> = docs.iter().map(id_of).collect();
+        let mut journals = self.journals(&ids).await?;
         for doc in docs {
             let id = id_of(&doc);
-            if !is_deleted(&doc) && view::is_synthetic(&doc, self.k, self.checksum) {
+            if failed.contains(&id) {
                 continue;
             }
             let chain = view::history(&doc);
-            let Some(rev) = chain.first().cloned() else {
-                errors.push(json!({"id": id, "error": "bad_request", "reason": "a replicated document needs `_rev`"}));
-                continue;
-            };
+            let Some(rev) = chain.first().cloned() else { continue };
             // The version a pushed body is read at: its stamp, else the client's.
             let version = if is_deleted(&doc) {
                 target
             } else {
-                self.set
-                    .stamp_of(&doc)
-                    .unwrap_or(self.k)
-                    .min(self.set.latest())
+                self.set.stamp_of(&doc).unwrap_or(self.k).min(self.set.latest())
             };
-            let stored = self.db.data.bulk_docs(vec![doc.clone()], false).await?;
-            if let Some(failure) = stored.into_iter().find(|r| r.error.is_some()) {
-                errors.push(
-                    json!({"id": id, "rev": rev, "error": failure.error, "reason": failure.reason}),
-                );
-                continue;
-            }
-            let mut journals = self.journals(std::slice::from_ref(&id)).await?;
             let mut journal = journals.remove(&id).unwrap_or_default();
+            let journaled = !journal.is_empty();
             let mut newest = rev.clone();
+            // 2. Its translation to the server's version, journaled first: a
+            // crash in between leaves the client's revision as the leaf,
+            // which views translate on the fly.
             if !is_deleted(&doc) && version != target && MigrationSet::is_migratable(&doc) {
                 let mut translated = doc.clone();
                 // A body with no stamp is read at the client's version; tell
@@ -324,16 +344,9 @@ impl Session<'_> {
                     }
                 }
                 self.set
-                    .translate(
-                        &mut translated,
-                        version,
-                        target,
-                        &mut JournalComplements(&mut journal),
-                    )
+                    .translate(&mut translated, version, target, &mut JournalComplements(&mut journal))
                     .map_err(|e| GatewayError::Lens(id.clone(), e))?;
                 if body_hash(&translated) != body_hash(&doc) {
-                    // Journal first: a crash here leaves the client's revision
-                    // as the leaf, which views translate on the fly.
                     journal.push_image(Image {
                         from: version,
                         to: target,
@@ -352,7 +365,10 @@ impl Session<'_> {
                     }
                 }
             }
-            self.resolve(&id, &chain, &newest, &journal).await?;
+            // 3. A human edit wins over what rewind wrote on its ancestors.
+            if journaled || !journal.is_empty() {
+                self.resolve(&id, &chain, &newest, &journal).await?;
+            }
         }
         Ok(errors)
     }
@@ -437,7 +453,7 @@ impl Session<'_> {
         mut doc: Value,
     ) -> Result<Result<(String, String), GatewayError>, GatewayError> {
         let id = id_of(&doc);
-        if self.passthrough() {
+        if self.plain() && self.journals(std::slice::from_ref(&id)).await?.is_empty() {
             return Ok(match self.db.data.put(doc).await {
                 Ok(rev) => Ok((id, rev)),
                 Err(e) => Err(e.into()),

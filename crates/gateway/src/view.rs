@@ -151,14 +151,8 @@ pub fn present(
     let rev = hist.first().cloned().unwrap_or_default();
     let seen = view(set, leaf, k, journal)?;
     let wanted = body_hash(&seen);
-    if wanted == body_hash(leaf) {
-        return Ok(Presented {
-            rev,
-            doc: leaf.clone(),
-            synthetic: false,
-        });
-    }
-    // Walk back through system-written revisions with the same view.
+    // Walk back through system-written revisions with the same view: an
+    // ancestor that already is the version-k body is what a phone at k holds.
     let mut at = 0usize;
     let mut body = body_of(leaf);
     loop {
@@ -168,14 +162,15 @@ pub fn present(
             (image.after == here).then_some((at + 1 + pos, image))
         });
         let Some((pos, image)) = step else { break };
-        let Ok(previous) = serde_json::from_str::<Value>(&image.body) else {
-            break;
-        };
+        let Ok(previous) = serde_json::from_str::<Value>(&image.body) else { break };
         if body_hash(&view(set, &previous, k, journal)?) != wanted {
             break;
         }
         at = pos;
         body = previous;
+    }
+    if at == 0 && wanted == body_hash(leaf) {
+        return Ok(Presented { rev, doc: leaf.clone(), synthetic: false });
     }
     let base = &hist[at..];
     if at > 0 && body_hash(&body) == wanted {
