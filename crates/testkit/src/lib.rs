@@ -197,8 +197,17 @@ pub fn shared_server() -> &'static PouchServer {
 
 /// Writes `docs` into `target` (created if missing) with `_bulk_docs`
 /// (`new_edits=true`), panicking on any per-document error.
+///
+/// Opens a new store on `target`. The embedded store wants one writer per
+/// file: while another handle on the same file writes, use [`load_into`].
 pub async fn load_docs(target: &str, docs: impl IntoIterator<Item = Value>) -> AnyStore {
     let store = rewind_store::open(target).await.expect("open the target");
+    load_into(&store, docs).await;
+    store
+}
+
+/// Writes `docs` into `store` (created if missing), panicking on any error.
+pub async fn load_into(store: &AnyStore, docs: impl IntoIterator<Item = Value>) {
     if !store.exists().await.expect("exists") {
         store.create_db().await.expect("create the database");
     }
@@ -212,7 +221,6 @@ pub async fn load_docs(target: &str, docs: impl IntoIterator<Item = Value>) -> A
             assert!(r.is_ok(), "loading {}: {:?} {:?}", r.id, r.error, r.reason);
         }
     }
-    store
 }
 
 /// Loads the first `n` sample documents of `seed` (as `rewind sample`
