@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# Upgrade throughput, one table: on pouchdb-server, the Node CHT-style
+# migration (shared/baseline/migrate-baseline.js), `rewind upgrade` with the
+# same transform (examples/baseline), and raw `_bulk_docs` of pre-built docs
+# (gen.js load); on the embedded store, `rewind upgrade` and `rewind
+# rollback`. Wall time, docs/s and peak RSS of the migrating process.
+#
+# usage: N=20000 scripts/bench-upgrade.sh      (N=1000000 for the big run; not for CI)
+# Needs node, `npm ci --prefix tests/pouchdb`, and ../shared/baseline (or BASELINE=dir).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$PWD
+N=${N:-20000}
+BATCH=${BATCH:-500}
+baseline=${BASELINE:-$root/../shared/baseline}
+modules=$root/tests/pouchdb/node_modules
+[ -d "$modules/pouchdb-server" ] || { echo "bench: run \`npm ci --prefix tests/pouchdb\` first" >&2; exit 1; }
+[ -f "$baseline/migrate-baseline.js" ] || { echo "bench: $baseline/migrate-baseline.js not found (set BASELINE=dir)" >&2; exit 1; }
+[ -x /usr/bin/time ] || { echo "bench: needs /usr/bin/time (GNU time) for peak RSS" >&2; exit 1; }
+export NODE_PATH=$modules
+
+echo "bench: building rewind (release)" >&2
+cargo build --release -q -p rewind-cli
+rewind=$root/target/release/rewind
+
+tmp=$(mktemp -d -t rewind-bench.XXXXXX)
+port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+(cd "$tmp" && exec node "$modules/pouchdb-server/bin/pouchdb-server" --host 127.0.0.1 --port "$port" --dir "$tmp" >"$tmp/server.log" 2>&1) &
+server=$!
+trap 'kill $server 2>/dev/null; wait $server 2>/dev/null; rm -rf "$tmp"' EXIT
+for _ in $(seq 1 150); do curl -fs "http://127.0.0.1:$port/" >/dev/null && break; sleep 0.2; done
+url=http://127.0.0.1:$port
+
+rows=()
+# measure NAME DOCS COMMAND...: wall seconds and peak RSS of COMMAND.
+measure() {
+  local name=$1 docs=$2; shift 2
+  local t0 t1 secs rss
+  t0=$(date +%s.%N)
+  /usr/bin/time -v -o "$tmp/time" "$@" >"$tmp/out" 2>"$tmp/err" || { echo "bench: $name failed:" >&2; cat "$tmp/out" "$tmp/err" >&2; exit 1; }
+  t1=$(date +%s.%N)
+  secs=$(echo "$t1 - $t0" | bc -l)
+  rss=$(awk -F': ' '/Maximum resident set size/ {print int($2/1024)}' "$tmp/time")
+  rows+=("$(printf '%-58s %9d %8.1f %10.0f %8s' "$name" "$docs" "$secs" "$(echo "$docs / $secs" | bc -l)" "${rss} MB")")
+}
+
+echo "bench: N=$N, loading pouchdb-server" >&2
+node "$baseline/gen.js" "$N" "$url/node" >/dev/null
+measure "pouchdb-server: raw _bulk_docs of pre-built docs (gen.js)" "$N" node "$baseline/gen.js" "$N" "$url/raw"
+measure "pouchdb-server: Node CHT-style migration (migrate-baseline)" "$N" node "$baseline/migrate-baseline.js" "$url/node"
+node_line=$(cat "$tmp/out")
+node "$baseline/gen.js" "$N" "$url/rewind" >/dev/null
+measure "pouchdb-server: rewind upgrade 0 → 2 (examples/baseline)" "$N" \
+  "$rewind" upgrade --db "$url/rewind" --migrations examples/baseline --batch "$BATCH"
+measure "pouchdb-server: rewind rollback 2 → 0" "$N" \
+  "$rewind" rollback --db "$url/rewind" --migrations examples/baseline --to 0 --batch "$BATCH"
+
+echo "bench: loading the embedded store" >&2
+"$rewind" sample --docs "$N" --seed 1 --db "$tmp/e.db" >/dev/null
+measure "embedded: rewind upgrade 0 → 2 (examples/baseline)" "$N" \
+  "$rewind" upgrade --db "$tmp/e.db" --migrations examples/baseline --batch "$BATCH"
+measure "embedded: rewind rollback 2 → 0" "$N" \
+  "$rewind" rollback --db "$tmp/e.db" --migrations examples/baseline --to 0 --batch "$BATCH"
+"$rewind" sample --docs "$N" --seed 1 --db "$tmp/cht.db" >/dev/null
+measure "embedded: rewind upgrade 0 → 7 (examples/cht)" "$N" \
+  "$rewind" upgrade --db "$tmp/cht.db" --migrations examples/cht --batch "$BATCH"
+measure "embedded: rewind rollback 7 → 0 (examples/cht)" "$N" \
+  "$rewind" rollback --db "$tmp/cht.db" --migrations examples/cht --to 0 --batch "$BATCH"
+
+echo
+echo "N = $N documents (docs/s = documents in the database / wall time; rewind --batch $BATCH)"
+printf '%-58s %9s %8s %10s %8s\n' "step" "docs" "secs" "docs/s" "peak RSS"
+for r in "${rows[@]}"; do echo "$r"; done
+echo
+echo "node: $node_line"
