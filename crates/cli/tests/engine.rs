@@ -324,20 +324,6 @@ impl Rng {
 }
 
 macro_rules! both {
-    (#[ignore = $why:literal] $($name:ident),* $(,)?) => {$(
-        mod $name {
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            #[ignore = $why]
-            async fn embedded() {
-                super::$name(super::Backend::Embedded).await;
-            }
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            #[ignore = $why]
-            async fn couch() {
-                super::$name(super::Backend::Couch).await;
-            }
-        }
-    )*};
     ($($name:ident),* $(,)?) => {$(
         mod $name {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -357,19 +343,9 @@ both!(
     edits_between_upgrade_and_rollback_survive_and_the_complement_comes_back,
     concurrent_edits_during_upgrade_and_rollback_are_all_kept,
     kill_9_during_upgrade_migrates_every_document_exactly_once,
+    kill_9_during_rollback_restores_every_byte,
     two_concurrent_upgrades_one_wins_the_other_is_refused,
     a_changed_migration_file_is_refused_and_plan_writes_nothing,
-);
-
-// Known failure (engine): a rollback journals the consumed before-image and
-// complements before it writes the document, so a kill between the two
-// leaves the document at v7 with an empty journal, and the resumed rollback
-// translates it down without complements (`lineage: {}` left behind,
-// `legacy_code: null`). The rollback rewrite in progress in run.rs keeps the
-// before-images and passes this test; un-ignore it when that lands.
-both!(
-    #[ignore = "engine: kill -9 during a rollback loses the complement"]
-    kill_9_during_rollback_restores_every_byte,
 );
 
 // ---------------------------------------------------------------------------
