@@ -610,7 +610,9 @@ pub async fn run(opts: DrillOptions) -> Result<DrillReport, DrillError> {
     for i in 0..devices {
         let url = drill.url(Pin::Follow);
         let phones_dir = work.join("phones");
-        std::fs::create_dir_all(&phones_dir).map_err(err).map_err(step_error("phones"))?;
+        std::fs::create_dir_all(&phones_dir)
+            .map_err(err)
+            .map_err(step_error("phones"))?;
         let local = phones_dir.join(format!("phone{i}.db"));
         remove_store_files(&local);
         let phone = Phone::open(&format!("phone{i}"), &local, &url)

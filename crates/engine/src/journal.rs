@@ -49,8 +49,16 @@ pub struct Journal {
     /// Complements by migration version.
     #[serde(default)]
     pub kept: Map<String, Value>,
+    /// Revisions adopted from phones after the server lost their base (a
+    /// restore): copies of content that yield to any other leaf.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub adopted: Vec<String>,
+    /// Deletions phones pushed (as opposed to tombstones rewind wrote).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub deleted: Vec<String>,
+    /// The journal document's revision, as read (for conditional writes).
     #[serde(rename = "_rev", skip_serializing_if = "Option::is_none", default)]
-    pub(crate) rev: Option<String>,
+    pub rev: Option<String>,
 }
 
 /// The journal document id of a document.
@@ -139,7 +147,10 @@ impl Journal {
 
     /// True when the journal holds nothing.
     pub fn is_empty(&self) -> bool {
-        self.images.is_empty() && self.kept.is_empty()
+        self.images.is_empty()
+            && self.kept.is_empty()
+            && self.adopted.is_empty()
+            && self.deleted.is_empty()
     }
 }
 

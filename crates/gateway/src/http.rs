@@ -830,21 +830,36 @@ async fn bulk_get(session: &Session<'_>, call: &Call) -> Result<Response, Gatewa
             GatewayError::BadRequest("each _bulk_get entry needs a string `id`".into())
         })?;
         let rev = item.get("rev").and_then(Value::as_str);
-        let found = session.get(id, rev).await?;
-        let entry = match found {
-            Some(mut doc) => {
-                if !revs {
-                    if let Some(o) = doc.as_object_mut() {
-                        o.shift_remove("_revisions");
+        let mut found: Vec<Value> = session.get(id, rev).await?.into_iter().collect();
+        if found.is_empty() && rev.is_some() && call.flag("latest") {
+            // The document moved on since the changes feed listed this
+            // revision: the latest is what it has now.
+            found = session
+                .presented_leaves(id)
+                .await?
+                .into_iter()
+                .filter(|p| p.doc.get("_deleted").and_then(Value::as_bool) != Some(true))
+                .map(|p| p.doc)
+                .collect();
+        }
+        let entries: Vec<Value> = if found.is_empty() {
+            vec![
+                json!({"error": {"id": id, "rev": rev.unwrap_or("undefined"), "error": "not_found", "reason": "missing"}}),
+            ]
+        } else {
+            found
+                .into_iter()
+                .map(|mut doc| {
+                    if !revs {
+                        if let Some(o) = doc.as_object_mut() {
+                            o.shift_remove("_revisions");
+                        }
                     }
-                }
-                json!({"ok": doc})
-            }
-            None => {
-                json!({"error": {"id": id, "rev": rev.unwrap_or("undefined"), "error": "not_found", "reason": "missing"}})
-            }
+                    json!({"ok": doc})
+                })
+                .collect()
         };
-        results.push(json!({"id": id, "docs": [entry]}));
+        results.push(json!({"id": id, "docs": entries}));
     }
     Ok(json_response(200, &json!({"results": results})))
 }
@@ -985,14 +1000,10 @@ async fn all_docs(session: &Session<'_>, call: &Call) -> Result<Response, Gatewa
         descending: call.flag("descending"),
     };
     let mut answer = session.db.data.all_docs(&opts).await?;
-    let ids: Vec<String> = answer.rows.iter().filter_map(|r| r.id.clone()).collect();
-    let journaled = session.journals(&ids).await?;
     {
         for row in &mut answer.rows {
             let Some(id) = row.id.clone() else { continue };
-            if row.value.as_ref().is_some_and(|v| v.deleted)
-                || (session.plain() && !journaled.contains_key(&id))
-            {
+            if row.value.as_ref().is_some_and(|v| v.deleted) {
                 continue;
             }
             if let Some(presented) = winner(session.presented_leaves(&id).await?) {

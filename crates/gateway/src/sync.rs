@@ -85,33 +85,95 @@ impl Session<'_> {
         Ok(out)
     }
 
-    /// Presents stored leaves (with `_revisions`) at the client's version.
+    /// Presents stored leaves (with `_revisions`) at the client's version:
+    /// for each, what `view::present` gives (live views and retirements);
+    /// deleted leaves as they are.
     pub async fn present_all(&self, leaves: &[Value]) -> Result<Vec<Presented>, GatewayError> {
         let mut ids: Vec<String> = leaves.iter().map(id_of).collect();
         ids.sort();
         ids.dedup();
         let journals = self.journals(&ids).await?;
         let empty = Journal::default();
-        leaves
-            .iter()
-            .map(|leaf| {
-                if is_deleted(leaf) {
-                    let rev = leaf
-                        .get("_rev")
-                        .and_then(Value::as_str)
-                        .unwrap_or("")
-                        .to_owned();
-                    return Ok(Presented {
-                        rev,
-                        doc: leaf.clone(),
-                        synthetic: false,
-                    });
+        // The bodies of each live leaf's parent and grandparent: from the
+        // journal's before-images, else from the store.
+        let mut ancestors: HashMap<(String, String), Value> = HashMap::new();
+        let mut wanted = Vec::new();
+        for leaf in leaves.iter().filter(|l| !is_deleted(l)) {
+            let id = id_of(leaf);
+            let journal = journals.get(&id).unwrap_or(&empty);
+            for rev in view::history(leaf).into_iter().skip(1).take(2) {
+                match journal.images.iter().find(|i| i.rev == rev) {
+                    Some(image) => {
+                        if let Ok(body) = serde_json::from_str::<Value>(&image.body) {
+                            ancestors.insert((id.clone(), rev), body);
+                        }
+                    }
+                    None => wanted.push(BulkGetRequest::new(id.clone(), Some(&rev))),
                 }
-                let journal = journals.get(&id_of(leaf)).unwrap_or(&empty);
-                view::present(self.set, self.checksum, leaf, self.k, journal)
-                    .map_err(|e| GatewayError::Lens(id_of(leaf), e))
-            })
-            .collect()
+            }
+        }
+        if !wanted.is_empty() {
+            let got = self
+                .db
+                .data
+                .bulk_get(
+                    wanted,
+                    BulkGetOptions {
+                        revs: false,
+                        latest: false,
+                        attachments: false,
+                    },
+                )
+                .await?;
+            for result in got {
+                for item in result.docs {
+                    if let BulkGetItem::Ok(doc) = item {
+                        if let Some(rev) = doc.get("_rev").and_then(Value::as_str) {
+                            ancestors.insert((result.id.clone(), rev.to_owned()), body_of(&doc));
+                        }
+                    }
+                }
+            }
+        }
+        let mut out = Vec::new();
+        for leaf in leaves {
+            if is_deleted(leaf) {
+                let rev = leaf
+                    .get("_rev")
+                    .and_then(Value::as_str)
+                    .unwrap_or("")
+                    .to_owned();
+                out.push(Presented {
+                    rev,
+                    doc: leaf.clone(),
+                    synthetic: false,
+                });
+                continue;
+            }
+            let id = id_of(leaf);
+            let journal = journals.get(&id).unwrap_or(&empty);
+            let known: Vec<(String, Value)> = view::history(leaf)
+                .into_iter()
+                .skip(1)
+                .take(2)
+                .filter_map(|rev| {
+                    ancestors
+                        .get(&(id.clone(), rev.clone()))
+                        .map(|b| (rev, b.clone()))
+                })
+                .collect();
+            let presented = view::present(self.set, self.checksum, leaf, self.k, journal, &known)
+                .map_err(|e| GatewayError::Lens(id.clone(), e))?;
+            for p in presented {
+                if !out
+                    .iter()
+                    .any(|o: &Presented| o.rev == p.rev && id_of(&o.doc) == id)
+                {
+                    out.push(p);
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// Every leaf of a document, with `_revisions` (deleted ones included).
@@ -135,36 +197,18 @@ impl Session<'_> {
         }
     }
 
-    /// A normal changes feed, with each leaf's presented revision.
+    /// A normal changes feed, with each leaf's presented revisions.
     pub async fn changes(&self, opts: &ChangesOptions) -> Result<Changes, GatewayError> {
-        let mut changes = self.db.data.changes(opts).await?;
-        // Documents with no journal pass through when the client is at the
-        // storage version; the others are fetched with their history and
-        // presented.
-        let journaled: std::collections::HashSet<String> = if self.plain() {
-            let ids: Vec<String> = changes.results.iter().map(|r| r.id.clone()).collect();
-            self.journals(&ids).await?.into_keys().collect()
-        } else {
-            changes.results.iter().map(|r| r.id.clone()).collect()
-        };
-        let mut leaves = Vec::new();
-        for row in &changes.results {
-            if !journaled.contains(&row.id) {
-                continue;
-            }
-            if row.changes.len() == 1 && !row.deleted {
-                leaves.push((row.id.clone(), Some(row.changes[0].rev.clone())));
-            } else {
-                leaves.push((row.id.clone(), None));
-            }
-        }
+        let mut inner = opts.clone();
+        inner.include_docs = false;
+        let mut changes = self.db.data.changes(&inner).await?;
+        // Fetch every listed leaf with its history, present, and rewrite the rows.
         let mut docs: Vec<Value> = Vec::new();
-        let single: Vec<BulkGetRequest> = leaves
+        let single: Vec<BulkGetRequest> = changes
+            .results
             .iter()
-            .filter_map(|(id, rev)| {
-                rev.as_ref()
-                    .map(|r| BulkGetRequest::new(id.clone(), Some(r)))
-            })
+            .filter(|row| row.changes.len() == 1 && !row.deleted)
+            .map(|row| BulkGetRequest::new(row.id.clone(), Some(&row.changes[0].rev)))
             .collect();
         if !single.is_empty() {
             let got = self
@@ -187,9 +231,9 @@ impl Session<'_> {
                 }
             }
         }
-        for (id, rev) in &leaves {
-            if rev.is_none() {
-                docs.extend(self.leaves(id).await?);
+        for row in &changes.results {
+            if row.changes.len() != 1 || row.deleted {
+                docs.extend(self.leaves(&row.id).await?);
             }
         }
         let presented = self.present_all(&docs).await?;
@@ -198,22 +242,23 @@ impl Session<'_> {
             by_id.entry(id_of(&p.doc)).or_default().push(p);
         }
         for row in &mut changes.results {
-            if !journaled.contains(&row.id) {
+            let Some(ps) = by_id.get_mut(&row.id) else {
                 continue;
+            };
+            // The winner first, as CouchDB lists it.
+            if let Some(w) = winner(ps.clone()) {
+                ps.sort_by_key(|p| p.rev != w.rev);
             }
-            if let Some(ps) = by_id.get(&row.id) {
-                // The winner first, as CouchDB lists it.
-                row.changes = ps
-                    .iter()
-                    .map(|p| ChangeRev { rev: p.rev.clone() })
-                    .collect();
-                if opts.include_docs {
-                    let winner = ps.iter().find(|p| !is_deleted(&p.doc)).or(ps.first());
-                    row.doc = winner.map(|p| strip_revisions(p.doc.clone()));
-                }
-                if !opts.style_all_docs {
-                    row.changes.truncate(1);
-                }
+            row.changes = ps
+                .iter()
+                .map(|p| ChangeRev { rev: p.rev.clone() })
+                .collect();
+            row.deleted = ps.first().is_some_and(|p| is_deleted(&p.doc));
+            if opts.include_docs {
+                row.doc = ps.first().map(|p| strip_revisions(p.doc.clone()));
+            }
+            if !opts.style_all_docs {
+                row.changes.truncate(1);
             }
         }
         Ok(changes)
@@ -228,18 +273,6 @@ impl Session<'_> {
     /// A document at a presented revision (or its winner), as `_bulk_get`
     /// and `GET /{db}/{id}` answer. `None` when there is no such revision.
     pub async fn get(&self, id: &str, rev: Option<&str>) -> Result<Option<Value>, GatewayError> {
-        if self.plain() && self.journals(&[id.to_owned()]).await?.is_empty() {
-            let opts = GetOptions {
-                rev: rev.map(str::to_owned),
-                revs: true,
-                ..GetOptions::default()
-            };
-            return match self.db.data.get(id, &opts).await {
-                Ok(found) => Ok(found.into_doc()),
-                Err(StoreError::NotFound { .. }) => Ok(None),
-                Err(e) => Err(e.into()),
-            };
-        }
         let presented = self.presented_leaves(id).await?;
         let found = match rev {
             Some(rev) => presented.into_iter().find(|p| p.rev == rev),
@@ -269,12 +302,7 @@ impl Session<'_> {
         asked: BTreeMap<String, Vec<String>>,
     ) -> Result<BTreeMap<String, rewind_store::RevsDiffEntry>, GatewayError> {
         let mut missing = self.db.data.revs_diff(asked).await?;
-        let mut ids: Vec<String> = missing.keys().cloned().collect();
-        if self.plain() {
-            // Only journaled documents can have presented revisions.
-            let journaled = self.journals(&ids).await?;
-            ids.retain(|id| journaled.contains_key(id));
-        }
+        let ids: Vec<String> = missing.keys().cloned().collect();
         for id in ids {
             let presented = self.presented_leaves(&id).await?;
             if let Some(entry) = missing.get_mut(&id) {
@@ -296,10 +324,46 @@ impl Session<'_> {
     /// appears. Synthetic revisions coming back are ignored.
     pub async fn push(&self, docs: Vec<Value>) -> Result<Vec<Value>, GatewayError> {
         let target = self.storage_version();
-        let docs: Vec<Value> = docs
-            .into_iter()
-            .filter(|doc| is_deleted(doc) || !view::is_synthetic(doc, self.k, self.checksum))
-            .collect();
+        // Synthetic revisions coming back: ignored while current; a stale
+        // one (its base is no longer a leaf) is retired on the server, so
+        // the next pull gives the phone that holds it a tombstone for it.
+        let mut docs_in = Vec::with_capacity(docs.len());
+        let mut retired = Vec::new();
+        let mut adopted = std::collections::HashSet::new();
+        for doc in docs {
+            if view::is_retirement(&doc) {
+                continue;
+            }
+            if !is_deleted(&doc) && view::is_synthetic(&doc, self.checksum) {
+                let hist = view::history(&doc);
+                let id = id_of(&doc);
+                let current = self.leaves(&id).await?;
+                let base = hist.get(1).cloned().unwrap_or_default();
+                let base_is_leaf = current.iter().any(|l| {
+                    !is_deleted(l) && l.get("_rev").and_then(Value::as_str) == Some(base.as_str())
+                });
+                let mut asked = BTreeMap::new();
+                asked.insert(id.clone(), vec![base.clone()]);
+                let base_known = self.db.data.revs_diff(asked).await?.is_empty();
+                if !base_known {
+                    // The server lost the revision this was translated from
+                    // (a restore): keep the phone's copy, as adopted: it
+                    // yields to any other leaf (its author's own revision).
+                    adopted.insert(hist[0].clone());
+                    docs_in.push(doc);
+                    continue;
+                }
+                if !base_is_leaf {
+                    retired.push(retire(&id, &doc));
+                }
+                continue;
+            }
+            docs_in.push(doc);
+        }
+        if !retired.is_empty() {
+            self.db.data.bulk_docs(retired, false).await?;
+        }
+        let docs = docs_in;
         if docs.is_empty() {
             return Ok(Vec::new());
         }
@@ -320,20 +384,38 @@ impl Session<'_> {
                 continue;
             }
             let chain = view::history(&doc);
-            let Some(rev) = chain.first().cloned() else { continue };
+            let Some(rev) = chain.first().cloned() else {
+                continue;
+            };
             // The version a pushed body is read at: its stamp, else the client's.
             let version = if is_deleted(&doc) {
                 target
             } else {
-                self.set.stamp_of(&doc).unwrap_or(self.k).min(self.set.latest())
+                self.set
+                    .stamp_of(&doc)
+                    .unwrap_or(self.k)
+                    .min(self.set.latest())
             };
             let mut journal = journals.remove(&id).unwrap_or_default();
+            let is_adopted = adopted.contains(&rev);
+            if is_adopted && !journal.adopted.contains(&rev) {
+                journal.adopted.push(rev.clone());
+                self.save_journal(&id, &mut journal).await?;
+            }
+            if is_deleted(&doc) && !journal.deleted.contains(&rev) {
+                journal.deleted.push(rev.clone());
+                self.save_journal(&id, &mut journal).await?;
+            }
             let journaled = !journal.is_empty();
             let mut newest = rev.clone();
             // 2. Its translation to the server's version, journaled first: a
             // crash in between leaves the client's revision as the leaf,
             // which views translate on the fly.
-            if !is_deleted(&doc) && version != target && MigrationSet::is_migratable(&doc) {
+            let unstamped = self.set.stamp_of(&doc).is_none() && version > 0;
+            if !is_deleted(&doc)
+                && (version != target || unstamped)
+                && MigrationSet::is_migratable(&doc)
+            {
                 let mut translated = doc.clone();
                 // A body with no stamp is read at the client's version; tell
                 // the lens, which takes an unstamped body for version 0 and
@@ -344,7 +426,12 @@ impl Session<'_> {
                     }
                 }
                 self.set
-                    .translate(&mut translated, version, target, &mut JournalComplements(&mut journal))
+                    .translate(
+                        &mut translated,
+                        version,
+                        target,
+                        &mut JournalComplements(&mut journal),
+                    )
                     .map_err(|e| GatewayError::Lens(id.clone(), e))?;
                 if body_hash(&translated) != body_hash(&doc) {
                     journal.push_image(Image {
@@ -354,12 +441,18 @@ impl Session<'_> {
                         after: body_hash(&translated),
                         body: serde_json::to_string(&body_of(&doc)).unwrap_or_default(),
                     });
-                    self.save_journal(&id, &journal).await?;
+                    self.save_journal(&id, &mut journal).await?;
                     let mut child = body_of(&translated);
                     stub_attachments(&mut child);
                     child["_rev"] = Value::from(rev.clone());
                     match self.db.data.put(child).await {
-                        Ok(new_rev) => newest = new_rev,
+                        Ok(new_rev) => {
+                            if is_adopted {
+                                journal.adopted.push(new_rev.clone());
+                                self.save_journal(&id, &mut journal).await?;
+                            }
+                            newest = new_rev
+                        }
                         Err(StoreError::Conflict { .. }) => {}
                         Err(e) => return Err(e.into()),
                     }
@@ -373,46 +466,51 @@ impl Session<'_> {
         Ok(errors)
     }
 
-    async fn save_journal(&self, id: &str, journal: &Journal) -> Result<(), GatewayError> {
-        let mut doc =
-            serde_json::to_value(journal).map_err(|e| GatewayError::Internal(e.to_string()))?;
-        doc["_id"] = Value::from(journal_id(id));
-        for attempt in 0..5 {
-            match self.db.state.put(doc.clone()).await {
-                Ok(_) => return Ok(()),
-                Err(StoreError::Conflict { .. }) if attempt < 4 => {
-                    // Someone else updated the journal: merge onto theirs.
+    /// Writes a document's journal, merging with a concurrent writer's
+    /// (images, adopted and deleted revisions are unions); updates `journal`
+    /// to what was written.
+    async fn save_journal(&self, id: &str, journal: &mut Journal) -> Result<(), GatewayError> {
+        for _ in 0..5 {
+            let mut doc = serde_json::to_value(&*journal)
+                .map_err(|e| GatewayError::Internal(e.to_string()))?;
+            doc["_id"] = Value::from(journal_id(id));
+            match self.db.state.put(doc).await {
+                Ok(rev) => {
+                    journal.rev = Some(rev);
+                    return Ok(());
+                }
+                Err(StoreError::Conflict { .. }) => {
                     let fresh = self
                         .journals(&[id.to_owned()])
                         .await?
                         .remove(id)
                         .unwrap_or_default();
-                    let mut merged = journal.clone();
                     for image in fresh.images {
-                        if !merged.images.contains(&image) {
-                            merged.images.insert(0, image);
+                        if !journal.images.contains(&image) {
+                            journal.images.insert(0, image);
                         }
                     }
-                    let mut value = serde_json::to_value(&merged)
-                        .map_err(|e| GatewayError::Internal(e.to_string()))?;
-                    value["_id"] = Value::from(journal_id(id));
-                    if let Some(rev) = self
-                        .db
-                        .state
-                        .get(&journal_id(id), &GetOptions::default())
-                        .await
-                        .ok()
-                        .and_then(|g| g.into_doc())
-                        .and_then(|d| d.get("_rev").cloned())
-                    {
-                        value["_rev"] = rev;
+                    for rev in fresh.adopted {
+                        if !journal.adopted.contains(&rev) {
+                            journal.adopted.push(rev);
+                        }
                     }
-                    doc = value;
+                    for rev in fresh.deleted {
+                        if !journal.deleted.contains(&rev) {
+                            journal.deleted.push(rev);
+                        }
+                    }
+                    for (k, v) in fresh.kept {
+                        journal.kept.entry(k).or_insert(v);
+                    }
+                    journal.rev = fresh.rev;
                 }
                 Err(e) => return Err(e.into()),
             }
         }
-        Ok(())
+        Err(GatewayError::Internal(format!(
+            "the journal of {id} keeps changing"
+        )))
     }
 
     /// Tombstones live leaves that rewind wrote on top of an ancestor of a
@@ -425,22 +523,46 @@ impl Session<'_> {
         journal: &Journal,
     ) -> Result<(), GatewayError> {
         let leaves = self.leaves(id).await?;
+        let rev_of = |l: &Value| {
+            l.get("_rev")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_owned()
+        };
+        // An adopted copy, or what rewind wrote on top of one, is adopted.
+        let adopted = |l: &Value| {
+            journal.adopted.contains(&rev_of(l))
+                || view::is_system_descendant(l, &journal.adopted, journal)
+        };
+        // Adopted copies yield to any other live leaf, and to a phone's deletion.
+        let others = leaves.iter().any(|l| {
+            if is_deleted(l) {
+                journal.deleted.contains(&rev_of(l))
+            } else {
+                !adopted(l)
+            }
+        });
         let live: Vec<&Value> = leaves.iter().filter(|l| !is_deleted(l)).collect();
-        if live.len() < 2 {
+        let adopted_live = live.iter().any(|l| adopted(l));
+        if live.len() < 2 && !(others && adopted_live) {
             return Ok(());
         }
         let mut tombstones = Vec::new();
         for leaf in live {
-            let rev = leaf.get("_rev").and_then(Value::as_str).unwrap_or("");
-            if rev == newest || chain.iter().any(|r| r == rev) {
+            let rev = rev_of(leaf);
+            if others && adopted(leaf) {
+                tombstones.push(retire(id, leaf));
+                continue;
+            }
+            if rev == newest || chain.iter().any(|r| *r == rev) {
                 continue;
             }
             if view::is_system_descendant(leaf, chain, journal) {
-                tombstones.push(json!({"_id": id, "_rev": rev, "_deleted": true}));
+                tombstones.push(retire(id, leaf));
             }
         }
         if !tombstones.is_empty() {
-            self.db.data.bulk_docs(tombstones, true).await?;
+            self.db.data.bulk_docs(tombstones, false).await?;
         }
         Ok(())
     }
@@ -453,12 +575,6 @@ impl Session<'_> {
         mut doc: Value,
     ) -> Result<Result<(String, String), GatewayError>, GatewayError> {
         let id = id_of(&doc);
-        if self.plain() && self.journals(std::slice::from_ref(&id)).await?.is_empty() {
-            return Ok(match self.db.data.put(doc).await {
-                Ok(rev) => Ok((id, rev)),
-                Err(e) => Err(e.into()),
-            });
-        }
         let base = doc.get("_rev").and_then(Value::as_str).map(str::to_owned);
         let presented = self.presented_leaves(&id).await?;
         let live: Vec<&Presented> = presented.iter().filter(|p| !is_deleted(&p.doc)).collect();
@@ -494,6 +610,16 @@ impl Session<'_> {
         }
         Ok(Ok((id, rev)))
     }
+}
+
+/// A tombstone retiring `leaf`, with a revision id derived from it, so that
+/// every gateway writes the same one and recognises it when a phone pushes
+/// it back.
+fn retire(id: &str, leaf: &Value) -> Value {
+    let hist = view::history(leaf);
+    let mut chain = vec![view::tombstone_rev(&hist[0])];
+    chain.extend(hist);
+    json!({"_id": id, "_rev": chain[0], "_deleted": true, "_revisions": view::revisions_member(&chain)})
 }
 
 /// The winner among presented leaves: CouchDB's rule (live first, then the

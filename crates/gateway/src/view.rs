@@ -5,16 +5,16 @@
 //! gateways over the same store answer byte for byte the same, and a
 //! revision id always denotes one body:
 //!
-//! - a leaf whose version-k view is its own body is presented as itself;
-//! - otherwise rewind walks back the system-written revisions recorded in
-//!   the journal (migration, translation, rollback: each an image with the
-//!   hash of what it wrote) while the ancestor's version-k view is the same
-//!   as the leaf's; an ancestor whose own body *is* that view is presented
-//!   as itself (an old phone already holds it, and downloads nothing);
-//! - else the view is presented as a synthetic child of that revision, with
-//!   the id `{gen+1}-md5(base rev, k, migration-set checksum, view hash)`:
-//!   derived from the body, so it can denote nothing else, and any gateway
-//!   can recognise it when a phone pushes it back.
+//! - a document every version sees alike is presented as itself;
+//! - otherwise, at every version, as a synthetic child of the stored leaf
+//!   carrying that version's view, with the id `{gen+1}-md5(leaf rev,
+//!   migration-set checksum, view hash)`: derived from the body, so it can
+//!   denote nothing else, and any gateway recognises it when a phone pushes
+//!   it back;
+//! - next to it, tombstones (`{gen+1}-md5(retired synthetic rev)`) retire the
+//!   synthetic children of the leaf's other views and of its recent
+//!   ancestors' views: whatever translated copy a phone held, after one pull
+//!   it holds exactly one live leaf, the current view.
 
 use rewind_engine::journal::{body_hash, body_of, Journal};
 use rewind_lens::{Complements, LensError, MigrationSet};
@@ -96,24 +96,34 @@ pub fn generation(rev: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// The synthetic child revision of `base` that presents `body` at version `k`.
-pub fn synthetic_rev(base: &str, k: u32, checksum: &str, body: &Value) -> String {
-    let digest = md5::compute(format!(
-        "rewind\n{base}\n{k}\n{checksum}\n{}",
-        body_hash(body)
-    ));
+/// The synthetic child revision of `base` that presents `body`: derived
+/// from the body, so it denotes nothing else, at any version.
+pub fn synthetic_rev(base: &str, checksum: &str, body: &Value) -> String {
+    let digest = md5::compute(format!("rewind\n{base}\n{checksum}\n{}", body_hash(body)));
     format!("{}-{:x}", generation(base) + 1, digest)
 }
 
+/// The tombstone that retires the synthetic revision `synthetic`.
+pub fn tombstone_rev(synthetic: &str) -> String {
+    let digest = md5::compute(format!("rewind-retired\n{synthetic}"));
+    format!("{}-{:x}", generation(synthetic) + 1, digest)
+}
+
 /// True when `doc` (a pushed revision with `_revisions`) is a synthetic
-/// revision this migration set presents at version `k`: a translation going
-/// back to where it came from.
-pub fn is_synthetic(doc: &Value, k: u32, checksum: &str) -> bool {
+/// revision of this migration set: a translation going back where it came from.
+pub fn is_synthetic(doc: &Value, checksum: &str) -> bool {
     let hist = history(doc);
     match (hist.first(), hist.get(1)) {
-        (Some(rev), Some(parent)) => *rev == synthetic_rev(parent, k, checksum, doc),
+        (Some(rev), Some(parent)) => *rev == synthetic_rev(parent, checksum, doc),
         _ => false,
     }
+}
+
+/// True when `doc` is a tombstone that retired a synthetic revision.
+pub fn is_retirement(doc: &Value) -> bool {
+    let hist = history(doc);
+    doc.get("_deleted").and_then(Value::as_bool) == Some(true)
+        && matches!((hist.first(), hist.get(1)), (Some(rev), Some(parent)) if *rev == tombstone_rev(parent))
 }
 
 /// A revision as presented to a client.
@@ -138,56 +148,124 @@ fn with_meta(mut body: Value, history: &[String]) -> Value {
     body
 }
 
-/// Presents a stored leaf (a document with `_rev` and `_revisions`) to a
-/// client at version `k`.
+/// The distinct views of a body across every version, by hash, in version order.
+fn views(
+    set: &MigrationSet,
+    body: &Value,
+    journal: &Journal,
+) -> Result<Vec<(String, Value)>, LensError> {
+    let mut out: Vec<(String, Value)> = Vec::new();
+    for k in 0..=set.latest() {
+        let seen = view(set, body, k, journal)?;
+        let hash = body_hash(&seen);
+        if !out.iter().any(|(h, _)| *h == hash) {
+            out.push((hash, seen));
+        }
+    }
+    Ok(out)
+}
+
+/// Tombstones retiring the synthetic children of `base` (a revision with
+/// `body` and history `base_history`) for every view except `keep`.
+fn retirements(
+    set: &MigrationSet,
+    checksum: &str,
+    id: &Value,
+    base_history: &[String],
+    body: &Value,
+    keep: Option<&str>,
+    journal: &Journal,
+    out: &mut Vec<Presented>,
+) -> Result<(), LensError> {
+    for (hash, seen) in views(set, body, journal)? {
+        if Some(hash.as_str()) == keep || hash == body_hash(body) {
+            continue;
+        }
+        let synthetic = synthetic_rev(&base_history[0], checksum, &seen);
+        let retired = tombstone_rev(&synthetic);
+        if out.iter().any(|p| p.rev == retired) {
+            continue;
+        }
+        let mut chain = vec![retired.clone(), synthetic];
+        chain.extend_from_slice(base_history);
+        let doc = with_meta(json!({"_id": id, "_deleted": true}), &chain);
+        out.push(Presented {
+            rev: retired,
+            doc,
+            synthetic: true,
+        });
+    }
+    Ok(())
+}
+
+/// Presents a stored live leaf (a document with `_rev` and `_revisions`) to
+/// a client at version `k`, with `ancestors` (up to two: `(rev, body)` of its
+/// parent and grandparent, where known).
+///
+/// A document every version sees alike is presented as itself. Otherwise a
+/// client at any version gets a synthetic child of the leaf carrying its
+/// view (so a phone holding another version's view, or the leaf itself,
+/// always receives a descendant), together with tombstones retiring the
+/// synthetic children of the other views of the leaf and of its ancestors:
+/// a phone that switches version, or whose translated copy the server moved
+/// past, is left with exactly one live leaf after one pull.
 pub fn present(
     set: &MigrationSet,
     checksum: &str,
     leaf: &Value,
     k: u32,
     journal: &Journal,
-) -> Result<Presented, LensError> {
+    ancestors: &[(String, Value)],
+) -> Result<Vec<Presented>, LensError> {
     let hist = history(leaf);
     let rev = hist.first().cloned().unwrap_or_default();
-    let seen = view(set, leaf, k, journal)?;
-    let wanted = body_hash(&seen);
-    // Walk back through system-written revisions with the same view: an
-    // ancestor that already is the version-k body is what a phone at k holds.
-    let mut at = 0usize;
-    let mut body = body_of(leaf);
-    loop {
-        let here = body_hash(&body);
-        let step = journal.images.iter().rev().find_map(|image| {
-            let pos = hist.iter().skip(at + 1).position(|r| *r == image.rev)?;
-            (image.after == here).then_some((at + 1 + pos, image))
-        });
-        let Some((pos, image)) = step else { break };
-        let Ok(previous) = serde_json::from_str::<Value>(&image.body) else { break };
-        if body_hash(&view(set, &previous, k, journal)?) != wanted {
-            break;
-        }
-        at = pos;
-        body = previous;
-    }
-    if at == 0 && wanted == body_hash(leaf) {
-        return Ok(Presented { rev, doc: leaf.clone(), synthetic: false });
-    }
-    let base = &hist[at..];
-    if at > 0 && body_hash(&body) == wanted {
-        return Ok(Presented {
-            rev: base[0].clone(),
-            doc: with_meta(body, base),
+    let id = leaf.get("_id").cloned().unwrap_or(Value::Null);
+    let all = views(set, leaf, journal)?;
+    let own = body_hash(leaf);
+    let mut out = Vec::new();
+    if all.iter().all(|(h, _)| *h == own) {
+        out.push(Presented {
+            rev,
+            doc: leaf.clone(),
             synthetic: false,
         });
+    } else {
+        let seen = view(set, leaf, k, journal)?;
+        let wanted = body_hash(&seen);
+        let synthetic = synthetic_rev(&rev, checksum, &seen);
+        let mut chain = vec![synthetic.clone()];
+        chain.extend_from_slice(&hist);
+        out.push(Presented {
+            rev: synthetic,
+            doc: with_meta(body_of(&seen), &chain),
+            synthetic: true,
+        });
+        retirements(
+            set,
+            checksum,
+            &id,
+            &hist,
+            leaf,
+            Some(&wanted),
+            journal,
+            &mut out,
+        )?;
     }
-    let synthetic = synthetic_rev(&base[0], k, checksum, &seen);
-    let mut chain = vec![synthetic.clone()];
-    chain.extend_from_slice(base);
-    Ok(Presented {
-        rev: synthetic,
-        doc: with_meta(body_of(&seen), &chain),
-        synthetic: true,
-    })
+    for (rev, body) in ancestors {
+        if let Some(pos) = hist.iter().position(|r| r == rev) {
+            retirements(
+                set,
+                checksum,
+                &id,
+                &hist[pos..],
+                body,
+                None,
+                journal,
+                &mut out,
+            )?;
+        }
+    }
+    Ok(out)
 }
 
 /// True when `leaf` was written by rewind (a migration, translation or
