@@ -47,22 +47,37 @@ pub struct CopyReport {
 
 /// The `_local` id under which a copy from `src` checkpoints on the destination.
 pub fn checkpoint_id(src: &AnyStore) -> String {
-    format!("_local/rewind-copy-{:x}", md5::compute(src.identity().as_bytes()))
+    format!(
+        "_local/rewind-copy-{:x}",
+        md5::compute(src.identity().as_bytes())
+    )
 }
 
 /// Copies everything in `src` that `dst` lacks; see the module docs.
 /// `dst` must exist. Safe to run again: known revisions are skipped.
-pub async fn copy(src: &AnyStore, dst: &AnyStore, mut progress: impl FnMut(CopyProgress)) -> Result<CopyReport> {
+pub async fn copy(
+    src: &AnyStore,
+    dst: &AnyStore,
+    mut progress: impl FnMut(CopyProgress),
+) -> Result<CopyReport> {
     let ckpt_id = checkpoint_id(src);
     let (mut since, mut ckpt_rev) = match dst.get_local(&ckpt_id).await {
-        Ok(d) => (d.get("last_seq").cloned().unwrap_or(Value::from(0)), d.get("_rev").and_then(Value::as_str).map(str::to_owned)),
+        Ok(d) => (
+            d.get("last_seq").cloned().unwrap_or(Value::from(0)),
+            d.get("_rev").and_then(Value::as_str).map(str::to_owned),
+        ),
         Err(StoreError::NotFound { .. }) => (Value::from(0), None),
         Err(e) => return Err(e),
     };
     let resumed_from = since.clone();
     let (mut docs_seen, mut revs_copied) = (0u64, 0u64);
     loop {
-        let opts = ChangesOptions { since: since.clone(), limit: Some(BATCH), style_all_docs: true, ..Default::default() };
+        let opts = ChangesOptions {
+            since: since.clone(),
+            limit: Some(BATCH),
+            style_all_docs: true,
+            ..Default::default()
+        };
         let changes = src.changes(&opts).await?;
         if changes.results.is_empty() {
             break;
@@ -70,15 +85,31 @@ pub async fn copy(src: &AnyStore, dst: &AnyStore, mut progress: impl FnMut(CopyP
         docs_seen += changes.results.len() as u64;
         let mut wanted: BTreeMap<String, Vec<String>> = BTreeMap::new();
         for row in &changes.results {
-            wanted.entry(row.id.clone()).or_default().extend(row.changes.iter().map(|c| c.rev.clone()));
+            wanted
+                .entry(row.id.clone())
+                .or_default()
+                .extend(row.changes.iter().map(|c| c.rev.clone()));
         }
         let diff = dst.revs_diff(wanted).await?;
         let reqs: Vec<BulkGetRequest> = diff
             .iter()
-            .flat_map(|(id, e)| e.missing.iter().map(move |r| BulkGetRequest::new(id.clone(), Some(r))))
+            .flat_map(|(id, e)| {
+                e.missing
+                    .iter()
+                    .map(move |r| BulkGetRequest::new(id.clone(), Some(r)))
+            })
             .collect();
         if !reqs.is_empty() {
-            let got = src.bulk_get(reqs, BulkGetOptions { revs: true, latest: false, attachments: true }).await?;
+            let got = src
+                .bulk_get(
+                    reqs,
+                    BulkGetOptions {
+                        revs: true,
+                        latest: false,
+                        attachments: true,
+                    },
+                )
+                .await?;
             // A revision missing at the source was replaced by a newer one
             // since the changes were read; that one comes in a later batch.
             let docs: Vec<Value> = got
@@ -108,14 +139,23 @@ pub async fn copy(src: &AnyStore, dst: &AnyStore, mut progress: impl FnMut(CopyP
             body["_rev"] = Value::from(r.clone());
         }
         ckpt_rev = Some(dst.put_local(&ckpt_id, body).await?);
-        progress(CopyProgress { docs_seen, revs_copied, last_seq: since.clone() });
+        progress(CopyProgress {
+            docs_seen,
+            revs_copied,
+            last_seq: since.clone(),
+        });
     }
     let (mut local_copied, mut local_skipped) = (0, 0);
     if let AnyStore::Sqlite(s) = src {
         for mut d in s.local_docs().await? {
-            let id = d.get("_id").and_then(Value::as_str).unwrap_or_default().to_owned();
+            let id = d
+                .get("_id")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_owned();
             let is_checkpoint = id.starts_with("_local/rewind-copy-")
-                || (d.get("replicator").is_some() && (d.get("last_seq").is_some() || d.get("history").is_some()));
+                || (d.get("replicator").is_some()
+                    && (d.get("last_seq").is_some() || d.get("history").is_some()));
             if is_checkpoint {
                 local_skipped += 1;
                 continue;
@@ -135,5 +175,12 @@ pub async fn copy(src: &AnyStore, dst: &AnyStore, mut progress: impl FnMut(CopyP
             local_copied += 1;
         }
     }
-    Ok(CopyReport { resumed_from, docs_seen, revs_copied, local_copied, local_skipped, last_seq: since })
+    Ok(CopyReport {
+        resumed_from,
+        docs_seen,
+        revs_copied,
+        local_copied,
+        local_skipped,
+        last_seq: since,
+    })
 }

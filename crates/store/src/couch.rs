@@ -106,7 +106,8 @@ impl CouchStore {
     pub async fn open_with(url: &str, opts: CouchOptions) -> Result<CouchStore> {
         install_crypto();
         let shown = redact_url(url);
-        let mut parsed = Url::parse(url).map_err(|e| StoreError::bad(format!("invalid URL {shown}: {e}")))?;
+        let mut parsed =
+            Url::parse(url).map_err(|e| StoreError::bad(format!("invalid URL {shown}: {e}")))?;
         let user = match parsed.username() {
             "" => None,
             u => Some((pct_decode(u), pct_decode(parsed.password().unwrap_or("")))),
@@ -115,22 +116,43 @@ impl CouchStore {
         let _ = parsed.set_password(None);
         parsed.set_query(None);
         parsed.set_fragment(None);
-        let segments: Vec<String> = parsed.path_segments().map(|s| s.filter(|x| !x.is_empty()).map(str::to_owned).collect()).unwrap_or_default();
+        let segments: Vec<String> = parsed
+            .path_segments()
+            .map(|s| s.filter(|x| !x.is_empty()).map(str::to_owned).collect())
+            .unwrap_or_default();
         let Some((db_seg, prefix)) = segments.split_last() else {
-            return Err(StoreError::bad(format!("URL {shown} names no database (expected http://host:5984/dbname)")));
+            return Err(StoreError::bad(format!(
+                "URL {shown} names no database (expected http://host:5984/dbname)"
+            )));
         };
         let db_name = pct_decode(db_seg);
         let mut server = parsed.clone();
-        server.set_path(&format!("/{}", prefix.iter().map(|p| format!("{p}/")).collect::<String>()));
+        server.set_path(&format!(
+            "/{}",
+            prefix.iter().map(|p| format!("{p}/")).collect::<String>()
+        ));
         let mut db = server.clone();
-        db.path_segments_mut().expect("http URL").pop_if_empty().push(&db_name);
+        db.path_segments_mut()
+            .expect("http URL")
+            .pop_if_empty()
+            .push(&db_name);
         let client = reqwest::Client::builder()
             .timeout(opts.timeout)
             .connect_timeout(opts.connect_timeout)
             .pool_idle_timeout(Duration::from_secs(60))
             .build()
             .map_err(|e| StoreError::Internal(format!("HTTP client: {e}")))?;
-        let store = CouchStore { inner: Arc::new(Inner { client, server, db, db_name, user, opts, cookie: Mutex::new(None) }) };
+        let store = CouchStore {
+            inner: Arc::new(Inner {
+                client,
+                server,
+                db,
+                db_name,
+                user,
+                opts,
+                cookie: Mutex::new(None),
+            }),
+        };
         store.check_server().await?;
         Ok(store)
     }
@@ -148,27 +170,46 @@ impl CouchStore {
     async fn check_server(&self) -> Result<()> {
         let root = self.inner.server.clone();
         let shown = root.to_string();
-        let not_couch = |reason: String| StoreError::NotCouch { url: shown.clone(), reason };
-        let (status, body) = match self.send(Method::GET, root.clone(), None, Retry::Safe).await {
+        let not_couch = |reason: String| StoreError::NotCouch {
+            url: shown.clone(),
+            reason,
+        };
+        let (status, body) = match self
+            .send(Method::GET, root.clone(), None, Retry::Safe)
+            .await
+        {
             Ok(r) => r,
             Err(StoreError::Unauthorized { .. }) if self.inner.user.is_some() => {
-                return Err(StoreError::Unauthorized { url: shown, reason: "the server refused the user name or password".into() })
+                return Err(StoreError::Unauthorized {
+                    url: shown,
+                    reason: "the server refused the user name or password".into(),
+                })
             }
             Err(e) => return Err(e),
         };
         if status == 401 {
-            return Err(StoreError::Unauthorized { url: shown, reason: "the server refused the user name or password".into() });
+            return Err(StoreError::Unauthorized {
+                url: shown,
+                reason: "the server refused the user name or password".into(),
+            });
         }
-        let v: Value = serde_json::from_slice(&body).map_err(|_| not_couch(format!("GET / answered HTTP {status} without JSON")))?;
+        let v: Value = serde_json::from_slice(&body)
+            .map_err(|_| not_couch(format!("GET / answered HTTP {status} without JSON")))?;
         if !(v.get("couchdb").is_some() || v.get("express-pouchdb").is_some()) {
-            return Err(not_couch(format!("GET / answered HTTP {status} without a \"couchdb\" welcome")));
+            return Err(not_couch(format!(
+                "GET / answered HTTP {status} without a \"couchdb\" welcome"
+            )));
         }
         if self.inner.user.is_some() {
             if self.inner.opts.auth == CouchAuth::Cookie {
                 self.login().await?;
             } else {
                 let mut session = root.clone();
-                session.path_segments_mut().expect("http URL").pop_if_empty().push("_session");
+                session
+                    .path_segments_mut()
+                    .expect("http URL")
+                    .pop_if_empty()
+                    .push("_session");
                 let (status, body) = self.send(Method::GET, session, None, Retry::Safe).await?;
                 let reason = reason_of(&body);
                 if status == 401 {
@@ -180,9 +221,14 @@ impl CouchStore {
     }
 
     async fn login(&self) -> Result<()> {
-        let Some((user, pass)) = self.inner.user.clone() else { return Ok(()) };
+        let Some((user, pass)) = self.inner.user.clone() else {
+            return Ok(());
+        };
         let mut url = self.inner.server.clone();
-        url.path_segments_mut().expect("http URL").pop_if_empty().push("_session");
+        url.path_segments_mut()
+            .expect("http URL")
+            .pop_if_empty()
+            .push("_session");
         let body = serde_json::to_vec(&json!({ "name": user, "password": pass })).expect("JSON");
         let resp = self
             .inner
@@ -193,7 +239,10 @@ impl CouchStore {
             .body(body)
             .send()
             .await
-            .map_err(|e| StoreError::Unreachable { url: url.to_string(), reason: e.without_url().to_string() })?;
+            .map_err(|e| StoreError::Unreachable {
+                url: url.to_string(),
+                reason: e.without_url().to_string(),
+            })?;
         let status = resp.status().as_u16();
         let cookie = resp
             .headers()
@@ -208,14 +257,27 @@ impl CouchStore {
                 *self.inner.cookie.lock().expect("cookie lock") = Some(c);
                 Ok(())
             }
-            (401, _) => Err(StoreError::Unauthorized { url: url.to_string(), reason: reason_of(&bytes) }),
-            (s, _) => Err(StoreError::Http { url: url.to_string(), status: s, error: "session".into(), reason: format!("login gave no AuthSession cookie: {}", reason_of(&bytes)) }),
+            (401, _) => Err(StoreError::Unauthorized {
+                url: url.to_string(),
+                reason: reason_of(&bytes),
+            }),
+            (s, _) => Err(StoreError::Http {
+                url: url.to_string(),
+                status: s,
+                error: "session".into(),
+                reason: format!("login gave no AuthSession cookie: {}", reason_of(&bytes)),
+            }),
         }
     }
 
     fn backoff(&self, attempt: u32) -> Duration {
         use std::hash::{BuildHasher, Hasher};
-        let base = self.inner.opts.backoff.saturating_mul(1 << attempt.min(6)).min(Duration::from_secs(5));
+        let base = self
+            .inner
+            .opts
+            .backoff
+            .saturating_mul(1 << attempt.min(6))
+            .min(Duration::from_secs(5));
         let mut h = std::collections::hash_map::RandomState::new().build_hasher();
         h.write_u32(attempt);
         let jitter = base.mul_f64((h.finish() % 1000) as f64 / 2000.0);
@@ -224,12 +286,27 @@ impl CouchStore {
 
     /// Sends one request; retries as `retry` allows. Returns status and body;
     /// HTTP error statuses are returned, not turned into errors.
-    async fn send_with(&self, method: Method, url: Url, body: Option<Vec<u8>>, retry: Retry, timeout: Option<Duration>) -> Result<(u16, Vec<u8>)> {
-        let retries = if retry == Retry::Safe { self.inner.opts.retries } else { 0 };
+    async fn send_with(
+        &self,
+        method: Method,
+        url: Url,
+        body: Option<Vec<u8>>,
+        retry: Retry,
+        timeout: Option<Duration>,
+    ) -> Result<(u16, Vec<u8>)> {
+        let retries = if retry == Retry::Safe {
+            self.inner.opts.retries
+        } else {
+            0
+        };
         let mut relogged = false;
         let mut attempt = 0;
         loop {
-            let mut rb = self.inner.client.request(method.clone(), url.clone()).header(ACCEPT, "application/json");
+            let mut rb = self
+                .inner
+                .client
+                .request(method.clone(), url.clone())
+                .header(ACCEPT, "application/json");
             if let Some(t) = timeout {
                 rb = rb.timeout(t);
             }
@@ -248,7 +325,11 @@ impl CouchStore {
             let failure = match rb.send().await {
                 Ok(resp) => {
                     let status = resp.status().as_u16();
-                    if status == 401 && self.inner.opts.auth == CouchAuth::Cookie && self.inner.user.is_some() && !relogged {
+                    if status == 401
+                        && self.inner.opts.auth == CouchAuth::Cookie
+                        && self.inner.user.is_some()
+                        && !relogged
+                    {
                         relogged = true;
                         self.login().await?;
                         continue;
@@ -275,25 +356,49 @@ impl CouchStore {
                 }
             };
             if attempt >= retries {
-                return Err(StoreError::Unreachable { url: format!("{method} {url}"), reason: failure });
+                return Err(StoreError::Unreachable {
+                    url: format!("{method} {url}"),
+                    reason: failure,
+                });
             }
             tokio::time::sleep(self.backoff(attempt)).await;
             attempt += 1;
         }
     }
 
-    async fn send(&self, method: Method, url: Url, body: Option<Vec<u8>>, retry: Retry) -> Result<(u16, Vec<u8>)> {
+    async fn send(
+        &self,
+        method: Method,
+        url: Url,
+        body: Option<Vec<u8>>,
+        retry: Retry,
+    ) -> Result<(u16, Vec<u8>)> {
         self.send_with(method, url, body, retry, None).await
     }
 
     /// Sends a request and turns an error status into the matching [`StoreError`].
-    async fn call(&self, method: Method, url: Url, body: Option<Value>, retry: Retry) -> Result<Value> {
+    async fn call(
+        &self,
+        method: Method,
+        url: Url,
+        body: Option<Value>,
+        retry: Retry,
+    ) -> Result<Value> {
         self.call_with(method, url, body, retry, None).await
     }
 
-    async fn call_with(&self, method: Method, url: Url, body: Option<Value>, retry: Retry, timeout: Option<Duration>) -> Result<Value> {
+    async fn call_with(
+        &self,
+        method: Method,
+        url: Url,
+        body: Option<Value>,
+        retry: Retry,
+        timeout: Option<Duration>,
+    ) -> Result<Value> {
         let body = body.map(|b| serde_json::to_vec(&b).expect("JSON serializes"));
-        let (status, bytes) = self.send_with(method.clone(), url.clone(), body, retry, timeout).await?;
+        let (status, bytes) = self
+            .send_with(method.clone(), url.clone(), body, retry, timeout)
+            .await?;
         if (200..300).contains(&status) {
             return serde_json::from_slice(&bytes).map_err(|e| StoreError::Http {
                 url: format!("{method} {url}"),
@@ -307,17 +412,28 @@ impl CouchStore {
 
     fn error_for(&self, method: &Method, url: &Url, status: u16, bytes: &[u8]) -> StoreError {
         let v: Value = serde_json::from_slice(bytes).unwrap_or(Value::Null);
-        let error = v.get("error").and_then(Value::as_str).unwrap_or("").to_owned();
+        let error = v
+            .get("error")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_owned();
         let reason = reason_of(bytes);
         let what = format!("{method} {url}");
         match (status, error.as_str()) {
             (404, _) => StoreError::NotFound { what, reason },
             (409, _) => StoreError::Conflict { what },
-            (400, _) => StoreError::BadRequest { reason: format!("{what}: {reason}") },
+            (400, _) => StoreError::BadRequest {
+                reason: format!("{what}: {reason}"),
+            },
             (401, _) => StoreError::Unauthorized { url: what, reason },
             (403, _) => StoreError::Forbidden { url: what, reason },
             (412, "file_exists") => StoreError::FileExists { what },
-            _ => StoreError::Http { url: what, status, error, reason },
+            _ => StoreError::Http {
+                url: what,
+                status,
+                error,
+                reason,
+            },
         }
     }
 
@@ -393,9 +509,15 @@ fn flag(q: &mut Vec<(&'static str, String)>, name: &'static str, on: bool) {
 
 impl crate::Store for CouchStore {
     async fn info(&self) -> Result<DbInfo> {
-        let v = self.call(Method::GET, self.inner.db.clone(), None, Retry::Safe).await?;
+        let v = self
+            .call(Method::GET, self.inner.db.clone(), None, Retry::Safe)
+            .await?;
         Ok(DbInfo {
-            db_name: v.get("db_name").and_then(Value::as_str).unwrap_or(&self.inner.db_name).to_owned(),
+            db_name: v
+                .get("db_name")
+                .and_then(Value::as_str)
+                .unwrap_or(&self.inner.db_name)
+                .to_owned(),
             doc_count: v.get("doc_count").and_then(Value::as_u64).unwrap_or(0),
             doc_del_count: v.get("doc_del_count").and_then(Value::as_u64).unwrap_or(0),
             update_seq: v.get("update_seq").cloned().unwrap_or(Value::from(0)),
@@ -430,7 +552,8 @@ impl crate::Store for CouchStore {
         if opts.open_revs.is_none() {
             return Ok(GetResult::Doc(v));
         }
-        let list: Vec<OpenRev> = serde_json::from_value(v).map_err(|e| StoreError::Internal(format!("open_revs answer for {id}: {e}")))?;
+        let list: Vec<OpenRev> = serde_json::from_value(v)
+            .map_err(|e| StoreError::Internal(format!("open_revs answer for {id}: {e}")))?;
         Ok(GetResult::Revs(list))
     }
 
@@ -438,20 +561,38 @@ impl crate::Store for CouchStore {
         // Refuse malformed documents here, exactly as the embedded store does,
         // so a bad batch is never half written by a lenient server.
         for d in &docs {
-            let is_local = d.get("_id").and_then(Value::as_str).is_some_and(|id| id.starts_with("_local/"));
+            let is_local = d
+                .get("_id")
+                .and_then(Value::as_str)
+                .is_some_and(|id| id.starts_with("_local/"));
             if !is_local {
                 doc::parse_doc(d.clone(), new_edits)?;
             }
         }
         let retry = if new_edits { Retry::Never } else { Retry::Safe };
         let url = self.endpoint(&["_bulk_docs"], &[]);
-        let v = self.call(Method::POST, url, Some(json!({ "docs": docs, "new_edits": new_edits })), retry).await?;
-        let results: Vec<BulkResult> =
-            serde_json::from_value(v).map_err(|e| StoreError::Internal(format!("_bulk_docs answer: {e}")))?;
-        Ok(if new_edits { results } else { results.into_iter().filter(|r| !r.is_ok()).collect() })
+        let v = self
+            .call(
+                Method::POST,
+                url,
+                Some(json!({ "docs": docs, "new_edits": new_edits })),
+                retry,
+            )
+            .await?;
+        let results: Vec<BulkResult> = serde_json::from_value(v)
+            .map_err(|e| StoreError::Internal(format!("_bulk_docs answer: {e}")))?;
+        Ok(if new_edits {
+            results
+        } else {
+            results.into_iter().filter(|r| !r.is_ok()).collect()
+        })
     }
 
-    async fn bulk_get(&self, reqs: Vec<BulkGetRequest>, opts: BulkGetOptions) -> Result<Vec<BulkGetResult>> {
+    async fn bulk_get(
+        &self,
+        reqs: Vec<BulkGetRequest>,
+        opts: BulkGetOptions,
+    ) -> Result<Vec<BulkGetResult>> {
         for r in &reqs {
             if let Some(rev) = &r.rev {
                 rev.parse::<Rev>()?;
@@ -463,19 +604,58 @@ impl crate::Store for CouchStore {
         flag(&mut q, "attachments", opts.attachments);
         let url = self.endpoint(&["_bulk_get"], &q);
         let v = self.call(Method::POST, url, Some(json!({ "docs": reqs })), Retry::Safe).await?;
-        let results = v.get("results").cloned().unwrap_or(Value::Array(Vec::new()));
-        serde_json::from_value(results).map_err(|e| StoreError::Internal(format!("_bulk_get answer: {e}")))
+        let bad = |what: &str| StoreError::Internal(format!("_bulk_get answer: {what}"));
+        let results = v.get("results").and_then(Value::as_array).ok_or_else(|| bad("no results"))?;
+        let mut out = Vec::with_capacity(results.len());
+        for r in results {
+            let id = r.get("id").and_then(Value::as_str).ok_or_else(|| bad("a result without id"))?;
+            let docs = r.get("docs").and_then(Value::as_array).ok_or_else(|| bad("no docs"))?;
+            let mut items = Vec::with_capacity(docs.len());
+            for d in docs {
+                let item = if let Some(doc) = d.get("ok") {
+                    BulkGetItem::Ok(doc.clone())
+                } else if let Some(e) = d.get("error") {
+                    BulkGetItem::Error(serde_json::from_value(e.clone()).map_err(|e| bad(&e.to_string()))?)
+                } else if let Some(rev) = d.get("missing").and_then(Value::as_str) {
+                    // pouchdb-server answers `{"missing": rev}` where CouchDB answers an error.
+                    BulkGetItem::Error(DocError {
+                        id: id.to_owned(),
+                        rev: rev.to_owned(),
+                        error: "not_found".into(),
+                        reason: "missing".into(),
+                    })
+                } else {
+                    return Err(bad(&format!("unexpected item {d}")));
+                };
+                items.push(item);
+            }
+            out.push(BulkGetResult { id: id.to_owned(), docs: items });
+        }
+        Ok(out)
     }
 
-    async fn revs_diff(&self, revs: BTreeMap<String, Vec<String>>) -> Result<BTreeMap<String, RevsDiffEntry>> {
+    async fn revs_diff(
+        &self,
+        revs: BTreeMap<String, Vec<String>>,
+    ) -> Result<BTreeMap<String, RevsDiffEntry>> {
         for rs in revs.values() {
             for r in rs {
                 r.parse::<Rev>()?;
             }
         }
         let url = self.endpoint(&["_revs_diff"], &[]);
-        let v = self.call(Method::POST, url, Some(serde_json::to_value(&revs).expect("JSON")), Retry::Safe).await?;
-        serde_json::from_value(v).map_err(|e| StoreError::Internal(format!("_revs_diff answer: {e}")))
+        let v = self
+            .call(
+                Method::POST,
+                url,
+                Some(serde_json::to_value(&revs).expect("JSON")),
+                Retry::Safe,
+            )
+            .await?;
+        let mut diff: BTreeMap<String, RevsDiffEntry> = serde_json::from_value(v)
+            .map_err(|e| StoreError::Internal(format!("_revs_diff answer: {e}")))?;
+        diff.retain(|_, e| !e.missing.is_empty());
+        Ok(diff)
     }
 
     async fn all_docs(&self, opts: &AllDocsOptions) -> Result<AllDocs> {
@@ -498,14 +678,26 @@ impl crate::Store for CouchStore {
         }
         let url = self.endpoint(&["_all_docs"], &q);
         let v = match &opts.keys {
-            Some(keys) => self.call(Method::POST, url, Some(json!({ "keys": keys })), Retry::Safe).await?,
+            Some(keys) => {
+                self.call(
+                    Method::POST,
+                    url,
+                    Some(json!({ "keys": keys })),
+                    Retry::Safe,
+                )
+                .await?
+            }
             None => self.call(Method::GET, url, None, Retry::Safe).await?,
         };
-        let rows: Vec<AllDocsRow> = serde_json::from_value(v.get("rows").cloned().unwrap_or(Value::Array(Vec::new())))
-            .map_err(|e| StoreError::Internal(format!("_all_docs answer: {e}")))?;
+        let rows: Vec<AllDocsRow> =
+            serde_json::from_value(v.get("rows").cloned().unwrap_or(Value::Array(Vec::new())))
+                .map_err(|e| StoreError::Internal(format!("_all_docs answer: {e}")))?;
         Ok(AllDocs {
             total_rows: v.get("total_rows").and_then(Value::as_u64).unwrap_or(0),
-            offset: v.get("offset").and_then(Value::as_u64).unwrap_or(opts.skip as u64),
+            offset: v
+                .get("offset")
+                .and_then(Value::as_u64)
+                .unwrap_or(opts.skip as u64),
             rows,
         })
     }
@@ -534,46 +726,86 @@ impl crate::Store for CouchStore {
             ("timeout", ms.to_string()),
         ];
         let url = self.endpoint(&["_changes"], &q);
-        let v = self.call_with(Method::GET, url, None, Retry::Safe, Some(timeout + self.inner.opts.timeout)).await?;
-        Ok(v.get("results").and_then(Value::as_array).is_some_and(|r| !r.is_empty()))
+        // The server's own `timeout` is a courtesy: pouchdb-server ignores it
+        // and keeps the answer open, so the wait is bounded here.
+        let limit = Some(timeout + self.inner.opts.timeout);
+        let call = self.call_with(Method::GET, url, None, Retry::Never, limit);
+        match tokio::time::timeout(timeout, call).await {
+            Ok(v) => Ok(v?.get("results").and_then(Value::as_array).is_some_and(|r| !r.is_empty())),
+            Err(_elapsed) => Ok(false),
+        }
     }
 
     async fn get_local(&self, id: &str) -> Result<Value> {
         let name = id.strip_prefix("_local/").unwrap_or(id);
-        self.call(Method::GET, self.endpoint(&["_local", name], &[]), None, Retry::Safe).await
+        self.call(
+            Method::GET,
+            self.endpoint(&["_local", name], &[]),
+            None,
+            Retry::Safe,
+        )
+        .await
     }
 
     async fn put_local(&self, id: &str, body: Value) -> Result<String> {
         let name = id.strip_prefix("_local/").unwrap_or(id);
         if !body.is_object() {
-            return Err(StoreError::bad(format!("document _local/{name}: must be a JSON object")));
+            return Err(StoreError::bad(format!(
+                "document _local/{name}: must be a JSON object"
+            )));
         }
-        let v = self.call(Method::PUT, self.endpoint(&["_local", name], &[]), Some(body), Retry::Never).await?;
-        Ok(v.get("rev").and_then(Value::as_str).unwrap_or("0-1").to_owned())
+        let v = self
+            .call(
+                Method::PUT,
+                self.endpoint(&["_local", name], &[]),
+                Some(body),
+                Retry::Never,
+            )
+            .await?;
+        Ok(v.get("rev")
+            .and_then(Value::as_str)
+            .unwrap_or("0-1")
+            .to_owned())
     }
 
     async fn delete_local(&self, id: &str, rev: Option<&str>) -> Result<()> {
         let name = id.strip_prefix("_local/").unwrap_or(id);
         let rev = match rev {
             Some(r) => r.to_owned(),
-            None => self.get_local(name).await?.get("_rev").and_then(Value::as_str).unwrap_or("0-1").to_owned(),
+            None => self
+                .get_local(name)
+                .await?
+                .get("_rev")
+                .and_then(Value::as_str)
+                .unwrap_or("0-1")
+                .to_owned(),
         };
-        self.call(Method::DELETE, self.endpoint(&["_local", name], &[("rev", rev)]), None, Retry::Never).await?;
+        self.call(
+            Method::DELETE,
+            self.endpoint(&["_local", name], &[("rev", rev)]),
+            None,
+            Retry::Never,
+        )
+        .await?;
         Ok(())
     }
 
     async fn create_db(&self) -> Result<()> {
-        self.call(Method::PUT, self.inner.db.clone(), None, Retry::Never).await?;
+        self.call(Method::PUT, self.inner.db.clone(), None, Retry::Never)
+            .await?;
         Ok(())
     }
 
     async fn delete_db(&self) -> Result<()> {
-        self.call(Method::DELETE, self.inner.db.clone(), None, Retry::Never).await?;
+        self.call(Method::DELETE, self.inner.db.clone(), None, Retry::Never)
+            .await?;
         Ok(())
     }
 
     async fn exists(&self) -> Result<bool> {
-        let (status, bytes) = self.send(Method::GET, self.inner.db.clone(), None, Retry::Safe).await?;
+        let (status, bytes) = self
+            .send(Method::GET, self.inner.db.clone(), None, Retry::Safe)
+            .await?;
         match status {
             200..=299 => Ok(true),
             404 => Ok(false),
@@ -582,12 +814,26 @@ impl crate::Store for CouchStore {
     }
 
     async fn revs_limit(&self) -> Result<u64> {
-        let v = self.call(Method::GET, self.endpoint(&["_revs_limit"], &[]), None, Retry::Safe).await?;
-        v.as_u64().ok_or_else(|| StoreError::Internal(format!("_revs_limit answer is not a number: {v}")))
+        let v = self
+            .call(
+                Method::GET,
+                self.endpoint(&["_revs_limit"], &[]),
+                None,
+                Retry::Safe,
+            )
+            .await?;
+        v.as_u64()
+            .ok_or_else(|| StoreError::Internal(format!("_revs_limit answer is not a number: {v}")))
     }
 
     async fn set_revs_limit(&self, limit: u64) -> Result<()> {
-        self.call(Method::PUT, self.endpoint(&["_revs_limit"], &[]), Some(Value::from(limit)), Retry::Safe).await?;
+        self.call(
+            Method::PUT,
+            self.endpoint(&["_revs_limit"], &[]),
+            Some(Value::from(limit)),
+            Retry::Safe,
+        )
+        .await?;
         Ok(())
     }
 

@@ -24,12 +24,21 @@ pub(crate) struct ParsedDoc {
 #[derive(Debug, Clone)]
 pub(crate) enum AttIn {
     /// New data (base64 `data` decoded).
-    Inline { content_type: String, data: Vec<u8>, revpos: Option<u64> },
+    Inline {
+        content_type: String,
+        data: Vec<u8>,
+        revpos: Option<u64>,
+    },
     /// `stub: true`: keep what an earlier revision had.
     Stub { digest: Option<String> },
 }
 
-const IGNORED_SPECIALS: [&str; 4] = ["_conflicts", "_deleted_conflicts", "_revs_info", "_local_seq"];
+const IGNORED_SPECIALS: [&str; 4] = [
+    "_conflicts",
+    "_deleted_conflicts",
+    "_revs_info",
+    "_local_seq",
+];
 
 /// Checks a document id: a non-empty string; ids starting with `_` must be
 /// `_design/...` or `_local/...`.
@@ -51,7 +60,8 @@ pub(crate) fn parse_doc(doc: Value, new_edits: bool) -> Result<ParsedDoc> {
         return Err(StoreError::bad("a document must be a JSON object"));
     };
     let mut body = Map::new();
-    let (mut id, mut rev, mut revisions, mut deleted, mut atts_raw) = (None, None, None, false, None);
+    let (mut id, mut rev, mut revisions, mut deleted, mut atts_raw) =
+        (None, None, None, false, None);
     for (k, v) in map {
         if !k.starts_with('_') {
             body.insert(k, v);
@@ -81,13 +91,21 @@ pub(crate) fn parse_doc(doc: Value, new_edits: bool) -> Result<ParsedDoc> {
     let id = match id {
         Some(id) => id,
         None if new_edits => new_uuid(),
-        None => return Err(StoreError::bad("a document written with new_edits=false needs an _id")),
+        None => {
+            return Err(StoreError::bad(
+                "a document written with new_edits=false needs an _id",
+            ))
+        }
     };
     check_id(&id)?;
     let path = match (&rev, new_edits) {
         (Some(rev), false) => rev_path(rev, revisions.as_ref())
             .map_err(|e| StoreError::bad(format!("document {id}: {}", e.couch_error().1)))?,
-        (None, false) => return Err(StoreError::bad(format!("document {id}: new_edits=false needs a _rev"))),
+        (None, false) => {
+            return Err(StoreError::bad(format!(
+                "document {id}: new_edits=false needs a _rev"
+            )))
+        }
         _ => Vec::new(),
     };
     let atts = match atts_raw {
@@ -96,19 +114,37 @@ pub(crate) fn parse_doc(doc: Value, new_edits: bool) -> Result<ParsedDoc> {
             .into_iter()
             .map(|(name, a)| parse_att(&id, &name, a).map(|a| (name, a)))
             .collect::<Result<_>>()?,
-        Some(_) => return Err(StoreError::bad(format!("document {id}: _attachments must be an object"))),
+        Some(_) => {
+            return Err(StoreError::bad(format!(
+                "document {id}: _attachments must be an object"
+            )))
+        }
     };
     let body = serde_json::to_string(&Value::Object(body)).expect("a JSON value serializes");
-    Ok(ParsedDoc { id, rev, path, deleted, body, atts })
+    Ok(ParsedDoc {
+        id,
+        rev,
+        path,
+        deleted,
+        body,
+        atts,
+    })
 }
 
 fn parse_att(id: &str, name: &str, a: Value) -> Result<AttIn> {
     let bad = |why: &str| StoreError::bad(format!("document {id}: attachment {name:?}: {why}"));
-    let Value::Object(a) = a else { return Err(bad("must be an object")) };
+    let Value::Object(a) = a else {
+        return Err(bad("must be an object"));
+    };
     if a.get("stub").and_then(Value::as_bool) == Some(true) {
-        return Ok(AttIn::Stub { digest: a.get("digest").and_then(Value::as_str).map(str::to_owned) });
+        return Ok(AttIn::Stub {
+            digest: a.get("digest").and_then(Value::as_str).map(str::to_owned),
+        });
     }
-    let data = a.get("data").and_then(Value::as_str).ok_or_else(|| bad("needs base64 `data` or `stub: true`"))?;
+    let data = a
+        .get("data")
+        .and_then(Value::as_str)
+        .ok_or_else(|| bad("needs base64 `data` or `stub: true`"))?;
     let data = base64::engine::general_purpose::STANDARD
         .decode(data.trim())
         .map_err(|e| bad(&format!("data is not base64: {e}")))?;
@@ -117,12 +153,19 @@ fn parse_att(id: &str, name: &str, a: Value) -> Result<AttIn> {
         .and_then(Value::as_str)
         .unwrap_or("application/octet-stream")
         .to_owned();
-    Ok(AttIn::Inline { content_type, data, revpos: a.get("revpos").and_then(Value::as_u64) })
+    Ok(AttIn::Inline {
+        content_type,
+        data,
+        revpos: a.get("revpos").and_then(Value::as_u64),
+    })
 }
 
 /// CouchDB's attachment digest: `md5-` + base64 of the md5 of the data.
 pub(crate) fn digest(data: &[u8]) -> String {
-    format!("md5-{}", base64::engine::general_purpose::STANDARD.encode(md5::compute(data).0))
+    format!(
+        "md5-{}",
+        base64::engine::general_purpose::STANDARD.encode(md5::compute(data).0)
+    )
 }
 
 /// Base64 for inline attachment data.
@@ -141,7 +184,11 @@ pub(crate) fn new_uuid() -> String {
     let mut out = String::with_capacity(32);
     for _ in 0..2 {
         let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-        h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos()));
+        h.write_u128(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos()),
+        );
         out.push_str(&format!("{:016x}", h.finish()));
     }
     out
@@ -159,8 +206,9 @@ pub(crate) struct Extras {
 /// Puts a document back together: `_id`, `_rev`, the stored body members in
 /// their order, then `_deleted`, `_attachments`, `_conflicts`, `_revisions`.
 pub(crate) fn assemble(id: &str, rev: &str, body: &str, extras: Extras) -> Result<Value> {
-    let stored: Map<String, Value> = serde_json::from_str(body)
-        .map_err(|e| StoreError::Internal(format!("document {id} {rev}: stored body unreadable: {e}")))?;
+    let stored: Map<String, Value> = serde_json::from_str(body).map_err(|e| {
+        StoreError::Internal(format!("document {id} {rev}: stored body unreadable: {e}"))
+    })?;
     let mut out = Map::with_capacity(stored.len() + 4);
     out.insert("_id".into(), Value::from(id));
     out.insert("_rev".into(), Value::from(rev));
@@ -172,7 +220,10 @@ pub(crate) fn assemble(id: &str, rev: &str, body: &str, extras: Extras) -> Resul
         out.insert("_attachments".into(), Value::Object(a));
     }
     if let Some(c) = extras.conflicts.filter(|c| !c.is_empty()) {
-        out.insert("_conflicts".into(), c.into_iter().map(Value::from).collect());
+        out.insert(
+            "_conflicts".into(),
+            c.into_iter().map(Value::from).collect(),
+        );
     }
     if let Some(r) = extras.revisions {
         out.insert("_revisions".into(), r);
@@ -188,7 +239,10 @@ mod tests {
     fn body_keeps_key_order_and_big_numbers() {
         let text = r#"{"z":1,"_id":"a","big":12345678901234567890,"f":1.10,"a":{"y":1,"x":2}}"#;
         let p = parse_doc(serde_json::from_str(text).unwrap(), true).unwrap();
-        assert_eq!(p.body, r#"{"z":1,"big":12345678901234567890,"f":1.10,"a":{"y":1,"x":2}}"#);
+        assert_eq!(
+            p.body,
+            r#"{"z":1,"big":12345678901234567890,"f":1.10,"a":{"y":1,"x":2}}"#
+        );
         let back = assemble("a", "1-ab", &p.body, Extras::default()).unwrap();
         assert_eq!(
             serde_json::to_string(&back).unwrap(),

@@ -28,7 +28,9 @@ pub enum StoreError {
     #[error("{what}: the database already exists")]
     FileExists { what: String },
     /// An attachment stub refers to an attachment the store does not have (412 `missing_stub`).
-    #[error("document {id}: attachment stub {name:?} refers to an attachment this store does not have")]
+    #[error(
+        "document {id}: attachment stub {name:?} refers to an attachment this store does not have"
+    )]
     MissingStub { id: String, name: String },
     /// A file that is not a rewind store (a text file, a foreign SQLite database,
     /// a damaged file). Nothing was written to it (500 `corrupt_store`).
@@ -42,7 +44,12 @@ pub enum StoreError {
     Unreachable { url: String, reason: String },
     /// Any other error answer from the CouchDB server, passed through.
     #[error("{url}: HTTP {status} {error}: {reason}")]
-    Http { url: String, status: u16, error: String, reason: String },
+    Http {
+        url: String,
+        status: u16,
+        error: String,
+        reason: String,
+    },
     /// SQLite failed (500 `internal`).
     #[error("{path}: sqlite: {source}")]
     Sqlite {
@@ -100,11 +107,16 @@ impl StoreError {
     }
 
     pub(crate) fn bad(reason: impl Into<String>) -> Self {
-        StoreError::BadRequest { reason: reason.into() }
+        StoreError::BadRequest {
+            reason: reason.into(),
+        }
     }
 
     pub(crate) fn missing(what: impl Into<String>) -> Self {
-        StoreError::NotFound { what: what.into(), reason: "missing".to_owned() }
+        StoreError::NotFound {
+            what: what.into(),
+            reason: "missing".to_owned(),
+        }
     }
 }
 

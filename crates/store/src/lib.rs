@@ -67,15 +67,26 @@ pub trait Store: Send + Sync {
     /// A malformed document (not an object, bad id, revision not `N-hex`,
     /// unknown `_` member, bad base64) fails the whole request with
     /// `BadRequest` before anything is written.
-    fn bulk_docs(&self, docs: Vec<Value>, new_edits: bool) -> impl Future<Output = Result<Vec<BulkResult>>> + Send;
+    fn bulk_docs(
+        &self,
+        docs: Vec<Value>,
+        new_edits: bool,
+    ) -> impl Future<Output = Result<Vec<BulkResult>>> + Send;
 
     /// Several documents or revisions at once (`POST /{db}/_bulk_get`), one
     /// result per request in order.
-    fn bulk_get(&self, reqs: Vec<BulkGetRequest>, opts: BulkGetOptions) -> impl Future<Output = Result<Vec<BulkGetResult>>> + Send;
+    fn bulk_get(
+        &self,
+        reqs: Vec<BulkGetRequest>,
+        opts: BulkGetOptions,
+    ) -> impl Future<Output = Result<Vec<BulkGetResult>>> + Send;
 
     /// For each id, the revisions this database lacks (`POST /{db}/_revs_diff`).
     /// Ids with nothing missing are left out.
-    fn revs_diff(&self, revs: BTreeMap<String, Vec<String>>) -> impl Future<Output = Result<BTreeMap<String, RevsDiffEntry>>> + Send;
+    fn revs_diff(
+        &self,
+        revs: BTreeMap<String, Vec<String>>,
+    ) -> impl Future<Output = Result<BTreeMap<String, RevsDiffEntry>>> + Send;
 
     /// Documents by id (`_all_docs`). Without `keys`, deleted documents are left out.
     fn all_docs(&self, opts: &AllDocsOptions) -> impl Future<Output = Result<AllDocs>> + Send;
@@ -85,7 +96,11 @@ pub trait Store: Send + Sync {
 
     /// Waits until something changes after `since`, at most `timeout`.
     /// Returns true if there is a change (for longpoll and continuous feeds).
-    fn wait_for_change(&self, since: &Seq, timeout: Duration) -> impl Future<Output = Result<bool>> + Send;
+    fn wait_for_change(
+        &self,
+        since: &Seq,
+        timeout: Duration,
+    ) -> impl Future<Output = Result<bool>> + Send;
 
     /// A `_local/` document (`id` with or without the `_local/` prefix), with `_rev` `0-N`.
     fn get_local(&self, id: &str) -> impl Future<Output = Result<Value>> + Send;
@@ -121,11 +136,18 @@ pub trait Store: Send + Sync {
     fn put(&self, doc: Value) -> impl Future<Output = Result<String>> + Send {
         async move {
             let mut res = self.bulk_docs(vec![doc], true).await?;
-            let r = res.pop().ok_or_else(|| StoreError::Internal("bulk_docs answered nothing".into()))?;
+            let r = res
+                .pop()
+                .ok_or_else(|| StoreError::Internal("bulk_docs answered nothing".into()))?;
             match (r.rev, r.error.as_deref()) {
                 (Some(rev), None) => Ok(rev),
-                (_, Some("conflict")) => Err(StoreError::Conflict { what: format!("document {}", r.id) }),
-                (_, Some("missing_stub")) => Err(StoreError::MissingStub { id: r.id, name: r.reason.unwrap_or_default() }),
+                (_, Some("conflict")) => Err(StoreError::Conflict {
+                    what: format!("document {}", r.id),
+                }),
+                (_, Some("missing_stub")) => Err(StoreError::MissingStub {
+                    id: r.id,
+                    name: r.reason.unwrap_or_default(),
+                }),
                 (_, e) => Err(StoreError::Http {
                     url: format!("document {}", r.id),
                     status: 400,
@@ -169,7 +191,6 @@ macro_rules! dispatch {
     };
 }
 
-
 impl Store for AnyStore {
     async fn info(&self) -> Result<DbInfo> {
         dispatch!(self, s => s.info().await)
@@ -180,10 +201,17 @@ impl Store for AnyStore {
     async fn bulk_docs(&self, docs: Vec<Value>, new_edits: bool) -> Result<Vec<BulkResult>> {
         dispatch!(self, s => s.bulk_docs(docs, new_edits).await)
     }
-    async fn bulk_get(&self, reqs: Vec<BulkGetRequest>, opts: BulkGetOptions) -> Result<Vec<BulkGetResult>> {
+    async fn bulk_get(
+        &self,
+        reqs: Vec<BulkGetRequest>,
+        opts: BulkGetOptions,
+    ) -> Result<Vec<BulkGetResult>> {
         dispatch!(self, s => s.bulk_get(reqs, opts).await)
     }
-    async fn revs_diff(&self, revs: BTreeMap<String, Vec<String>>) -> Result<BTreeMap<String, RevsDiffEntry>> {
+    async fn revs_diff(
+        &self,
+        revs: BTreeMap<String, Vec<String>>,
+    ) -> Result<BTreeMap<String, RevsDiffEntry>> {
         dispatch!(self, s => s.revs_diff(revs).await)
     }
     async fn all_docs(&self, opts: &AllDocsOptions) -> Result<AllDocs> {

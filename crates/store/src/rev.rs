@@ -30,7 +30,10 @@ impl Rev {
         ctx.consume(body.as_bytes());
         ctx.consume([0u8]);
         ctx.consume(att_digests.as_bytes());
-        Rev { pos: parent.map_or(1, |p| p.pos + 1), hash: format!("{:x}", ctx.finalize()) }
+        Rev {
+            pos: parent.map_or(1, |p| p.pos + 1),
+            hash: format!("{:x}", ctx.finalize()),
+        }
     }
 }
 
@@ -45,7 +48,9 @@ impl FromStr for Rev {
 
     /// Parses `N-hex`; anything else is a `bad_request` naming the string.
     fn from_str(s: &str) -> Result<Rev, StoreError> {
-        let bad = || StoreError::bad(format!("invalid revision {s:?}: expected N-hex, like \"1-967a00dff5e02add41819138abb3284d\""));
+        let bad = || {
+            StoreError::bad(format!("invalid revision {s:?}: expected N-hex, like \"1-967a00dff5e02add41819138abb3284d\""))
+        };
         let (pos, hash) = s.split_once('-').ok_or_else(bad)?;
         if pos.is_empty() || pos.len() > 19 || !pos.bytes().all(|b| b.is_ascii_digit()) {
             return Err(bad());
@@ -54,7 +59,10 @@ impl FromStr for Rev {
         if pos == 0 || !valid_hash(hash) {
             return Err(bad());
         }
-        Ok(Rev { pos, hash: hash.to_owned() })
+        Ok(Rev {
+            pos,
+            hash: hash.to_owned(),
+        })
     }
 }
 
@@ -66,10 +74,18 @@ pub(crate) fn valid_hash(hash: &str) -> bool {
 /// Builds the path (newest first) that a document's `_rev` and optional
 /// `_revisions: {start, ids}` describe.
 pub fn rev_path(rev: &Rev, revisions: Option<&serde_json::Value>) -> Result<Vec<Rev>, StoreError> {
-    let Some(revisions) = revisions else { return Ok(vec![rev.clone()]) };
+    let Some(revisions) = revisions else {
+        return Ok(vec![rev.clone()]);
+    };
     let bad = |why: &str| StoreError::bad(format!("invalid _revisions for {rev}: {why}"));
-    let start = revisions.get("start").and_then(|v| v.as_u64()).ok_or_else(|| bad("start must be a positive integer"))?;
-    let ids = revisions.get("ids").and_then(|v| v.as_array()).ok_or_else(|| bad("ids must be an array"))?;
+    let start = revisions
+        .get("start")
+        .and_then(|v| v.as_u64())
+        .ok_or_else(|| bad("start must be a positive integer"))?;
+    let ids = revisions
+        .get("ids")
+        .and_then(|v| v.as_array())
+        .ok_or_else(|| bad("ids must be an array"))?;
     if start != rev.pos || ids.first().and_then(|v| v.as_str()) != Some(rev.hash.as_str()) {
         return Err(bad("start and ids[0] must match _rev"));
     }
@@ -79,7 +95,10 @@ pub fn rev_path(rev: &Rev, revisions: Option<&serde_json::Value>) -> Result<Vec<
     ids.iter()
         .enumerate()
         .map(|(i, id)| match id.as_str() {
-            Some(h) if valid_hash(h) => Ok(Rev { pos: start - i as u64, hash: h.to_owned() }),
+            Some(h) if valid_hash(h) => Ok(Rev {
+                pos: start - i as u64,
+                hash: h.to_owned(),
+            }),
             _ => Err(bad("every id must be a hex string")),
         })
         .collect()
@@ -155,7 +174,11 @@ impl RevTree {
 
     /// Non-deleted leaves other than the winner, best first (`_conflicts`).
     pub fn conflicts(&self) -> Vec<usize> {
-        self.sorted_leaves().into_iter().skip(1).filter(|&i| !self.nodes[i].deleted).collect()
+        self.sorted_leaves()
+            .into_iter()
+            .skip(1)
+            .filter(|&i| !self.nodes[i].deleted)
+            .collect()
     }
 
     /// The path from `idx` to its root, newest first.
@@ -172,19 +195,28 @@ impl RevTree {
     /// `_revisions` for `idx`: `{start, ids}` along its path.
     pub fn revisions_json(&self, idx: usize) -> serde_json::Value {
         let path = self.path(idx);
-        let ids: Vec<serde_json::Value> =
-            path.iter().map(|&i| serde_json::Value::from(self.nodes[i].rev.hash.clone())).collect();
+        let ids: Vec<serde_json::Value> = path
+            .iter()
+            .map(|&i| serde_json::Value::from(self.nodes[i].rev.hash.clone()))
+            .collect();
         serde_json::json!({ "start": self.nodes[idx].rev.pos, "ids": ids })
     }
 
     /// Leaves that descend from `idx` (itself if it is a leaf).
     pub fn leaves_under(&self, idx: usize) -> Vec<usize> {
-        self.leaves().into_iter().filter(|&l| self.path(l).contains(&idx)).collect()
+        self.leaves()
+            .into_iter()
+            .filter(|&l| self.path(l).contains(&idx))
+            .collect()
     }
 
     /// Adds a new root revision or a child of `parent`; returns its index.
     pub fn push(&mut self, rev: Rev, parent: Option<usize>, deleted: bool) -> usize {
-        self.nodes.push(Node { rev, parent, deleted });
+        self.nodes.push(Node {
+            rev,
+            parent,
+            deleted,
+        });
         self.nodes.len() - 1
     }
 
@@ -264,7 +296,14 @@ impl RevTree {
         let rows: Vec<(u64, &str, i64, u8)> = self
             .nodes
             .iter()
-            .map(|n| (n.rev.pos, n.rev.hash.as_str(), n.parent.map_or(-1, |p| p as i64), n.deleted as u8))
+            .map(|n| {
+                (
+                    n.rev.pos,
+                    n.rev.hash.as_str(),
+                    n.parent.map_or(-1, |p| p as i64),
+                    n.deleted as u8,
+                )
+            })
             .collect();
         serde_json::to_string(&rows).expect("tree serializes")
     }
@@ -278,9 +317,15 @@ impl RevTree {
             .into_iter()
             .map(|(pos, hash, parent, deleted)| {
                 if parent >= len {
-                    return Err(StoreError::Internal("revision tree parent out of range".into()));
+                    return Err(StoreError::Internal(
+                        "revision tree parent out of range".into(),
+                    ));
                 }
-                Ok(Node { rev: Rev { pos, hash }, parent: (parent >= 0).then_some(parent as usize), deleted: deleted != 0 })
+                Ok(Node {
+                    rev: Rev { pos, hash },
+                    parent: (parent >= 0).then_some(parent as usize),
+                    deleted: deleted != 0,
+                })
             })
             .collect::<Result<_, _>>()?;
         Ok(RevTree { nodes })
@@ -298,7 +343,9 @@ mod tests {
     #[test]
     fn revision_strings_must_be_generation_dash_hex() {
         assert!("1-abc".parse::<Rev>().is_ok());
-        for bad in ["", "1", "abc", "0-abc", "-abc", "1-", "1-xyz", "x-abc", "+1-ab", "1-ab-cd"] {
+        for bad in [
+            "", "1", "abc", "0-abc", "-abc", "1-", "1-xyz", "x-abc", "+1-ab", "1-ab-cd",
+        ] {
             assert!(bad.parse::<Rev>().is_err(), "{bad} should be refused");
         }
     }
@@ -311,10 +358,18 @@ mod tests {
         assert_eq!(t.nodes[t.winner()].rev, r("2-bb"));
         assert_eq!(t.conflicts().len(), 1);
         t.merge_path(&[r("3-01"), r("2-bb"), r("1-00")], true);
-        assert_eq!(t.nodes[t.winner()].rev, r("2-aa"), "a deleted leaf never beats a live one");
+        assert_eq!(
+            t.nodes[t.winner()].rev,
+            r("2-aa"),
+            "a deleted leaf never beats a live one"
+        );
         assert!(t.conflicts().is_empty());
         t.merge_path(&[r("3-02"), r("2-aa"), r("1-00")], true);
-        assert_eq!(t.nodes[t.winner()].rev, r("3-02"), "all deleted: the highest deleted leaf");
+        assert_eq!(
+            t.nodes[t.winner()].rev,
+            r("3-02"),
+            "all deleted: the highest deleted leaf"
+        );
     }
 
     #[test]

@@ -55,7 +55,10 @@ CREATE TABLE local (id TEXT PRIMARY KEY, rev INTEGER NOT NULL, body TEXT NOT NUL
 
 impl From<rusqlite::Error> for StoreError {
     fn from(source: rusqlite::Error) -> Self {
-        StoreError::Sqlite { path: String::new(), source }
+        StoreError::Sqlite {
+            path: String::new(),
+            source,
+        }
     }
 }
 
@@ -110,23 +113,37 @@ impl SqliteStore {
     pub fn open(path: impl AsRef<Path>) -> Result<SqliteStore> {
         let path = path.as_ref().to_path_buf();
         let ps = path_str(&path);
-        let not_store = |reason: String| StoreError::NotAStore { path: ps.clone(), reason };
-        let fresh = std::fs::metadata(&path).map(|m| m.len() == 0).unwrap_or(true);
+        let not_store = |reason: String| StoreError::NotAStore {
+            path: ps.clone(),
+            reason,
+        };
+        let fresh = std::fs::metadata(&path)
+            .map(|m| m.len() == 0)
+            .unwrap_or(true);
         let mut conn = if fresh {
             Connection::open(&path).map_err(|e| not_store(format!("cannot create: {e}")))?
         } else {
             // Validate before any pragma that writes (journal_mode would).
-            let conn = Connection::open_with_flags(&path, OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX)
-                .map_err(|e| not_store(format!("cannot open: {e}")))?;
+            let conn = Connection::open_with_flags(
+                &path,
+                OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+            )
+            .map_err(|e| not_store(format!("cannot open: {e}")))?;
             let app_id: i64 = conn
                 .pragma_query_value(None, "application_id", |r| r.get(0))
                 .map_err(|e| not_store(format!("not a SQLite database ({e})")))?;
             if app_id != APPLICATION_ID {
-                return Err(not_store("a SQLite database without rewind's schema (application_id differs)".into()));
+                return Err(not_store(
+                    "a SQLite database without rewind's schema (application_id differs)".into(),
+                ));
             }
-            let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0)).map_err(|e| not_store(e.to_string()))?;
+            let version: i64 = conn
+                .pragma_query_value(None, "user_version", |r| r.get(0))
+                .map_err(|e| not_store(e.to_string()))?;
             if version != SCHEMA_VERSION {
-                return Err(not_store(format!("schema version {version}; this rewind reads version {SCHEMA_VERSION}")));
+                return Err(not_store(format!(
+                    "schema version {version}; this rewind reads version {SCHEMA_VERSION}"
+                )));
             }
             conn
         };
@@ -144,7 +161,10 @@ impl SqliteStore {
                 ("exists", "1".into()),
             ];
             for (k, v) in meta {
-                tx.execute("INSERT INTO meta (key, value) VALUES (?1, ?2)", params![k, v])?;
+                tx.execute(
+                    "INSERT INTO meta (key, value) VALUES (?1, ?2)",
+                    params![k, v],
+                )?;
             }
             tx.commit()?;
         }
@@ -155,20 +175,32 @@ impl SqliteStore {
                 .ok_or_else(|| not_store(format!("meta entry {key:?} is missing")))
         };
         let num = |key: &str| -> Result<i64> {
-            meta(key)?.parse().map_err(|_| not_store(format!("meta entry {key:?} is not a number")))
+            meta(key)?
+                .parse()
+                .map_err(|_| not_store(format!("meta entry {key:?} is not a number")))
         };
         let uuid = meta("uuid")?;
         let revs_limit = num("revs_limit")? as u64;
-        let (doc_count, del_count, exists) = (num("doc_count")?, num("del_count")?, num("exists")? != 0);
+        let (doc_count, del_count, exists) =
+            (num("doc_count")?, num("del_count")?, num("exists")? != 0);
         let max_seq: Option<i64> = conn.query_row("SELECT max(seq) FROM docs", [], |r| r.get(0))?;
         let last_seq = max_seq.unwrap_or(0) as u64;
-        let name = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| ps.clone());
+        let name = path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| ps.clone());
         Ok(SqliteStore {
             inner: Arc::new(Inner {
                 path,
                 name,
                 uuid,
-                writer: Mutex::new(Writer { conn, next_seq: last_seq + 1, revs_limit, doc_count, del_count }),
+                writer: Mutex::new(Writer {
+                    conn,
+                    next_seq: last_seq + 1,
+                    revs_limit,
+                    doc_count,
+                    del_count,
+                }),
                 readers: Mutex::new(Vec::new()),
                 exists: AtomicBool::new(exists),
                 doc_count: AtomicI64::new(doc_count),
@@ -191,9 +223,10 @@ impl SqliteStore {
 
     fn with_path(&self, e: StoreError) -> StoreError {
         match e {
-            StoreError::Sqlite { path, source } if path.is_empty() => {
-                StoreError::Sqlite { path: path_str(&self.inner.path), source }
-            }
+            StoreError::Sqlite { path, source } if path.is_empty() => StoreError::Sqlite {
+                path: path_str(&self.inner.path),
+                source,
+            },
             e => e,
         }
     }
@@ -202,7 +235,10 @@ impl SqliteStore {
         if self.inner.exists.load(Ordering::Acquire) {
             Ok(())
         } else {
-            Err(StoreError::NotFound { what: format!("database {}", self.inner.name), reason: "Database does not exist.".into() })
+            Err(StoreError::NotFound {
+                what: format!("database {}", self.inner.name),
+                reason: "Database does not exist.".into(),
+            })
         }
     }
 
@@ -219,7 +255,10 @@ impl SqliteStore {
             let conn = match pooled {
                 Some(c) => c,
                 None => {
-                    let c = Connection::open_with_flags(&this.inner.path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)?;
+                    let c = Connection::open_with_flags(
+                        &this.inner.path,
+                        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+                    )?;
                     c.busy_timeout(Duration::from_secs(30))?;
                     c
                 }
@@ -247,7 +286,11 @@ impl SqliteStore {
     {
         let this = self.clone();
         let run = move || -> Result<T> {
-            let mut w = this.inner.writer.lock().map_err(|_| StoreError::Internal("writer lock poisoned".into()))?;
+            let mut w = this
+                .inner
+                .writer
+                .lock()
+                .map_err(|_| StoreError::Internal("writer lock poisoned".into()))?;
             let before = w.next_seq;
             let out = f(&mut w);
             this.inner.doc_count.store(w.doc_count, Ordering::Release);
@@ -271,11 +314,19 @@ impl SqliteStore {
 
     fn parse_since(&self, since: &Seq) -> Result<u64> {
         match since {
-            Value::Number(n) => n.as_u64().ok_or_else(|| StoreError::bad(format!("invalid since {n}: expected a sequence number"))),
+            Value::Number(n) => n.as_u64().ok_or_else(|| {
+                StoreError::bad(format!("invalid since {n}: expected a sequence number"))
+            }),
             Value::String(s) if s == "now" => Ok(self.update_seq()),
-            Value::String(s) => s.parse().map_err(|_| StoreError::bad(format!("invalid since {s:?}: expected a sequence number or \"now\""))),
+            Value::String(s) => s.parse().map_err(|_| {
+                StoreError::bad(format!(
+                    "invalid since {s:?}: expected a sequence number or \"now\""
+                ))
+            }),
             Value::Null => Ok(0),
-            other => Err(StoreError::bad(format!("invalid since {other}: expected a sequence number"))),
+            other => Err(StoreError::bad(format!(
+                "invalid since {other}: expected a sequence number"
+            ))),
         }
     }
 
@@ -283,7 +334,13 @@ impl SqliteStore {
     pub async fn local_docs(&self) -> Result<Vec<Value>> {
         self.read(|c| {
             let mut st = c.prepare("SELECT id, rev, body FROM local ORDER BY id")?;
-            let rows = st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?, r.get::<_, String>(2)?)))?;
+            let rows = st.query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, String>(2)?,
+                ))
+            })?;
             let mut out = Vec::new();
             for row in rows {
                 let (id, rev, body) = row?;
@@ -293,11 +350,9 @@ impl SqliteStore {
         })
         .await
     }
-
 }
 
 impl crate::Store for SqliteStore {
-
     async fn info(&self) -> Result<DbInfo> {
         self.check_exists()?;
         Ok(DbInfo {
@@ -315,7 +370,11 @@ impl crate::Store for SqliteStore {
         let (id, opts) = (id.to_owned(), opts.clone());
         let rev = opts.rev.as_deref().map(str::parse::<Rev>).transpose()?;
         let list = match &opts.open_revs {
-            Some(OpenRevs::List(l)) => Some(l.iter().map(|r| r.parse::<Rev>()).collect::<Result<Vec<_>>>()?),
+            Some(OpenRevs::List(l)) => Some(
+                l.iter()
+                    .map(|r| r.parse::<Rev>())
+                    .collect::<Result<Vec<_>>>()?,
+            ),
             _ => None,
         };
         self.read(move |c| {
@@ -323,25 +382,39 @@ impl crate::Store for SqliteStore {
             let what = || format!("document {id}");
             let Some((tree, _)) = loaded else {
                 return match list {
-                    Some(list) => Ok(GetResult::Revs(list.iter().map(|r| OpenRev::Missing(r.to_string())).collect())),
+                    Some(list) => Ok(GetResult::Revs(
+                        list.iter()
+                            .map(|r| OpenRev::Missing(r.to_string()))
+                            .collect(),
+                    )),
                     None => Err(StoreError::missing(what())),
                 };
             };
             match (&opts.open_revs, list) {
                 (None, _) => {
                     let idx = match &rev {
-                        Some(r) => tree.find(r).ok_or_else(|| StoreError::missing(format!("document {id} revision {r}")))?,
+                        Some(r) => tree.find(r).ok_or_else(|| {
+                            StoreError::missing(format!("document {id} revision {r}"))
+                        })?,
                         None => {
                             let w = tree.winner();
                             if tree.nodes[w].deleted {
-                                return Err(StoreError::NotFound { what: what(), reason: "deleted".into() });
+                                return Err(StoreError::NotFound {
+                                    what: what(),
+                                    reason: "deleted".into(),
+                                });
                             }
                             w
                         }
                     };
                     build_doc(c, &id, &tree, idx, &opts)?
                         .map(GetResult::Doc)
-                        .ok_or_else(|| StoreError::missing(format!("document {id} revision {}", tree.nodes[idx].rev)))
+                        .ok_or_else(|| {
+                            StoreError::missing(format!(
+                                "document {id} revision {}",
+                                tree.nodes[idx].rev
+                            ))
+                        })
                 }
                 (Some(OpenRevs::All), _) => {
                     let mut out = Vec::new();
@@ -370,7 +443,11 @@ impl crate::Store for SqliteStore {
         // Validate everything before writing anything: a bad document fails the request.
         let mut parsed = Vec::with_capacity(docs.len());
         for d in docs {
-            if let Some(id) = d.get("_id").and_then(Value::as_str).filter(|id| id.starts_with("_local/")) {
+            if let Some(id) = d
+                .get("_id")
+                .and_then(Value::as_str)
+                .filter(|id| id.starts_with("_local/"))
+            {
                 parsed.push(Item::Local(id.to_owned(), d));
             } else {
                 parsed.push(Item::Doc(doc::parse_doc(d, new_edits)?));
@@ -379,19 +456,36 @@ impl crate::Store for SqliteStore {
         self.write(move |w| {
             let tx = w.conn.transaction()?;
             let mut results = Vec::with_capacity(parsed.len());
-            let mut st = State { next_seq: w.next_seq, revs_limit: w.revs_limit, doc_delta: 0, del_delta: 0 };
+            let mut st = State {
+                next_seq: w.next_seq,
+                revs_limit: w.revs_limit,
+                doc_delta: 0,
+                del_delta: 0,
+            };
             for item in parsed {
                 let r = match item {
                     Item::Local(id, body) => match put_local_tx(&tx, &id, body) {
-                        Ok(rev) => Some(BulkResult { id, rev: Some(rev), error: None, reason: None }),
+                        Ok(rev) => Some(BulkResult {
+                            id,
+                            rev: Some(rev),
+                            error: None,
+                            reason: None,
+                        }),
                         Err(e) => Some(error_result(id, &e)),
                     },
                     Item::Doc(d) => {
                         let id = d.id.clone();
                         match write_doc(&tx, &mut st, d, new_edits) {
-                            Ok(Some(rev)) if new_edits => Some(BulkResult { id, rev: Some(rev), error: None, reason: None }),
+                            Ok(Some(rev)) if new_edits => Some(BulkResult {
+                                id,
+                                rev: Some(rev),
+                                error: None,
+                                reason: None,
+                            }),
                             Ok(_) => None,
-                            Err(e @ (StoreError::Conflict { .. } | StoreError::MissingStub { .. })) => Some(error_result(id, &e)),
+                            Err(
+                                e @ (StoreError::Conflict { .. } | StoreError::MissingStub { .. }),
+                            ) => Some(error_result(id, &e)),
                             Err(e) => return Err(e),
                         }
                     }
@@ -413,19 +507,33 @@ impl crate::Store for SqliteStore {
         .await
     }
 
-    async fn bulk_get(&self, reqs: Vec<BulkGetRequest>, opts: BulkGetOptions) -> Result<Vec<BulkGetResult>> {
+    async fn bulk_get(
+        &self,
+        reqs: Vec<BulkGetRequest>,
+        opts: BulkGetOptions,
+    ) -> Result<Vec<BulkGetResult>> {
         for r in &reqs {
             if let Some(rev) = &r.rev {
                 rev.parse::<Rev>()?;
             }
         }
         self.read(move |c| {
-            let gopts = GetOptions { revs: opts.revs, latest: opts.latest, attachments: opts.attachments, ..Default::default() };
+            let gopts = GetOptions {
+                revs: opts.revs,
+                latest: opts.latest,
+                attachments: opts.attachments,
+                ..Default::default()
+            };
             let mut out = Vec::with_capacity(reqs.len());
             for r in reqs {
                 let loaded = load_doc(c, &r.id)?;
                 let err = |rev: &str, reason: &str| {
-                    BulkGetItem::Error(DocError { id: r.id.clone(), rev: rev.to_owned(), error: "not_found".into(), reason: reason.into() })
+                    BulkGetItem::Error(DocError {
+                        id: r.id.clone(),
+                        rev: rev.to_owned(),
+                        error: "not_found".into(),
+                        reason: reason.into(),
+                    })
                 };
                 let docs = match (loaded, &r.rev) {
                     (None, rev) => vec![err(rev.as_deref().unwrap_or("undefined"), "missing")],
@@ -455,10 +563,18 @@ impl crate::Store for SqliteStore {
         .await
     }
 
-    async fn revs_diff(&self, revs: BTreeMap<String, Vec<String>>) -> Result<BTreeMap<String, RevsDiffEntry>> {
+    async fn revs_diff(
+        &self,
+        revs: BTreeMap<String, Vec<String>>,
+    ) -> Result<BTreeMap<String, RevsDiffEntry>> {
         let parsed: Vec<(String, Vec<Rev>)> = revs
             .into_iter()
-            .map(|(id, rs)| Ok((id, rs.iter().map(|r| r.parse()).collect::<Result<Vec<Rev>>>()?)))
+            .map(|(id, rs)| {
+                Ok((
+                    id,
+                    rs.iter().map(|r| r.parse()).collect::<Result<Vec<Rev>>>()?,
+                ))
+            })
             .collect::<Result<_>>()?;
         self.read(move |c| {
             let mut out = BTreeMap::new();
@@ -469,8 +585,12 @@ impl crate::Store for SqliteStore {
                     continue;
                 }
                 let max_pos = missing.iter().map(|r| r.pos).max().unwrap_or(0);
-                let mut ancestors: Vec<&Rev> =
-                    tree.leaves().into_iter().map(|i| &tree.nodes[i].rev).filter(|r| r.pos < max_pos).collect();
+                let mut ancestors: Vec<&Rev> = tree
+                    .leaves()
+                    .into_iter()
+                    .map(|i| &tree.nodes[i].rev)
+                    .filter(|r| r.pos < max_pos)
+                    .collect();
                 ancestors.sort();
                 let mut missing_s: Vec<String> = Vec::new();
                 for r in missing {
@@ -481,7 +601,10 @@ impl crate::Store for SqliteStore {
                 }
                 out.insert(
                     id,
-                    RevsDiffEntry { missing: missing_s, possible_ancestors: ancestors.iter().map(|r| r.to_string()).collect() },
+                    RevsDiffEntry {
+                        missing: missing_s,
+                        possible_ancestors: ancestors.iter().map(|r| r.to_string()).collect(),
+                    },
                 );
             }
             Ok(out)
@@ -559,8 +682,11 @@ impl crate::Store for SqliteStore {
             );
             let mut st = c.prepare_cached(&sql)?;
             let limit = opts.limit.map_or(-1, |l| l as i64);
-            let found: Vec<(String, i64, String)> =
-                st.query_map(params![since as i64, limit], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?.collect::<rusqlite::Result<_>>()?;
+            let found: Vec<(String, i64, String)> = st
+                .query_map(params![since as i64, limit], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                })?
+                .collect::<rusqlite::Result<_>>()?;
             let mut results = Vec::with_capacity(found.len());
             let mut last = since;
             for (id, seq, tree) in found {
@@ -568,17 +694,29 @@ impl crate::Store for SqliteStore {
                 let leaves = tree.sorted_leaves();
                 let w = leaves[0];
                 let revs = if opts.style_all_docs { leaves } else { vec![w] };
-                let doc = if opts.include_docs { build_doc(c, &id, &tree, w, &GetOptions::default())? } else { None };
+                let doc = if opts.include_docs {
+                    build_doc(c, &id, &tree, w, &GetOptions::default())?
+                } else {
+                    None
+                };
                 last = seq as u64;
                 results.push(ChangeRow {
                     seq: Value::from(seq),
                     id,
-                    changes: revs.into_iter().map(|i| ChangeRev { rev: tree.nodes[i].rev.to_string() }).collect(),
+                    changes: revs
+                        .into_iter()
+                        .map(|i| ChangeRev {
+                            rev: tree.nodes[i].rev.to_string(),
+                        })
+                        .collect(),
                     deleted: tree.nodes[w].deleted,
                     doc,
                 });
             }
-            Ok(Changes { results, last_seq: Value::from(last) })
+            Ok(Changes {
+                results,
+                last_seq: Value::from(last),
+            })
         })
         .await
     }
@@ -601,8 +739,10 @@ impl crate::Store for SqliteStore {
     async fn get_local(&self, id: &str) -> Result<Value> {
         let id = local_id(id)?;
         self.read(move |c| {
-            let row: Option<(i64, String)> =
-                c.prepare_cached("SELECT rev, body FROM local WHERE id = ?1")?.query_row([&id], |r| Ok((r.get(0)?, r.get(1)?))).optional()?;
+            let row: Option<(i64, String)> = c
+                .prepare_cached("SELECT rev, body FROM local WHERE id = ?1")?
+                .query_row([&id], |r| Ok((r.get(0)?, r.get(1)?)))
+                .optional()?;
             let (rev, body) = row.ok_or_else(|| StoreError::missing(format!("document {id}")))?;
             local_doc(&id, rev, &body)
         })
@@ -627,10 +767,14 @@ impl crate::Store for SqliteStore {
         let rev = rev.map(str::to_owned);
         self.write(move |w| {
             let tx = w.conn.transaction()?;
-            let cur: Option<i64> = tx.query_row("SELECT rev FROM local WHERE id = ?1", [&id], |r| r.get(0)).optional()?;
+            let cur: Option<i64> = tx
+                .query_row("SELECT rev FROM local WHERE id = ?1", [&id], |r| r.get(0))
+                .optional()?;
             let cur = cur.ok_or_else(|| StoreError::missing(format!("document {id}")))?;
             if rev.is_some_and(|r| r != format!("0-{cur}")) {
-                return Err(StoreError::Conflict { what: format!("document {id}") });
+                return Err(StoreError::Conflict {
+                    what: format!("document {id}"),
+                });
             }
             tx.execute("DELETE FROM local WHERE id = ?1", [&id])?;
             tx.commit()?;
@@ -641,10 +785,13 @@ impl crate::Store for SqliteStore {
 
     async fn create_db(&self) -> Result<()> {
         if self.inner.exists.load(Ordering::Acquire) {
-            return Err(StoreError::FileExists { what: format!("database {}", self.inner.name) });
+            return Err(StoreError::FileExists {
+                what: format!("database {}", self.inner.name),
+            });
         }
         self.write(|w| {
-            w.conn.execute("UPDATE meta SET value = '1' WHERE key = 'exists'", [])?;
+            w.conn
+                .execute("UPDATE meta SET value = '1' WHERE key = 'exists'", [])?;
             Ok(())
         })
         .await?;
@@ -685,7 +832,10 @@ impl crate::Store for SqliteStore {
             return Err(StoreError::bad("revs_limit must be at least 1"));
         }
         self.write(move |w| {
-            w.conn.execute("UPDATE meta SET value = ?1 WHERE key = 'revs_limit'", [limit.to_string()])?;
+            w.conn.execute(
+                "UPDATE meta SET value = ?1 WHERE key = 'revs_limit'",
+                [limit.to_string()],
+            )?;
             w.revs_limit = limit;
             Ok(())
         })
@@ -711,13 +861,24 @@ struct State {
 
 fn error_result(id: String, e: &StoreError) -> BulkResult {
     let (error, reason) = e.couch_error();
-    BulkResult { id, rev: None, error: Some(error), reason: Some(reason) }
+    BulkResult {
+        id,
+        rev: None,
+        error: Some(error),
+        reason: Some(reason),
+    }
 }
 
 fn local_id(id: &str) -> Result<String> {
-    let id = if id.starts_with("_local/") { id.to_owned() } else { format!("_local/{id}") };
+    let id = if id.starts_with("_local/") {
+        id.to_owned()
+    } else {
+        format!("_local/{id}")
+    };
     if id.len() == "_local/".len() {
-        return Err(StoreError::bad("a _local document id needs a name after _local/"));
+        return Err(StoreError::bad(
+            "a _local document id needs a name after _local/",
+        ));
     }
     Ok(id)
 }
@@ -730,13 +891,20 @@ fn local_doc(id: &str, rev: i64, body: &str) -> Result<Value> {
 /// absent for a new document. Returns the new `0-N+1`.
 fn put_local_tx(tx: &Transaction<'_>, id: &str, body: Value) -> Result<String> {
     let Value::Object(mut m) = body else {
-        return Err(StoreError::bad(format!("document {id}: must be a JSON object")));
+        return Err(StoreError::bad(format!(
+            "document {id}: must be a JSON object"
+        )));
     };
     m.remove("_id");
     let given = m.remove("_rev");
-    let deleted = m.remove("_deleted").and_then(|d| d.as_bool()).unwrap_or(false);
-    let cur: Option<i64> =
-        tx.prepare_cached("SELECT rev FROM local WHERE id = ?1")?.query_row([id], |r| r.get(0)).optional()?;
+    let deleted = m
+        .remove("_deleted")
+        .and_then(|d| d.as_bool())
+        .unwrap_or(false);
+    let cur: Option<i64> = tx
+        .prepare_cached("SELECT rev FROM local WHERE id = ?1")?
+        .query_row([id], |r| r.get(0))
+        .optional()?;
     let given = given.as_ref().and_then(Value::as_str);
     let ok = match (cur, given) {
         (None, None) => true,
@@ -745,7 +913,9 @@ fn put_local_tx(tx: &Transaction<'_>, id: &str, body: Value) -> Result<String> {
         (Some(_), None) => false,
     };
     if !ok {
-        return Err(StoreError::Conflict { what: format!("document {id}") });
+        return Err(StoreError::Conflict {
+            what: format!("document {id}"),
+        });
     }
     if deleted {
         tx.execute("DELETE FROM local WHERE id = ?1", [id])?;
@@ -759,34 +929,58 @@ fn put_local_tx(tx: &Transaction<'_>, id: &str, body: Value) -> Result<String> {
 }
 
 fn load_doc(c: &Connection, id: &str) -> Result<Option<(RevTree, u64)>> {
-    let row: Option<(String, i64)> =
-        c.prepare_cached("SELECT tree, seq FROM docs WHERE id = ?1")?.query_row([id], |r| Ok((r.get(0)?, r.get(1)?))).optional()?;
-    row.map(|(t, s)| Ok((RevTree::from_json(&t)?, s as u64))).transpose()
+    let row: Option<(String, i64)> = c
+        .prepare_cached("SELECT tree, seq FROM docs WHERE id = ?1")?
+        .query_row([id], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?;
+    row.map(|(t, s)| Ok((RevTree::from_json(&t)?, s as u64)))
+        .transpose()
 }
 
 fn load_rev(c: &Connection, id: &str, rev: &Rev) -> Result<Option<(String, Option<String>)>> {
-    Ok(c.prepare_cached("SELECT body, atts FROM revs WHERE id = ?1 AND rev = ?2")?
-        .query_row(params![id, rev.to_string()], |r| Ok((r.get(0)?, r.get(1)?)))
-        .optional()?)
+    Ok(
+        c.prepare_cached("SELECT body, atts FROM revs WHERE id = ?1 AND rev = ?2")?
+            .query_row(params![id, rev.to_string()], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()?,
+    )
 }
 
 /// The document at tree node `idx`, or `None` if its body is not stored
 /// (an ancestor known only by id).
-fn build_doc(c: &Connection, id: &str, tree: &RevTree, idx: usize, opts: &GetOptions) -> Result<Option<Value>> {
+fn build_doc(
+    c: &Connection,
+    id: &str,
+    tree: &RevTree,
+    idx: usize,
+    opts: &GetOptions,
+) -> Result<Option<Value>> {
     let node = &tree.nodes[idx];
-    let Some((body, atts)) = load_rev(c, id, &node.rev)? else { return Ok(None) };
+    let Some((body, atts)) = load_rev(c, id, &node.rev)? else {
+        return Ok(None);
+    };
     let attachments = match atts {
         None => None,
         Some(a) => {
-            let mut a: Map<String, Value> =
-                serde_json::from_str(&a).map_err(|e| StoreError::Internal(format!("document {id}: attachment list unreadable: {e}")))?;
+            let mut a: Map<String, Value> = serde_json::from_str(&a).map_err(|e| {
+                StoreError::Internal(format!("document {id}: attachment list unreadable: {e}"))
+            })?;
             for (name, meta) in a.iter_mut() {
                 let Value::Object(m) = meta else { continue };
                 if opts.attachments {
-                    let digest = m.get("digest").and_then(Value::as_str).unwrap_or_default().to_owned();
-                    let data: Option<Vec<u8>> =
-                        c.prepare_cached("SELECT data FROM blobs WHERE digest = ?1")?.query_row([&digest], |r| r.get(0)).optional()?;
-                    let data = data.ok_or_else(|| StoreError::Internal(format!("document {id}: attachment {name:?} data is missing")))?;
+                    let digest = m
+                        .get("digest")
+                        .and_then(Value::as_str)
+                        .unwrap_or_default()
+                        .to_owned();
+                    let data: Option<Vec<u8>> = c
+                        .prepare_cached("SELECT data FROM blobs WHERE digest = ?1")?
+                        .query_row([&digest], |r| r.get(0))
+                        .optional()?;
+                    let data = data.ok_or_else(|| {
+                        StoreError::Internal(format!(
+                            "document {id}: attachment {name:?} data is missing"
+                        ))
+                    })?;
                     m.remove("length");
                     m.insert("data".into(), Value::from(doc::b64(&data)));
                 } else {
@@ -799,19 +993,35 @@ fn build_doc(c: &Connection, id: &str, tree: &RevTree, idx: usize, opts: &GetOpt
     let extras = Extras {
         deleted: node.deleted,
         attachments,
-        conflicts: opts.conflicts.then(|| tree.conflicts().iter().map(|&i| tree.nodes[i].rev.to_string()).collect()),
+        conflicts: opts.conflicts.then(|| {
+            tree.conflicts()
+                .iter()
+                .map(|&i| tree.nodes[i].rev.to_string())
+                .collect()
+        }),
         revisions: opts.revs.then(|| tree.revisions_json(idx)),
     };
     doc::assemble(id, &node.rev.to_string(), &body, extras).map(Some)
 }
 
 /// Appends the `open_revs` answer for one requested revision.
-fn open_rev(c: &Connection, id: &str, tree: &RevTree, rev: &Rev, opts: &GetOptions, out: &mut Vec<OpenRev>) -> Result<()> {
+fn open_rev(
+    c: &Connection,
+    id: &str,
+    tree: &RevTree,
+    rev: &Rev,
+    opts: &GetOptions,
+    out: &mut Vec<OpenRev>,
+) -> Result<()> {
     let Some(idx) = tree.find(rev) else {
         out.push(OpenRev::Missing(rev.to_string()));
         return Ok(());
     };
-    let targets = if opts.latest { tree.leaves_under(idx) } else { vec![idx] };
+    let targets = if opts.latest {
+        tree.leaves_under(idx)
+    } else {
+        vec![idx]
+    };
     for t in targets {
         out.push(match build_doc(c, id, tree, t, opts)? {
             Some(d) => OpenRev::Ok(d),
@@ -824,7 +1034,13 @@ fn open_rev(c: &Connection, id: &str, tree: &RevTree, rev: &Rev, opts: &GetOptio
 /// Resolves a document's attachments into stored metadata, storing new data.
 /// Stubs come from `parent_atts` (new edits) or from any revision of the
 /// document or the blob table (replication).
-fn store_atts(tx: &Transaction<'_>, d: &ParsedDoc, pos: u64, parent_atts: Option<&Map<String, Value>>, new_edits: bool) -> Result<(Option<String>, String)> {
+fn store_atts(
+    tx: &Transaction<'_>,
+    d: &ParsedDoc,
+    pos: u64,
+    parent_atts: Option<&Map<String, Value>>,
+    new_edits: bool,
+) -> Result<(Option<String>, String)> {
     if d.atts.is_empty() {
         return Ok((None, String::new()));
     }
@@ -832,14 +1048,26 @@ fn store_atts(tx: &Transaction<'_>, d: &ParsedDoc, pos: u64, parent_atts: Option
     let mut digests = String::new();
     for (name, a) in &d.atts {
         let meta = match a {
-            AttIn::Inline { content_type, data, revpos } => {
+            AttIn::Inline {
+                content_type,
+                data,
+                revpos,
+            } => {
                 let digest = doc::digest(data);
-                tx.prepare_cached("INSERT OR IGNORE INTO blobs (digest, data) VALUES (?1, ?2)")?.execute(params![digest, data])?;
-                let revpos = if new_edits { pos } else { revpos.unwrap_or(pos) };
+                tx.prepare_cached("INSERT OR IGNORE INTO blobs (digest, data) VALUES (?1, ?2)")?
+                    .execute(params![digest, data])?;
+                let revpos = if new_edits {
+                    pos
+                } else {
+                    revpos.unwrap_or(pos)
+                };
                 doc::att_meta(content_type, &digest, data.len() as u64, revpos)
             }
             AttIn::Stub { digest } => {
-                let missing = || StoreError::MissingStub { id: d.id.clone(), name: name.clone() };
+                let missing = || StoreError::MissingStub {
+                    id: d.id.clone(),
+                    name: name.clone(),
+                };
                 let mut found = parent_atts.and_then(|p| p.get(name)).cloned();
                 if found.is_none() && !new_edits {
                     found = find_att_meta(tx, &d.id, name, digest.as_deref())?;
@@ -847,7 +1075,13 @@ fn store_atts(tx: &Transaction<'_>, d: &ParsedDoc, pos: u64, parent_atts: Option
                 let found = found.ok_or_else(missing)?;
                 let have: Option<i64> = tx
                     .prepare_cached("SELECT 1 FROM blobs WHERE digest = ?1")?
-                    .query_row([found.get("digest").and_then(Value::as_str).unwrap_or_default()], |r| r.get(0))
+                    .query_row(
+                        [found
+                            .get("digest")
+                            .and_then(Value::as_str)
+                            .unwrap_or_default()],
+                        |r| r.get(0),
+                    )
                     .optional()?;
                 if have.is_none() {
                     return Err(missing());
@@ -857,18 +1091,33 @@ fn store_atts(tx: &Transaction<'_>, d: &ParsedDoc, pos: u64, parent_atts: Option
         };
         digests.push_str(name);
         digests.push('\0');
-        digests.push_str(meta.get("digest").and_then(Value::as_str).unwrap_or_default());
+        digests.push_str(
+            meta.get("digest")
+                .and_then(Value::as_str)
+                .unwrap_or_default(),
+        );
         digests.push('\0');
         out.insert(name.clone(), meta);
     }
-    Ok((Some(serde_json::to_string(&out).expect("JSON serializes")), digests))
+    Ok((
+        Some(serde_json::to_string(&out).expect("JSON serializes")),
+        digests,
+    ))
 }
 
-fn find_att_meta(tx: &Transaction<'_>, id: &str, name: &str, digest: Option<&str>) -> Result<Option<Value>> {
+fn find_att_meta(
+    tx: &Transaction<'_>,
+    id: &str,
+    name: &str,
+    digest: Option<&str>,
+) -> Result<Option<Value>> {
     let mut st = tx.prepare_cached("SELECT atts FROM revs WHERE id = ?1 AND atts IS NOT NULL")?;
-    let rows: Vec<String> = st.query_map([id], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?;
+    let rows: Vec<String> = st
+        .query_map([id], |r| r.get(0))?
+        .collect::<rusqlite::Result<_>>()?;
     for a in rows {
-        let m: Map<String, Value> = serde_json::from_str(&a).map_err(|e| StoreError::Internal(e.to_string()))?;
+        let m: Map<String, Value> =
+            serde_json::from_str(&a).map_err(|e| StoreError::Internal(e.to_string()))?;
         if let Some(meta) = m.get(name) {
             if digest.is_none() || meta.get("digest").and_then(Value::as_str) == digest {
                 return Ok(Some(meta.clone()));
@@ -880,11 +1129,18 @@ fn find_att_meta(tx: &Transaction<'_>, id: &str, name: &str, digest: Option<&str
 
 /// Writes one document inside the batch transaction. Returns the new revision
 /// (`None` when a replicated revision was already known).
-fn write_doc(tx: &Transaction<'_>, st: &mut State, d: ParsedDoc, new_edits: bool) -> Result<Option<String>> {
+fn write_doc(
+    tx: &Transaction<'_>,
+    st: &mut State,
+    d: ParsedDoc,
+    new_edits: bool,
+) -> Result<Option<String>> {
     let existing = load_doc(tx, &d.id)?;
     let was = existing.as_ref().map(|(t, _)| t.nodes[t.winner()].deleted);
     let mut tree = existing.map(|(t, _)| t).unwrap_or_default();
-    let conflict = || StoreError::Conflict { what: format!("document {}", d.id) };
+    let conflict = || StoreError::Conflict {
+        what: format!("document {}", d.id),
+    };
 
     let (new_rev, atts) = if new_edits {
         let parent = match (&d.rev, was) {
@@ -892,13 +1148,8 @@ fn write_doc(tx: &Transaction<'_>, st: &mut State, d: ParsedDoc, new_edits: bool
             (Some(_), None) => return Err(conflict()),
             (None, Some(true)) => Some(tree.winner()),
             (None, Some(false)) => return Err(conflict()),
-            (Some(r), Some(winner_deleted)) => {
-                let idx = tree.find(r).filter(|&i| tree.is_leaf(i)).ok_or_else(conflict)?;
-                if winner_deleted && d.deleted {
-                    return Err(conflict());
-                }
-                Some(idx)
-            }
+            // Any leaf may be edited, deleted ones included (as CouchDB).
+            (Some(r), Some(_)) => Some(tree.find(r).filter(|&i| tree.is_leaf(i)).ok_or_else(conflict)?),
         };
         let parent_rev = parent.map(|p| tree.nodes[p].rev.clone());
         let parent_atts = match &parent_rev {
@@ -919,15 +1170,18 @@ fn write_doc(tx: &Transaction<'_>, st: &mut State, d: ParsedDoc, new_edits: bool
         let (atts, _) = store_atts(tx, &d, rev.pos, None, false)?;
         if tree.merge_path(&d.path, d.deleted) == Merge::Known {
             // Already known: fill in a body we only knew by id, change nothing else.
-            tx.prepare_cached("INSERT OR IGNORE INTO revs (id, rev, body, atts) VALUES (?1, ?2, ?3, ?4)")?
-                .execute(params![d.id, rev.to_string(), d.body, atts])?;
+            tx.prepare_cached(
+                "INSERT OR IGNORE INTO revs (id, rev, body, atts) VALUES (?1, ?2, ?3, ?4)",
+            )?
+            .execute(params![d.id, rev.to_string(), d.body, atts])?;
             return Ok(None);
         }
         (rev, atts)
     };
 
     for gone in tree.stem(st.revs_limit) {
-        tx.prepare_cached("DELETE FROM revs WHERE id = ?1 AND rev = ?2")?.execute(params![d.id, gone.to_string()])?;
+        tx.prepare_cached("DELETE FROM revs WHERE id = ?1 AND rev = ?2")?
+            .execute(params![d.id, gone.to_string()])?;
     }
     let rev_s = new_rev.to_string();
     tx.prepare_cached("INSERT OR REPLACE INTO revs (id, rev, body, atts) VALUES (?1, ?2, ?3, ?4)")?

@@ -115,7 +115,10 @@ pub struct BulkGetRequest {
 impl BulkGetRequest {
     /// A request for `id` at `rev` (`None`: the winning revision).
     pub fn new(id: impl Into<String>, rev: Option<&str>) -> Self {
-        BulkGetRequest { id: id.into(), rev: rev.map(str::to_owned) }
+        BulkGetRequest {
+            id: id.into(),
+            rev: rev.map(str::to_owned),
+        }
     }
 }
 
