@@ -184,13 +184,24 @@ impl Session<'_> {
             ..GetOptions::default()
         };
         match self.db.data.get(id, &opts).await {
-            Ok(GetResult::Revs(revs)) => Ok(revs
-                .into_iter()
-                .filter_map(|r| match r {
-                    OpenRev::Ok(doc) => Some(doc),
-                    OpenRev::Missing(_) => None,
-                })
-                .collect()),
+            Ok(GetResult::Revs(revs)) => {
+                let mut leaves: Vec<Value> = revs
+                    .into_iter()
+                    .filter_map(|r| match r {
+                        OpenRev::Ok(doc) => Some(doc),
+                        OpenRev::Missing(_) => None,
+                    })
+                    .collect();
+                // A store may list leaves in any order (pouchdb-server: as its
+                // reads complete); CouchDB's order, the winner first, keeps
+                // every answer built from them deterministic.
+                let key = |doc: &Value| {
+                    let rev = doc.get("_rev").and_then(Value::as_str).unwrap_or("").to_owned();
+                    (!is_deleted(doc), view::generation(&rev), rev)
+                };
+                leaves.sort_by(|a, b| key(b).cmp(&key(a)));
+                Ok(leaves)
+            }
             Ok(GetResult::Doc(doc)) => Ok(vec![doc]),
             Err(StoreError::NotFound { .. }) => Ok(vec![]),
             Err(e) => Err(e.into()),
