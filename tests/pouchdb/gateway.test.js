@@ -462,6 +462,32 @@ for (const kind of h.STORE_KINDS) {
       await assertNoConflicts(ctx, [watcher, sleeper]);
     });
 
+    test('X-Rewind-Version selects the version like the /v/{N} prefix', async (t) => {
+      const ctx = await setup(t, kind, { version: 3, docs: 30 });
+      for (const k of [0, 7]) {
+        const viaPrefix = await h.http(`${ctx.gw.url}/v/${k}/${h.DB}/_changes?style=all_docs`);
+        const viaHeader = await h.http(`${ctx.gw.url}/${h.DB}/_changes?style=all_docs`, {
+          headers: { 'x-rewind-version': String(k) },
+        });
+        assert.equal(viaHeader.status, 200);
+        assert.equal(viaHeader.text, viaPrefix.text, `v${k}: header and prefix differ`);
+        const root = await h.http(`${ctx.gw.url}/`, { headers: { 'x-rewind-version': String(k) } });
+        assert.equal(root.text, (await h.http(`${ctx.gw.url}/v/${k}/`)).text, `v${k}: root uuid`);
+      }
+      // A phone that says its version by header gets that version's shapes.
+      const p = ctx.phone(null);
+      p.k = 7;
+      const remote = new h.PouchDB(`${ctx.gw.url}/${h.DB}`, {
+        skip_setup: true,
+        fetch: (url, opts) => {
+          opts.headers.set('X-Rewind-Version', '7');
+          return h.PouchDB.fetch(url, opts);
+        },
+      });
+      await h.withTimeout(p.db.replicate.from(remote), 60000, 'pull with the header');
+      await h.assertPhoneShapes(p, 30);
+    });
+
     test('bad input gets a CouchDB-style 400 and changes nothing', async (t) => {
       const ctx = await setup(t, kind, { version: 3, docs: 20 });
       const base = `${ctx.gw.url}/v/0/${h.DB}`;
