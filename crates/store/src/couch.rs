@@ -603,19 +603,37 @@ impl crate::Store for CouchStore {
         flag(&mut q, "latest", opts.latest);
         flag(&mut q, "attachments", opts.attachments);
         let url = self.endpoint(&["_bulk_get"], &q);
-        let v = self.call(Method::POST, url, Some(json!({ "docs": reqs })), Retry::Safe).await?;
+        let v = self
+            .call(
+                Method::POST,
+                url,
+                Some(json!({ "docs": reqs })),
+                Retry::Safe,
+            )
+            .await?;
         let bad = |what: &str| StoreError::Internal(format!("_bulk_get answer: {what}"));
-        let results = v.get("results").and_then(Value::as_array).ok_or_else(|| bad("no results"))?;
+        let results = v
+            .get("results")
+            .and_then(Value::as_array)
+            .ok_or_else(|| bad("no results"))?;
         let mut out = Vec::with_capacity(results.len());
         for r in results {
-            let id = r.get("id").and_then(Value::as_str).ok_or_else(|| bad("a result without id"))?;
-            let docs = r.get("docs").and_then(Value::as_array).ok_or_else(|| bad("no docs"))?;
+            let id = r
+                .get("id")
+                .and_then(Value::as_str)
+                .ok_or_else(|| bad("a result without id"))?;
+            let docs = r
+                .get("docs")
+                .and_then(Value::as_array)
+                .ok_or_else(|| bad("no docs"))?;
             let mut items = Vec::with_capacity(docs.len());
             for d in docs {
                 let item = if let Some(doc) = d.get("ok") {
                     BulkGetItem::Ok(doc.clone())
                 } else if let Some(e) = d.get("error") {
-                    BulkGetItem::Error(serde_json::from_value(e.clone()).map_err(|e| bad(&e.to_string()))?)
+                    BulkGetItem::Error(
+                        serde_json::from_value(e.clone()).map_err(|e| bad(&e.to_string()))?,
+                    )
                 } else if let Some(rev) = d.get("missing").and_then(Value::as_str) {
                     // pouchdb-server answers `{"missing": rev}` where CouchDB answers an error.
                     BulkGetItem::Error(DocError {
@@ -629,7 +647,10 @@ impl crate::Store for CouchStore {
                 };
                 items.push(item);
             }
-            out.push(BulkGetResult { id: id.to_owned(), docs: items });
+            out.push(BulkGetResult {
+                id: id.to_owned(),
+                docs: items,
+            });
         }
         Ok(out)
     }
@@ -731,7 +752,10 @@ impl crate::Store for CouchStore {
         let limit = Some(timeout + self.inner.opts.timeout);
         let call = self.call_with(Method::GET, url, None, Retry::Never, limit);
         match tokio::time::timeout(timeout, call).await {
-            Ok(v) => Ok(v?.get("results").and_then(Value::as_array).is_some_and(|r| !r.is_empty())),
+            Ok(v) => Ok(v?
+                .get("results")
+                .and_then(Value::as_array)
+                .is_some_and(|r| !r.is_empty())),
             Err(_elapsed) => Ok(false),
         }
     }

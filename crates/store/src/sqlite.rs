@@ -1149,7 +1149,11 @@ fn write_doc(
             (None, Some(true)) => Some(tree.winner()),
             (None, Some(false)) => return Err(conflict()),
             // Any leaf may be edited, deleted ones included (as CouchDB).
-            (Some(r), Some(_)) => Some(tree.find(r).filter(|&i| tree.is_leaf(i)).ok_or_else(conflict)?),
+            (Some(r), Some(_)) => Some(
+                tree.find(r)
+                    .filter(|&i| tree.is_leaf(i))
+                    .ok_or_else(conflict)?,
+            ),
         };
         let parent_rev = parent.map(|p| tree.nodes[p].rev.clone());
         let parent_atts = match &parent_rev {

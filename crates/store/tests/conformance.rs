@@ -1,6 +1,7 @@
 //! One suite, two backends: every scenario runs against the embedded store and
 //! against a real pouchdb-server, and asserts the same answers.
 
+#[macro_use]
 mod common;
 
 use std::collections::BTreeMap;
@@ -38,7 +39,7 @@ async fn open_revs_all(s: &AnyStore, id: &str) -> Vec<Value> {
             OpenRev::Missing(r) => panic!("leaf {r} missing"),
         })
         .collect();
-    docs.sort_by_key(|d| rev_of(d));
+    docs.sort_by_key(rev_of);
     docs
 }
 
@@ -231,10 +232,7 @@ async fn revs_diff_lists_what_is_missing_and_possible_ancestors(s: &AnyStore) {
     let mut ask = BTreeMap::new();
     ask.insert(
         "x".to_owned(),
-        vec![
-            format!("2-{}", h('b')),
-            format!("3-{}", h('c')),
-        ],
+        vec![format!("2-{}", h('b')), format!("3-{}", h('c'))],
     );
     ask.insert("y".to_owned(), vec![format!("1-{}", h('a'))]);
     ask.insert("z".to_owned(), vec![]);

@@ -23,8 +23,15 @@ async fn snapshot_with(s: &AnyStore, revpos: bool) -> Vec<Value> {
     let mut ids: Vec<String> = changes.results.into_iter().map(|r| r.id).collect();
     ids.sort();
     for id in ids {
-        let opts = GetOptions { open_revs: Some(OpenRevs::All), revs: true, attachments: true, ..Default::default() };
-        let GetResult::Revs(list) = s.get(&id, &opts).await.unwrap() else { panic!() };
+        let opts = GetOptions {
+            open_revs: Some(OpenRevs::All),
+            revs: true,
+            attachments: true,
+            ..Default::default()
+        };
+        let GetResult::Revs(list) = s.get(&id, &opts).await.unwrap() else {
+            panic!()
+        };
         let mut docs: Vec<Value> = list
             .into_iter()
             .map(|o| match o {
@@ -51,7 +58,12 @@ async fn fill(s: &AnyStore, from: usize, n: usize) {
     let docs: Vec<Value> = (from..from + n)
         .map(|i| json!({"_id": format!("doc{i:04}"), "type": "person", "n": i, "nested": {"b": [1, 2, {"c": "x"}], "a": true}}))
         .collect();
-    assert!(s.bulk_docs(docs, true).await.unwrap().iter().all(|r| r.is_ok()));
+    assert!(s
+        .bulk_docs(docs, true)
+        .await
+        .unwrap()
+        .iter()
+        .all(|r| r.is_ok()));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -71,14 +83,26 @@ async fn sqlite_to_pouchdb_server_and_back_keeps_trees_bodies_and_attachments() 
     .await
     .unwrap();
     let r = src.put(json!({"_id": "gone", "x": 1})).await.unwrap();
-    src.put(json!({"_id": "gone", "_rev": r, "_deleted": true})).await.unwrap();
+    src.put(json!({"_id": "gone", "_rev": r, "_deleted": true}))
+        .await
+        .unwrap();
     let mut rev = src.put(json!({"_id": "att", "_attachments": {"f.txt": {"content_type": "text/plain", "data": "aGVsbG8="}}})).await.unwrap();
     for i in 0..5 {
         let stub = json!({"f.txt": {"stub": true}});
-        rev = src.put(json!({"_id": "att", "_rev": rev, "i": i, "_attachments": stub})).await.unwrap();
+        rev = src
+            .put(json!({"_id": "att", "_rev": rev, "i": i, "_attachments": stub}))
+            .await
+            .unwrap();
     }
-    src.put_local("_local/engine-state", json!({"version": 2})).await.unwrap();
-    src.put_local("_local/phone-ckpt", json!({"replicator": "pouchdb", "last_seq": 9, "history": []})).await.unwrap();
+    src.put_local("_local/engine-state", json!({"version": 2}))
+        .await
+        .unwrap();
+    src.put_local(
+        "_local/phone-ckpt",
+        json!({"replicator": "pouchdb", "last_seq": 9, "history": []}),
+    )
+    .await
+    .unwrap();
 
     let mid = common::couch_db().await;
     let mut seen = Vec::new();
@@ -86,11 +110,17 @@ async fn sqlite_to_pouchdb_server_and_back_keeps_trees_bodies_and_attachments() 
     assert!(seen.len() >= 3, "progress after each batch: {seen:?}");
     assert_eq!(report.docs_seen, 453);
     assert_eq!((report.local_copied, report.local_skipped), (1, 1));
-    assert_eq!(mid.get_local("_local/engine-state").await.unwrap()["version"], 2);
+    assert_eq!(
+        mid.get_local("_local/engine-state").await.unwrap()["version"],
+        2
+    );
 
     let back = common::sqlite_db();
     copy(&mid, &back, |_| {}).await.unwrap();
-    let (before, after) = (snapshot_no_revpos(&src).await, snapshot_no_revpos(&back).await);
+    let (before, after) = (
+        snapshot_no_revpos(&src).await,
+        snapshot_no_revpos(&back).await,
+    );
     assert_eq!(before.len(), after.len());
     for (b, a) in before.iter().zip(&after) {
         assert_eq!(b, a);

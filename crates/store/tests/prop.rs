@@ -19,16 +19,28 @@ struct Op {
 }
 
 fn op() -> impl Strategy<Value = Op> {
-    (0u8..3, prop::collection::vec(0u8..3, 1..5), any::<bool>(), any::<u8>())
-        .prop_map(|(doc, hashes, deleted, body)| Op { doc, hashes, deleted, body })
+    (
+        0u8..3,
+        prop::collection::vec(0u8..3, 1..5),
+        any::<bool>(),
+        any::<u8>(),
+    )
+        .prop_map(|(doc, hashes, deleted, body)| Op {
+            doc,
+            hashes,
+            deleted,
+            body,
+        })
 }
 
 fn to_doc(op: &Op) -> Value {
     // ids[0] is the newest generation.
     // Like real revision ids, a hash stands for its whole ancestry: the same
     // (generation, hash) never has two different parents.
-    let ids: Vec<String> =
-        (1..=op.hashes.len()).rev().map(|g| format!("{:x}", md5::compute(&op.hashes[..g]))).collect();
+    let ids: Vec<String> = (1..=op.hashes.len())
+        .rev()
+        .map(|g| format!("{:x}", md5::compute(&op.hashes[..g])))
+        .collect();
     let start = ids.len();
     let mut d = json!({
         "_id": format!("d{}", op.doc),
@@ -46,7 +58,10 @@ async fn state(s: &AnyStore) -> Vec<(String, Value, Vec<Value>)> {
     let mut out = Vec::new();
     for i in 0..3 {
         let id = format!("d{i}");
-        let opts = GetOptions { conflicts: true, ..Default::default() };
+        let opts = GetOptions {
+            conflicts: true,
+            ..Default::default()
+        };
         let winner = match s.get(&id, &opts).await {
             Ok(d) => {
                 let mut d = d.into_doc().unwrap();
@@ -58,10 +73,17 @@ async fn state(s: &AnyStore) -> Vec<(String, Value, Vec<Value>)> {
             }
             Err(e) => json!({"status": e.status()}),
         };
-        let all = GetOptions { open_revs: Some(OpenRevs::All), revs: true, ..Default::default() };
+        let all = GetOptions {
+            open_revs: Some(OpenRevs::All),
+            revs: true,
+            ..Default::default()
+        };
         let leaves = match s.get(&id, &all).await {
             Ok(GetResult::Revs(l)) => {
-                let mut l: Vec<Value> = l.into_iter().map(|o| serde_json::to_value(o).unwrap()).collect();
+                let mut l: Vec<Value> = l
+                    .into_iter()
+                    .map(|o| serde_json::to_value(o).unwrap())
+                    .collect();
                 l.sort_by_key(|v| v["ok"]["_rev"].to_string());
                 l
             }

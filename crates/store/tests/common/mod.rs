@@ -187,7 +187,7 @@ pub fn h(c: char) -> String {
 }
 
 /// Runs one scenario against both backends.
-#[macro_export]
+#[allow(unused_macros)]
 macro_rules! both {
     ($($name:ident),* $(,)?) => {$(
         mod $name {
