@@ -4,6 +4,7 @@
 //! prints. No decision about documents, revisions or versions lives here.
 
 mod check;
+mod copy;
 mod db;
 mod drill;
 mod sample;
@@ -42,6 +43,7 @@ enum Command {
     Serve(serve::Args),
     Drill(drill::Args),
     Translate(translate::Args),
+    Copy(copy::Args),
     Sample(sample::Args),
 }
 
@@ -57,6 +59,7 @@ fn main() -> ExitCode {
         Command::Serve(args) => serve::run(&cli, args),
         Command::Drill(args) => drill::run_drill(&cli, args),
         Command::Translate(args) => translate::run(&cli, args),
+        Command::Copy(args) => copy::run(args),
         Command::Sample(args) => sample::run(args),
     };
     match result {
