@@ -18,10 +18,10 @@ use std::process::ExitCode;
 #[derive(clap::Args)]
 pub struct Args {
     /// Sample documents.
-    #[arg(long, default_value_t = 1000, value_name = "N")]
+    #[arg(long, default_value_t = 300, value_name = "N")]
     docs: u64,
     /// Simulated phones (at least 3).
-    #[arg(long, default_value_t = 6, value_name = "D")]
+    #[arg(long, default_value_t = 5, value_name = "D")]
     devices: usize,
     /// Seed of the sample data and of every random choice.
     #[arg(long, default_value_t = 1, value_name = "S")]

@@ -274,10 +274,12 @@ pub(crate) async fn final_checks(
         for want in &expected {
             converged_checked += 1;
             match mine.get(want.id.as_str()) {
+                // Deleted on both sides: converged (which tombstone wins
+                // among deleted leaves does not matter).
+                Some(have) if want.deleted && have.deleted => {}
                 Some(have)
                     if have.winner == want.winner
-                        && (want.deleted
-                            || same_json(&body_of(&have.body), &body_of(&want.body))) => {}
+                        && same_json(&body_of(&have.body), &body_of(&want.body)) => {}
                 Some(have) => diverged.push(cx(
                     &want.id,
                     &device.phone.name,

@@ -39,8 +39,8 @@ pub struct DrillOptions {
 impl Default for DrillOptions {
     fn default() -> DrillOptions {
         DrillOptions {
-            docs: 1000,
-            devices: 6,
+            docs: 300,
+            devices: 5,
             seed: 1,
             db: None,
             migrations: None,

@@ -1,6 +1,6 @@
 //! HTTP: parsing CouchDB requests, dispatching them, answering CouchDB-style.
 
-use crate::sync::{winner, Session};
+use crate::sync::{winner, PresentCache, Session};
 use crate::GatewayError;
 use axum::body::{Body, Bytes};
 use axum::extract::{Query, Request, State as AxumState};
@@ -47,6 +47,7 @@ pub struct GatewayConfig {
 
 struct Inner {
     databases: Vec<String>,
+    cache: PresentCache,
     backend: Backend,
     set: MigrationSet,
     checksum: String,
@@ -76,6 +77,7 @@ impl Gateway {
         Gateway {
             inner: Arc::new(Inner {
                 databases: config.databases,
+                cache: PresentCache::default(),
                 backend: config.backend,
                 checksum: config.migrations.checksum(),
                 set: config.migrations,
@@ -569,6 +571,7 @@ async fn database_route(
         checksum: &gateway.inner.checksum,
         k,
         state: &state,
+        cache: &gateway.inner.cache,
     };
     match (rest, &call.method) {
         ([], &Method::GET) | ([], &Method::HEAD) => {
@@ -744,6 +747,7 @@ async fn continuous(
     let set = session.set.clone();
     let checksum = session.checksum.to_owned();
     let k = session.k;
+    let cache = Arc::new(PresentCache::default());
     tokio::spawn(async move {
         let session = Session {
             db: &db,
@@ -751,6 +755,7 @@ async fn continuous(
             checksum: &checksum,
             k,
             state: &state,
+            cache: &cache,
         };
         let started = Instant::now();
         let mut sent = 0usize;

@@ -26,6 +26,31 @@ pub struct Session<'a> {
     pub k: u32,
     /// The database's state (version, run in progress).
     pub state: &'a State,
+    /// Presentations already computed (a pure function of their key).
+    pub cache: &'a PresentCache,
+}
+
+/// Presentations by (database, document, leaf revision, journal revision,
+/// version): each a pure function of its key, so caching them changes no
+/// answer, only how fast it comes.
+#[derive(Default)]
+pub struct PresentCache(std::sync::Mutex<HashMap<String, Vec<Presented>>>);
+
+impl PresentCache {
+    const CAPACITY: usize = 200_000;
+
+    fn get(&self, key: &str) -> Option<Vec<Presented>> {
+        self.0.lock().ok()?.get(key).cloned()
+    }
+
+    fn put(&self, key: String, value: Vec<Presented>) {
+        if let Ok(mut map) = self.0.lock() {
+            if map.len() >= Self::CAPACITY {
+                map.clear();
+            }
+            map.insert(key, value);
+        }
+    }
 }
 
 fn id_of(doc: &Value) -> String {
@@ -94,11 +119,28 @@ impl Session<'_> {
         ids.dedup();
         let journals = self.journals(&ids).await?;
         let empty = Journal::default();
+        let key = |leaf: &Value| {
+            let id = id_of(leaf);
+            let journal_rev = journals
+                .get(&id)
+                .and_then(|j| j.rev.clone())
+                .unwrap_or_default();
+            let rev = leaf.get("_rev").and_then(Value::as_str).unwrap_or("");
+            format!("{}\n{id}\n{rev}\n{journal_rev}\n{}", self.db.name, self.k)
+        };
+        let cached: HashMap<String, Vec<Presented>> = leaves
+            .iter()
+            .filter(|l| !is_deleted(l))
+            .filter_map(|l| self.cache.get(&key(l)).map(|p| (key(l), p)))
+            .collect();
         // The bodies of each live leaf's parent and grandparent: from the
         // journal's before-images, else from the store.
         let mut ancestors: HashMap<(String, String), Value> = HashMap::new();
         let mut wanted = Vec::new();
-        for leaf in leaves.iter().filter(|l| !is_deleted(l)) {
+        for leaf in leaves
+            .iter()
+            .filter(|l| !is_deleted(l) && !cached.contains_key(&key(l)))
+        {
             let id = id_of(leaf);
             let journal = journals.get(&id).unwrap_or(&empty);
             for rev in view::history(leaf).into_iter().skip(1).take(2) {
@@ -151,6 +193,17 @@ impl Session<'_> {
                 continue;
             }
             let id = id_of(leaf);
+            if let Some(presented) = cached.get(&key(leaf)) {
+                for p in presented {
+                    if !out
+                        .iter()
+                        .any(|o: &Presented| o.rev == p.rev && id_of(&o.doc) == id)
+                    {
+                        out.push(p.clone());
+                    }
+                }
+                continue;
+            }
             let journal = journals.get(&id).unwrap_or(&empty);
             let known: Vec<(String, Value)> = view::history(leaf)
                 .into_iter()
@@ -164,6 +217,7 @@ impl Session<'_> {
                 .collect();
             let presented = view::present(self.set, self.checksum, leaf, self.k, journal, &known)
                 .map_err(|e| GatewayError::Lens(id.clone(), e))?;
+            self.cache.put(key(leaf), presented.clone());
             for p in presented {
                 if !out
                     .iter()
@@ -196,7 +250,11 @@ impl Session<'_> {
                 // reads complete); CouchDB's order, the winner first, keeps
                 // every answer built from them deterministic.
                 let key = |doc: &Value| {
-                    let rev = doc.get("_rev").and_then(Value::as_str).unwrap_or("").to_owned();
+                    let rev = doc
+                        .get("_rev")
+                        .and_then(Value::as_str)
+                        .unwrap_or("")
+                        .to_owned();
                     (!is_deleted(doc), view::generation(&rev), rev)
                 };
                 leaves.sort_by(|a, b| key(b).cmp(&key(a)));
