@@ -5,21 +5,33 @@
 //! is an index scan that lists each document once); `revs` holds the body of
 //! every revision still in a tree, byte for byte as written; `blobs` holds
 //! attachment data by digest; `local` holds `_local/` documents (no history,
-//! not in the feed); `meta` holds the uuid, `revs_limit` and document counts.
+//! not in the feed); `meta` holds the uuid, `revs_limit`, document counts and
+//! `seq_floor` (the last sequence before a `delete_db`, so sequences never go back).
 //!
 //! Durability: WAL mode with `synchronous=FULL`. Every `bulk_docs` call is one
-//! transaction on the single writer connection, so a crash (SIGKILL, power
+//! transaction on the handle's writer connection, so a crash (SIGKILL, power
 //! loss) keeps every batch that was acknowledged and none of a batch that was
 //! not: a revision is never half written. Readers use their own connections
 //! and see the last committed snapshot; they never block the writer.
+//!
+//! Several handles and several processes may write one file at once (`rewind
+//! serve` and `rewind upgrade` do). Every write transaction starts with `BEGIN
+//! IMMEDIATE`, which takes the file's write lock (waiting up to the busy
+//! timeout), and then reads the last sequence and the counts from the file, so
+//! nothing that matters lives only in memory. A handle keeps the last sequence
+//! it has seen in a `watch` channel, to wake `wait_for_change` at once for its
+//! own writes; a poller reads the file every 200 ms (`POLL_INTERVAL`) while someone
+//! waits, so other handles' and processes' writes wake it too.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use rusqlite::{params, Connection, OpenFlags, OptionalExtension, Transaction};
+use rusqlite::{
+    params, Connection, OpenFlags, OptionalExtension, Transaction, TransactionBehavior,
+};
 use serde_json::{Map, Value};
 use tokio::sync::watch;
 
@@ -32,26 +44,36 @@ use crate::types::*;
 const APPLICATION_ID: i64 = 0x52574e44;
 /// `PRAGMA user_version` of the current schema.
 const SCHEMA_VERSION: i64 = 1;
+/// How long a connection waits for another connection's lock (another
+/// process's write transaction) before failing with "database is locked".
+const BUSY_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often `wait_for_change` reads the file for other processes' writes.
+const POLL_INTERVAL: Duration = Duration::from_millis(200);
 
 const SCHEMA: &str = "
-CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
-CREATE TABLE docs (
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS docs (
     id TEXT PRIMARY KEY,
     seq INTEGER NOT NULL UNIQUE,
     deleted INTEGER NOT NULL,
     winner TEXT NOT NULL,
     tree TEXT NOT NULL
 ) WITHOUT ROWID;
-CREATE TABLE revs (
+CREATE TABLE IF NOT EXISTS revs (
     id TEXT NOT NULL,
     rev TEXT NOT NULL,
     body TEXT NOT NULL,
     atts TEXT,
     PRIMARY KEY (id, rev)
 ) WITHOUT ROWID;
-CREATE TABLE blobs (digest TEXT PRIMARY KEY, data BLOB NOT NULL) WITHOUT ROWID;
-CREATE TABLE local (id TEXT PRIMARY KEY, rev INTEGER NOT NULL, body TEXT NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS blobs (digest TEXT PRIMARY KEY, data BLOB NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS local (id TEXT PRIMARY KEY, rev INTEGER NOT NULL, body TEXT NOT NULL) WITHOUT ROWID;
 ";
+
+/// The last committed sequence: the highest in `docs`, or `seq_floor` after a
+/// `delete_db` emptied it. Cheap: `max(seq)` is one step of the seq index.
+const LAST_SEQ_SQL: &str = "SELECT max(coalesce((SELECT max(seq) FROM docs), 0), \
+     coalesce((SELECT CAST(value AS INTEGER) FROM meta WHERE key = 'seq_floor'), 0))";
 
 impl From<rusqlite::Error> for StoreError {
     fn from(source: rusqlite::Error) -> Self {
@@ -63,6 +85,8 @@ impl From<rusqlite::Error> for StoreError {
 }
 
 /// A database in one SQLite file. Cheap to clone; clones share connections.
+/// Other handles on the same file, in this process or another, may write at
+/// the same time.
 #[derive(Clone)]
 pub struct SqliteStore {
     inner: Arc<Inner>,
@@ -72,23 +96,77 @@ struct Inner {
     path: PathBuf,
     name: String,
     uuid: String,
-    writer: Mutex<Writer>,
+    writer: Mutex<Connection>,
     readers: Mutex<Vec<Connection>>,
+    /// Cache of the file's `exists` flag, refreshed whenever meta is read.
     exists: AtomicBool,
-    /// Copies of the writer's counters, published after each write.
-    doc_count: AtomicI64,
-    del_count: AtomicI64,
-    revs_limit: AtomicU64,
-    /// The latest committed sequence, for `wait_for_change`.
+    /// The highest committed sequence this handle has seen (a cache: the
+    /// file is the truth). Wakes `wait_for_change`.
     seq: watch::Sender<u64>,
+    /// True while a task polls the file for `wait_for_change` callers.
+    polling: AtomicBool,
 }
 
-struct Writer {
-    conn: Connection,
-    next_seq: u64,
-    revs_limit: u64,
+/// The database-wide values a write depends on, read from the file inside
+/// the transaction (never from memory: other handles write the same file).
+#[derive(Clone, Copy, Debug)]
+struct Counters {
+    last_seq: u64,
     doc_count: i64,
     del_count: i64,
+    revs_limit: u64,
+    exists: bool,
+}
+
+fn read_counters(c: &Connection) -> Result<Counters> {
+    let mut k = Counters {
+        last_seq: 0,
+        doc_count: 0,
+        del_count: 0,
+        revs_limit: DEFAULT_REVS_LIMIT,
+        exists: true,
+    };
+    let mut st = c.prepare_cached(
+        "SELECT key, value FROM meta WHERE key IN ('doc_count', 'del_count', 'revs_limit', 'exists')",
+    )?;
+    let rows = st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+    for row in rows {
+        let (key, value) = row?;
+        let n: i64 = value.parse().map_err(|_| {
+            StoreError::Internal(format!("meta entry {key:?} is not a number: {value:?}"))
+        })?;
+        match key.as_str() {
+            "doc_count" => k.doc_count = n,
+            "del_count" => k.del_count = n,
+            "revs_limit" => k.revs_limit = n.max(1) as u64,
+            _ => k.exists = n != 0,
+        }
+    }
+    k.last_seq = last_seq(c)?;
+    Ok(k)
+}
+
+fn last_seq(c: &Connection) -> Result<u64> {
+    let s: i64 = c
+        .prepare_cached(LAST_SEQ_SQL)?
+        .query_row([], |r| r.get(0))?;
+    Ok(s.max(0) as u64)
+}
+
+/// Where a changes feed starts.
+enum Since {
+    Seq(u64),
+    /// The last sequence at the time of the read.
+    Now,
+}
+
+impl Since {
+    fn resolve(&self, c: &Connection) -> Result<u64> {
+        match self {
+            Since::Seq(s) => Ok(*s),
+            Since::Now => last_seq(c),
+        }
+    }
 }
 
 fn path_str(p: &Path) -> String {
@@ -96,15 +174,85 @@ fn path_str(p: &Path) -> String {
 }
 
 fn configure(conn: &Connection) -> rusqlite::Result<()> {
-    conn.busy_timeout(Duration::from_secs(30))?;
-    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    // Switching a new file to WAL upgrades a shared lock to an exclusive one;
+    // when two connections do it at once SQLite answers SQLITE_BUSY without
+    // waiting (waiting could deadlock), so retry here.
+    let start = std::time::Instant::now();
+    loop {
+        match conn.pragma_update(None, "journal_mode", "WAL") {
+            Err(e)
+                if e.sqlite_error_code() == Some(rusqlite::ErrorCode::DatabaseBusy)
+                    && start.elapsed() < BUSY_TIMEOUT =>
+            {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            r => break r?,
+        }
+    }
     conn.pragma_update(None, "synchronous", "FULL")?;
     Ok(())
 }
 
+/// An SQLite database with nothing in it: what another process that is
+/// creating a store leaves between switching to WAL and committing the schema.
+fn is_blank(conn: &Connection) -> rusqlite::Result<bool> {
+    let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    let objects: i64 = conn.query_row("SELECT count(*) FROM sqlite_master", [], |r| r.get(0))?;
+    Ok(version == 0 && objects == 0)
+}
+
+/// Checks that an opened database is a rewind store of this schema version.
+fn check_schema(conn: &Connection) -> std::result::Result<(), String> {
+    let app_id: i64 = conn
+        .pragma_query_value(None, "application_id", |r| r.get(0))
+        .map_err(|e| format!("not a SQLite database ({e})"))?;
+    if app_id != APPLICATION_ID {
+        return Err("a SQLite database without rewind's schema (application_id differs)".into());
+    }
+    let version: i64 = conn
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .map_err(|e| e.to_string())?;
+    if version != SCHEMA_VERSION {
+        return Err(format!(
+            "schema version {version}; this rewind reads version {SCHEMA_VERSION}"
+        ));
+    }
+    Ok(())
+}
+
+/// Creates the schema unless another process got there first. The immediate
+/// transaction serializes creators: the second finds the tables and only
+/// checks them.
+fn create_schema(conn: &mut Connection) -> Result<std::result::Result<(), String>> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let objects: i64 = tx.query_row("SELECT count(*) FROM sqlite_master", [], |r| r.get(0))?;
+    if objects != 0 {
+        return Ok(check_schema(&tx));
+    }
+    tx.execute_batch(SCHEMA)?;
+    tx.pragma_update(None, "application_id", APPLICATION_ID)?;
+    tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+    let meta = [
+        ("uuid", doc::new_uuid()),
+        ("revs_limit", DEFAULT_REVS_LIMIT.to_string()),
+        ("doc_count", "0".into()),
+        ("del_count", "0".into()),
+        ("exists", "1".into()),
+    ];
+    for (k, v) in meta {
+        tx.execute(
+            "INSERT OR IGNORE INTO meta (key, value) VALUES (?1, ?2)",
+            params![k, v],
+        )?;
+    }
+    tx.commit()?;
+    Ok(Ok(()))
+}
+
 impl SqliteStore {
     /// Opens the store at `path`, creating it (with its schema) if the file is
-    /// missing or empty.
+    /// missing or empty. Several processes may open (and create) one file at once.
     ///
     /// An existing file must be a rewind store: a text file, a damaged file or
     /// another application's SQLite database gives [`StoreError::NotAStore`],
@@ -123,68 +271,40 @@ impl SqliteStore {
         let mut conn = if fresh {
             Connection::open(&path).map_err(|e| not_store(format!("cannot create: {e}")))?
         } else {
-            // Validate before any pragma that writes (journal_mode would).
-            let conn = Connection::open_with_flags(
+            Connection::open_with_flags(
                 &path,
                 OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
             )
-            .map_err(|e| not_store(format!("cannot open: {e}")))?;
-            let app_id: i64 = conn
-                .pragma_query_value(None, "application_id", |r| r.get(0))
-                .map_err(|e| not_store(format!("not a SQLite database ({e})")))?;
-            if app_id != APPLICATION_ID {
-                return Err(not_store(
-                    "a SQLite database without rewind's schema (application_id differs)".into(),
-                ));
-            }
-            let version: i64 = conn
-                .pragma_query_value(None, "user_version", |r| r.get(0))
-                .map_err(|e| not_store(e.to_string()))?;
-            if version != SCHEMA_VERSION {
-                return Err(not_store(format!(
-                    "schema version {version}; this rewind reads version {SCHEMA_VERSION}"
-                )));
-            }
-            conn
+            .map_err(|e| not_store(format!("cannot open: {e}")))?
         };
-        configure(&conn).map_err(|e| not_store(e.to_string()))?;
-        if fresh {
-            let tx = conn.transaction()?;
-            tx.execute_batch(SCHEMA)?;
-            tx.pragma_update(None, "application_id", APPLICATION_ID)?;
-            tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
-            let meta = [
-                ("uuid", doc::new_uuid()),
-                ("revs_limit", DEFAULT_REVS_LIMIT.to_string()),
-                ("doc_count", "0".into()),
-                ("del_count", "0".into()),
-                ("exists", "1".into()),
-            ];
-            for (k, v) in meta {
-                tx.execute(
-                    "INSERT INTO meta (key, value) VALUES (?1, ?2)",
-                    params![k, v],
-                )?;
+        // Before the first read: another process may hold a lock while it creates the file.
+        conn.busy_timeout(BUSY_TIMEOUT)
+            .map_err(|e| not_store(e.to_string()))?;
+        let mut create = fresh;
+        if !fresh {
+            // Validate before any pragma that writes (journal_mode would).
+            if let Err(reason) = check_schema(&conn) {
+                // A blank database is a store another process is creating.
+                if !is_blank(&conn).unwrap_or(false) {
+                    return Err(not_store(reason));
+                }
+                create = true;
             }
-            tx.commit()?;
         }
-        let meta = |key: &str| -> Result<String> {
-            conn.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
-                .optional()
-                .map_err(|e| not_store(e.to_string()))?
-                .ok_or_else(|| not_store(format!("meta entry {key:?} is missing")))
-        };
-        let num = |key: &str| -> Result<i64> {
-            meta(key)?
-                .parse()
-                .map_err(|_| not_store(format!("meta entry {key:?} is not a number")))
-        };
-        let uuid = meta("uuid")?;
-        let revs_limit = num("revs_limit")? as u64;
-        let (doc_count, del_count, exists) =
-            (num("doc_count")?, num("del_count")?, num("exists")? != 0);
-        let max_seq: Option<i64> = conn.query_row("SELECT max(seq) FROM docs", [], |r| r.get(0))?;
-        let last_seq = max_seq.unwrap_or(0) as u64;
+        configure(&conn).map_err(|e| not_store(e.to_string()))?;
+        if create {
+            create_schema(&mut conn)
+                .map_err(|e| not_store(format!("cannot create the schema: {e}")))?
+                .map_err(&not_store)?;
+        }
+        let uuid: String = conn
+            .query_row("SELECT value FROM meta WHERE key = 'uuid'", [], |r| {
+                r.get(0)
+            })
+            .optional()
+            .map_err(|e| not_store(e.to_string()))?
+            .ok_or_else(|| not_store("meta entry \"uuid\" is missing".into()))?;
+        let k = read_counters(&conn).map_err(|e| not_store(e.to_string()))?;
         let name = path
             .file_stem()
             .map(|s| s.to_string_lossy().into_owned())
@@ -194,19 +314,11 @@ impl SqliteStore {
                 path,
                 name,
                 uuid,
-                writer: Mutex::new(Writer {
-                    conn,
-                    next_seq: last_seq + 1,
-                    revs_limit,
-                    doc_count,
-                    del_count,
-                }),
+                writer: Mutex::new(conn),
                 readers: Mutex::new(Vec::new()),
-                exists: AtomicBool::new(exists),
-                doc_count: AtomicI64::new(doc_count),
-                del_count: AtomicI64::new(del_count),
-                revs_limit: AtomicU64::new(revs_limit),
-                seq: watch::Sender::new(last_seq),
+                exists: AtomicBool::new(k.exists),
+                seq: watch::Sender::new(k.last_seq),
+                polling: AtomicBool::new(false),
             }),
         })
     }
@@ -231,24 +343,75 @@ impl SqliteStore {
         }
     }
 
-    fn check_exists(&self) -> Result<()> {
-        if self.inner.exists.load(Ordering::Acquire) {
-            Ok(())
-        } else {
-            Err(StoreError::NotFound {
-                what: format!("database {}", self.inner.name),
-                reason: "Database does not exist.".into(),
-            })
+    fn missing_db(&self) -> StoreError {
+        StoreError::NotFound {
+            what: format!("database {}", self.inner.name),
+            reason: "Database does not exist.".into(),
         }
     }
 
-    /// Runs `f` on a reader connection inside a read transaction (one snapshot).
+    /// Updates the caches from values read in a committed snapshot. The
+    /// sequence only moves forward (snapshots may be published out of order).
+    fn publish(&self, k: &Counters) {
+        self.inner.exists.store(k.exists, Ordering::Release);
+        self.publish_seq(k.last_seq);
+    }
+
+    fn publish_seq(&self, seq: u64) {
+        self.inner.seq.send_if_modified(|cur| {
+            let newer = seq > *cur;
+            if newer {
+                *cur = seq;
+            }
+            newer
+        });
+    }
+
+    /// Fails with `NotFound` if the database is deleted. Trusts the cache
+    /// when it says the database exists; otherwise asks the file (another
+    /// process may have created it again).
+    fn ensure_exists(&self, c: &Connection) -> Result<()> {
+        if self.inner.exists.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let k = read_counters(c)?;
+        self.publish(&k);
+        if k.exists {
+            Ok(())
+        } else {
+            Err(self.missing_db())
+        }
+    }
+
+    async fn check_exists(&self) -> Result<()> {
+        if self.inner.exists.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let this = self.clone();
+        self.read_raw(move |c| this.ensure_exists(c)).await
+    }
+
+    /// Runs `f` on a reader connection inside a read transaction (one
+    /// snapshot), failing with `NotFound` if the database is deleted.
     async fn read<T, F>(&self, f: F) -> Result<T>
     where
         T: Send + 'static,
         F: FnOnce(&Connection) -> Result<T> + Send + 'static,
     {
-        self.check_exists()?;
+        let this = self.clone();
+        self.read_raw(move |c| {
+            this.ensure_exists(c)?;
+            f(c)
+        })
+        .await
+    }
+
+    /// [`Self::read`] without the existence check.
+    async fn read_raw<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T> + Send + 'static,
+    {
         let this = self.clone();
         let run = move || -> Result<T> {
             let pooled = this.inner.readers.lock().expect("reader pool").pop();
@@ -259,7 +422,7 @@ impl SqliteStore {
                         &this.inner.path,
                         OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
                     )?;
-                    c.busy_timeout(Duration::from_secs(30))?;
+                    c.busy_timeout(BUSY_TIMEOUT)?;
                     c
                 }
             };
@@ -277,29 +440,39 @@ impl SqliteStore {
             .map_err(|e| this.with_path(e))
     }
 
-    /// Runs `f` with the writer; `f` commits its own transaction. Wakes
-    /// `wait_for_change` callers afterwards.
+    /// Runs `f` in one write transaction on the writer connection. The
+    /// transaction starts with `BEGIN IMMEDIATE` (it holds the file's write
+    /// lock from the start, so no other handle or process commits between
+    /// reading the counters and writing), and `f` gets the counters read from
+    /// the file; whatever `f` leaves in them is published after the commit.
+    /// If `f` fails, nothing is committed.
     async fn write<T, F>(&self, f: F) -> Result<T>
     where
         T: Send + 'static,
-        F: FnOnce(&mut Writer) -> Result<T> + Send + 'static,
+        F: FnOnce(&Transaction<'_>, &mut Counters) -> Result<T> + Send + 'static,
     {
         let this = self.clone();
         let run = move || -> Result<T> {
-            let mut w = this
+            let mut conn = this
                 .inner
                 .writer
                 .lock()
                 .map_err(|_| StoreError::Internal("writer lock poisoned".into()))?;
-            let before = w.next_seq;
-            let out = f(&mut w);
-            this.inner.doc_count.store(w.doc_count, Ordering::Release);
-            this.inner.del_count.store(w.del_count, Ordering::Release);
-            this.inner.revs_limit.store(w.revs_limit, Ordering::Release);
-            if w.next_seq != before {
-                this.inner.seq.send_replace(w.next_seq - 1);
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let read = read_counters(&tx)?;
+            let mut k = read;
+            match f(&tx, &mut k) {
+                Ok(out) => {
+                    tx.commit()?; // durable from here: acknowledged only after this
+                    this.publish(&k);
+                    Ok(out)
+                }
+                Err(e) => {
+                    drop(tx); // rolls back
+                    this.publish(&read);
+                    Err(e)
+                }
             }
-            out
         };
         let this = self.clone();
         tokio::task::spawn_blocking(run)
@@ -308,22 +481,87 @@ impl SqliteStore {
             .map_err(|e| this.with_path(e))
     }
 
-    fn update_seq(&self) -> u64 {
-        *self.inner.seq.borrow()
+    /// The counters, read from the file (and published).
+    async fn refresh(&self) -> Result<Counters> {
+        let k = self.read_raw(read_counters).await?;
+        self.publish(&k);
+        Ok(k)
     }
 
-    fn parse_since(&self, since: &Seq) -> Result<u64> {
+    /// The last committed sequence, read from the file (and published).
+    async fn current_seq(&self) -> Result<u64> {
+        let seq = self.read_raw(last_seq).await?;
+        self.publish_seq(seq);
+        Ok(seq)
+    }
+
+    /// Makes sure one task polls the file while anyone waits in
+    /// `wait_for_change`, so other processes' commits wake them. Call after
+    /// subscribing to `inner.seq`.
+    fn ensure_poller(&self) {
+        if self
+            .inner
+            .polling
+            .compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst)
+            .is_err()
+        {
+            return;
+        }
+        /// Clears `polling` however the task ends (also when its runtime shuts down).
+        struct Running {
+            store: SqliteStore,
+            armed: bool,
+        }
+        impl Drop for Running {
+            fn drop(&mut self) {
+                if self.armed {
+                    self.store.inner.polling.store(false, Ordering::SeqCst);
+                }
+            }
+        }
+        let mut running = Running {
+            store: self.clone(),
+            armed: true,
+        };
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(POLL_INTERVAL).await;
+                let inner = &running.store.inner;
+                if inner.seq.receiver_count() == 0 {
+                    running.armed = false;
+                    let inner = &running.store.inner;
+                    inner.polling.store(false, Ordering::SeqCst);
+                    // A waiter that subscribed just now may have seen `polling`
+                    // still set and left the polling to this task: keep it then
+                    // (unless a new task took over).
+                    if inner.seq.receiver_count() == 0
+                        || inner
+                            .polling
+                            .compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst)
+                            .is_err()
+                    {
+                        return;
+                    }
+                    running.armed = true;
+                }
+                // An error (the file briefly unreadable) is retried on the next tick.
+                let _ = running.store.current_seq().await;
+            }
+        });
+    }
+
+    fn parse_since(&self, since: &Seq) -> Result<Since> {
         match since {
-            Value::Number(n) => n.as_u64().ok_or_else(|| {
+            Value::Number(n) => n.as_u64().map(Since::Seq).ok_or_else(|| {
                 StoreError::bad(format!("invalid since {n}: expected a sequence number"))
             }),
-            Value::String(s) if s == "now" => Ok(self.update_seq()),
-            Value::String(s) => s.parse().map_err(|_| {
+            Value::String(s) if s == "now" => Ok(Since::Now),
+            Value::String(s) => s.parse().map(Since::Seq).map_err(|_| {
                 StoreError::bad(format!(
                     "invalid since {s:?}: expected a sequence number or \"now\""
                 ))
             }),
-            Value::Null => Ok(0),
+            Value::Null => Ok(Since::Seq(0)),
             other => Err(StoreError::bad(format!(
                 "invalid since {other}: expected a sequence number"
             ))),
@@ -354,12 +592,15 @@ impl SqliteStore {
 
 impl crate::Store for SqliteStore {
     async fn info(&self) -> Result<DbInfo> {
-        self.check_exists()?;
+        let k = self.refresh().await?;
+        if !k.exists {
+            return Err(self.missing_db());
+        }
         Ok(DbInfo {
             db_name: self.inner.name.clone(),
-            doc_count: self.inner.doc_count.load(Ordering::Acquire).max(0) as u64,
-            doc_del_count: self.inner.del_count.load(Ordering::Acquire).max(0) as u64,
-            update_seq: Value::from(self.update_seq()),
+            doc_count: k.doc_count.max(0) as u64,
+            doc_del_count: k.del_count.max(0) as u64,
+            update_seq: Value::from(k.last_seq),
         })
     }
 
@@ -439,7 +680,7 @@ impl crate::Store for SqliteStore {
     }
 
     async fn bulk_docs(&self, docs: Vec<Value>, new_edits: bool) -> Result<Vec<BulkResult>> {
-        self.check_exists()?;
+        self.check_exists().await?;
         // Validate everything before writing anything: a bad document fails the request.
         let mut parsed = Vec::with_capacity(docs.len());
         for d in docs {
@@ -453,18 +694,22 @@ impl crate::Store for SqliteStore {
                 parsed.push(Item::Doc(doc::parse_doc(d, new_edits)?));
             }
         }
-        self.write(move |w| {
-            let tx = w.conn.transaction()?;
+        let this = self.clone();
+        self.write(move |tx, k| {
+            if !k.exists {
+                return Err(this.missing_db());
+            }
             let mut results = Vec::with_capacity(parsed.len());
+            // Sequences continue from the file's last one, whoever wrote it.
             let mut st = State {
-                next_seq: w.next_seq,
-                revs_limit: w.revs_limit,
+                next_seq: k.last_seq + 1,
+                revs_limit: k.revs_limit,
                 doc_delta: 0,
                 del_delta: 0,
             };
             for item in parsed {
                 let r = match item {
-                    Item::Local(id, body) => match put_local_tx(&tx, &id, body) {
+                    Item::Local(id, body) => match put_local_tx(tx, &id, body) {
                         Ok(rev) => Some(BulkResult {
                             id,
                             rev: Some(rev),
@@ -475,7 +720,7 @@ impl crate::Store for SqliteStore {
                     },
                     Item::Doc(d) => {
                         let id = d.id.clone();
-                        match write_doc(&tx, &mut st, d, new_edits) {
+                        match write_doc(tx, &mut st, d, new_edits) {
                             Ok(Some(rev)) if new_edits => Some(BulkResult {
                                 id,
                                 rev: Some(rev),
@@ -492,16 +737,14 @@ impl crate::Store for SqliteStore {
                 };
                 results.extend(r);
             }
-            let (doc_count, del_count) = (w.doc_count + st.doc_delta, w.del_count + st.del_delta);
             if st.doc_delta != 0 || st.del_delta != 0 {
+                k.doc_count += st.doc_delta;
+                k.del_count += st.del_delta;
                 let mut up = tx.prepare_cached("UPDATE meta SET value = ?2 WHERE key = ?1")?;
-                up.execute(params!["doc_count", doc_count.to_string()])?;
-                up.execute(params!["del_count", del_count.to_string()])?;
+                up.execute(params!["doc_count", k.doc_count.to_string()])?;
+                up.execute(params!["del_count", k.del_count.to_string()])?;
             }
-            tx.commit()?; // durable from here: the batch is acknowledged only after this
-            w.next_seq = st.next_seq;
-            w.doc_count = doc_count;
-            w.del_count = del_count;
+            k.last_seq = st.next_seq - 1;
             Ok(results)
         })
         .await
@@ -614,8 +857,8 @@ impl crate::Store for SqliteStore {
 
     async fn all_docs(&self, opts: &AllDocsOptions) -> Result<AllDocs> {
         let opts = opts.clone();
-        let total_rows = self.info().await?.doc_count;
         self.read(move |c| {
+            let total_rows = read_counters(c)?.doc_count.max(0) as u64;
             let gopts = GetOptions::default();
             let mut rows = Vec::new();
             if let Some(keys) = &opts.keys {
@@ -676,6 +919,7 @@ impl crate::Store for SqliteStore {
         let since = self.parse_since(&opts.since)?;
         let opts = opts.clone();
         self.read(move |c| {
+            let since = since.resolve(c)?;
             let sql = format!(
                 "SELECT id, seq, tree FROM docs WHERE seq > ?1 ORDER BY seq {} LIMIT ?2",
                 if opts.descending { "DESC" } else { "ASC" }
@@ -721,10 +965,19 @@ impl crate::Store for SqliteStore {
         .await
     }
 
+    // Own writes wake waiters through the watch channel at once; a shared
+    // poller publishes other handles' and processes' commits every POLL_INTERVAL.
     async fn wait_for_change(&self, since: &Seq, timeout: Duration) -> Result<bool> {
         let since = self.parse_since(since)?;
-        let mut rx = self.inner.seq.subscribe();
         let deadline = tokio::time::Instant::now() + timeout;
+        let mut rx = self.inner.seq.subscribe();
+        // The cache may be behind the file: read it once.
+        let now = self.current_seq().await?;
+        let since = match since {
+            Since::Seq(s) => s,
+            Since::Now => now,
+        };
+        self.ensure_poller();
         loop {
             if *rx.borrow_and_update() > since {
                 return Ok(true);
@@ -750,23 +1003,27 @@ impl crate::Store for SqliteStore {
     }
 
     async fn put_local(&self, id: &str, body: Value) -> Result<String> {
-        self.check_exists()?;
+        self.check_exists().await?;
         let id = local_id(id)?;
-        self.write(move |w| {
-            let tx = w.conn.transaction()?;
-            let rev = put_local_tx(&tx, &id, body)?;
-            tx.commit()?;
-            Ok(rev)
+        let this = self.clone();
+        self.write(move |tx, k| {
+            if !k.exists {
+                return Err(this.missing_db());
+            }
+            put_local_tx(tx, &id, body)
         })
         .await
     }
 
     async fn delete_local(&self, id: &str, rev: Option<&str>) -> Result<()> {
-        self.check_exists()?;
+        self.check_exists().await?;
         let id = local_id(id)?;
         let rev = rev.map(str::to_owned);
-        self.write(move |w| {
-            let tx = w.conn.transaction()?;
+        let this = self.clone();
+        self.write(move |tx, k| {
+            if !k.exists {
+                return Err(this.missing_db());
+            }
             let cur: Option<i64> = tx
                 .query_row("SELECT rev FROM local WHERE id = ?1", [&id], |r| r.get(0))
                 .optional()?;
@@ -777,66 +1034,72 @@ impl crate::Store for SqliteStore {
                 });
             }
             tx.execute("DELETE FROM local WHERE id = ?1", [&id])?;
-            tx.commit()?;
             Ok(())
         })
         .await
     }
 
     async fn create_db(&self) -> Result<()> {
-        if self.inner.exists.load(Ordering::Acquire) {
-            return Err(StoreError::FileExists {
-                what: format!("database {}", self.inner.name),
-            });
-        }
-        self.write(|w| {
-            w.conn
-                .execute("UPDATE meta SET value = '1' WHERE key = 'exists'", [])?;
+        let what = format!("database {}", self.inner.name);
+        self.write(move |tx, k| {
+            if k.exists {
+                return Err(StoreError::FileExists { what });
+            }
+            tx.execute("UPDATE meta SET value = '1' WHERE key = 'exists'", [])?;
+            k.exists = true;
             Ok(())
         })
-        .await?;
-        self.inner.exists.store(true, Ordering::Release);
-        Ok(())
+        .await
     }
 
     // Empties the file and marks the database as deleted (the file stays, so
     // open handles remain valid); `create_db` makes it usable again.
     async fn delete_db(&self) -> Result<()> {
-        self.check_exists()?;
-        self.inner.exists.store(false, Ordering::Release);
-        self.write(|w| {
-            let tx = w.conn.transaction()?;
+        self.check_exists().await?;
+        let this = self.clone();
+        self.write(move |tx, k| {
+            if !k.exists {
+                return Err(this.missing_db());
+            }
+            // Sequences keep growing, so a feed reader never sees an old seq
+            // reused: `seq_floor` keeps the last one once `docs` is empty.
             tx.execute_batch(
                 "DELETE FROM docs; DELETE FROM revs; DELETE FROM blobs; DELETE FROM local;
                  UPDATE meta SET value = '0' WHERE key IN ('exists', 'doc_count', 'del_count');",
             )?;
-            tx.commit()?;
-            w.doc_count = 0;
-            w.del_count = 0;
-            // Sequences keep growing, so a feed reader never sees an old seq reused.
+            tx.execute(
+                "INSERT INTO meta (key, value) VALUES ('seq_floor', ?1) \
+                 ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                [k.last_seq.to_string()],
+            )?;
+            k.exists = false;
+            k.doc_count = 0;
+            k.del_count = 0;
             Ok(())
         })
         .await
     }
 
     async fn exists(&self) -> Result<bool> {
-        Ok(self.inner.exists.load(Ordering::Acquire))
+        let k = self.refresh().await?;
+        Ok(k.exists)
     }
 
     async fn revs_limit(&self) -> Result<u64> {
-        Ok(self.inner.revs_limit.load(Ordering::Acquire))
+        let k = self.refresh().await?;
+        Ok(k.revs_limit)
     }
 
     async fn set_revs_limit(&self, limit: u64) -> Result<()> {
         if limit == 0 {
             return Err(StoreError::bad("revs_limit must be at least 1"));
         }
-        self.write(move |w| {
-            w.conn.execute(
+        self.write(move |tx, k| {
+            tx.execute(
                 "UPDATE meta SET value = ?1 WHERE key = 'revs_limit'",
                 [limit.to_string()],
             )?;
-            w.revs_limit = limit;
+            k.revs_limit = limit;
             Ok(())
         })
         .await
