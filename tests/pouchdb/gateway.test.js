@@ -129,7 +129,7 @@ for (const kind of h.STORE_KINDS) {
 
     test(
       'a document created at the server\'s version (v3) reaches a v0 phone in the v0 shape',
-      { todo: TODO.unstampedAtServerVersion },
+      {},
       async (t) => {
         const ctx = await setup(t, kind, { version: 3 });
         const [p0, p3] = [ctx.phone(0), ctx.phone(3)];
@@ -143,7 +143,7 @@ for (const kind of h.STORE_KINDS) {
       },
     );
 
-    test('phones at v0, v3 and v7 edit existing documents at once (one-off)', { todo: TODO.crossVersionEdit }, async (t) => {
+    test('phones at v0, v3 and v7 edit existing documents at once (one-off)', async (t) => {
       const ctx = await setup(t, kind);
       const phones = [ctx.phone(0), ctx.phone(3), ctx.phone(7)];
       await Promise.all(phones.map((p) => p.pull()));
@@ -215,7 +215,7 @@ for (const kind of h.STORE_KINDS) {
       await assertNoConflicts(ctx, phones);
     });
 
-    test('live sync (retry): edits at v0, v3 and v7 reach every phone', { todo: TODO.crossVersionEdit }, async (t) => {
+    test('live sync (retry): edits at v0, v3 and v7 reach every phone', async (t) => {
       const persons = await h.sampleIds(N, 'person');
       let i = 10;
       const { ctx, phones, edits } = await liveRound(t, kind, async (p) => {
@@ -331,7 +331,7 @@ for (const kind of h.STORE_KINDS) {
       }
     });
 
-    test('deletes at v3 and v7 reach every phone and the server', { todo: TODO.crossVersionEdit }, async (t) => {
+    test('deletes at v3 and v7 reach every phone and the server', async (t) => {
       const ctx = await setup(t, kind);
       const phones = [ctx.phone(0), ctx.phone(3), ctx.phone(7)];
       await Promise.all(phones.map((p) => p.pull()));
@@ -359,7 +359,7 @@ for (const kind of h.STORE_KINDS) {
       await assertNoConflicts(ctx, phones);
     });
 
-    test('a v0 phone deletes a doc the server migrated to v7', { todo: TODO.deleteOnSystemBranch }, async (t) => {
+    test('a v0 phone deletes a doc the server migrated to v7', async (t) => {
       const ctx = await setup(t, kind);
       const old = ctx.phone(0);
       await old.pull();

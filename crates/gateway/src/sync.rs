@@ -53,6 +53,10 @@ impl PresentCache {
     }
 }
 
+/// How many ancestors of a leaf have the synthetic children of their views
+/// retired (a phone's translated copy may be that many revisions behind).
+const ANCESTORS: usize = 4;
+
 fn id_of(doc: &Value) -> String {
     doc.get("_id")
         .and_then(Value::as_str)
@@ -130,20 +134,16 @@ impl Session<'_> {
         };
         let cached: HashMap<String, Vec<Presented>> = leaves
             .iter()
-            .filter(|l| !is_deleted(l))
             .filter_map(|l| self.cache.get(&key(l)).map(|p| (key(l), p)))
             .collect();
         // The bodies of each live leaf's parent and grandparent: from the
         // journal's before-images, else from the store.
         let mut ancestors: HashMap<(String, String), Value> = HashMap::new();
         let mut wanted = Vec::new();
-        for leaf in leaves
-            .iter()
-            .filter(|l| !is_deleted(l) && !cached.contains_key(&key(l)))
-        {
+        for leaf in leaves.iter().filter(|l| !cached.contains_key(&key(l))) {
             let id = id_of(leaf);
             let journal = journals.get(&id).unwrap_or(&empty);
-            for rev in view::history(leaf).into_iter().skip(1).take(2) {
+            for rev in view::history(leaf).into_iter().skip(1).take(ANCESTORS) {
                 match journal.images.iter().find(|i| i.rev == rev) {
                     Some(image) => {
                         if let Ok(body) = serde_json::from_str::<Value>(&image.body) {
@@ -179,19 +179,6 @@ impl Session<'_> {
         }
         let mut out = Vec::new();
         for leaf in leaves {
-            if is_deleted(leaf) {
-                let rev = leaf
-                    .get("_rev")
-                    .and_then(Value::as_str)
-                    .unwrap_or("")
-                    .to_owned();
-                out.push(Presented {
-                    rev,
-                    doc: leaf.clone(),
-                    synthetic: false,
-                });
-                continue;
-            }
             let id = id_of(leaf);
             if let Some(presented) = cached.get(&key(leaf)) {
                 for p in presented {
@@ -208,7 +195,7 @@ impl Session<'_> {
             let known: Vec<(String, Value)> = view::history(leaf)
                 .into_iter()
                 .skip(1)
-                .take(2)
+                .take(ANCESTORS)
                 .filter_map(|rev| {
                     ancestors
                         .get(&(id.clone(), rev.clone()))
@@ -494,6 +481,21 @@ impl Session<'_> {
                         object.insert(self.set.stamp_field().to_owned(), Value::from(version));
                     }
                 }
+                // What the phone's view of the stored base dropped is what
+                // translating its edit back needs: recompute that view,
+                // keeping its complements.
+                if let Some(base) = self.base_body(&id, &chain).await? {
+                    let from = view::version_of(self.set, &base);
+                    let mut seen = base;
+                    self.set
+                        .translate(
+                            &mut seen,
+                            from,
+                            version,
+                            &mut JournalComplements(&mut journal),
+                        )
+                        .map_err(|e| GatewayError::Lens(id.clone(), e))?;
+                }
                 self.set
                     .translate(
                         &mut translated,
@@ -529,10 +531,30 @@ impl Session<'_> {
             }
             // 3. A human edit wins over what rewind wrote on its ancestors.
             if journaled || !journal.is_empty() {
-                self.resolve(&id, &chain, &newest, &journal).await?;
+                self.resolve(&id, &chain, &newest, &journal, is_deleted(&doc))
+                    .await?;
             }
         }
         Ok(errors)
+    }
+
+    /// The body of the newest stored revision among a pushed revision's
+    /// ancestors: what the phone's view was made from.
+    async fn base_body(&self, id: &str, chain: &[String]) -> Result<Option<Value>, GatewayError> {
+        for rev in chain.iter().skip(1).take(ANCESTORS) {
+            let opts = GetOptions {
+                rev: Some(rev.clone()),
+                ..GetOptions::default()
+            };
+            if let Ok(found) = self.db.data.get(id, &opts).await {
+                if let Some(doc) = found.into_doc() {
+                    if !is_deleted(&doc) {
+                        return Ok(Some(body_of(&doc)));
+                    }
+                }
+            }
+        }
+        Ok(None)
     }
 
     /// Writes a document's journal, merging with a concurrent writer's
@@ -590,6 +612,7 @@ impl Session<'_> {
         chain: &[String],
         newest: &str,
         journal: &Journal,
+        deletion: bool,
     ) -> Result<(), GatewayError> {
         let leaves = self.leaves(id).await?;
         let rev_of = |l: &Value| {
@@ -613,7 +636,9 @@ impl Session<'_> {
         });
         let live: Vec<&Value> = leaves.iter().filter(|l| !is_deleted(l)).collect();
         let adopted_live = live.iter().any(|l| adopted(l));
-        if live.len() < 2 && !(others && adopted_live) {
+        // A deletion also wins over what rewind wrote on its ancestors.
+        let contested = live.len() >= 2 || (deletion && !live.is_empty());
+        if !contested && !(others && adopted_live) {
             return Ok(());
         }
         let mut tombstones = Vec::new();

@@ -177,8 +177,14 @@ fn retirements(
     journal: &Journal,
     out: &mut Vec<Presented>,
 ) -> Result<(), LensError> {
-    for (hash, seen) in views(set, body, journal)? {
-        if Some(hash.as_str()) == keep || hash == body_hash(body) {
+    let all = views(set, body, journal)?;
+    let own = body_hash(body);
+    if all.iter().all(|(h, _)| *h == own) {
+        // Every version sees it alike: it was never presented synthetically.
+        return Ok(());
+    }
+    for (hash, seen) in all {
+        if Some(hash.as_str()) == keep {
             continue;
         }
         let synthetic = synthetic_rev(&base_history[0], checksum, &seen);
@@ -198,9 +204,10 @@ fn retirements(
     Ok(())
 }
 
-/// Presents a stored live leaf (a document with `_rev` and `_revisions`) to
-/// a client at version `k`, with `ancestors` (up to two: `(rev, body)` of its
-/// parent and grandparent, where known).
+/// Presents a stored leaf (a document with `_rev` and `_revisions`) to a
+/// client at version `k`, with `ancestors` (`(rev, body)` of its nearest
+/// stored ancestors, where known). A deleted leaf is presented as itself,
+/// with the retirements of its ancestors' views.
 ///
 /// A document every version sees alike is presented as itself. Otherwise a
 /// client at any version gets a synthetic child of the leaf carrying its
@@ -220,10 +227,15 @@ pub fn present(
     let hist = history(leaf);
     let rev = hist.first().cloned().unwrap_or_default();
     let id = leaf.get("_id").cloned().unwrap_or(Value::Null);
-    let all = views(set, leaf, journal)?;
-    let own = body_hash(leaf);
     let mut out = Vec::new();
-    if all.iter().all(|(h, _)| *h == own) {
+    let deleted = leaf.get("_deleted").and_then(Value::as_bool) == Some(true);
+    let all = if deleted {
+        Vec::new()
+    } else {
+        views(set, leaf, journal)?
+    };
+    let own = body_hash(leaf);
+    if deleted || all.iter().all(|(h, _)| *h == own) {
         out.push(Presented {
             rev,
             doc: leaf.clone(),

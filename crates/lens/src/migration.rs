@@ -178,13 +178,16 @@ fn wrapping(file: &Path, at: At, raw: &RawWrap, op: &str) -> Result<Wrapping> {
     }
 }
 
+/// A two-way value map as `(from, to)` pairs.
+type ValueMap = Vec<(Value, Value)>;
+
 fn convert_pairs(
     file: &Path,
     at: At,
     path: &FieldPath,
     map: &Map<String, Value>,
     reverse: Option<&Map<String, Value>>,
-) -> Result<(Vec<(Value, Value)>, Vec<(Value, Value)>)> {
+) -> Result<(ValueMap, ValueMap)> {
     let forward: Vec<(Value, Value)> = map.iter().map(|(k, v)| (key_value(k), v.clone())).collect();
     let text = |v: &Value| match v {
         Value::String(s) => s.clone(),
