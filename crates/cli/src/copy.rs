@@ -56,7 +56,7 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
             report.local_copied,
             secs,
             report.docs_seen as f64 / secs,
-            if report.resumed_from != serde_json::Value::from(0) {
+            if report.resumed_from != 0 {
                 format!(" (resumed from sequence {})", report.resumed_from)
             } else {
                 String::new()

@@ -340,7 +340,7 @@ fn percent_decode(s: &str) -> String {
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
-        if bytes[i] == b'%' && i + 2 < bytes.len() + 0 && i + 2 <= bytes.len() - 1 {
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
             if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
                 out.push(v);
                 i += 3;
@@ -671,7 +671,7 @@ async fn changes(session: &Session<'_>, call: &Call) -> Result<Response, Gateway
     }
     let _ = body;
     let mut since = parse_since(call.query.get("since"));
-    if since == Value::from("now") {
+    if since == "now" {
         since = session.db.data.info().await?.update_seq;
     }
     let limit = call.number("limit")?.map(|n| n as usize);

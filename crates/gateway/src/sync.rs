@@ -244,7 +244,7 @@ impl Session<'_> {
                         .to_owned();
                     (!is_deleted(doc), view::generation(&rev), rev)
                 };
-                leaves.sort_by(|a, b| key(b).cmp(&key(a)));
+                leaves.sort_by_key(|doc| std::cmp::Reverse(key(doc)));
                 Ok(leaves)
             }
             Ok(GetResult::Doc(doc)) => Ok(vec![doc]),
@@ -638,7 +638,7 @@ impl Session<'_> {
         let adopted_live = live.iter().any(|l| adopted(l));
         // A deletion also wins over what rewind wrote on its ancestors.
         let contested = live.len() >= 2 || (deletion && !live.is_empty());
-        if !contested && !(others && adopted_live) {
+        if !(contested || others && adopted_live) {
             return Ok(());
         }
         let mut tombstones = Vec::new();
@@ -648,7 +648,7 @@ impl Session<'_> {
                 tombstones.push(retire(id, leaf));
                 continue;
             }
-            if rev == newest || chain.iter().any(|r| *r == rev) {
+            if rev == newest || chain.contains(&rev) {
                 continue;
             }
             if view::is_system_descendant(leaf, chain, journal) {

@@ -167,17 +167,23 @@ fn views(
 
 /// Tombstones retiring the synthetic children of `base` (a revision with
 /// `body` and history `base_history`) for every view except `keep`.
+/// What presenting needs besides the revision: the migrations, their
+/// checksum and the document's journal.
+struct Context<'a> {
+    set: &'a MigrationSet,
+    checksum: &'a str,
+    journal: &'a Journal,
+}
+
 fn retirements(
-    set: &MigrationSet,
-    checksum: &str,
+    cx: &Context<'_>,
     id: &Value,
     base_history: &[String],
     body: &Value,
     keep: Option<&str>,
-    journal: &Journal,
     out: &mut Vec<Presented>,
 ) -> Result<(), LensError> {
-    let all = views(set, body, journal)?;
+    let all = views(cx.set, body, cx.journal)?;
     let own = body_hash(body);
     if all.iter().all(|(h, _)| *h == own) {
         // Every version sees it alike: it was never presented synthetically.
@@ -187,7 +193,7 @@ fn retirements(
         if Some(hash.as_str()) == keep {
             continue;
         }
-        let synthetic = synthetic_rev(&base_history[0], checksum, &seen);
+        let synthetic = synthetic_rev(&base_history[0], cx.checksum, &seen);
         let retired = tombstone_rev(&synthetic);
         if out.iter().any(|p| p.rev == retired) {
             continue;
@@ -224,6 +230,11 @@ pub fn present(
     journal: &Journal,
     ancestors: &[(String, Value)],
 ) -> Result<Vec<Presented>, LensError> {
+    let cx = Context {
+        set,
+        checksum,
+        journal,
+    };
     let hist = history(leaf);
     let rev = hist.first().cloned().unwrap_or_default();
     let id = leaf.get("_id").cloned().unwrap_or(Value::Null);
@@ -252,29 +263,11 @@ pub fn present(
             doc: with_meta(body_of(&seen), &chain),
             synthetic: true,
         });
-        retirements(
-            set,
-            checksum,
-            &id,
-            &hist,
-            leaf,
-            Some(&wanted),
-            journal,
-            &mut out,
-        )?;
+        retirements(&cx, &id, &hist, leaf, Some(&wanted), &mut out)?;
     }
     for (rev, body) in ancestors {
         if let Some(pos) = hist.iter().position(|r| r == rev) {
-            retirements(
-                set,
-                checksum,
-                &id,
-                &hist[pos..],
-                body,
-                None,
-                journal,
-                &mut out,
-            )?;
+            retirements(&cx, &id, &hist[pos..], body, None, &mut out)?;
         }
     }
     Ok(out)

@@ -63,7 +63,11 @@ pub fn doc(i: u64, seed: u64) -> Value {
     let id = id_of(seed, 0, i);
     let reported_date = 1_700_000_000_000u64 + i * 60_000;
     let mut doc = if k < 0.1 {
-        let kind = if r.next() < 0.8 { "clinic" } else { "health_center" };
+        let kind = if r.next() < 0.8 {
+            "clinic"
+        } else {
+            "health_center"
+        };
         let parent = if kind == "clinic" {
             json!({"_id": hc})
         } else {
@@ -75,7 +79,13 @@ pub fn doc(i: u64, seed: u64) -> Value {
             "contact": {"_id": chw}, "place_id": (10_000 + i).to_string(),
         })
     } else if k < 0.4 {
-        let name = r.pick(&["Ann Lee", "Mary Wanjiru", "José Álvarez", "Amina Bello", "Nguyễn Thị Lan"]);
+        let name = r.pick(&[
+            "Ann Lee",
+            "Mary Wanjiru",
+            "José Álvarez",
+            "Amina Bello",
+            "Nguyễn Thị Lan",
+        ]);
         json!({
             "_id": id, "reported_date": reported_date, "type": "person", "name": name,
             "sex": r.pick(&["male", "female"]),
@@ -138,17 +148,25 @@ mod tests {
     fn the_mix_is_mostly_reports_then_persons_then_places() {
         let mut counts = std::collections::HashMap::new();
         for d in docs(2000, 1) {
-            *counts.entry(d["type"].as_str().unwrap().to_owned()).or_insert(0) += 1;
+            *counts
+                .entry(d["type"].as_str().unwrap().to_owned())
+                .or_insert(0) += 1;
         }
         assert!(counts["data_record"] > 1000, "{counts:?}");
         assert!(counts["person"] > 450, "{counts:?}");
-        assert!(counts["clinic"] + counts["health_center"] > 120, "{counts:?}");
+        assert!(
+            counts["clinic"] + counts["health_center"] > 120,
+            "{counts:?}"
+        );
     }
 
     #[test]
     fn big_integers_and_number_text_survive_serialisation() {
         let d = doc(13, 1);
         let text = serde_json::to_string(&d).unwrap();
-        assert!(text.contains("12345678901234567890") && text.contains("1.10"), "{text}");
+        assert!(
+            text.contains("12345678901234567890") && text.contains("1.10"),
+            "{text}"
+        );
     }
 }
