@@ -55,7 +55,7 @@ impl PresentCache {
 
 /// How many ancestors of a leaf have the synthetic children of their views
 /// retired (a phone's translated copy may be that many revisions behind).
-const ANCESTORS: usize = 4;
+const ANCESTORS: usize = 10;
 
 fn id_of(doc: &Value) -> String {
     doc.get("_id")
