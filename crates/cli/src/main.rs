@@ -7,6 +7,7 @@ mod check;
 mod copy;
 mod db;
 mod drill;
+mod hash_password;
 mod sample;
 mod serve;
 mod translate;
@@ -42,6 +43,7 @@ enum Command {
     Status(db::StatusArgs),
     Serve(serve::Args),
     Drill(drill::Args),
+    HashPassword(hash_password::Args),
     Translate(translate::Args),
     Copy(copy::Args),
     Sample(sample::Args),
@@ -58,6 +60,7 @@ fn main() -> ExitCode {
         Command::Status(args) => db::status(args),
         Command::Serve(args) => serve::run(&cli, args),
         Command::Drill(args) => drill::run_drill(&cli, args),
+        Command::HashPassword(args) => hash_password::run(args),
         Command::Translate(args) => translate::run(&cli, args),
         Command::Copy(args) => copy::run(args),
         Command::Sample(args) => sample::run(args),

@@ -68,6 +68,7 @@ pub fn run(cli: &Cli, args: &Args) -> anyhow::Result<ExitCode> {
                 backend,
                 migrations: project.migrations,
                 databases: args.databases.clone(),
+                users: project.config.users.clone(),
             },
             &args.listen,
         )

@@ -361,6 +361,7 @@ pub(crate) async fn determinism(drill: &Drill) -> Result<InvariantResult, DrillE
         backend: rewind_gateway::Backend::Embedded(drill.data_dir().to_path_buf()),
         migrations: drill.set().clone(),
         databases: vec!["medic".into()],
+        users: Vec::new(),
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await

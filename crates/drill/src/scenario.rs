@@ -430,6 +430,7 @@ async fn start_gateway(
         backend: Backend::Embedded(data.to_path_buf()),
         migrations: set.clone(),
         databases: vec![DB.to_owned()],
+        users: Vec::new(),
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await

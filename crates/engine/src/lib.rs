@@ -12,7 +12,7 @@ pub mod project;
 pub mod run;
 pub mod state;
 
-pub use project::{Config, Project};
+pub use project::{Config, Project, User};
 
 use std::path::PathBuf;
 

@@ -18,6 +18,24 @@ pub struct Config {
     pub stamp: String,
     /// The migrations directory (default `migrations`).
     pub migrations: PathBuf,
+    /// Users of `rewind serve` in front of embedded stores (none: open).
+    pub users: Vec<User>,
+}
+
+/// A user of the gateway in front of embedded stores.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct User {
+    /// The login name.
+    pub name: String,
+    /// `salt$hex(sha256(salt + password))`, as `rewind hash-password` prints.
+    pub password: String,
+    /// The databases the user may sync (`["*"]`: all).
+    #[serde(default)]
+    pub databases: Vec<String>,
+    /// CouchDB-style roles, answered by `_session`.
+    #[serde(default)]
+    pub roles: Vec<String>,
 }
 
 impl Default for Config {
@@ -25,6 +43,7 @@ impl Default for Config {
         Config {
             stamp: DEFAULT_STAMP.to_owned(),
             migrations: PathBuf::from(DEFAULT_MIGRATIONS),
+            users: Vec::new(),
         }
     }
 }

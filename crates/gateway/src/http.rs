@@ -43,9 +43,12 @@ pub struct GatewayConfig {
     /// The databases whose served version names the root's uuid (in front
     /// of CouchDB, where the gateway cannot list them).
     pub databases: Vec<String>,
+    /// In front of embedded stores: who may sync what (empty: open to all).
+    pub users: Vec<rewind_engine::User>,
 }
 
 struct Inner {
+    users: Vec<rewind_engine::User>,
     databases: Vec<String>,
     cache: PresentCache,
     backend: Backend,
@@ -76,6 +79,7 @@ impl Gateway {
         };
         Gateway {
             inner: Arc::new(Inner {
+                users: config.users,
                 databases: config.databases,
                 cache: PresentCache::default(),
                 backend: config.backend,
@@ -479,16 +483,78 @@ fn valid_db_name(name: &str) -> bool {
             .all(|c| matches!(c, 'a'..='z' | '0'..='9' | '_' | '$' | '(' | ')' | '+' | '-' | '/'))
 }
 
+/// Checks a password against `salt$hex(sha256(salt + password))`.
+pub fn password_matches(stored: &str, password: &str) -> bool {
+    let Some((salt, hash)) = stored.split_once('$') else {
+        return false;
+    };
+    hash_password(salt, password) == stored && !hash.is_empty()
+}
+
+/// `salt$hex(sha256(salt + password))`.
+pub fn hash_password(salt: &str, password: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(format!("{salt}{password}").as_bytes());
+    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    format!("{salt}${hex}")
+}
+
+/// The user a request authenticates as, in front of embedded stores with
+/// users configured; `Ok(None)` when the gateway is open.
+fn authenticate<'a>(
+    gateway: &'a Gateway,
+    call: &Call,
+) -> Result<Option<&'a rewind_engine::User>, GatewayError> {
+    if gateway.inner.users.is_empty() || !matches!(gateway.inner.backend, Backend::Embedded(_)) {
+        return Ok(None);
+    }
+    let refused = || GatewayError::Unauthorized("Name or password is incorrect.".into());
+    let (name, password) = call.auth().and_then(basic_credentials).ok_or_else(|| {
+        GatewayError::Unauthorized(
+            "Authentication required: send the user's name and password (basic auth).".into(),
+        )
+    })?;
+    let user = gateway
+        .inner
+        .users
+        .iter()
+        .find(|u| u.name == name)
+        .ok_or_else(refused)?;
+    if !password_matches(&user.password, &password) {
+        return Err(refused());
+    }
+    Ok(Some(user))
+}
+
 async fn route(gateway: &Gateway, call: Call) -> Result<Response, GatewayError> {
     let served_k = call.version;
     let segments: Vec<&str> = call.path.iter().map(String::as_str).collect();
+    let user = match segments.as_slice() {
+        [] | ["_up"] => None,
+        _ => authenticate(gateway, &call)?,
+    };
+    if let (Some(user), [db, ..]) = (user, segments.as_slice()) {
+        let allowed = db.starts_with('_') || user.databases.iter().any(|d| d == "*" || d == db);
+        if !allowed {
+            return Err(GatewayError::Forbidden(format!(
+                "user {} may not access database {db}",
+                user.name
+            )));
+        }
+    }
     match segments.as_slice() {
         [] => root(gateway, &call).await,
-        ["_session"] => Ok(json_response(
-            200,
-            &json!({"ok": true, "userCtx": {"name": null, "roles": ["_admin"]},
-                    "info": {"authentication_handlers": ["default"]}}),
-        )),
+        ["_session"] => {
+            let ctx = match user {
+                Some(u) => json!({"name": u.name, "roles": u.roles}),
+                None if gateway.inner.users.is_empty() => json!({"name": null, "roles": ["_admin"]}),
+                None => json!({"name": null, "roles": []}),
+            };
+            Ok(json_response(
+                200,
+                &json!({"ok": true, "userCtx": ctx, "info": {"authentication_handlers": ["default"]}}),
+            ))
+        }
         ["_up"] => Ok(json_response(200, &json!({"status": "ok"}))),
         ["_uuids"] => {
             let n = call.number("count")?.unwrap_or(1).min(1000);

@@ -11,7 +11,7 @@ mod http;
 pub mod sync;
 pub mod view;
 
-pub use http::{router, serve, Backend, Gateway, GatewayConfig};
+pub use http::{hash_password, password_matches, router, serve, Backend, Gateway, GatewayConfig};
 
 use rewind_store::StoreError;
 

@@ -1,0 +1,150 @@
+//! `rewind serve` in front of embedded stores with users: per-database access.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+struct Server(Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn request(
+    port: u16,
+    method: &str,
+    path: &str,
+    auth: Option<(&str, &str)>,
+    body: &str,
+) -> (u16, String) {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let auth = auth
+        .map(|(u, p)| format!("Authorization: Basic {}\r\n", base64(&format!("{u}:{p}"))))
+        .unwrap_or_default();
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut out = String::new();
+    stream.read_to_string(&mut out).unwrap();
+    let status = out
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = out.split("\r\n\r\n").nth(1).unwrap_or("").to_owned();
+    (status, body)
+}
+
+fn base64(s: &str) -> String {
+    const T: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let b = s.as_bytes();
+    let mut out = String::new();
+    for chunk in b.chunks(3) {
+        let n = (u32::from(chunk[0]) << 16)
+            | (u32::from(*chunk.get(1).unwrap_or(&0)) << 8)
+            | u32::from(*chunk.get(2).unwrap_or(&0));
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(T[((n >> (18 - 6 * i)) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn users_see_only_their_databases_and_wrong_passwords_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let bin = env!("CARGO_BIN_EXE_rewind");
+    let hash = {
+        let mut child = Command::new(bin)
+            .arg("hash-password")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(b"s3cret\n").unwrap();
+        let out = child.wait_with_output().unwrap();
+        String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    };
+    assert!(hash.contains('$') && !hash.contains("s3cret"), "{hash}");
+    let migrations = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/cht");
+    std::fs::write(
+        dir.path().join("rewind.toml"),
+        format!("[[users]]\nname = \"chw1\"\npassword = \"{hash}\"\ndatabases = [\"medic\"]\nroles = [\"chw\"]\n"),
+    )
+    .unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    for db in ["medic", "other"] {
+        let status = Command::new(bin)
+            .args(["sample", "--docs", "3", "--db"])
+            .arg(data.join(format!("{db}.db")))
+            .output()
+            .unwrap()
+            .status;
+        assert!(status.success());
+    }
+    let port = free_port();
+    let _server = Server(
+        Command::new(bin)
+            .current_dir(dir.path())
+            .arg("serve")
+            .arg("--data")
+            .arg(&data)
+            .arg("--migrations")
+            .arg(&migrations)
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let started = Instant::now();
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the gateway did not start"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (status, body) = request(port, "GET", "/medic", None, "");
+    assert_eq!(status, 401, "{body}");
+    assert!(body.contains("\"error\":\"unauthorized\""), "{body}");
+    let (status, _) = request(port, "GET", "/medic", Some(("chw1", "wrong")), "");
+    assert_eq!(status, 401);
+    let (status, _) = request(port, "GET", "/medic", Some(("nobody", "s3cret")), "");
+    assert_eq!(status, 401);
+    let (status, body) = request(port, "GET", "/medic", Some(("chw1", "s3cret")), "");
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = request(port, "GET", "/other", Some(("chw1", "s3cret")), "");
+    assert_eq!(status, 403, "{body}");
+    let (status, _) = request(port, "PUT", "/other/x", Some(("chw1", "s3cret")), "{}");
+    assert_eq!(status, 403);
+    let (status, body) = request(port, "GET", "/_session", Some(("chw1", "s3cret")), "");
+    assert_eq!(status, 200);
+    assert!(
+        body.contains("\"name\":\"chw1\"") && body.contains("\"chw\""),
+        "{body}"
+    );
+    let (status, _) = request(port, "GET", "/_config", Some(("chw1", "s3cret")), "");
+    assert_eq!(status, 403);
+    let (status, _) = request(port, "GET", "/", None, "");
+    assert_eq!(status, 200, "the welcome answer needs no login");
+}
