@@ -48,6 +48,7 @@ pub struct GatewayConfig {
 }
 
 struct Inner {
+    http: std::sync::OnceLock<reqwest::Client>,
     users: Vec<rewind_engine::User>,
     databases: Vec<String>,
     cache: PresentCache,
@@ -79,6 +80,7 @@ impl Gateway {
         };
         Gateway {
             inner: Arc::new(Inner {
+                http: std::sync::OnceLock::new(),
                 users: config.users,
                 databases: config.databases,
                 cache: PresentCache::default(),
@@ -337,6 +339,8 @@ struct Call {
     query: HashMap<String, String>,
     headers: HeaderMap,
     body: Bytes,
+    /// The path and query as received, less the version prefix (for pass-through).
+    upstream: String,
 }
 
 fn percent_decode(s: &str) -> String {
@@ -394,6 +398,17 @@ async fn parse(request: Request) -> Result<Call, GatewayError> {
             ))
         })?);
     }
+    let raw_path = parts.uri.path();
+    let stripped = match version {
+        Some(n) if raw_path.starts_with("/v/") => raw_path
+            .trim_start_matches("/v/")
+            .trim_start_matches(&n.to_string()),
+        _ => raw_path,
+    };
+    let upstream = match parts.uri.query() {
+        Some(q) => format!("{}?{q}", if stripped.is_empty() { "/" } else { stripped }),
+        None => (if stripped.is_empty() { "/" } else { stripped }).to_owned(),
+    };
     let body = axum::body::to_bytes(body, MAX_BODY).await.map_err(|_| {
         GatewayError::TooLarge(format!("the request body is larger than {MAX_BODY} bytes"))
     })?;
@@ -404,6 +419,7 @@ async fn parse(request: Request) -> Result<Call, GatewayError> {
         query,
         headers: parts.headers,
         body,
+        upstream,
     })
 }
 
@@ -571,6 +587,10 @@ async fn route(gateway: &Gateway, call: Call) -> Result<Response, GatewayError> 
         }
         [db, rest @ ..] => {
             if !valid_db_name(db) {
+                if let Backend::Couch(_) = gateway.inner.backend {
+                    // An app server's own endpoint (e.g. /api/...).
+                    return pass_through(gateway, &call, String::new()).await;
+                }
                 return Err(GatewayError::BadRequest(format!(
                     "`{db}` is not a valid database name: lowercase letters, digits and _$()+-/ , starting with a letter"
                 )));
@@ -699,22 +719,95 @@ async fn database_route(
         }
         (["_design", name, more @ ..], method) => {
             if !more.is_empty() {
-                return Err(GatewayError::NotFound(format!(
-                    "`_design/{name}/{}`: views and other design functions are not served by the gateway",
-                    more.join("/")
-                )));
+                return pass_through(
+                    gateway,
+                    call,
+                    format!(
+                        "`_design/{name}/{}`: views and other design functions are not served by the gateway in front of embedded stores",
+                        more.join("/")
+                    ),
+                )
+                .await;
             }
             document(&session, &format!("_design/{name}"), method, call).await
         }
-        ([special, ..], _) if special.starts_with('_') => Err(GatewayError::NotFound(format!(
-            "`{special}` is not an endpoint the gateway serves"
-        ))),
+        ([special, ..], _) if special.starts_with('_') => {
+            pass_through(
+                gateway,
+                call,
+                format!("`{special}` is not an endpoint the gateway serves"),
+            )
+            .await
+        }
         ([id], method) => document(&session, id, method, call).await,
         ([id, attachment @ ..], &Method::GET) => {
             attachment_get(&session, id, &attachment.join("/")).await
         }
         _ => Err(GatewayError::NotFound("no such endpoint".into())),
     }
+}
+
+/// In front of CouchDB (or an app server), passes a request the gateway
+/// does not need to understand straight through, with the user's own
+/// credentials; elsewhere, `not_found`.
+async fn pass_through(
+    gateway: &Gateway,
+    call: &Call,
+    why: String,
+) -> Result<Response, GatewayError> {
+    let Backend::Couch(root) = &gateway.inner.backend else {
+        return Err(GatewayError::NotFound(why));
+    };
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let client = gateway
+        .inner
+        .http
+        .get_or_init(|| {
+            reqwest::Client::builder()
+                .build()
+                .unwrap_or_else(|_| reqwest::Client::new())
+        })
+        .clone();
+    let url = format!("{}{}", root.trim_end_matches('/'), call.upstream);
+    let mut request = client
+        .request(call.method.clone(), &url)
+        .body(call.body.clone());
+    for name in [
+        header::AUTHORIZATION,
+        header::COOKIE,
+        header::CONTENT_TYPE,
+        header::ACCEPT,
+    ] {
+        if let Some(value) = call.headers.get(&name) {
+            request = request.header(name, value.clone());
+        }
+    }
+    let answer = request.send().await.map_err(|e| {
+        GatewayError::Internal(format!(
+            "upstream {} did not answer: {}",
+            rewind_store::redact_url(&url),
+            rewind_store::redact_url(&e.to_string())
+        ))
+    })?;
+    let status = answer.status();
+    let mut headers = HeaderMap::new();
+    for name in [
+        header::CONTENT_TYPE,
+        header::SET_COOKIE,
+        header::CACHE_CONTROL,
+    ] {
+        for value in answer.headers().get_all(&name) {
+            headers.append(name.clone(), value.clone());
+        }
+    }
+    let body = answer
+        .bytes()
+        .await
+        .map_err(|e| GatewayError::Internal(format!("upstream answer: {e}")))?;
+    let mut response = Response::new(Body::from(body));
+    *response.status_mut() = status;
+    *response.headers_mut() = headers;
+    Ok(response)
 }
 
 fn parse_since(text: Option<&String>) -> Seq {
