@@ -561,7 +561,11 @@ impl Session<'_> {
     /// (images, adopted and deleted revisions are unions); updates `journal`
     /// to what was written.
     async fn save_journal(&self, id: &str, journal: &mut Journal) -> Result<(), GatewayError> {
-        for _ in 0..5 {
+        for attempt in 0..30u64 {
+            if attempt > 0 {
+                // Another writer (the engine, another gateway) got there first.
+                tokio::time::sleep(std::time::Duration::from_millis(5 * attempt.min(20))).await;
+            }
             let mut doc = serde_json::to_value(&*journal)
                 .map_err(|e| GatewayError::Internal(e.to_string()))?;
             doc["_id"] = Value::from(journal_id(id));
