@@ -443,16 +443,20 @@ impl Session<'_> {
             let Some(rev) = chain.first().cloned() else {
                 continue;
             };
-            // The version a pushed body is read at: its stamp, else the client's.
+            let mut journal = journals.remove(&id).unwrap_or_default();
+            // The version a pushed body is read at: its stamp; else the
+            // version of what the phone edited (its parent revision tells);
+            // else the client's.
             let version = if is_deleted(&doc) {
                 target
+            } else if let Some(stamped) = self.set.stamp_of(&doc) {
+                stamped.min(self.set.latest())
             } else {
-                self.set
-                    .stamp_of(&doc)
+                self.edited_version(&id, &chain, &journal)
+                    .await?
                     .unwrap_or(self.k)
                     .min(self.set.latest())
             };
-            let mut journal = journals.remove(&id).unwrap_or_default();
             let is_adopted = adopted.contains(&rev);
             if is_adopted && !journal.adopted.contains(&rev) {
                 journal.adopted.push(rev.clone());
@@ -536,6 +540,48 @@ impl Session<'_> {
             }
         }
         Ok(errors)
+    }
+
+    /// The version of the body a phone edited: its parent's, when the parent
+    /// is a stored revision, or the version whose view its synthetic parent
+    /// presented. `None` when neither can be told.
+    async fn edited_version(
+        &self,
+        id: &str,
+        chain: &[String],
+        journal: &Journal,
+    ) -> Result<Option<u32>, GatewayError> {
+        let Some(parent) = chain.get(1) else {
+            return Ok(None);
+        };
+        for (index, rev) in chain.iter().enumerate().skip(1).take(ANCESTORS) {
+            let opts = GetOptions {
+                rev: Some(rev.clone()),
+                ..GetOptions::default()
+            };
+            let Ok(found) = self.db.data.get(id, &opts).await else {
+                continue;
+            };
+            let Some(stored) = found.into_doc().filter(|d| !is_deleted(d)) else {
+                continue;
+            };
+            let body = body_of(&stored);
+            if rev == parent {
+                return Ok(Some(view::version_of(self.set, &body)));
+            }
+            // The parent is a synthetic child of this stored revision: find
+            // the version whose view it presented.
+            let presented = &chain[index - 1];
+            for k in 0..=self.set.latest() {
+                let seen = view::view(self.set, &body, k, journal)
+                    .map_err(|e| GatewayError::Lens(id.to_owned(), e))?;
+                if view::synthetic_rev(rev, self.checksum, &seen) == *presented {
+                    return Ok(Some(k));
+                }
+            }
+            return Ok(None);
+        }
+        Ok(None)
     }
 
     /// The body of the newest stored revision among a pushed revision's

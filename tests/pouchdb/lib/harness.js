@@ -47,7 +47,7 @@ function freePort() {
 /** A new temporary directory, removed by `cleanup.run()`. */
 function tmpdir(cleanup, prefix = 'rewind-pt-') {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), prefix));
-  if (cleanup) cleanup.add(() => fs.rmSync(dir, { recursive: true, force: true }));
+  if (cleanup && !process.env.REWIND_PT_KEEP) cleanup.add(() => fs.rmSync(dir, { recursive: true, force: true }));
   return dir;
 }
 
