@@ -1,0 +1,205 @@
+#!/usr/bin/env bash
+# Sync throughput, one table, everything measured in the same run:
+#  1. `rewind copy` between two pouchdb-server databases against PouchDB 9
+#     replication between the same two (`PouchDB.replicate(src, dst)`, both over HTTP);
+#     the source is loaded with shared/baseline/gen.js.
+#  2. A PouchDB 9 phone (node, memory adapter, batch_size 100, as replicate-baseline.js)
+#     pulling N docs: (a) straight from pouchdb-server; (b) through `rewind serve --couch`
+#     at the server's version (`/medic`, no translation); (c) through the same gateway
+#     translated to version 0 (`/v/0/medic`, after `rewind upgrade --to 7` with examples/cht);
+#     (d) from `rewind serve --data` on the embedded store (`rewind sample`, version 0).
+#     (a)-(c) pull the same upgraded db (`rewind sample` + upgrade to 7).
+#  3. The embedded gateway's peak RSS (VmHWM) with 50 live PouchDB replications
+#     (`live: true`, one node process, each from scratch into its own memory db) for LIVE_SECS.
+# Node times are taken inside node (PouchDB's `require` excluded); `rewind copy` is timed
+# as a whole process, start-up included, so the copy ratio is if anything understated.
+#
+# usage: N=20000 scripts/bench-sync.sh      (or scripts/bench-sync.sh 20000)
+# Needs node, `npm ci --prefix tests/pouchdb`, and ../shared/baseline (or BASELINE=dir).
+# Everything listens on 127.0.0.1; every server started here is stopped on exit.
+#
+# "docs" is PouchDB's docs_written: revisions written, one per leaf (tombstoned conflict
+# branches included), so it exceeds N when the source serves more than one leaf per doc.
+#
+# one run on 2026-11-25, N=5000, 2 cores shared with other builds (7 min 31 s):
+#   step                                                              docs     secs    docs/s  notes
+#   1. rewind copy src → dst (pouchdb-server, whole process)        5000      2.2      2265
+#   1. PouchDB.replicate(src, dst) over HTTP (node)                   5000      4.2      1180
+#   2a. pull straight from pouchdb-server (/medic, v7)                5000      2.7      1878
+#   2b. pull via rewind serve --couch, /medic (v7, no translation)   36064    158.9       227  gateway peak RSS 123 MB
+#   2c. pull via rewind serve --couch, /v/0/medic (7 → 0)          36064    155.9       231  gateway peak RSS 228 MB
+#   2d. pull via rewind serve --data, /medic (embedded, v0)          18032      7.7      2331  gateway peak RSS 107 MB
+#   3. 50 live pulls, one node process, 20 s (embedded gateway)      69248       20      3462  gateway peak RSS 226 MB (idle 12 MB, now 226 MB); 0 client errors
+#
+#   copy: rewind copy is 1.92× PouchDB.replicate (target ≥ 2×)
+#   pull: (b)/(a) = 59.66×, (c)/(a) = 58.54× (target ≤ 1.15×), (d)/(a) = 2.90× (time; < 1 is faster)
+#   warnings: 2b and 2c wrote 36064 revisions, 2d 18032, not 5000. pouchdb-server holds one
+#   leaf per doc after the upgrade (2-x); the --couch gateway at /medic serves six leaves per doc
+#   (3-y on top of 2-x, plus 4-/3- branches), so (b) is not a pass-through. `rewind sample`
+#   into an embedded store makes conflicts with tombstoned branches (~3.6 leaves per doc);
+#   written over HTTP to pouchdb-server it makes one.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$PWD
+N=${1:-${N:-20000}}
+CLIENTS=${CLIENTS:-50}
+LIVE_SECS=${LIVE_SECS:-20}
+TMO=${TMO:-900}            # seconds any single step may take before the bench gives up
+baseline=${BASELINE:-$root/../shared/baseline}
+modules=$root/tests/pouchdb/node_modules
+[ -d "$modules/pouchdb-server" ] || { echo "bench: run \`npm ci --prefix tests/pouchdb\` first" >&2; exit 1; }
+[ -d "$modules/pouchdb-adapter-memory" ] || { echo "bench: pouchdb-adapter-memory missing from $modules" >&2; exit 1; }
+[ -f "$baseline/gen.js" ] || { echo "bench: $baseline/gen.js not found (set BASELINE=dir)" >&2; exit 1; }
+export NODE_PATH=$modules
+
+echo "bench: building rewind (release)" >&2
+cargo build --release -q -p rewind-cli
+rewind=$root/target/release/rewind
+
+tmp=$(mktemp -d -t rewind-bench.XXXXXX)
+pids=()
+cleanup() {
+  local p
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
+  rm -rf "$tmp"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+# wait_up URL PID: until URL answers, or fail if PID died or 30 s passed.
+wait_up() {
+  for _ in $(seq 1 150); do
+    curl -fs "$1" >/dev/null 2>&1 && return 0
+    kill -0 "$2" 2>/dev/null || { echo "bench: server for $1 exited" >&2; return 1; }
+    sleep 0.2
+  done
+  echo "bench: $1 did not answer in 30 s" >&2; return 1
+}
+# gateway NAME ARGS...: start `rewind serve ARGS --listen 127.0.0.1:PORT`; sets gw_pid, gw_url.
+gateway() {
+  local name=$1; shift
+  local p; p=$(free_port)
+  "$rewind" serve "$@" --listen "127.0.0.1:$p" >"$tmp/$name.log" 2>&1 &
+  gw_pid=$!; pids+=("$gw_pid"); gw_url=http://127.0.0.1:$p
+  wait_up "$gw_url/" "$gw_pid" || { cat "$tmp/$name.log" >&2; exit 1; }
+}
+stop() { kill "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
+hwm() { awk '/VmHWM/ {print int($2/1024)}' "/proc/$1/status"; }
+rss() { awk '/VmRSS/ {print int($2/1024)}' "/proc/$1/status"; }
+doc_count() { curl -fs "$1" | python3 -c 'import json,sys; print(json.load(sys.stdin)["doc_count"])'; }
+# run NAME COMMAND...: bounded by TMO; its stdout is in $tmp/out; on failure print and exit.
+run() {
+  local name=$1; shift
+  timeout "$TMO" "$@" >"$tmp/out" 2>"$tmp/err" || { echo "bench: $name failed (rc $?):" >&2; cat "$tmp/out" "$tmp/err" >&2; exit 1; }
+}
+
+cat >"$tmp/replicate.js" <<'EOF'
+// node replicate.js SRC DST: PouchDB.replicate over HTTP; prints "DOCS SECS".
+const PouchDB = require('pouchdb');
+const t0 = Date.now();
+PouchDB.replicate(process.argv[2], process.argv[3], { batch_size: 100 }).then((r) => {
+  console.log(r.docs_written, (Date.now() - t0) / 1000);
+}).catch((e) => { console.error(e); process.exit(1); });
+EOF
+cat >"$tmp/pull.js" <<'EOF'
+// node pull.js URL: a phone (memory adapter) pulls the whole db; prints "DOCS SECS".
+const PouchDB = require('pouchdb');
+PouchDB.plugin(require('pouchdb-adapter-memory'));
+const local = new PouchDB('phone', { adapter: 'memory' });
+const t0 = Date.now();
+local.replicate.from(process.argv[2], { batch_size: 100 }).then((r) => {
+  console.log(r.docs_written, (Date.now() - t0) / 1000);
+}).catch((e) => { console.error(e); process.exit(1); });
+EOF
+cat >"$tmp/live.js" <<'EOF'
+// node live.js URL CLIENTS SECS: CLIENTS live pulls (each into its own memory db) for SECS,
+// then cancels them all; prints "DOCS_RECEIVED ERRORS".
+const PouchDB = require('pouchdb');
+PouchDB.plugin(require('pouchdb-adapter-memory'));
+const [url, n, secs] = [process.argv[2], +process.argv[3], +process.argv[4]];
+let docs = 0, errors = 0;
+const reps = Array.from({ length: n }, (_, i) => {
+  const r = new PouchDB(`live-${i}`, { adapter: 'memory' })
+    .replicate.from(url, { live: true, retry: false, batch_size: 100 });
+  r.on('change', (info) => { docs += info.docs.length; });
+  r.on('error', (e) => { errors++; console.error(`client ${i}:`, e && e.message); });
+  return r;
+});
+setTimeout(() => {
+  reps.forEach((r) => r.cancel());
+  console.log(docs, errors);
+  setTimeout(() => process.exit(0), 500);
+}, secs * 1000);
+EOF
+
+rows=()
+row() { rows+=("$(printf '%-62s %7s %8s %9s  %s' "$@")"); }
+rate() { echo "$1 / $2" | bc -l | xargs printf '%.0f'; }
+ratio() { echo "$1 / $2" | bc -l | xargs printf '%.2f'; }
+
+# --- pouchdb-server ---------------------------------------------------------------------
+port=$(free_port)
+mkdir -p "$tmp/couch"
+(cd "$tmp/couch" && exec node "$modules/pouchdb-server/bin/pouchdb-server" --host 127.0.0.1 --port "$port" --dir "$tmp/couch" >"$tmp/server.log" 2>&1) &
+server=$!; pids+=("$server")
+url=http://127.0.0.1:$port
+wait_up "$url/" "$server" || { cat "$tmp/server.log" >&2; exit 1; }
+
+# --- 1. copy ----------------------------------------------------------------------------
+echo "bench: N=$N, 1. rewind copy vs PouchDB.replicate" >&2
+run "gen.js load" node "$baseline/gen.js" "$N" "$url/src"
+t0=$(date +%s.%N)
+run "rewind copy" "$rewind" copy "$url/src" "$url/dst-rewind"
+copy_secs=$(echo "$(date +%s.%N) - $t0" | bc -l)
+copy_docs=$(doc_count "$url/dst-rewind")
+row "1. rewind copy src → dst (pouchdb-server, whole process)" "$copy_docs" "$(printf '%.1f' "$copy_secs")" "$(rate "$copy_docs" "$copy_secs")" ""
+run "PouchDB.replicate" node "$tmp/replicate.js" "$url/src" "$url/dst-pouch"
+read -r rep_docs rep_secs <"$tmp/out"
+row "1. PouchDB.replicate(src, dst) over HTTP (node)" "$rep_docs" "$(printf '%.1f' "$rep_secs")" "$(rate "$rep_docs" "$rep_secs")" ""
+copy_ratio=$(ratio "$rep_secs" "$copy_secs")
+[ "$copy_docs" = "$N" ] && [ "$(doc_count "$url/dst-pouch")" = "$N" ] || echo "bench: warning: copies hold $copy_docs / $(doc_count "$url/dst-pouch") docs, not $N" >&2
+
+# --- 2. pulls ---------------------------------------------------------------------------
+echo "bench: 2. loading medic (rewind sample) and upgrading it to 7" >&2
+run "rewind sample into pouchdb-server" "$rewind" sample --docs "$N" --seed 1 --db "$url/medic"
+run "rewind upgrade --to 7" "$rewind" upgrade --db "$url/medic" --migrations examples/cht --to 7
+pull() { # pull LABEL URL [PID]: one phone pull, row with seconds and docs/s; sets p_secs
+  run "$1" node "$tmp/pull.js" "$2"
+  local docs; read -r docs p_secs <"$tmp/out"
+  [ "$docs" = "$N" ] || echo "bench: warning: $1 pulled $docs docs, not $N" >&2
+  row "$1" "$docs" "$(printf '%.1f' "$p_secs")" "$(rate "$docs" "$p_secs")" "${3:+gateway peak RSS $(hwm "$3") MB}"
+}
+echo "bench: 2a. pull straight from pouchdb-server" >&2
+pull "2a. pull straight from pouchdb-server (/medic, v7)" "$url/medic"; a_secs=$p_secs
+gateway couch --couch "$url" --db medic --migrations examples/cht; couch_gw=$gw_pid
+echo "bench: 2b. pull through the gateway, no translation" >&2
+pull "2b. pull via rewind serve --couch, /medic (v7, no translation)" "$gw_url/medic" "$couch_gw"; b_secs=$p_secs
+echo "bench: 2c. pull through the gateway, translated to version 0" >&2
+pull "2c. pull via rewind serve --couch, /v/0/medic (7 → 0)" "$gw_url/v/0/medic" "$couch_gw"; c_secs=$p_secs
+stop "$couch_gw"
+echo "bench: 2d. pull from the embedded gateway" >&2
+mkdir -p "$tmp/data"
+run "rewind sample into the embedded store" "$rewind" sample --docs "$N" --seed 1 --db "$tmp/data/medic.db"
+gateway embedded --data "$tmp/data" --migrations examples/cht; emb_gw=$gw_pid
+pull "2d. pull via rewind serve --data, /medic (embedded, v0)" "$gw_url/medic" "$emb_gw"; d_secs=$p_secs
+stop "$emb_gw"
+
+# --- 3. live clients --------------------------------------------------------------------
+echo "bench: 3. $CLIENTS live clients against a fresh embedded gateway for $LIVE_SECS s" >&2
+gateway live --data "$tmp/data" --migrations examples/cht; live_gw=$gw_pid
+idle=$(hwm "$live_gw")
+run "live clients" timeout $((LIVE_SECS + 60)) node "$tmp/live.js" "$gw_url/medic" "$CLIENTS" "$LIVE_SECS"
+read -r live_docs live_errors <"$tmp/out"
+row "3. $CLIENTS live pulls, one node process, ${LIVE_SECS} s (embedded gateway)" "$live_docs" "$LIVE_SECS" "$(rate "$live_docs" "$LIVE_SECS")" \
+  "gateway peak RSS $(hwm "$live_gw") MB (idle $idle MB, now $(rss "$live_gw") MB); $live_errors client errors"
+stop "$live_gw"
+
+echo
+echo "N = $N documents; docs/s = documents written by the replication / its seconds"
+printf '%-62s %7s %8s %9s  %s\n' "step" "docs" "secs" "docs/s" "notes"
+for r in "${rows[@]}"; do echo "$r"; done
+echo
+echo "copy: rewind copy is $copy_ratio× PouchDB.replicate (target ≥ 2×)"
+echo "pull: (b)/(a) = $(ratio "$b_secs" "$a_secs")×, (c)/(a) = $(ratio "$c_secs" "$a_secs")× (target ≤ 1.15×), (d)/(a) = $(ratio "$d_secs" "$a_secs")× (time; < 1 is faster)"
