@@ -52,9 +52,9 @@ pub struct UpgradeArgs {
     /// The version to upgrade to (default: the latest).
     #[arg(long, value_name = "N")]
     to: Option<u32>,
-    /// Documents per batch.
-    #[arg(long, default_value_t = 500, value_name = "N")]
-    batch: usize,
+    /// Documents per batch (default: 500 on CouchDB, 5000 on an embedded store).
+    #[arg(long, value_name = "N")]
+    batch: Option<usize>,
 }
 
 /// Roll documents back to an older schema version, keeping every edit.
@@ -75,9 +75,9 @@ pub struct RollbackArgs {
     /// second, translating on the fly), then rewrite the documents behind it.
     #[arg(long)]
     instant: bool,
-    /// Documents per batch.
-    #[arg(long, default_value_t = 500, value_name = "N")]
-    batch: usize,
+    /// Documents per batch (default: 500 on CouchDB, 5000 on an embedded store).
+    #[arg(long, value_name = "N")]
+    batch: Option<usize>,
 }
 
 /// Show the database's schema version, the run in progress, and the last runs.
@@ -174,7 +174,7 @@ fn execute(
 
 pub fn upgrade(cli: &Cli, args: &UpgradeArgs) -> anyhow::Result<ExitCode> {
     let opts = RunOptions {
-        batch: args.batch,
+        batch: args.batch.unwrap_or(0),
         ..RunOptions::default()
     };
     execute(cli, &args.target, args.to, opts)
@@ -182,7 +182,7 @@ pub fn upgrade(cli: &Cli, args: &UpgradeArgs) -> anyhow::Result<ExitCode> {
 
 pub fn rollback(cli: &Cli, args: &RollbackArgs) -> anyhow::Result<ExitCode> {
     let opts = RunOptions {
-        batch: args.batch,
+        batch: args.batch.unwrap_or(0),
         instant: args.instant,
         ..RunOptions::default()
     };

@@ -77,46 +77,95 @@ pub fn body_of(doc: &Value) -> Value {
     body
 }
 
-fn canonical(value: &Value, out: &mut String) {
+/// The exact JSON text of a document's body (without its revision
+/// members), as `serde_json::to_string(&body_of(doc))` gives it, without
+/// copying the document.
+pub fn body_text(doc: &Value) -> String {
+    let Value::Object(map) = doc else {
+        return serde_json::to_string(doc).unwrap_or_default();
+    };
+    let mut out: Vec<u8> = Vec::with_capacity(512);
+    out.push(b'{');
+    let mut first = true;
+    for (key, value) in map {
+        if REVISION_MEMBERS.contains(&key.as_str()) {
+            continue;
+        }
+        if !first {
+            out.push(b',');
+        }
+        first = false;
+        let _ = serde_json::to_writer(&mut out, key);
+        out.push(b':');
+        let _ = serde_json::to_writer(&mut out, value);
+    }
+    out.push(b'}');
+    String::from_utf8(out).unwrap_or_default()
+}
+
+fn canonical(value: &Value, out: &mut Vec<u8>) {
     match value {
         Value::Object(map) => {
             let mut keys: Vec<&String> = map.keys().collect();
             keys.sort();
-            out.push('{');
+            out.push(b'{');
             for (i, key) in keys.into_iter().enumerate() {
                 if i > 0 {
-                    out.push(',');
+                    out.push(b',');
                 }
-                out.push_str(&serde_json::to_string(key).unwrap_or_default());
-                out.push(':');
+                let _ = serde_json::to_writer(&mut *out, key);
+                out.push(b':');
                 canonical(&map[key], out);
             }
-            out.push('}');
+            out.push(b'}');
         }
         Value::Array(items) => {
-            out.push('[');
+            out.push(b'[');
             for (i, item) in items.iter().enumerate() {
                 if i > 0 {
-                    out.push(',');
+                    out.push(b',');
                 }
                 canonical(item, out);
             }
-            out.push(']');
+            out.push(b']');
         }
-        other => out.push_str(&serde_json::to_string(other).unwrap_or_default()),
+        other => {
+            let _ = serde_json::to_writer(&mut *out, other);
+        }
     }
 }
 
 /// A hash of a document's body that ignores key order and revision members
 /// (a server may reorder keys; the content is what matters).
 pub fn body_hash(doc: &Value) -> String {
-    let mut text = String::new();
-    canonical(&body_of(doc), &mut text);
-    Sha256::digest(text.as_bytes())
-        .iter()
-        .take(16)
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    let mut text = Vec::with_capacity(1024);
+    match doc {
+        // The body without copying the document: revision members skipped.
+        Value::Object(map) => {
+            let mut keys: Vec<&String> = map
+                .keys()
+                .filter(|k| !REVISION_MEMBERS.contains(&k.as_str()))
+                .collect();
+            keys.sort();
+            text.push(b'{');
+            for (i, key) in keys.into_iter().enumerate() {
+                if i > 0 {
+                    text.push(b',');
+                }
+                let _ = serde_json::to_writer(&mut text, key);
+                text.push(b':');
+                canonical(&map[key], &mut text);
+            }
+            text.push(b'}');
+        }
+        other => canonical(other, &mut text),
+    }
+    let mut hex = String::with_capacity(32);
+    for b in Sha256::digest(&text).iter().take(16) {
+        use std::fmt::Write;
+        let _ = write!(hex, "{b:02x}");
+    }
+    hex
 }
 
 impl Journal {
@@ -163,5 +212,92 @@ impl rewind_lens::Complements for JournalComplements<'_> {
     }
     fn put(&mut self, version: u32, complement: Option<Value>) {
         self.0.keep(version, complement);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn body_text_is_the_body_serialized() {
+        for text in [
+            r#"{"_id":"a","_rev":"1-x","b":[1,2.50,1e400],"_revisions":{"start":1},"c":{"z":1,"a":"é\n"},"_conflicts":[]}"#,
+            r#"{"_id":"a"}"#,
+            r#"{"_rev":"1-x"}"#,
+        ] {
+            let doc: Value = serde_json::from_str(text).unwrap();
+            assert_eq!(
+                body_text(&doc),
+                serde_json::to_string(&body_of(&doc)).unwrap()
+            );
+        }
+    }
+
+    /// The first implementation, which journals were written with.
+    fn reference_body_hash(doc: &Value) -> String {
+        fn canonical(value: &Value, out: &mut String) {
+            match value {
+                Value::Object(map) => {
+                    let mut keys: Vec<&String> = map.keys().collect();
+                    keys.sort();
+                    out.push('{');
+                    for (i, key) in keys.into_iter().enumerate() {
+                        if i > 0 {
+                            out.push(',');
+                        }
+                        out.push_str(&serde_json::to_string(key).unwrap_or_default());
+                        out.push(':');
+                        canonical(&map[key], out);
+                    }
+                    out.push('}');
+                }
+                Value::Array(items) => {
+                    out.push('[');
+                    for (i, item) in items.iter().enumerate() {
+                        if i > 0 {
+                            out.push(',');
+                        }
+                        canonical(item, out);
+                    }
+                    out.push(']');
+                }
+                other => out.push_str(&serde_json::to_string(other).unwrap_or_default()),
+            }
+        }
+        let mut text = String::new();
+        canonical(&body_of(doc), &mut text);
+        Sha256::digest(text.as_bytes())
+            .iter()
+            .take(16)
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
+
+    #[test]
+    fn body_hash_is_stable() {
+        // Hashes the gateway compares with journals written before: they
+        // must not change.
+        let doc: Value = serde_json::from_str(
+            r#"{"_id":"a","_rev":"1-x","b":[1,2.50,1e400,null,true],"c":{"z":1,"a":"é\n"},"_conflicts":[]}"#,
+        )
+        .unwrap();
+        let mut reordered: Value = serde_json::from_str(
+            r#"{"c":{"a":"é\n","z":1},"_id":"a","b":[1,2.50,1e400,null,true]}"#,
+        )
+        .unwrap();
+        assert_eq!(body_hash(&doc), body_hash(&reordered));
+        assert_eq!(body_hash(&doc), reference_body_hash(&doc));
+        for text in [
+            r#"[1,{"b":2,"a":1}]"#,
+            r#""s""#,
+            r#"{}"#,
+            r#"{"_rev":"1-a","_deleted":true}"#,
+        ] {
+            let v: Value = serde_json::from_str(text).unwrap();
+            assert_eq!(body_hash(&v), reference_body_hash(&v), "{text}");
+        }
+        reordered["b"][0] = Value::from(2);
+        assert_ne!(body_hash(&doc), body_hash(&reordered));
     }
 }

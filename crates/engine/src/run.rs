@@ -16,7 +16,7 @@
 //! The feed also brings documents written during the run; the run records
 //! the new version only once a pass over the feed finds nothing left to do.
 
-use crate::journal::{body_hash, body_of, journal_id, Image, Journal, JournalComplements};
+use crate::journal::{body_hash, body_text, journal_id, Image, Journal, JournalComplements};
 use crate::state::{now_ms, owner_name, Applied, Counts, Database, Run, State};
 use crate::{EngineError, Result};
 use rewind_lens::MigrationSet;
@@ -48,7 +48,7 @@ impl Kind {
 /// Settings of a run.
 #[derive(Debug, Clone)]
 pub struct RunOptions {
-    /// Documents per batch.
+    /// Documents per batch; 0 sizes batches to the store ([`RunOptions::batch_for`]).
     pub batch: usize,
     /// Retries of a document whose write keeps meeting newer edits.
     pub max_retries: u32,
@@ -60,9 +60,23 @@ pub struct RunOptions {
 impl Default for RunOptions {
     fn default() -> RunOptions {
         RunOptions {
-            batch: 500,
+            batch: 0,
             max_retries: 20,
             instant: false,
+        }
+    }
+}
+
+impl RunOptions {
+    /// Documents per batch on `store`: `batch` if set, else 500 over HTTP
+    /// (CouchDB's own replicator sends 500 per `_bulk_docs`) and 5000 for
+    /// the embedded store (fewer, larger transactions: each commit rewrites
+    /// the B-tree pages it touched and syncs the file).
+    pub fn batch_for(&self, store: &rewind_store::AnyStore) -> usize {
+        match (self.batch, store) {
+            (0, rewind_store::AnyStore::Sqlite(_)) => 5000,
+            (0, rewind_store::AnyStore::Couch(_)) => 500,
+            (n, _) => n,
         }
     }
 }
@@ -181,20 +195,24 @@ fn rewrite(
     match kind {
         Kind::Upgrade => {
             let mut doc = leaf.clone();
-            let mut scratch = journal.clone();
-            set.translate(&mut doc, from, to, &mut JournalComplements(&mut scratch))
+            // A step that applies always moves the stamp forward, so the
+            // body changed exactly when a step recorded its complement; when
+            // none did, neither the document nor its journal changed.
+            let mut complements = Recording {
+                journal,
+                applied: false,
+            };
+            set.translate(&mut doc, from, to, &mut complements)
                 .map_err(lens_error)?;
-            if body_hash(&doc) == body_hash(leaf) {
+            if !complements.applied {
                 return Ok(None);
             }
-            *journal = scratch;
-            let before = serde_json::to_string(&body_of(leaf)).unwrap_or_default();
             journal.push_image(Image {
                 from,
                 to,
                 rev: rev_of(leaf),
                 after: body_hash(&doc),
-                body: before,
+                body: body_text(leaf),
             });
             Ok(Some(Rewrite {
                 doc,
@@ -206,7 +224,7 @@ fn rewrite(
             if stamped <= to {
                 return Ok(None);
             }
-            let before = serde_json::to_string(&body_of(leaf)).unwrap_or_default();
+            let before = body_text(leaf);
             let (mut doc, restored) = match restore_images(journal, leaf, to)? {
                 // Untouched since the upgrade(s): the before-image, exactly.
                 Some((mut body, version)) => {
@@ -251,6 +269,22 @@ fn rewrite(
             }
             Ok(Some(Rewrite { doc, restored }))
         }
+    }
+}
+
+/// The journal's complements, noting whether a step recorded one.
+struct Recording<'a> {
+    journal: &'a mut Journal,
+    applied: bool,
+}
+
+impl rewind_lens::Complements for Recording<'_> {
+    fn get(&mut self, version: u32) -> Option<Value> {
+        self.journal.kept_for(version)
+    }
+    fn put(&mut self, version: u32, complement: Option<Value>) {
+        self.applied = true;
+        self.journal.keep(version, complement);
     }
 }
 
@@ -371,50 +405,90 @@ async fn run_with_lease(
     state.run = Some(run.clone());
     state.renew(db).await?;
     let total = db.data.info().await?.doc_count;
+    let batch = opts.batch_for(&db.data);
     let mut written_here: HashSet<u64> = HashSet::new();
+    // Pipelined: while the documents of batch i are written, batch i+1 is
+    // read, computed and journaled. Within a batch the order stays journal →
+    // documents → checkpoint; batch i+1's journal may land before batch i's
+    // documents, which a crash makes harmless (a journal entry for a document
+    // not yet written is rewritten on resume). A batch that shares a document
+    // with the batch in flight waits for it (its journal may change).
+    let mut cursor = run.since.clone();
+    let mut inflight: Option<Pending> = None;
     loop {
-        let changes = db
-            .data
-            .changes(&ChangesOptions {
-                since: run.since.clone(),
-                limit: Some(opts.batch),
-                style_all_docs: true,
-                include_docs: true,
-                ..ChangesOptions::default()
-            })
-            .await?;
-        if changes.results.is_empty() {
+        let prev_ids = inflight
+            .as_mut()
+            .map(|p| std::mem::take(&mut p.ids))
+            .unwrap_or_default();
+        let had_inflight = inflight.is_some();
+        // Whether documents of ours are being written while the next page is read.
+        let writing = inflight.as_ref().is_some_and(|p| !p.docs.is_empty());
+        let next = async {
+            let changes = db
+                .data
+                .changes(&ChangesOptions {
+                    since: cursor.clone(),
+                    limit: Some(batch),
+                    style_all_docs: true,
+                    include_docs: true,
+                    ..ChangesOptions::default()
+                })
+                .await?;
+            if changes.results.is_empty() {
+                return Ok(None);
+            }
+            if changes.results.iter().any(|r| prev_ids.contains(&r.id)) {
+                return Ok(Some(Ok(changes)));
+            }
+            let pending = prepare(db, set, kind, &run, changes, &written_here).await?;
+            Ok::<_, EngineError>(Some(Err(pending)))
+        };
+        // The batch in flight: its documents, then its checkpoint (everything
+        // up to it is written and journaled).
+        let mut after = run.clone();
+        let write = async {
+            let Some(pending) = inflight.take() else {
+                return Ok(None);
+            };
+            let done = write_batch(db, set, kind, &run, pending, opts).await?;
+            after.counts.add(&done.counts);
+            after.since = done.since;
+            state.run = Some(after.clone());
+            state.renew(db).await?;
+            Ok::<_, EngineError>(Some(done.written))
+        };
+        let (next, done) = tokio::join!(next, write);
+        if let Some(written) = done? {
+            written_here.extend(written);
+            run = after;
+            progress(&Progress {
+                total,
+                counts: run.counts.clone(),
+            });
+        }
+        let pending = match next? {
+            // The feed is drained; if documents were being written meanwhile,
+            // look once more (they may have brought changes).
+            None if had_inflight => continue,
+            None => break,
+            Some(Err(pending)) => pending,
+            // It shares documents with the batch just written: prepared now.
+            Some(Ok(changes)) => prepare(db, set, kind, &run, changes, &written_here).await?,
+        };
+        // Caught up: a last, partial page that needs nothing written, read
+        // while nothing of ours was being written. (Waiting for an empty
+        // page instead could chase users' edits forever.)
+        let quiet = !writing && pending.docs.is_empty() && pending.rows < batch;
+        cursor = pending.since.clone();
+        inflight = Some(pending);
+        if quiet {
             break;
         }
-        let mut leaves: Vec<Value> = Vec::new();
-        for row in &changes.results {
-            if row
-                .changes
-                .iter()
-                .all(|c| written_here.contains(&key(&row.id, &c.rev)))
-            {
-                continue;
-            }
-            if row.changes.len() == 1 {
-                if let Some(doc) = &row.doc {
-                    if !row.deleted {
-                        leaves.push(doc.clone());
-                    }
-                    continue;
-                }
-            }
-            leaves.extend(live_leaves(db, &row.id).await?.into_iter().map(|l| l.doc));
-        }
-        run.counts.read += leaves.len() as u64;
-        process(db, set, kind, &mut run, leaves, opts, &mut written_here).await?;
-        // Checkpoint: everything up to here is written and journaled.
-        run.since = changes.last_seq.clone();
-        state.run = Some(run.clone());
-        state.renew(db).await?;
-        progress(&Progress {
-            total,
-            counts: run.counts.clone(),
-        });
+    }
+    if let Some(pending) = inflight.take() {
+        let done = write_batch(db, set, kind, &run, pending, opts).await?;
+        run.counts.add(&done.counts);
+        run.since = done.since;
     }
     run.finished = Some(now_ms());
     run.outcome = "done".into();
@@ -436,90 +510,205 @@ async fn run_with_lease(
     Ok(run)
 }
 
-/// Rewrites a batch of leaves: journal first, then documents; documents
-/// that meet a newer edit are re-read and redone.
-async fn process(
+/// A batch read and journaled, whose documents are still to be written.
+struct Pending {
+    /// The checkpoint once the batch is written.
+    since: Value,
+    /// The documents of the batch (to keep a later batch off them).
+    ids: HashSet<String>,
+    /// Rows of the changes feed the batch came from.
+    rows: usize,
+    /// The new bodies, conditional on the revisions read.
+    docs: Vec<Value>,
+    /// The journals as they were before this batch, at their new revisions.
+    before: HashMap<String, Journal>,
+    /// Counters of the batch so far.
+    counts: Counts,
+}
+
+/// What writing a batch's documents did.
+struct Done {
+    /// The checkpoint of the batch.
+    since: Value,
+    written: Vec<u64>,
+    counts: Counts,
+}
+
+/// Reads the live leaves of a batch of changes, computes their new bodies
+/// and writes their journal.
+async fn prepare(
     db: &Database,
     set: &MigrationSet,
     kind: Kind,
-    run: &mut Run,
-    mut leaves: Vec<Value>,
-    opts: &RunOptions,
-    written_here: &mut HashSet<u64>,
-) -> Result<()> {
+    run: &Run,
+    changes: rewind_store::Changes,
+    written_here: &HashSet<u64>,
+) -> Result<Pending> {
+    let mut leaves: Vec<Value> = Vec::new();
+    let mut ids = HashSet::new();
+    let rows = changes.results.len();
+    for row in changes.results {
+        if row
+            .changes
+            .iter()
+            .all(|c| written_here.contains(&key(&row.id, &c.rev)))
+        {
+            continue;
+        }
+        ids.insert(row.id.clone());
+        if row.changes.len() == 1 {
+            if let Some(doc) = row.doc {
+                if !row.deleted {
+                    leaves.push(doc);
+                }
+                continue;
+            }
+        }
+        leaves.extend(live_leaves(db, &row.id).await?.into_iter().map(|l| l.doc));
+    }
+    let mut counts = Counts {
+        read: leaves.len() as u64,
+        ..Counts::default()
+    };
+    let mut before = None;
+    let docs = journal_batch(db, set, kind, run, &leaves, &mut before, &mut counts).await?;
+    Ok(Pending {
+        since: changes.last_seq,
+        ids,
+        rows,
+        docs,
+        before: before.unwrap_or_default(),
+        counts,
+    })
+}
+
+/// Computes the new bodies of `leaves` and writes their journal (the
+/// journal first: before the documents it describes). `before` holds the
+/// journals as they were before the batch: a document whose write meets a
+/// newer edit is redone from these, not from what the failed attempt
+/// journaled (that attempt already consumed the before-image and the
+/// complements, on rollback, for a write that did not happen). Returns the
+/// documents to write.
+async fn journal_batch(
+    db: &Database,
+    set: &MigrationSet,
+    kind: Kind,
+    run: &Run,
+    leaves: &[Value],
+    before: &mut Option<HashMap<String, Journal>>,
+    counts: &mut Counts,
+) -> Result<Vec<Value>> {
     let (from, to) = (run.from, run.to);
-    // The journals as they were before this batch. A document whose write
-    // meets a newer edit is redone from these, not from what the failed
-    // attempt journaled: that attempt already consumed the before-image and
-    // the complements (rollback) for a write that did not happen.
-    let mut before: Option<HashMap<String, Journal>> = None;
+    if leaves.is_empty() {
+        return Ok(Vec::new());
+    }
+    let ids: Vec<String> = {
+        let mut seen = HashSet::new();
+        leaves
+            .iter()
+            .map(id_of)
+            .filter(|id| seen.insert(id.clone()))
+            .collect()
+    };
+    let mut journals = match before {
+        Some(before) => ids
+            .iter()
+            .filter_map(|id| before.get(id).map(|j| (id.clone(), j.clone())))
+            .collect(),
+        None => load_journals(db, &ids).await?,
+    };
+    let before = before.get_or_insert_with(|| journals.clone());
+    let mut docs = Vec::new();
+    let mut touched: Vec<String> = Vec::new();
+    let mut seen: HashSet<String> = HashSet::new();
+    for leaf in leaves {
+        let id = id_of(leaf);
+        let journal = journals.entry(id.clone()).or_default();
+        if let Some(rewrite) = rewrite(set, kind, from, to, leaf, journal)? {
+            counts.restored += u64::from(rewrite.restored);
+            counts.bytes += json_len(&rewrite.doc);
+            docs.push(rewrite.doc);
+            if seen.insert(id.clone()) {
+                touched.push(id);
+            }
+        }
+    }
+    if docs.is_empty() {
+        return Ok(docs);
+    }
+    let mut journal_docs = Vec::with_capacity(touched.len());
+    for id in &touched {
+        if let Some(journal) = journals.get(id) {
+            let mut doc =
+                serde_json::to_value(journal).map_err(|e| EngineError::Corrupt(e.to_string()))?;
+            doc["_id"] = Value::from(journal_id(id));
+            journal_docs.push(doc);
+        }
+    }
+    for result in db.state.bulk_docs(journal_docs, true).await? {
+        if let Some(error) = result.error {
+            return Err(EngineError::Refused(format!(
+                "journal of {} could not be written ({error}): is another process writing the journal?",
+                result.id
+            )));
+        }
+        // A retry rewrites the journal from its content before the
+        // batch, on top of the revision just written.
+        if let Some(id) = result.id.strip_prefix("journal:") {
+            before.entry(id.to_owned()).or_default().rev = result.rev.clone();
+        }
+    }
+    Ok(docs)
+}
+
+/// The length of a value's JSON text, without building it.
+fn json_len(value: &Value) -> u64 {
+    struct Count(u64);
+    impl std::io::Write for Count {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len() as u64;
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    let _ = serde_json::to_writer(&mut count, value);
+    count.0
+}
+
+/// Writes a journaled batch's documents, each conditional on the revision
+/// read; documents that meet a newer edit are re-read, journaled and
+/// written again.
+async fn write_batch(
+    db: &Database,
+    set: &MigrationSet,
+    kind: Kind,
+    run: &Run,
+    pending: Pending,
+    opts: &RunOptions,
+) -> Result<Done> {
+    let Pending {
+        since,
+        mut docs,
+        before,
+        mut counts,
+        ..
+    } = pending;
+    let mut before = Some(before);
+    let mut written = Vec::new();
     for attempt in 0..=opts.max_retries {
-        if leaves.is_empty() {
-            return Ok(());
-        }
-        let ids: Vec<String> = {
-            let mut seen = HashSet::new();
-            leaves
-                .iter()
-                .map(id_of)
-                .filter(|id| seen.insert(id.clone()))
-                .collect()
-        };
-        let mut journals = match &before {
-            Some(before) => ids
-                .iter()
-                .filter_map(|id| before.get(id).map(|j| (id.clone(), j.clone())))
-                .collect(),
-            None => load_journals(db, &ids).await?,
-        };
-        let before = before.get_or_insert_with(|| journals.clone());
-        let mut docs = Vec::new();
-        let mut touched: HashSet<String> = HashSet::new();
-        let mut restored = 0u64;
-        for leaf in &leaves {
-            let id = id_of(leaf);
-            let journal = journals.entry(id.clone()).or_default();
-            if let Some(rewrite) = rewrite(set, kind, from, to, leaf, journal)? {
-                restored += u64::from(rewrite.restored);
-                docs.push(rewrite.doc);
-                touched.insert(id);
-            }
-        }
         if docs.is_empty() {
-            return Ok(());
+            break;
         }
-        // 1. The journal, before the documents it describes.
-        let mut journal_docs = Vec::new();
-        for id in &touched {
-            if let Some(journal) = journals.get(id) {
-                let mut doc = serde_json::to_value(journal)
-                    .map_err(|e| EngineError::Corrupt(e.to_string()))?;
-                doc["_id"] = Value::from(journal_id(id));
-                journal_docs.push(doc);
-            }
-        }
-        for result in db.state.bulk_docs(journal_docs, true).await? {
-            if let Some(error) = result.error {
-                return Err(EngineError::Refused(format!(
-                    "journal of {} could not be written ({error}): is another process writing the journal?",
-                    result.id
-                )));
-            }
-            // A retry rewrites the journal from its content before the
-            // batch, on top of the revision just written.
-            if let Some(id) = result.id.strip_prefix("journal:") {
-                before.entry(id.to_owned()).or_default().rev = result.rev.clone();
-            }
-        }
-        // 2. The documents, each conditional on the revision read.
-        let bytes: u64 = docs.iter().map(|d| d.to_string().len() as u64).sum();
-        let results = db.data.bulk_docs(docs, true).await?;
+        let results = db.data.bulk_docs(std::mem::take(&mut docs), true).await?;
         let mut retry_ids = Vec::new();
         for result in results {
             match (&result.rev, result.error.as_deref()) {
                 (Some(rev), None) => {
-                    written_here.insert(key(&result.id, rev));
-                    run.counts.written += 1;
+                    written.push(key(&result.id, rev));
+                    counts.written += 1;
                 }
                 (_, Some("conflict")) => retry_ids.push(result.id.clone()),
                 (_, error) => {
@@ -532,23 +721,26 @@ async fn process(
                 }
             }
         }
-        run.counts.bytes += bytes;
-        run.counts.restored += restored;
         if retry_ids.is_empty() {
-            return Ok(());
+            break;
         }
-        // 3. Someone edited these meanwhile: migrate their edit instead.
-        run.counts.retried += retry_ids.len() as u64;
-        leaves = Vec::new();
-        for id in retry_ids {
-            leaves.extend(live_leaves(db, &id).await?.into_iter().map(|l| l.doc));
-        }
+        // Someone edited these meanwhile: migrate their edit instead.
         if attempt == opts.max_retries {
             return Err(EngineError::Refused(format!(
                 "documents keep changing under the {}; run it again to continue",
                 kind.name()
             )));
         }
+        counts.retried += retry_ids.len() as u64;
+        let mut leaves = Vec::new();
+        for id in retry_ids {
+            leaves.extend(live_leaves(db, &id).await?.into_iter().map(|l| l.doc));
+        }
+        docs = journal_batch(db, set, kind, run, &leaves, &mut before, &mut counts).await?;
     }
-    Ok(())
+    Ok(Done {
+        since,
+        written,
+        counts,
+    })
 }

@@ -105,6 +105,17 @@ pub struct Counts {
     pub bytes: u64,
 }
 
+impl Counts {
+    /// Adds `other` to these counters.
+    pub fn add(&mut self, other: &Counts) {
+        self.read += other.read;
+        self.written += other.written;
+        self.restored += other.restored;
+        self.retried += other.retried;
+        self.bytes += other.bytes;
+    }
+}
+
 /// A run: an upgrade or a rollback, in progress or finished.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Run {

@@ -194,6 +194,25 @@ fn configure(conn: &Connection) -> rusqlite::Result<()> {
     Ok(())
 }
 
+/// Page cache of the writer connection, in KiB. A batch rewrites pages all
+/// over the B-trees (document ids are random); with SQLite's default 2 MB the
+/// dirty pages of one transaction spill to the WAL before the commit and are
+/// read back from the file. The cache is filled lazily, so a small database
+/// uses less.
+const WRITER_CACHE_KIB: i64 = 32 * 1024;
+/// Pages in the WAL before a commit copies them into the database file
+/// (SQLite's default is 1000). Larger batches each wrote more than 1000
+/// pages, so every commit paid for a checkpoint (copy and sync); with a
+/// larger WAL, pages rewritten by several commits are copied once.
+const WAL_AUTOCHECKPOINT_PAGES: i64 = 10_000;
+
+/// Settings of the writer connection only.
+fn configure_writer(conn: &Connection) -> rusqlite::Result<()> {
+    conn.pragma_update(None, "cache_size", -WRITER_CACHE_KIB)?;
+    conn.pragma_update(None, "wal_autocheckpoint", WAL_AUTOCHECKPOINT_PAGES)?;
+    Ok(())
+}
+
 /// An SQLite database with nothing in it: what another process that is
 /// creating a store leaves between switching to WAL and committing the schema.
 fn is_blank(conn: &Connection) -> rusqlite::Result<bool> {
@@ -292,6 +311,7 @@ impl SqliteStore {
             }
         }
         configure(&conn).map_err(|e| not_store(e.to_string()))?;
+        configure_writer(&conn).map_err(|e| not_store(e.to_string()))?;
         if create {
             create_schema(&mut conn)
                 .map_err(|e| not_store(format!("cannot create the schema: {e}")))?
@@ -1419,13 +1439,15 @@ fn write_doc(
             ),
         };
         let parent_rev = parent.map(|p| tree.nodes[p].rev.clone());
+        // Only stubs need the parent's attachments (a revision without
+        // `_attachments` has none): no need to read the parent's body.
         let parent_atts = match &parent_rev {
-            Some(p) => load_rev(tx, &d.id, p)?
+            Some(p) if !d.atts.is_empty() => load_rev(tx, &d.id, p)?
                 .and_then(|(_, a)| a)
                 .map(|a| serde_json::from_str::<Map<String, Value>>(&a))
                 .transpose()
                 .map_err(|e| StoreError::Internal(e.to_string()))?,
-            None => None,
+            _ => None,
         };
         let pos = parent_rev.as_ref().map_or(1, |p| p.pos + 1);
         let (atts, digests) = store_atts(tx, &d, pos, parent_atts.as_ref(), true)?;
