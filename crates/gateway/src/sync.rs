@@ -123,6 +123,7 @@ impl Session<'_> {
         ids.dedup();
         let journals = self.journals(&ids).await?;
         let empty = Journal::default();
+        let epochs = view::epochs(self.state);
         let key = |leaf: &Value| {
             let id = id_of(leaf);
             let journal_rev = journals
@@ -130,7 +131,12 @@ impl Session<'_> {
                 .and_then(|j| j.rev.clone())
                 .unwrap_or_default();
             let rev = leaf.get("_rev").and_then(Value::as_str).unwrap_or("");
-            format!("{}\n{id}\n{rev}\n{journal_rev}\n{}", self.db.name, self.k)
+            format!(
+                "{}\n{id}\n{rev}\n{journal_rev}\n{}\n{}",
+                self.db.name,
+                self.k,
+                epochs.last().map(String::as_str).unwrap_or("")
+            )
         };
         let cached: HashMap<String, Vec<Presented>> = leaves
             .iter()
@@ -202,8 +208,17 @@ impl Session<'_> {
                         .map(|b| (rev, b.clone()))
                 })
                 .collect();
-            let presented = view::present(self.set, self.checksum, leaf, self.k, journal, &known)
-                .map_err(|e| GatewayError::Lens(id.clone(), e))?;
+            let contexts = view::contexts(&epochs, journal);
+            let presented = view::present(
+                self.set,
+                self.checksum,
+                leaf,
+                self.k,
+                journal,
+                &contexts,
+                &known,
+            )
+            .map_err(|e| GatewayError::Lens(id.clone(), e))?;
             self.cache.put(key(leaf), presented.clone());
             for p in presented {
                 if !out
@@ -380,9 +395,11 @@ impl Session<'_> {
     /// appears. Synthetic revisions coming back are ignored.
     pub async fn push(&self, docs: Vec<Value>) -> Result<Vec<Value>, GatewayError> {
         let target = self.storage_version();
-        // Synthetic revisions coming back: ignored while current; a stale
+        // Synthetic revisions coming back: ignored while their base is a
+        // leaf (the presentation retires copies of older contexts); a stale
         // one (its base is no longer a leaf) is retired on the server, so
         // the next pull gives the phone that holds it a tombstone for it.
+        // (Retiring one whose base is a leaf would end the leaf's branch.)
         let mut docs_in = Vec::with_capacity(docs.len());
         let mut retired = Vec::new();
         let mut adopted = std::collections::HashSet::new();
@@ -575,7 +592,7 @@ impl Session<'_> {
             for k in 0..=self.set.latest() {
                 let seen = view::view(self.set, &body, k, journal)
                     .map_err(|e| GatewayError::Lens(id.to_owned(), e))?;
-                if view::synthetic_rev(rev, self.checksum, &seen) == *presented {
+                if view::presents(presented, rev, self.checksum, &seen) {
                     return Ok(Some(k));
                 }
             }

@@ -17,6 +17,7 @@
 //!   it holds exactly one live leaf, the current view.
 
 use rewind_engine::journal::{body_hash, body_of, Journal};
+use rewind_engine::state::State;
 use rewind_lens::{Complements, LensError, MigrationSet};
 use serde_json::{json, Value};
 
@@ -96,11 +97,95 @@ pub fn generation(rev: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// The synthetic child revision of `base` that presents `body`: derived
-/// from the body, so it denotes nothing else, at any version.
-pub fn synthetic_rev(base: &str, checksum: &str, body: &Value) -> String {
-    let digest = md5::compute(format!("rewind\n{base}\n{checksum}\n{}", body_hash(body)));
-    format!("{}-{:x}", generation(base) + 1, digest)
+/// The synthetic child revision of `base` that presents `body` in
+/// presentation `context` (see [`contexts`]): derived from the body, so it
+/// denotes nothing else, at any version. Its first 16 hex digits depend on
+/// the base, the migrations and the body only, so a synthetic revision is
+/// recognised whatever context it was presented in; the other 16 name the
+/// context (with no context, the id is the plain md5).
+pub fn synthetic_rev(base: &str, checksum: &str, body: &Value, context: &str) -> String {
+    let plain = format!("{:x}", md5::compute(synthetic_key(base, checksum, body)));
+    let tail = if context.is_empty() {
+        plain[16..].to_owned()
+    } else {
+        let keyed = format!("{}\n{context}", synthetic_key(base, checksum, body));
+        format!("{:x}", md5::compute(keyed))[..16].to_owned()
+    };
+    format!("{}-{}{tail}", generation(base) + 1, &plain[..16])
+}
+
+fn synthetic_key(base: &str, checksum: &str, body: &Value) -> String {
+    format!("rewind\n{base}\n{checksum}\n{}", body_hash(body))
+}
+
+/// True when `rev` is a synthetic child of `base` presenting `body`, in any
+/// context.
+pub fn presents(rev: &str, base: &str, checksum: &str, body: &Value) -> bool {
+    let expected = synthetic_rev(base, checksum, body, "");
+    rev.len() == expected.len()
+        && rev.get(..expected.len() - 16) == expected.get(..expected.len() - 16)
+}
+
+/// The presentation contexts of a document, oldest first; the last is the
+/// current one. A synthetic revision id names its context, so that a
+/// stored leaf presented again after phones retired its copies gets ids no
+/// phone holds a tombstone for (a tombstone on a phone is permanent):
+///
+/// - the **epoch**, from `epochs` (see [`epochs`]): it changes when the
+///   version served to `/{db}` changes, so the views phones at the old
+///   version retired while a run rewrote storage are presented afresh;
+/// - the **adoptions** recorded in the journal: revision ids are derived
+///   from parent and body, so after a restore, phones pushing back what the
+///   server lost and an upgrade re-run recreate the very revisions phones
+///   saw before the restore.
+///
+/// Older contexts are kept (the last three epochs, the last three
+/// adoptions) so that the copies phones hold from them are retired.
+pub fn contexts(epochs: &[String], journal: &Journal) -> Vec<String> {
+    let mut adoptions = vec![String::new()];
+    for n in 1..=journal.adopted.len() {
+        let digest = md5::compute(journal.adopted[..n].join("\n"));
+        adoptions.push(format!("{digest:x}"));
+    }
+    let adoptions = &adoptions[adoptions.len().saturating_sub(WINDOW)..];
+    let mut out = Vec::new();
+    for epoch in epochs {
+        for adoption in adoptions {
+            out.push(match (epoch.is_empty(), adoption.is_empty()) {
+                (true, true) => String::new(),
+                (false, true) => epoch.clone(),
+                (true, false) => format!("adopted {adoption}"),
+                (false, false) => format!("{epoch} adopted {adoption}"),
+            });
+        }
+    }
+    if out.is_empty() {
+        out.push(String::new());
+    }
+    // The current context last: the newest epoch with the newest adoption.
+    out
+}
+
+/// How many epochs and adoptions back presentations are retired.
+const WINDOW: usize = 3;
+
+/// The epochs of a database, oldest first, the current one last (at most
+/// three): `""` before any run, then `"{version}:{run id}"` for each run
+/// that changed the version served to clients that do not choose one (an
+/// instant rollback from its start, any other run when it finishes).
+pub fn epochs(state: &State) -> Vec<String> {
+    let mut out = vec![String::new()];
+    for run in &state.history {
+        out.push(format!("{}:{}", run.to, run.id));
+    }
+    if let (Some(served), Some(run)) = (state.served, &state.run) {
+        let epoch = format!("{served}:{}", run.id);
+        if out.last() != Some(&epoch) {
+            out.push(epoch);
+        }
+    }
+    out.dedup();
+    out[out.len().saturating_sub(WINDOW)..].to_vec()
 }
 
 /// The tombstone that retires the synthetic revision `synthetic`.
@@ -110,11 +195,12 @@ pub fn tombstone_rev(synthetic: &str) -> String {
 }
 
 /// True when `doc` (a pushed revision with `_revisions`) is a synthetic
-/// revision of this migration set: a translation going back where it came from.
+/// revision of this migration set, presented in any context: a
+/// translation going back where it came from.
 pub fn is_synthetic(doc: &Value, checksum: &str) -> bool {
     let hist = history(doc);
     match (hist.first(), hist.get(1)) {
-        (Some(rev), Some(parent)) => *rev == synthetic_rev(parent, checksum, doc),
+        (Some(rev), Some(parent)) => presents(rev, parent, checksum, doc),
         _ => false,
     }
 }
@@ -173,6 +259,8 @@ struct Context<'a> {
     set: &'a MigrationSet,
     checksum: &'a str,
     journal: &'a Journal,
+    /// The presentation contexts, the current one last ([`contexts`]).
+    contexts: &'a [String],
 }
 
 fn retirements(
@@ -189,23 +277,26 @@ fn retirements(
         // Every version sees it alike: it was never presented synthetically.
         return Ok(());
     }
-    for (hash, seen) in all {
-        if Some(hash.as_str()) == keep {
-            continue;
+    let current = cx.contexts.len() - 1;
+    for (index, context) in cx.contexts.iter().enumerate() {
+        for (hash, seen) in &all {
+            if index == current && Some(hash.as_str()) == keep {
+                continue;
+            }
+            let synthetic = synthetic_rev(&base_history[0], cx.checksum, seen, context);
+            let retired = tombstone_rev(&synthetic);
+            if out.iter().any(|p| p.rev == retired) {
+                continue;
+            }
+            let mut chain = vec![retired.clone(), synthetic];
+            chain.extend_from_slice(base_history);
+            let doc = with_meta(json!({"_id": id, "_deleted": true}), &chain);
+            out.push(Presented {
+                rev: retired,
+                doc,
+                synthetic: true,
+            });
         }
-        let synthetic = synthetic_rev(&base_history[0], cx.checksum, &seen);
-        let retired = tombstone_rev(&synthetic);
-        if out.iter().any(|p| p.rev == retired) {
-            continue;
-        }
-        let mut chain = vec![retired.clone(), synthetic];
-        chain.extend_from_slice(base_history);
-        let doc = with_meta(json!({"_id": id, "_deleted": true}), &chain);
-        out.push(Presented {
-            rev: retired,
-            doc,
-            synthetic: true,
-        });
     }
     Ok(())
 }
@@ -228,12 +319,14 @@ pub fn present(
     leaf: &Value,
     k: u32,
     journal: &Journal,
+    contexts: &[String],
     ancestors: &[(String, Value)],
 ) -> Result<Vec<Presented>, LensError> {
     let cx = Context {
         set,
         checksum,
         journal,
+        contexts,
     };
     let hist = history(leaf);
     let rev = hist.first().cloned().unwrap_or_default();
@@ -255,7 +348,8 @@ pub fn present(
     } else {
         let seen = view(set, leaf, k, journal)?;
         let wanted = body_hash(&seen);
-        let synthetic = synthetic_rev(&rev, checksum, &seen);
+        let context = cx.contexts.last().map(String::as_str).unwrap_or("");
+        let synthetic = synthetic_rev(&rev, checksum, &seen, context);
         let mut chain = vec![synthetic.clone()];
         chain.extend_from_slice(&hist);
         out.push(Presented {
