@@ -52,7 +52,7 @@ pub struct UpgradeArgs {
     /// The version to upgrade to (default: the latest).
     #[arg(long, value_name = "N")]
     to: Option<u32>,
-    /// Documents per batch (default: 500 on CouchDB, 5000 on an embedded store).
+    /// Documents per batch (default: 500 on CouchDB, 2000 on an embedded store).
     #[arg(long, value_name = "N")]
     batch: Option<usize>,
 }
@@ -75,7 +75,7 @@ pub struct RollbackArgs {
     /// second, translating on the fly), then rewrite the documents behind it.
     #[arg(long)]
     instant: bool,
-    /// Documents per batch (default: 500 on CouchDB, 5000 on an embedded store).
+    /// Documents per batch (default: 500 on CouchDB, 2000 on an embedded store).
     #[arg(long, value_name = "N")]
     batch: Option<usize>,
 }
@@ -89,6 +89,25 @@ pub struct StatusArgs {
     /// Print the status as JSON.
     #[arg(long)]
     json: bool,
+}
+
+/// Caps glibc's malloc arenas. A run's batches are built on the store's
+/// blocking threads and freed on the runtime's: with glibc's default of 8
+/// arenas per core, the freed memory stays spread over many arenas and the
+/// peak RSS of an upgrade grew by ~40% for nothing.
+fn limit_malloc_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        extern "C" {
+            fn mallopt(param: i32, value: i32) -> i32;
+        }
+        const M_ARENA_MAX: i32 = -8;
+        // SAFETY: mallopt only changes allocator tuning; it runs before the
+        // runtime starts any thread.
+        unsafe {
+            mallopt(M_ARENA_MAX, 2);
+        }
+    }
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -120,6 +139,7 @@ fn execute(
 ) -> anyhow::Result<ExitCode> {
     let project = Project::load(cli.config.as_deref(), target.migrations.as_deref())?;
     let set = project.migrations;
+    limit_malloc_arenas();
     let rt = runtime()?;
     rt.block_on(async {
         let db = Database::open(&target.db).await?;

@@ -21,7 +21,8 @@ use crate::state::{now_ms, owner_name, Applied, Counts, Database, Run, State};
 use crate::{EngineError, Result};
 use rewind_lens::MigrationSet;
 use rewind_store::{
-    AllDocsOptions, ChangesOptions, GetOptions, GetResult, OpenRev, OpenRevs, Store,
+    AllDocsOptions, BulkGetItem, BulkGetOptions, BulkGetRequest, ChangesOptions, GetOptions,
+    GetResult, OpenRev, OpenRevs, Store,
 };
 use serde_json::Value;
 use std::collections::{HashMap, HashSet};
@@ -69,12 +70,12 @@ impl Default for RunOptions {
 
 impl RunOptions {
     /// Documents per batch on `store`: `batch` if set, else 500 over HTTP
-    /// (CouchDB's own replicator sends 500 per `_bulk_docs`) and 5000 for
+    /// (CouchDB's own replicator sends 500 per `_bulk_docs`) and 2000 for
     /// the embedded store (fewer, larger transactions: each commit rewrites
     /// the B-tree pages it touched and syncs the file).
     pub fn batch_for(&self, store: &rewind_store::AnyStore) -> usize {
         match (self.batch, store) {
-            (0, rewind_store::AnyStore::Sqlite(_)) => 5000,
+            (0, rewind_store::AnyStore::Sqlite(_)) => 2000,
             (0, rewind_store::AnyStore::Couch(_)) => 500,
             (n, _) => n,
         }
@@ -545,6 +546,7 @@ async fn prepare(
     written_here: &HashSet<u64>,
 ) -> Result<Pending> {
     let mut leaves: Vec<Value> = Vec::new();
+    let mut wanted = Vec::new();
     let mut ids = HashSet::new();
     let rows = changes.results.len();
     for row in changes.results {
@@ -564,7 +566,33 @@ async fn prepare(
                 continue;
             }
         }
-        leaves.extend(live_leaves(db, &row.id).await?.into_iter().map(|l| l.doc));
+        // Several leaves (a conflict): fetched below, all in one request.
+        wanted.extend(
+            row.changes
+                .iter()
+                .map(|c| BulkGetRequest::new(row.id.clone(), Some(&c.rev))),
+        );
+    }
+    if !wanted.is_empty() {
+        // `latest`: a leaf extended since the feed was read gives its
+        // descendants, so this is every live leaf, as `live_leaves` reads.
+        let opts = BulkGetOptions {
+            latest: true,
+            ..BulkGetOptions::default()
+        };
+        let mut seen = HashSet::new();
+        for result in db.data.bulk_get(wanted, opts).await? {
+            for item in result.docs {
+                let BulkGetItem::Ok(doc) = item else { continue };
+                let deleted = doc
+                    .get("_deleted")
+                    .and_then(Value::as_bool)
+                    .unwrap_or(false);
+                if !deleted && seen.insert((id_of(&doc), rev_of(&doc))) {
+                    leaves.push(doc);
+                }
+            }
+        }
     }
     let mut counts = Counts {
         read: leaves.len() as u64,

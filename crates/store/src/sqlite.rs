@@ -199,7 +199,7 @@ fn configure(conn: &Connection) -> rusqlite::Result<()> {
 /// dirty pages of one transaction spill to the WAL before the commit and are
 /// read back from the file. The cache is filled lazily, so a small database
 /// uses less.
-const WRITER_CACHE_KIB: i64 = 32 * 1024;
+const WRITER_CACHE_KIB: i64 = 16 * 1024;
 /// Pages in the WAL before a commit copies them into the database file
 /// (SQLite's default is 1000). Larger batches each wrote more than 1000
 /// pages, so every commit paid for a checkpoint (copy and sync); with a
