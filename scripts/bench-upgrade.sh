@@ -6,12 +6,15 @@
 # rollback`. Wall time, docs/s and peak RSS of the migrating process.
 #
 # usage: N=20000 scripts/bench-upgrade.sh      (N=1000000 for the big run; not for CI)
+#        BATCH=500 to force a batch size (default: rewind's own, sized to the store)
 # Needs node, `npm ci --prefix tests/pouchdb`, and ../shared/baseline (or BASELINE=dir).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
 N=${N:-20000}
-BATCH=${BATCH:-500}
+BATCH=${BATCH:-}
+batch=()
+[ -n "$BATCH" ] && batch=(--batch "$BATCH")
 baseline=${BASELINE:-$root/../shared/baseline}
 modules=$root/tests/pouchdb/node_modules
 [ -d "$modules/pouchdb-server" ] || { echo "bench: run \`npm ci --prefix tests/pouchdb\` first" >&2; exit 1; }
@@ -51,24 +54,25 @@ measure "pouchdb-server: Node CHT-style migration (migrate-baseline)" "$N" node 
 node_line=$(cat "$tmp/out")
 node "$baseline/gen.js" "$N" "$url/rewind" >/dev/null
 measure "pouchdb-server: rewind upgrade 0 → 2 (examples/baseline)" "$N" \
-  "$rewind" upgrade --db "$url/rewind" --migrations examples/baseline --batch "$BATCH"
+  "$rewind" upgrade --db "$url/rewind" --migrations examples/baseline ${batch[@]+"${batch[@]}"}
 measure "pouchdb-server: rewind rollback 2 → 0" "$N" \
-  "$rewind" rollback --db "$url/rewind" --migrations examples/baseline --to 0 --batch "$BATCH"
+  "$rewind" rollback --db "$url/rewind" --migrations examples/baseline --to 0 ${batch[@]+"${batch[@]}"}
 
 echo "bench: loading the embedded store" >&2
-"$rewind" sample --docs "$N" --seed 1 --db "$tmp/e.db" >/dev/null
+measure "embedded: raw bulk_docs insert of the sample (rewind sample)" "$N" \
+  "$rewind" sample --docs "$N" --seed 1 --db "$tmp/e.db"
 measure "embedded: rewind upgrade 0 → 2 (examples/baseline)" "$N" \
-  "$rewind" upgrade --db "$tmp/e.db" --migrations examples/baseline --batch "$BATCH"
+  "$rewind" upgrade --db "$tmp/e.db" --migrations examples/baseline ${batch[@]+"${batch[@]}"}
 measure "embedded: rewind rollback 2 → 0" "$N" \
-  "$rewind" rollback --db "$tmp/e.db" --migrations examples/baseline --to 0 --batch "$BATCH"
+  "$rewind" rollback --db "$tmp/e.db" --migrations examples/baseline --to 0 ${batch[@]+"${batch[@]}"}
 "$rewind" sample --docs "$N" --seed 1 --db "$tmp/cht.db" >/dev/null
 measure "embedded: rewind upgrade 0 → 7 (examples/cht)" "$N" \
-  "$rewind" upgrade --db "$tmp/cht.db" --migrations examples/cht --batch "$BATCH"
+  "$rewind" upgrade --db "$tmp/cht.db" --migrations examples/cht ${batch[@]+"${batch[@]}"}
 measure "embedded: rewind rollback 7 → 0 (examples/cht)" "$N" \
-  "$rewind" rollback --db "$tmp/cht.db" --migrations examples/cht --to 0 --batch "$BATCH"
+  "$rewind" rollback --db "$tmp/cht.db" --migrations examples/cht --to 0 ${batch[@]+"${batch[@]}"}
 
 echo
-echo "N = $N documents (docs/s = documents in the database / wall time; rewind --batch $BATCH)"
+echo "N = $N documents (docs/s = documents in the database / wall time; rewind --batch ${BATCH:-default: 500 HTTP, 2000 embedded})"
 printf '%-58s %9s %8s %10s %8s\n' "step" "docs" "secs" "docs/s" "peak RSS"
 for r in "${rows[@]}"; do echo "$r"; done
 echo

@@ -103,6 +103,10 @@ fn id_of(doc: &Value) -> String {
         .to_owned()
 }
 
+fn id_str(doc: &Value) -> &str {
+    doc.get("_id").and_then(Value::as_str).unwrap_or("")
+}
+
 fn rev_of(doc: &Value) -> String {
     doc.get("_rev")
         .and_then(Value::as_str)
@@ -664,6 +668,9 @@ async fn journal_batch(
     if docs.is_empty() {
         return Ok(docs);
     }
+    // In key order: consecutive writes then walk each B-tree one way.
+    touched.sort_unstable();
+    docs.sort_by(|a, b| id_str(a).cmp(id_str(b)));
     let mut journal_docs = Vec::with_capacity(touched.len());
     for id in &touched {
         if let Some(journal) = journals.get(id) {
