@@ -30,7 +30,7 @@ tmp=$(mktemp -d -t rewind-bench.XXXXXX)
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 (cd "$tmp" && exec node "$modules/pouchdb-server/bin/pouchdb-server" --host 127.0.0.1 --port "$port" --dir "$tmp" >"$tmp/server.log" 2>&1) &
 server=$!
-trap 'kill $server 2>/dev/null; wait $server 2>/dev/null; rm -rf "$tmp"' EXIT
+trap 'kill $server 2>/dev/null; wait $server 2>/dev/null || true; rm -rf "$tmp"' EXIT
 for _ in $(seq 1 150); do curl -fs "http://127.0.0.1:$port/" >/dev/null && break; sleep 0.2; done
 url=http://127.0.0.1:$port
 
