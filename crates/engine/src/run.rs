@@ -408,6 +408,11 @@ async fn run_with_lease(
         Kind::Rollback
     };
     state.run = Some(run.clone());
+    if kind == Kind::Rollback && opts.instant {
+        // Served at once: gateways read the state within their cache time
+        // and translate on the fly while the documents are rewritten.
+        state.served = Some(to);
+    }
     state.renew(db).await?;
     let total = db.data.info().await?.doc_count;
     let batch = opts.batch_for(&db.data);

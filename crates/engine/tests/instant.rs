@@ -1,0 +1,91 @@
+//! `rollback --instant`: the old version is served from the start of the
+//! run, while the documents are rewritten, and stops being an override once
+//! they have caught up.
+
+use rewind_engine::run::{run, Progress, RunOptions};
+use rewind_engine::state::{Database, State};
+use rewind_lens::{MigrationSet, DEFAULT_STAMP};
+use rewind_testkit::{cht_migrations, load_sample, TempDir};
+
+fn cht() -> MigrationSet {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(cht_migrations()).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "yaml") {
+            let text = std::fs::read_to_string(&path).unwrap();
+            files.push((path, text));
+        }
+    }
+    MigrationSet::parse_files(&files, DEFAULT_STAMP).unwrap()
+}
+
+async fn rollback_observing_served(instant: bool) -> (Vec<(u32, u32)>, State) {
+    let dir = TempDir::new();
+    let target = dir.file("medic.db");
+    load_sample(&target, 600, 5).await;
+    let set = cht();
+    let db = Database::open(&target).await.unwrap();
+    let opts = RunOptions {
+        batch: 100,
+        ..RunOptions::default()
+    };
+    run(&db, &set, set.latest(), &opts, &mut |_: &Progress| {})
+        .await
+        .unwrap();
+    // What a gateway would read while the rollback runs: (served version,
+    // storage version), sampled at every progress report.
+    let observer = Database::open(&target).await.unwrap();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let watcher = {
+        let seen = seen.clone();
+        tokio::spawn(async move {
+            while rx.recv().await.is_some() {
+                let state = State::load(&observer).await.unwrap();
+                if state.run.is_some() {
+                    seen.lock()
+                        .unwrap()
+                        .push((state.served_version(), state.version));
+                }
+            }
+        })
+    };
+    let opts = RunOptions {
+        batch: 100,
+        instant,
+        ..RunOptions::default()
+    };
+    run(&db, &set, 0, &opts, &mut |_: &Progress| {
+        let _ = tx.send(());
+    })
+    .await
+    .unwrap();
+    drop(tx);
+    watcher.await.unwrap();
+    let state = State::load(&db).await.unwrap();
+    let seen = seen.lock().unwrap().clone();
+    (seen, state)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instant_rollback_serves_the_old_version_while_documents_are_rewritten() {
+    let (seen, state) = rollback_observing_served(true).await;
+    assert!(!seen.is_empty(), "no state was observed during the run");
+    let latest = cht().latest();
+    for (served, version) in &seen {
+        assert_eq!(*served, 0, "served during an instant rollback");
+        assert_eq!(*version, latest, "storage version during the rollback");
+    }
+    assert_eq!(state.version, 0);
+    assert_eq!(state.served, None, "the override outlives the run");
+    assert_eq!(state.served_version(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plain_rollback_serves_the_new_version_until_it_finishes() {
+    let (seen, state) = rollback_observing_served(false).await;
+    assert!(!seen.is_empty(), "no state was observed during the run");
+    let latest = cht().latest();
+    assert!(seen.iter().all(|(served, _)| *served == latest), "{seen:?}");
+    assert_eq!(state.served_version(), 0);
+}
