@@ -57,6 +57,10 @@ pub enum EngineError {
     /// The state in the database does not allow the operation.
     #[error("{0}")]
     Refused(String),
+    /// A journal changed between the run reading and writing it (a gateway
+    /// journaled a phone's push): the run resumes from its checkpoint.
+    #[error("the journal of {0} changed while the run wrote it (another writer, such as `rewind serve` storing a push, got there first)")]
+    JournalRace(String),
     /// Another run holds the lease.
     #[error("another run holds the lease ({owner}) for {seconds} more seconds; wait, or check `rewind status`")]
     Busy {

@@ -317,8 +317,13 @@ fn restore_images(journal: &Journal, leaf: &Value, to: u32) -> Result<Option<(Va
     Ok(restored)
 }
 
+/// How many times a run resumes after a journal race before it gives up.
+const JOURNAL_RACE_RETRIES: u32 = 20;
+
 /// Runs an upgrade (`to > current`) or a rollback (`to < current`), or
-/// resumes the run in progress. Returns the finished run.
+/// resumes the run in progress. Returns the finished run. A journal that
+/// another writer changes under the run (a gateway storing a push) makes
+/// the run resume from its checkpoint rather than fail.
 pub async fn run(
     db: &Database,
     set: &MigrationSet,
@@ -336,7 +341,18 @@ pub async fn run(
         RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
     );
     let mut state = State::acquire(db, &owner).await?;
-    let result = run_with_lease(db, set, to, opts, progress, &mut state).await;
+    let mut result = run_with_lease(db, set, to, opts, progress, &mut state).await;
+    // A journal another writer changed under the run: resume from the
+    // checkpoint, as after a crash (stamps and the journal make redoing a
+    // batch harmless), a few times, waiting a little longer each time.
+    for attempt in 1..=JOURNAL_RACE_RETRIES {
+        if !matches!(result, Err(EngineError::JournalRace(_))) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20 * u64::from(attempt))).await;
+        state = State::load(db).await?;
+        result = run_with_lease(db, set, to, opts, progress, &mut state).await;
+    }
     match &result {
         Ok(_) => state.release(db).await?,
         Err(e) => {
@@ -687,9 +703,12 @@ async fn journal_batch(
     }
     for result in db.state.bulk_docs(journal_docs, true).await? {
         if let Some(error) = result.error {
+            let id = result.id.trim_start_matches("journal:").to_owned();
+            if error == "conflict" {
+                return Err(EngineError::JournalRace(id));
+            }
             return Err(EngineError::Refused(format!(
-                "journal of {} could not be written ({error}): is another process writing the journal?",
-                result.id
+                "the journal of {id} could not be written ({error})"
             )));
         }
         // A retry rewrites the journal from its content before the
