@@ -4,20 +4,10 @@
 
 use rewind_engine::run::{run, Progress, RunOptions};
 use rewind_engine::state::{Database, State};
-use rewind_lens::{MigrationSet, DEFAULT_STAMP};
-use rewind_testkit::{cht_migrations, load_sample, TempDir};
+use rewind_testkit::{load_sample, TempDir};
 
-fn cht() -> MigrationSet {
-    let mut files = Vec::new();
-    for entry in std::fs::read_dir(cht_migrations()).unwrap() {
-        let path = entry.unwrap().path();
-        if path.extension().is_some_and(|e| e == "yaml") {
-            let text = std::fs::read_to_string(&path).unwrap();
-            files.push((path, text));
-        }
-    }
-    MigrationSet::parse_files(&files, DEFAULT_STAMP).unwrap()
-}
+mod common;
+use common::cht;
 
 async fn rollback_observing_served(instant: bool) -> (Vec<(u32, u32)>, State) {
     let dir = TempDir::new();

@@ -5,23 +5,13 @@
 use rewind_engine::run::{run, Progress, RunOptions};
 use rewind_engine::state::Database;
 use rewind_lens::migration::NoComplements;
-use rewind_lens::{MigrationSet, DEFAULT_STAMP};
 use rewind_store::{GetOptions, Store};
-use rewind_testkit::{cht_migrations, load_sample, TempDir};
+use rewind_testkit::{load_sample, TempDir};
+
+mod common;
+use common::cht;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-
-fn cht() -> MigrationSet {
-    let mut files = Vec::new();
-    for entry in std::fs::read_dir(cht_migrations()).unwrap() {
-        let path = entry.unwrap().path();
-        if path.extension().is_some_and(|e| e == "yaml") {
-            let text = std::fs::read_to_string(&path).unwrap();
-            files.push((path, text));
-        }
-    }
-    MigrationSet::parse_files(&files, DEFAULT_STAMP).unwrap()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upgrade_finishes_while_another_writer_rewrites_journals() {
