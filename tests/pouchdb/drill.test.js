@@ -327,10 +327,9 @@ async function finalChecks(d) {
 // the gateway now reads an unstamped push at the version its parent revision
 // shows). About one seed in five still ends with a v7 report carrying
 // fields.legacy_code after the SIGKILLed runs, or with a server document
-holding two live leaves (seen with seed 4, 2026-11-25); the engine no
-longer dies when the gateway journals a push under it (seed 7). The
-assertions stay, and
-// REWIND_DRILL_STRICT=1 runs them as plain tests.
+// holding two live leaves (seen with seed 4, 2026-11-25); the engine no
+// longer dies when the gateway journals a push under it (seed 7). The
+// assertions stay, and REWIND_DRILL_STRICT=1 runs them as plain tests.
 const TODO = process.env.REWIND_DRILL_STRICT
   ? {}
   : {
