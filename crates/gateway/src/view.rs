@@ -139,35 +139,39 @@ pub fn presents(rev: &str, base: &str, checksum: &str, body: &Value) -> bool {
 ///   server lost and an upgrade re-run recreate the very revisions phones
 ///   saw before the restore.
 ///
-/// Older contexts are kept (the last three epochs, the last three
-/// adoptions) so that the copies phones hold from them are retired.
+/// The leaf's copies from the previous epoch and the previous adoption are
+/// retired too; its ancestors' only in the current context (a phone that
+/// pushes back an older copy of an ancestor gets it retired on the server).
 pub fn contexts(epochs: &[String], journal: &Journal) -> Vec<String> {
     let mut adoptions = vec![String::new()];
     for n in 1..=journal.adopted.len() {
         let digest = md5::compute(journal.adopted[..n].join("\n"));
         adoptions.push(format!("{digest:x}"));
     }
-    let adoptions = &adoptions[adoptions.len().saturating_sub(WINDOW)..];
+    let name = |epoch: &str, adoption: &str| match (epoch.is_empty(), adoption.is_empty()) {
+        (true, true) => String::new(),
+        (false, true) => epoch.to_owned(),
+        (true, false) => format!("adopted {adoption}"),
+        (false, false) => format!("{epoch} adopted {adoption}"),
+    };
+    let epoch = epochs.last().map(String::as_str).unwrap_or("");
+    let adoption = adoptions.last().map(String::as_str).unwrap_or("");
+    // The older epochs with the current adoptions, the older adoptions
+    // with the current epoch, then the current context.
     let mut out = Vec::new();
-    for epoch in epochs {
-        for adoption in adoptions {
-            out.push(match (epoch.is_empty(), adoption.is_empty()) {
-                (true, true) => String::new(),
-                (false, true) => epoch.clone(),
-                (true, false) => format!("adopted {adoption}"),
-                (false, false) => format!("{epoch} adopted {adoption}"),
-            });
-        }
+    for older in &epochs[epochs.len().saturating_sub(WINDOW)..epochs.len().saturating_sub(1)] {
+        out.push(name(older, adoption));
     }
-    if out.is_empty() {
-        out.push(String::new());
+    for older in &adoptions[adoptions.len().saturating_sub(WINDOW)..adoptions.len() - 1] {
+        out.push(name(epoch, older));
     }
-    // The current context last: the newest epoch with the newest adoption.
+    out.push(name(epoch, adoption));
     out
 }
 
-/// How many epochs and adoptions back presentations are retired.
-const WINDOW: usize = 3;
+/// How many epochs and adoptions (the current one included) a stored
+/// leaf's presentations are retired in.
+const WINDOW: usize = 2;
 
 /// The epochs of a database, oldest first, the current one last (at most
 /// three): `""` before any run, then `"{version}:{run id}"` for each run
@@ -269,6 +273,7 @@ fn retirements(
     base_history: &[String],
     body: &Value,
     keep: Option<&str>,
+    older_contexts: bool,
     out: &mut Vec<Presented>,
 ) -> Result<(), LensError> {
     let all = views(cx.set, body, cx.journal)?;
@@ -278,7 +283,8 @@ fn retirements(
         return Ok(());
     }
     let current = cx.contexts.len() - 1;
-    for (index, context) in cx.contexts.iter().enumerate() {
+    let from = if older_contexts { 0 } else { current };
+    for (index, context) in cx.contexts.iter().enumerate().skip(from) {
         for (hash, seen) in &all {
             if index == current && Some(hash.as_str()) == keep {
                 continue;
@@ -357,11 +363,11 @@ pub fn present(
             doc: with_meta(body_of(&seen), &chain),
             synthetic: true,
         });
-        retirements(&cx, &id, &hist, leaf, Some(&wanted), &mut out)?;
+        retirements(&cx, &id, &hist, leaf, Some(&wanted), true, &mut out)?;
     }
     for (rev, body) in ancestors {
         if let Some(pos) = hist.iter().position(|r| r == rev) {
-            retirements(&cx, &id, &hist[pos..], body, None, &mut out)?;
+            retirements(&cx, &id, &hist[pos..], body, None, false, &mut out)?;
         }
     }
     Ok(out)
