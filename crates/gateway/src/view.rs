@@ -139,9 +139,9 @@ pub fn presents(rev: &str, base: &str, checksum: &str, body: &Value) -> bool {
 ///   server lost and an upgrade re-run recreate the very revisions phones
 ///   saw before the restore.
 ///
-/// The leaf's copies from the previous epoch and the previous adoption are
-/// retired too; its ancestors' only in the current context (a phone that
-/// pushes back an older copy of an ancestor gets it retired on the server).
+/// The copies from the previous epoch and the previous adoption are
+/// retired too (a gateway's state cache can present the previous epoch's
+/// ids for a moment after a run).
 pub fn contexts(epochs: &[String], journal: &Journal) -> Vec<String> {
     let mut adoptions = vec![String::new()];
     for n in 1..=journal.adopted.len() {
@@ -273,7 +273,6 @@ fn retirements(
     base_history: &[String],
     body: &Value,
     keep: Option<&str>,
-    older_contexts: bool,
     out: &mut Vec<Presented>,
 ) -> Result<(), LensError> {
     let all = views(cx.set, body, cx.journal)?;
@@ -283,8 +282,7 @@ fn retirements(
         return Ok(());
     }
     let current = cx.contexts.len() - 1;
-    let from = if older_contexts { 0 } else { current };
-    for (index, context) in cx.contexts.iter().enumerate().skip(from) {
+    for (index, context) in cx.contexts.iter().enumerate() {
         for (hash, seen) in &all {
             if index == current && Some(hash.as_str()) == keep {
                 continue;
@@ -363,11 +361,11 @@ pub fn present(
             doc: with_meta(body_of(&seen), &chain),
             synthetic: true,
         });
-        retirements(&cx, &id, &hist, leaf, Some(&wanted), true, &mut out)?;
+        retirements(&cx, &id, &hist, leaf, Some(&wanted), &mut out)?;
     }
     for (rev, body) in ancestors {
         if let Some(pos) = hist.iter().position(|r| r == rev) {
-            retirements(&cx, &id, &hist[pos..], body, None, false, &mut out)?;
+            retirements(&cx, &id, &hist[pos..], body, None, &mut out)?;
         }
     }
     Ok(out)
