@@ -679,7 +679,7 @@ async fn journal_batch(
         let journal = journals.entry(id.clone()).or_default();
         if let Some(rewrite) = rewrite(set, kind, from, to, leaf, journal)? {
             counts.restored += u64::from(rewrite.restored);
-            counts.bytes += json_len(&rewrite.doc);
+            counts.bytes += rewind_store::json_len(&rewrite.doc);
             docs.push(rewrite.doc);
             if seen.insert(id.clone()) {
                 touched.push(id);
@@ -718,23 +718,6 @@ async fn journal_batch(
         }
     }
     Ok(docs)
-}
-
-/// The length of a value's JSON text, without building it.
-fn json_len(value: &Value) -> u64 {
-    struct Count(u64);
-    impl std::io::Write for Count {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0 += buf.len() as u64;
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-    let mut count = Count(0);
-    let _ = serde_json::to_writer(&mut count, value);
-    count.0
 }
 
 /// Writes a journaled batch's documents, each conditional on the revision

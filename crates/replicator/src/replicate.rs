@@ -345,7 +345,7 @@ async fn fetch(
         for item in r.docs {
             match item {
                 BulkGetItem::Ok(doc) => {
-                    report.bytes_downloaded += json_len(&doc);
+                    report.bytes_downloaded += rewind_store::json_len(&doc);
                     if has_stubs(&doc) {
                         stubbed.push(BulkGetRequest::new(
                             str_of(&doc, "_id"),
@@ -384,23 +384,6 @@ fn str_of(doc: &Value, key: &str) -> String {
         .and_then(Value::as_str)
         .unwrap_or_default()
         .to_owned()
-}
-
-/// The length of a value serialized as JSON, without allocating it.
-fn json_len(v: &Value) -> u64 {
-    struct Count(u64);
-    impl std::io::Write for Count {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0 += buf.len() as u64;
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-    let mut c = Count(0);
-    let _ = serde_json::to_writer(&mut c, v);
-    c.0
 }
 
 /// The checkpoint of one side: the document as last read or written.
@@ -639,11 +622,5 @@ mod tests {
             &json!({"_attachments": {"a": {"data": "aGk="}}})
         ));
         assert!(!has_stubs(&json!({"x": 1})));
-    }
-
-    #[test]
-    fn json_len_counts_serialized_bytes() {
-        let v = json!({"a": "é", "n": 1});
-        assert_eq!(json_len(&v), serde_json::to_vec(&v).unwrap().len() as u64);
     }
 }

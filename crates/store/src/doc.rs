@@ -231,9 +231,33 @@ pub(crate) fn assemble(id: &str, rev: &str, body: &str, extras: Extras) -> Resul
     Ok(Value::Object(out))
 }
 
+/// The length of a value's JSON text (as `serde_json` writes it), counted
+/// without building the text.
+pub fn json_len(value: &Value) -> u64 {
+    struct Count(u64);
+    impl std::io::Write for Count {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len() as u64;
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    let _ = serde_json::to_writer(&mut count, value);
+    count.0
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn json_len_counts_serialized_bytes() {
+        let v = serde_json::json!({"a": "é", "n": 1, "big": 12345678901234567890u64});
+        assert_eq!(json_len(&v), serde_json::to_vec(&v).unwrap().len() as u64);
+    }
 
     #[test]
     fn body_keeps_key_order_and_big_numbers() {
