@@ -104,12 +104,12 @@ pub fn generation(rev: &str) -> u64 {
 /// recognised whatever context it was presented in; the other 16 name the
 /// context (with no context, the id is the plain md5).
 pub fn synthetic_rev(base: &str, checksum: &str, body: &Value, context: &str) -> String {
-    let plain = format!("{:x}", md5::compute(synthetic_key(base, checksum, body)));
+    let key = synthetic_key(base, checksum, body);
+    let plain = format!("{:x}", md5::compute(&key));
     let tail = if context.is_empty() {
         plain[16..].to_owned()
     } else {
-        let keyed = format!("{}\n{context}", synthetic_key(base, checksum, body));
-        format!("{:x}", md5::compute(keyed))[..16].to_owned()
+        format!("{:x}", md5::compute(format!("{key}\n{context}")))[..16].to_owned()
     };
     format!("{}-{}{tail}", generation(base) + 1, &plain[..16])
 }
@@ -143,11 +143,15 @@ pub fn presents(rev: &str, base: &str, checksum: &str, body: &Value) -> bool {
 /// retired too (a gateway's state cache can present the previous epoch's
 /// ids for a moment after a run).
 pub fn contexts(epochs: &[String], journal: &Journal) -> Vec<String> {
-    let mut adoptions = vec![String::new()];
-    for n in 1..=journal.adopted.len() {
-        let digest = md5::compute(journal.adopted[..n].join("\n"));
-        adoptions.push(format!("{digest:x}"));
-    }
+    // The adoption contexts in the window: each names the adopted list up
+    // to it (none adopted: "").
+    let adopted = journal.adopted.len();
+    let adoptions: Vec<String> = (adopted.saturating_sub(WINDOW - 1)..=adopted)
+        .map(|n| match n {
+            0 => String::new(),
+            n => format!("{:x}", md5::compute(journal.adopted[..n].join("\n"))),
+        })
+        .collect();
     let name = |epoch: &str, adoption: &str| match (epoch.is_empty(), adoption.is_empty()) {
         (true, true) => String::new(),
         (false, true) => epoch.to_owned(),
@@ -162,7 +166,7 @@ pub fn contexts(epochs: &[String], journal: &Journal) -> Vec<String> {
     for older in &epochs[epochs.len().saturating_sub(WINDOW)..epochs.len().saturating_sub(1)] {
         out.push(name(older, adoption));
     }
-    for older in &adoptions[adoptions.len().saturating_sub(WINDOW)..adoptions.len() - 1] {
+    for older in &adoptions[..adoptions.len() - 1] {
         out.push(name(epoch, older));
     }
     out.push(name(epoch, adoption));
@@ -174,7 +178,7 @@ pub fn contexts(epochs: &[String], journal: &Journal) -> Vec<String> {
 const WINDOW: usize = 2;
 
 /// The epochs of a database, oldest first, the current one last (at most
-/// three): `""` before any run, then `"{version}:{run id}"` for each run
+/// [`WINDOW`]): `""` before any run, then `"{version}:{run id}"` for each run
 /// that changed the version served to clients that do not choose one (an
 /// instant rollback from its start, any other run when it finishes).
 pub fn epochs(state: &State) -> Vec<String> {
