@@ -988,19 +988,27 @@ async fn bulk_get(session: &Session<'_>, call: &Call) -> Result<Response, Gatewa
         )
     })?;
     let revs = call.flag("revs");
-    let mut results = Vec::with_capacity(docs.len());
+    let mut asked = Vec::with_capacity(docs.len());
     for item in docs {
         let id = item.get("id").and_then(Value::as_str).ok_or_else(|| {
             GatewayError::BadRequest("each _bulk_get entry needs a string `id`".into())
         })?;
-        let rev = item.get("rev").and_then(Value::as_str);
-        let mut found: Vec<Value> = session.get(id, rev).await?.into_iter().collect();
+        asked.push((id, item.get("rev").and_then(Value::as_str)));
+    }
+    let ids: Vec<String> = asked.iter().map(|(id, _)| (*id).to_owned()).collect();
+    let presented_of = session.presented_of(&ids).await?;
+    let mut results = Vec::with_capacity(asked.len());
+    for (id, rev) in asked {
+        let presented = presented_of.get(id).cloned().unwrap_or_default();
+        let mut found: Vec<Value> = session
+            .pick(id, presented.clone(), rev)
+            .await?
+            .into_iter()
+            .collect();
         if found.is_empty() && rev.is_some() && call.flag("latest") {
             // The document moved on since the changes feed listed this
             // revision: the latest is what it has now.
-            found = session
-                .presented_leaves(id)
-                .await?
+            found = presented
                 .into_iter()
                 .filter(|p| p.doc.get("_deleted").and_then(Value::as_bool) != Some(true))
                 .map(|p| p.doc)
@@ -1165,12 +1173,16 @@ async fn all_docs(session: &Session<'_>, call: &Call) -> Result<Response, Gatewa
     };
     let mut answer = session.db.data.all_docs(&opts).await?;
     {
+        let live = |row: &rewind_store::AllDocsRow| {
+            row.id
+                .clone()
+                .filter(|_| !row.value.as_ref().is_some_and(|v| v.deleted))
+        };
+        let ids: Vec<String> = answer.rows.iter().filter_map(live).collect();
+        let presented_of = session.presented_of(&ids).await?;
         for row in &mut answer.rows {
-            let Some(id) = row.id.clone() else { continue };
-            if row.value.as_ref().is_some_and(|v| v.deleted) {
-                continue;
-            }
-            if let Some(presented) = winner(session.presented_leaves(&id).await?) {
+            let Some(id) = live(row) else { continue };
+            if let Some(presented) = winner(presented_of.get(&id).cloned().unwrap_or_default()) {
                 if let Some(value) = &mut row.value {
                     value.rev = presented.rev.clone();
                 }

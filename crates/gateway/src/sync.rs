@@ -184,14 +184,12 @@ impl Session<'_> {
             }
         }
         let mut out = Vec::new();
+        let mut seen: std::collections::HashSet<(String, String)> = Default::default();
         for leaf in leaves {
             let id = id_of(leaf);
             if let Some(presented) = cached.get(&key(leaf)) {
                 for p in presented {
-                    if !out
-                        .iter()
-                        .any(|o: &Presented| o.rev == p.rev && id_of(&o.doc) == id)
-                    {
+                    if seen.insert((id.clone(), p.rev.clone())) {
                         out.push(p.clone());
                     }
                 }
@@ -221,10 +219,7 @@ impl Session<'_> {
             .map_err(|e| GatewayError::Lens(id.clone(), e))?;
             self.cache.put(key(leaf), presented.clone());
             for p in presented {
-                if !out
-                    .iter()
-                    .any(|o: &Presented| o.rev == p.rev && id_of(&o.doc) == id)
-                {
+                if seen.insert((id.clone(), p.rev.clone())) {
                     out.push(p);
                 }
             }
@@ -302,11 +297,13 @@ impl Session<'_> {
                 }
             }
         }
-        for row in &changes.results {
-            if row.changes.len() != 1 || row.deleted {
-                docs.extend(self.leaves(&row.id).await?);
-            }
-        }
+        let several: Vec<String> = changes
+            .results
+            .iter()
+            .filter(|row| row.changes.len() != 1 || row.deleted)
+            .map(|row| row.id.clone())
+            .collect();
+        docs.extend(self.leaves_of(&several).await?.into_values().flatten());
         let presented = self.present_all(&docs).await?;
         let mut by_id: HashMap<String, Vec<Presented>> = HashMap::new();
         for p in presented {
@@ -335,16 +332,70 @@ impl Session<'_> {
         Ok(changes)
     }
 
+    /// The leaves of each of `ids` (as [`Session::leaves`]), fetched a few
+    /// at a time: one round trip per document is what a remote store costs.
+    pub async fn leaves_of(
+        &self,
+        ids: &[String],
+    ) -> Result<BTreeMap<String, Vec<Value>>, GatewayError> {
+        /// Requests to the store in flight at once for one client request.
+        const IN_FLIGHT: usize = 8;
+        let mut unique: Vec<&String> = ids.iter().collect();
+        unique.sort();
+        unique.dedup();
+        let mut out = BTreeMap::new();
+        for chunk in unique.chunks(IN_FLIGHT) {
+            // (A plain loop: a closure here trips the spawned task's `Send`
+            // inference.)
+            let mut reads = Vec::with_capacity(chunk.len());
+            for id in chunk {
+                reads.push(self.leaves(id));
+            }
+            for (id, leaves) in chunk
+                .iter()
+                .zip(futures_util::future::join_all(reads).await)
+            {
+                out.insert((*id).clone(), leaves?);
+            }
+        }
+        Ok(out)
+    }
+
     /// The presented leaves of a document.
     pub async fn presented_leaves(&self, id: &str) -> Result<Vec<Presented>, GatewayError> {
         let leaves = self.leaves(id).await?;
         self.present_all(&leaves).await
     }
 
+    /// The presented leaves of each of `ids`: every document's leaves read
+    /// once and presented in one batch (one journal read, one ancestor read).
+    pub async fn presented_of(
+        &self,
+        ids: &[String],
+    ) -> Result<HashMap<String, Vec<Presented>>, GatewayError> {
+        let leaves: Vec<Value> = self.leaves_of(ids).await?.into_values().flatten().collect();
+        let mut by_id: HashMap<String, Vec<Presented>> = HashMap::new();
+        for p in self.present_all(&leaves).await? {
+            by_id.entry(id_of(&p.doc)).or_default().push(p);
+        }
+        Ok(by_id)
+    }
+
     /// A document at a presented revision (or its winner), as `_bulk_get`
     /// and `GET /{db}/{id}` answer. `None` when there is no such revision.
     pub async fn get(&self, id: &str, rev: Option<&str>) -> Result<Option<Value>, GatewayError> {
         let presented = self.presented_leaves(id).await?;
+        self.pick(id, presented, rev).await
+    }
+
+    /// From a document's presented leaves, the one at `rev` (or the
+    /// winner); else an older stored revision asked for by id, as stored.
+    pub async fn pick(
+        &self,
+        id: &str,
+        presented: Vec<Presented>,
+        rev: Option<&str>,
+    ) -> Result<Option<Value>, GatewayError> {
         let found = match rev {
             Some(rev) => presented.into_iter().find(|p| p.rev == rev),
             None => winner(presented),
@@ -352,7 +403,6 @@ impl Session<'_> {
         if let Some(p) = found {
             return Ok(Some(p.doc));
         }
-        // An older stored revision asked for by id: as stored.
         if let Some(rev) = rev {
             let opts = GetOptions {
                 rev: Some(rev.to_owned()),
@@ -374,8 +424,9 @@ impl Session<'_> {
     ) -> Result<BTreeMap<String, rewind_store::RevsDiffEntry>, GatewayError> {
         let mut missing = self.db.data.revs_diff(asked).await?;
         let ids: Vec<String> = missing.keys().cloned().collect();
+        let mut presented_of = self.presented_of(&ids).await?;
         for id in ids {
-            let presented = self.presented_leaves(&id).await?;
+            let presented = presented_of.remove(&id).unwrap_or_default();
             if let Some(entry) = missing.get_mut(&id) {
                 entry
                     .missing
