@@ -1,17 +1,21 @@
 //! Upgrade and rollback: a journaled, resumable rewrite of every document.
 //!
 //! Both walk the changes feed from the run's checkpoint in batches (bounded
-//! memory whatever the database size) and, for every live leaf of every
-//! document:
+//! memory whatever the database size); on the embedded store a first pass
+//! walks the documents in id order instead (each B-tree page read and
+//! written once, not once per document), then the feed from the sequence
+//! that pass started at brings what changed meanwhile. For every live leaf
+//! of every document:
 //! 1. compute the new body with the lens (and, on rollback, the journal);
 //! 2. write the journal entry (before-image, complements) — survives a crash
 //!    before the document is written: the entry is simply rewritten;
 //! 3. write the document as a new revision conditional on the one read (a
 //!    user's concurrent edit makes it fail with 409: the document is re-read
 //!    and the edit migrated instead — never overwritten, never a conflict);
-//! 4. advance the checkpoint — a crash before it repeats the batch, which
-//!    the stamp makes harmless: a step whose version the stamp already
-//!    carries is skipped, so no document is migrated twice.
+//! 4. advance the checkpoint (saved at most every `CHECKPOINT_EVERY`) — a
+//!    crash before it repeats the batches since, which the stamp makes
+//!    harmless: a step whose version the stamp already carries is skipped,
+//!    so no document is migrated twice.
 //!
 //! The feed also brings documents written during the run; the run records
 //! the new version only once a pass over the feed finds nothing left to do.
@@ -21,8 +25,8 @@ use crate::state::{now_ms, owner_name, Applied, Counts, Database, Run, State};
 use crate::{EngineError, Result};
 use rewind_lens::MigrationSet;
 use rewind_store::{
-    AllDocsOptions, BulkGetItem, BulkGetOptions, BulkGetRequest, ChangesOptions, GetOptions,
-    GetResult, OpenRev, OpenRevs, Store,
+    AllDocsOptions, AnyStore, BulkGetItem, BulkGetOptions, BulkGetRequest, ChangeRow,
+    ChangesOptions, GetOptions, GetResult, OpenRev, OpenRevs, Store,
 };
 use serde_json::Value;
 use std::collections::{HashMap, HashSet};
@@ -317,6 +321,11 @@ fn restore_images(journal: &Journal, leaf: &Value, to: u32) -> Result<Option<(Va
     Ok(restored)
 }
 
+/// How often a run saves its checkpoint (and renews its lease). Saving after
+/// every batch cost a companion commit per batch; a crash now redoes at most
+/// this much work, which stamps make harmless.
+const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// How many times a run resumes after a journal race before it gives up.
 const JOURNAL_RACE_RETRIES: u32 = 20;
 
@@ -381,6 +390,7 @@ async fn run_with_lease(
             set.latest()
         )));
     }
+    let info = db.data.info().await?;
     let mut run = match state.run.take() {
         Some(mut run) if run.to == to => {
             run.resumed += 1;
@@ -404,6 +414,9 @@ async fn run_with_lease(
             } else {
                 Kind::Rollback
             };
+            // Embedded: a first pass in id order over the documents there
+            // are, then the feed from the sequence it started at.
+            let by_id = matches!(db.data, AnyStore::Sqlite(_));
             Run {
                 id: format!("{:x}-{}", now_ms(), std::process::id()),
                 kind: kind.name().into(),
@@ -412,7 +425,12 @@ async fn run_with_lease(
                 started: now_ms(),
                 finished: None,
                 outcome: "running".into(),
-                since: Value::from(0),
+                since: if by_id {
+                    info.update_seq.clone()
+                } else {
+                    Value::from(0)
+                },
+                by_id: by_id.then(String::new),
                 resumed: 0,
                 counts: Counts::default(),
             }
@@ -430,7 +448,7 @@ async fn run_with_lease(
         state.served = Some(to);
     }
     state.renew(db).await?;
-    let total = db.data.info().await?.doc_count;
+    let total = info.doc_count;
     let batch = opts.batch_for(&db.data);
     let mut written_here: HashSet<u64> = HashSet::new();
     // Pipelined: while the documents of batch i are written, batch i+1 is
@@ -439,8 +457,9 @@ async fn run_with_lease(
     // documents, which a crash makes harmless (a journal entry for a document
     // not yet written is rewritten on resume). A batch that shares a document
     // with the batch in flight waits for it (its journal may change).
-    let mut cursor = run.since.clone();
+    let mut cursor = Cursor::of(&run);
     let mut inflight: Option<Pending> = None;
+    let mut saved_at = std::time::Instant::now();
     loop {
         let prev_ids = inflight
             .as_mut()
@@ -450,23 +469,13 @@ async fn run_with_lease(
         // Whether documents of ours are being written while the next page is read.
         let writing = inflight.as_ref().is_some_and(|p| !p.docs.is_empty());
         let next = async {
-            let changes = db
-                .data
-                .changes(&ChangesOptions {
-                    since: cursor.clone(),
-                    limit: Some(batch),
-                    style_all_docs: true,
-                    include_docs: true,
-                    ..ChangesOptions::default()
-                })
-                .await?;
-            if changes.results.is_empty() {
+            let Some((rows, next_cursor)) = read_page(db, &cursor, batch).await? else {
                 return Ok(None);
+            };
+            if rows.iter().any(|r| prev_ids.contains(&r.id)) {
+                return Ok(Some(Ok((rows, next_cursor))));
             }
-            if changes.results.iter().any(|r| prev_ids.contains(&r.id)) {
-                return Ok(Some(Ok(changes)));
-            }
-            let pending = prepare(db, set, kind, &run, changes, &written_here).await?;
+            let pending = prepare(db, set, kind, &run, rows, next_cursor, &written_here).await?;
             Ok::<_, EngineError>(Some(Err(pending)))
         };
         // The batch in flight: its documents, then its checkpoint (everything
@@ -478,9 +487,12 @@ async fn run_with_lease(
             };
             let done = write_batch(db, set, kind, &run, pending, opts).await?;
             after.counts.add(&done.counts);
-            after.since = done.since;
+            done.cursor.save(&mut after);
             state.run = Some(after.clone());
-            state.renew(db).await?;
+            if saved_at.elapsed() >= CHECKPOINT_EVERY {
+                state.renew(db).await?;
+                saved_at = std::time::Instant::now();
+            }
             Ok::<_, EngineError>(Some(done.written))
         };
         let (next, done) = tokio::join!(next, write);
@@ -499,13 +511,18 @@ async fn run_with_lease(
             None => break,
             Some(Err(pending)) => pending,
             // It shares documents with the batch just written: prepared now.
-            Some(Ok(changes)) => prepare(db, set, kind, &run, changes, &written_here).await?,
+            Some(Ok((rows, next_cursor))) => {
+                prepare(db, set, kind, &run, rows, next_cursor, &written_here).await?
+            }
         };
         // Caught up: a last, partial page that needs nothing written, read
         // while nothing of ours was being written. (Waiting for an empty
         // page instead could chase users' edits forever.)
-        let quiet = !writing && pending.docs.is_empty() && pending.rows < batch;
-        cursor = pending.since.clone();
+        let quiet = !writing
+            && pending.docs.is_empty()
+            && pending.rows < batch
+            && matches!(pending.cursor, Cursor::Seq(_));
+        cursor = pending.cursor.clone();
         inflight = Some(pending);
         if quiet {
             break;
@@ -514,7 +531,7 @@ async fn run_with_lease(
     if let Some(pending) = inflight.take() {
         let done = write_batch(db, set, kind, &run, pending, opts).await?;
         run.counts.add(&done.counts);
-        run.since = done.since;
+        done.cursor.save(&mut run);
     }
     run.finished = Some(now_ms());
     run.outcome = "done".into();
@@ -536,10 +553,94 @@ async fn run_with_lease(
     Ok(run)
 }
 
+/// Where a run reads next (and, once a batch is written, its checkpoint).
+#[derive(Debug, Clone)]
+enum Cursor {
+    /// The first pass of an embedded run: documents after this id; then
+    /// the changes feed after `seq`.
+    Ids { after: String, seq: Value },
+    /// The changes feed after this sequence.
+    Seq(Value),
+}
+
+impl Cursor {
+    /// Where `run` resumes.
+    fn of(run: &Run) -> Cursor {
+        match &run.by_id {
+            Some(after) => Cursor::Ids {
+                after: after.clone(),
+                seq: run.since.clone(),
+            },
+            None => Cursor::Seq(run.since.clone()),
+        }
+    }
+
+    /// Records this checkpoint in `run`.
+    fn save(&self, run: &mut Run) {
+        match self {
+            Cursor::Ids { after, seq } => {
+                run.by_id = Some(after.clone());
+                run.since = seq.clone();
+            }
+            Cursor::Seq(seq) => {
+                run.by_id = None;
+                run.since = seq.clone();
+            }
+        }
+    }
+}
+
+/// The next page of documents after `cursor`, and the cursor after it;
+/// `None` when the feed has nothing more.
+async fn read_page(
+    db: &Database,
+    cursor: &Cursor,
+    batch: usize,
+) -> Result<Option<(Vec<ChangeRow>, Cursor)>> {
+    let since = match (cursor, &db.data) {
+        (Cursor::Ids { after, seq }, AnyStore::Sqlite(store)) => {
+            let rows = store
+                .live_docs_by_id(Some(after.clone()), batch, true)
+                .await?;
+            match rows.last() {
+                Some(last) => {
+                    let next = Cursor::Ids {
+                        after: last.id.clone(),
+                        seq: seq.clone(),
+                    };
+                    return Ok(Some((rows, next)));
+                }
+                // The first pass is over: the feed from where it began
+                // brings what changed meanwhile.
+                None => seq.clone(),
+            }
+        }
+        (Cursor::Ids { seq, .. }, _) | (Cursor::Seq(seq), _) => seq.clone(),
+    };
+    // Embedded: after the first pass the feed is mostly the run's own
+    // writes, skipped without reading their bodies; `prepare` reads the
+    // others in one request.
+    let include_docs = !matches!(db.data, AnyStore::Sqlite(_));
+    let changes = db
+        .data
+        .changes(&ChangesOptions {
+            since,
+            limit: Some(batch),
+            style_all_docs: true,
+            include_docs,
+            ..ChangesOptions::default()
+        })
+        .await?;
+    if changes.results.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some((changes.results, Cursor::Seq(changes.last_seq))))
+}
+
 /// A batch read and journaled, whose documents are still to be written.
 struct Pending {
     /// The checkpoint once the batch is written.
-    since: Value,
+    cursor: Cursor,
     /// The documents of the batch (to keep a later batch off them).
     ids: HashSet<String>,
     /// Rows of the changes feed the batch came from.
@@ -555,7 +656,7 @@ struct Pending {
 /// What writing a batch's documents did.
 struct Done {
     /// The checkpoint of the batch.
-    since: Value,
+    cursor: Cursor,
     written: Vec<u64>,
     counts: Counts,
 }
@@ -567,14 +668,15 @@ async fn prepare(
     set: &MigrationSet,
     kind: Kind,
     run: &Run,
-    changes: rewind_store::Changes,
+    page: Vec<ChangeRow>,
+    cursor: Cursor,
     written_here: &HashSet<u64>,
 ) -> Result<Pending> {
     let mut leaves: Vec<Value> = Vec::new();
     let mut wanted = Vec::new();
     let mut ids = HashSet::new();
-    let rows = changes.results.len();
-    for row in changes.results {
+    let rows = page.len();
+    for row in page {
         if row
             .changes
             .iter()
@@ -626,7 +728,7 @@ async fn prepare(
     let mut before = None;
     let docs = journal_batch(db, set, kind, run, &leaves, &mut before, &mut counts).await?;
     Ok(Pending {
-        since: changes.last_seq,
+        cursor,
         ids,
         rows,
         docs,
@@ -732,7 +834,7 @@ async fn write_batch(
     opts: &RunOptions,
 ) -> Result<Done> {
     let Pending {
-        since,
+        cursor,
         mut docs,
         before,
         mut counts,
@@ -781,7 +883,7 @@ async fn write_batch(
         docs = journal_batch(db, set, kind, run, &leaves, &mut before, &mut counts).await?;
     }
     Ok(Done {
-        since,
+        cursor,
         written,
         counts,
     })

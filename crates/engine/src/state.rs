@@ -135,6 +135,11 @@ pub struct Run {
     pub outcome: String,
     /// The changes-feed checkpoint: everything up to it is done.
     pub since: Value,
+    /// Embedded store, during the run's first pass, which walks documents
+    /// in id order: the last id done. `since` is then the feed sequence the
+    /// pass started at, from which the feed brings what changed meanwhile.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub by_id: Option<String>,
     /// How many times the run was resumed after an interruption.
     pub resumed: u32,
     /// Counters.

@@ -588,6 +588,37 @@ impl SqliteStore {
         }
     }
 
+    /// The documents that have a live leaf, in id order: those after `after`
+    /// (all when it is `None`), at most `limit`. Each is a changes-feed row
+    /// listing every leaf (`style=all_docs`), with the winner's body when
+    /// `include_docs`. For a rewrite of the whole database (the engine's
+    /// upgrade and rollback): walking ids in order reads and writes each page
+    /// of the document and revision B-trees once, where the changes feed
+    /// visits them in random order.
+    pub async fn live_docs_by_id(
+        &self,
+        after: Option<String>,
+        limit: usize,
+        include_docs: bool,
+    ) -> Result<Vec<ChangeRow>> {
+        self.read(move |c| {
+            let mut st = c.prepare_cached(
+                "SELECT id, seq, tree FROM docs WHERE deleted = 0 AND id > ?1 ORDER BY id LIMIT ?2",
+            )?;
+            let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+            let found: Vec<(String, i64, String)> = st
+                .query_map(params![after.unwrap_or_default(), limit], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                })?
+                .collect::<rusqlite::Result<_>>()?;
+            found
+                .into_iter()
+                .map(|(id, seq, tree)| change_row(c, id, seq, &tree, true, include_docs))
+                .collect()
+        })
+        .await
+    }
+
     /// Lists every `_local/` document (ids with their `_local/` prefix), for copies.
     pub async fn local_docs(&self) -> Result<Vec<Value>> {
         self.read(|c| {
@@ -954,28 +985,15 @@ impl crate::Store for SqliteStore {
             let mut results = Vec::with_capacity(found.len());
             let mut last = since;
             for (id, seq, tree) in found {
-                let tree = RevTree::from_json(&tree)?;
-                let leaves = tree.sorted_leaves();
-                let w = leaves[0];
-                let revs = if opts.style_all_docs { leaves } else { vec![w] };
-                let doc = if opts.include_docs {
-                    build_doc(c, &id, &tree, w, &GetOptions::default())?
-                } else {
-                    None
-                };
                 last = seq as u64;
-                results.push(ChangeRow {
-                    seq: Value::from(seq),
+                results.push(change_row(
+                    c,
                     id,
-                    changes: revs
-                        .into_iter()
-                        .map(|i| ChangeRev {
-                            rev: tree.nodes[i].rev.to_string(),
-                        })
-                        .collect(),
-                    deleted: tree.nodes[w].deleted,
-                    doc,
-                });
+                    seq,
+                    &tree,
+                    opts.style_all_docs,
+                    opts.include_docs,
+                )?);
             }
             Ok(Changes {
                 results,
@@ -1285,6 +1303,39 @@ fn build_doc(
         revisions: opts.revs.then(|| tree.revisions_json(idx)),
     };
     doc::assemble(id, &node.rev.to_string(), &body, extras).map(Some)
+}
+
+/// One changes-feed row for a document: its winner (or, with `all_leaves`,
+/// every leaf, winner first) and, with `include_docs`, the winner's body.
+fn change_row(
+    c: &Connection,
+    id: String,
+    seq: i64,
+    tree: &str,
+    all_leaves: bool,
+    include_docs: bool,
+) -> Result<ChangeRow> {
+    let tree = RevTree::from_json(tree)?;
+    let leaves = tree.sorted_leaves();
+    let w = leaves[0];
+    let revs = if all_leaves { leaves } else { vec![w] };
+    let doc = if include_docs {
+        build_doc(c, &id, &tree, w, &GetOptions::default())?
+    } else {
+        None
+    };
+    Ok(ChangeRow {
+        seq: Value::from(seq),
+        id,
+        changes: revs
+            .into_iter()
+            .map(|i| ChangeRev {
+                rev: tree.nodes[i].rev.to_string(),
+            })
+            .collect(),
+        deleted: tree.nodes[w].deleted,
+        doc,
+    })
 }
 
 /// Appends the `open_revs` answer for one requested revision.
