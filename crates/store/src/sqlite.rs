@@ -3,7 +3,10 @@
 //! Layout: `docs` holds one row per document (its revision tree as compact
 //! JSON, its winner and the sequence of its latest change, so the changes feed
 //! is an index scan that lists each document once); `revs` holds the body of
-//! every revision still in a tree, byte for byte as written; `blobs` holds
+//! every revision still in a tree, byte for byte as written (a rowid table
+//! with an index on `(id, rev)`: files made before it was were `WITHOUT
+//! ROWID`, whose interior pages hold whole rows, four bodies a page, and
+//! whose bodies over ~1 KB overflow; both answer the same SQL); `blobs` holds
 //! attachment data by digest; `local` holds `_local/` documents (no history,
 //! not in the feed); `meta` holds the uuid, `revs_limit`, document counts and
 //! `seq_floor` (the last sequence before a `delete_db`, so sequences never go back).
@@ -65,7 +68,7 @@ CREATE TABLE IF NOT EXISTS revs (
     body TEXT NOT NULL,
     atts TEXT,
     PRIMARY KEY (id, rev)
-) WITHOUT ROWID;
+);
 CREATE TABLE IF NOT EXISTS blobs (digest TEXT PRIMARY KEY, data BLOB NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS local (id TEXT PRIMARY KEY, rev INTEGER NOT NULL, body TEXT NOT NULL) WITHOUT ROWID;
 ";
