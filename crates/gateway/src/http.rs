@@ -999,9 +999,9 @@ async fn bulk_get(session: &Session<'_>, call: &Call) -> Result<Response, Gatewa
     let presented_of = session.presented_of(&ids).await?;
     let mut results = Vec::with_capacity(asked.len());
     for (id, rev) in asked {
-        let presented = presented_of.get(id).cloned().unwrap_or_default();
+        let presented = presented_of.get(id).map(Vec::as_slice).unwrap_or_default();
         let mut found: Vec<Value> = session
-            .pick(id, presented.clone(), rev)
+            .pick(id, presented, rev)
             .await?
             .into_iter()
             .collect();
@@ -1009,9 +1009,9 @@ async fn bulk_get(session: &Session<'_>, call: &Call) -> Result<Response, Gatewa
             // The document moved on since the changes feed listed this
             // revision: the latest is what it has now.
             found = presented
-                .into_iter()
+                .iter()
                 .filter(|p| p.doc.get("_deleted").and_then(Value::as_bool) != Some(true))
-                .map(|p| p.doc)
+                .map(|p| p.doc.clone())
                 .collect();
         }
         let entries: Vec<Value> = if found.is_empty() {
@@ -1182,7 +1182,8 @@ async fn all_docs(session: &Session<'_>, call: &Call) -> Result<Response, Gatewa
         let presented_of = session.presented_of(&ids).await?;
         for row in &mut answer.rows {
             let Some(id) = live(row) else { continue };
-            if let Some(presented) = winner(presented_of.get(&id).cloned().unwrap_or_default()) {
+            let presented = presented_of.get(&id).map(Vec::as_slice).unwrap_or_default();
+            if let Some(presented) = winner(presented).cloned() {
                 if let Some(value) = &mut row.value {
                     value.rev = presented.rev.clone();
                 }
@@ -1254,7 +1255,7 @@ async fn document(
                 };
                 let mut out = Vec::new();
                 for rev in wanted {
-                    match session.get(id, Some(&rev)).await? {
+                    match session.pick(id, &presented, Some(&rev)).await? {
                         Some(mut doc) => {
                             if !call.flag("revs") {
                                 if let Some(o) = doc.as_object_mut() {

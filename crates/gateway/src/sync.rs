@@ -314,8 +314,8 @@ impl Session<'_> {
                 continue;
             };
             // The winner first, as CouchDB lists it.
-            if let Some(w) = winner(ps.clone()) {
-                ps.sort_by_key(|p| p.rev != w.rev);
+            if let Some(w) = winner(ps).map(|w| w.rev.clone()) {
+                ps.sort_by_key(|p| p.rev != w);
             }
             row.changes = ps
                 .iter()
@@ -385,7 +385,7 @@ impl Session<'_> {
     /// and `GET /{db}/{id}` answer. `None` when there is no such revision.
     pub async fn get(&self, id: &str, rev: Option<&str>) -> Result<Option<Value>, GatewayError> {
         let presented = self.presented_leaves(id).await?;
-        self.pick(id, presented, rev).await
+        self.pick(id, &presented, rev).await
     }
 
     /// From a document's presented leaves, the one at `rev` (or the
@@ -393,15 +393,15 @@ impl Session<'_> {
     pub async fn pick(
         &self,
         id: &str,
-        presented: Vec<Presented>,
+        presented: &[Presented],
         rev: Option<&str>,
     ) -> Result<Option<Value>, GatewayError> {
         let found = match rev {
-            Some(rev) => presented.into_iter().find(|p| p.rev == rev),
+            Some(rev) => presented.iter().find(|p| p.rev == rev),
             None => winner(presented),
         };
         if let Some(p) = found {
-            return Ok(Some(p.doc));
+            return Ok(Some(p.doc.clone()));
         }
         if let Some(rev) = rev {
             let opts = GetOptions {
@@ -836,12 +836,11 @@ fn retire(id: &str, leaf: &Value) -> Value {
 
 /// The winner among presented leaves: CouchDB's rule (live first, then the
 /// highest generation, then the highest id).
-pub fn winner(mut presented: Vec<Presented>) -> Option<Presented> {
-    presented.sort_by(|a, b| {
-        let key = |p: &Presented| (!is_deleted(&p.doc), view::generation(&p.rev), p.rev.clone());
-        key(b).cmp(&key(a))
-    });
-    presented.into_iter().next()
+pub fn winner(presented: &[Presented]) -> Option<&Presented> {
+    let key = |p: &Presented| (!is_deleted(&p.doc), view::generation(&p.rev));
+    presented
+        .iter()
+        .max_by(|a, b| key(a).cmp(&key(b)).then_with(|| a.rev.cmp(&b.rev)))
 }
 
 fn strip_revisions(mut doc: Value) -> Value {
