@@ -470,6 +470,20 @@ async fn copy_store(from: &str, to: &str, step: &str) -> Result<(), DrillError> 
     Ok(())
 }
 
+/// Copies the files of `dirs` (under `work`) to `work/{to}/`, best effort:
+/// a debugging aid, never part of what the drill checks.
+fn keep_copy(work: &Path, dirs: &[&str], to: &str) {
+    for dir in dirs {
+        let target = work.join(to).join(dir);
+        let _ = std::fs::create_dir_all(&target);
+        if let Ok(entries) = std::fs::read_dir(work.join(dir)) {
+            for entry in entries.flatten() {
+                let _ = std::fs::copy(entry.path(), target.join(entry.file_name()));
+            }
+        }
+    }
+}
+
 fn remove_store_files(path: &Path) {
     for suffix in ["", "-wal", "-shm", "-journal"] {
         let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
@@ -775,6 +789,11 @@ pub async fn run(opts: DrillOptions) -> Result<DrillReport, DrillError> {
     );
 
     // 5b. Restore the pre-upgrade snapshot while phones hold new-version documents.
+    if std::env::var_os("REWIND_DRILL_KEEP").is_some() {
+        // For whoever debugs a failed drill: the server and the phones as
+        // they were just before the restore (`before-restore/`).
+        keep_copy(&drill.work, &["data", "phones"], "before-restore");
+    }
     let started = Instant::now();
     drill.gateway.forget_all();
     remove_store_files(&db_path);

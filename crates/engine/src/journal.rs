@@ -56,6 +56,11 @@ pub struct Journal {
     /// Deletions phones pushed (as opposed to tombstones rewind wrote).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub deleted: Vec<String>,
+    /// Revisions clients pushed at another version than the server's and
+    /// that the gateway translated at once: never a leaf anyone was
+    /// presented, so no client holds a view of them to retire.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pushed: Vec<String>,
     /// The journal document's revision, as read (for conditional writes).
     #[serde(rename = "_rev", skip_serializing_if = "Option::is_none", default)]
     pub rev: Option<String>,
@@ -200,6 +205,7 @@ impl Journal {
             && self.kept.is_empty()
             && self.adopted.is_empty()
             && self.deleted.is_empty()
+            && self.pushed.is_empty()
     }
 }
 

@@ -55,7 +55,29 @@ impl PresentCache {
 
 /// How many ancestors of a leaf have the synthetic children of their views
 /// retired (a phone's translated copy may be that many revisions behind).
-const ANCESTORS: usize = 10;
+/// A copy further behind heals in two syncs: the phone pushes it back, the
+/// gateway retires it on the server, the next pull brings the tombstone.
+/// Every ancestor multiplies what each pull carries (views × contexts):
+/// ten made phones' trees reach ~450 revisions per document in the drill.
+const ANCESTORS: usize = 3;
+
+/// How far back a pushed revision's history is searched for the stored
+/// revision its author's view was made from.
+const BASE_SEARCH: usize = 10;
+
+/// The ancestors of `leaf` that may have views to retire: the nearest
+/// [`BASE_SEARCH`] revisions of its history, passing over revisions pushed
+/// and translated at once (no client was ever presented one of those as a
+/// leaf). Of these, the first [`ANCESTORS`] that are stored count (a
+/// history also names synthetic revisions, which the server never stored).
+fn ancestor_candidates(leaf: &Value, journal: &Journal) -> Vec<String> {
+    view::history(leaf)
+        .into_iter()
+        .skip(1)
+        .take(BASE_SEARCH)
+        .filter(|rev| !journal.pushed.contains(rev))
+        .collect()
+}
 
 fn id_of(doc: &Value) -> String {
     doc.get("_id")
@@ -149,7 +171,7 @@ impl Session<'_> {
         for leaf in leaves.iter().filter(|l| !cached.contains_key(&key(l))) {
             let id = id_of(leaf);
             let journal = journals.get(&id).unwrap_or(&empty);
-            for rev in view::history(leaf).into_iter().skip(1).take(ANCESTORS) {
+            for rev in ancestor_candidates(leaf, journal) {
                 match journal.images.iter().find(|i| i.rev == rev) {
                     Some(image) => {
                         if let Ok(body) = serde_json::from_str::<Value>(&image.body) {
@@ -196,15 +218,14 @@ impl Session<'_> {
                 continue;
             }
             let journal = journals.get(&id).unwrap_or(&empty);
-            let known: Vec<(String, Value)> = view::history(leaf)
+            let known: Vec<(String, Value)> = ancestor_candidates(leaf, journal)
                 .into_iter()
-                .skip(1)
-                .take(ANCESTORS)
                 .filter_map(|rev| {
                     ancestors
                         .get(&(id.clone(), rev.clone()))
                         .map(|b| (rev, b.clone()))
                 })
+                .take(ANCESTORS)
                 .collect();
             let contexts = view::contexts(&epochs, journal);
             let presented = view::present(
@@ -577,6 +598,7 @@ impl Session<'_> {
                     )
                     .map_err(|e| GatewayError::Lens(id.clone(), e))?;
                 if body_hash(&translated) != body_hash(&doc) {
+                    journal.pushed.push(rev.clone());
                     journal.push_image(Image {
                         from: version,
                         to: target,
@@ -622,7 +644,7 @@ impl Session<'_> {
         let Some(parent) = chain.get(1) else {
             return Ok(None);
         };
-        for (index, rev) in chain.iter().enumerate().skip(1).take(ANCESTORS) {
+        for (index, rev) in chain.iter().enumerate().skip(1).take(BASE_SEARCH) {
             let opts = GetOptions {
                 rev: Some(rev.clone()),
                 ..GetOptions::default()
@@ -655,7 +677,7 @@ impl Session<'_> {
     /// The body of the newest stored revision among a pushed revision's
     /// ancestors: what the phone's view was made from.
     async fn base_body(&self, id: &str, chain: &[String]) -> Result<Option<Value>, GatewayError> {
-        for rev in chain.iter().skip(1).take(ANCESTORS) {
+        for rev in chain.iter().skip(1).take(BASE_SEARCH) {
             let opts = GetOptions {
                 rev: Some(rev.clone()),
                 ..GetOptions::default()
@@ -707,6 +729,11 @@ impl Session<'_> {
                     for rev in fresh.deleted {
                         if !journal.deleted.contains(&rev) {
                             journal.deleted.push(rev);
+                        }
+                    }
+                    for rev in fresh.pushed {
+                        if !journal.pushed.contains(&rev) {
+                            journal.pushed.push(rev);
                         }
                     }
                     for (k, v) in fresh.kept {
