@@ -12,7 +12,7 @@
 //! 3. write the document as a new revision conditional on the one read (a
 //!    user's concurrent edit makes it fail with 409: the document is re-read
 //!    and the edit migrated instead — never overwritten, never a conflict);
-//! 4. advance the checkpoint (saved at most every `CHECKPOINT_EVERY`) — a
+//! 4. advance the checkpoint (embedded: saved every `CHECKPOINT_EVERY`) — a
 //!    crash before it repeats the batches since, which the stamp makes
 //!    harmless: a step whose version the stamp already carries is skipped,
 //!    so no document is migrated twice.
@@ -26,7 +26,7 @@ use crate::{EngineError, Result};
 use rewind_lens::MigrationSet;
 use rewind_store::{
     AllDocsOptions, AnyStore, BulkGetItem, BulkGetOptions, BulkGetRequest, ChangeRow,
-    ChangesOptions, GetOptions, GetResult, OpenRev, OpenRevs, Store,
+    ChangesOptions, GetOptions, GetResult, OpenRev, OpenRevs, Store, TextDoc,
 };
 use serde_json::Value;
 use std::collections::{HashMap, HashSet};
@@ -190,20 +190,22 @@ fn rewrite(
     kind: Kind,
     from: u32,
     to: u32,
-    leaf: &Value,
+    leaf: Value,
     journal: &mut Journal,
 ) -> Result<Option<Rewrite>> {
-    let id = id_of(leaf);
-    let lens_error = |source| EngineError::Lens {
-        id: id.clone(),
+    let lens_error = |doc: &Value, source| EngineError::Lens {
+        id: id_of(doc),
         source,
     };
-    if !MigrationSet::is_migratable(leaf) {
+    if !MigrationSet::is_migratable(&leaf) {
         return Ok(None);
     }
     match kind {
         Kind::Upgrade => {
-            let mut doc = leaf.clone();
+            // Taken before the leaf becomes the new document (no copy).
+            let before = body_text(&leaf);
+            let rev = rev_of(&leaf);
+            let mut doc = leaf;
             // A step that applies always moves the stamp forward, so the
             // body changed exactly when a step recorded its complement; when
             // none did, neither the document nor its journal changed.
@@ -211,17 +213,18 @@ fn rewrite(
                 journal,
                 applied: false,
             };
-            set.translate(&mut doc, from, to, &mut complements)
-                .map_err(lens_error)?;
+            if let Err(source) = set.translate(&mut doc, from, to, &mut complements) {
+                return Err(lens_error(&doc, source));
+            }
             if !complements.applied {
                 return Ok(None);
             }
             journal.push_image(Image {
                 from,
                 to,
-                rev: rev_of(leaf),
+                rev,
                 after: body_hash(&doc),
-                body: body_text(leaf),
+                body: before,
             });
             Ok(Some(Rewrite {
                 doc,
@@ -229,12 +232,14 @@ fn rewrite(
             }))
         }
         Kind::Rollback => {
-            let stamped = set.stamp_of(leaf).unwrap_or(0);
+            let stamped = set.stamp_of(&leaf).unwrap_or(0);
             if stamped <= to {
                 return Ok(None);
             }
-            let before = body_text(leaf);
-            let (mut doc, restored) = match restore_images(journal, leaf, to)? {
+            let before = body_text(&leaf);
+            let rev = rev_of(&leaf);
+            let leaf_hash = body_hash(&leaf);
+            let (mut doc, restored) = match restore_images(journal, &leaf, &leaf_hash, to)? {
                 // Untouched since the upgrade(s): the before-image, exactly.
                 Some((mut body, version)) => {
                     // The complements of the undone steps were consumed.
@@ -244,20 +249,25 @@ fn rewrite(
                     if version != to {
                         // Partly restored (an edit between two upgrades):
                         // the rest of the way by translation.
-                        set.translate(&mut body, version, to, &mut JournalComplements(journal))
-                            .map_err(lens_error)?;
+                        let mut complements = JournalComplements(journal);
+                        if let Err(source) = set.translate(&mut body, version, to, &mut complements)
+                        {
+                            return Err(lens_error(&leaf, source));
+                        }
                     }
-                    if let (Some(object), Some(rev)) = (body.as_object_mut(), leaf.get("_rev")) {
-                        object.insert("_rev".into(), rev.clone());
+                    if let Some(object) = body.as_object_mut() {
+                        object.insert("_rev".into(), Value::from(rev.clone()));
                     }
                     (body, true)
                 }
                 // Edited since, or created at the newer version: translate down.
                 None => {
-                    let mut doc = leaf.clone();
-                    set.translate(&mut doc, from, to, &mut JournalComplements(journal))
-                        .map_err(lens_error)?;
-                    if body_hash(&doc) == body_hash(leaf) {
+                    let mut doc = leaf;
+                    let mut complements = JournalComplements(journal);
+                    if let Err(source) = set.translate(&mut doc, from, to, &mut complements) {
+                        return Err(lens_error(&doc, source));
+                    }
+                    if body_hash(&doc) == leaf_hash {
                         return Ok(None);
                     }
                     (doc, false)
@@ -269,7 +279,7 @@ fn rewrite(
             journal.push_image(Image {
                 from: stamped.min(from),
                 to,
-                rev: rev_of(leaf),
+                rev,
                 after: body_hash(&doc),
                 body: before,
             });
@@ -297,11 +307,17 @@ impl rewind_lens::Complements for Recording<'_> {
     }
 }
 
-/// Follows the before-images of upgrades back from `leaf` while each is
-/// exactly what an upgrade wrote, down to version `to` or below. Returns the
-/// oldest body reached and its version.
-fn restore_images(journal: &Journal, leaf: &Value, to: u32) -> Result<Option<(Value, u32)>> {
-    let mut current = body_hash(leaf);
+/// Follows the before-images of upgrades back from `leaf` (whose
+/// [`body_hash`] is `leaf_hash`) while each is exactly what an upgrade
+/// wrote, down to version `to` or below. Returns the oldest body reached
+/// and its version.
+fn restore_images(
+    journal: &Journal,
+    leaf: &Value,
+    leaf_hash: &str,
+    to: u32,
+) -> Result<Option<(Value, u32)>> {
+    let mut current = leaf_hash.to_owned();
     let mut below = journal.images.len();
     let mut restored = None;
     while let Some(index) = journal.images[..below]
@@ -311,20 +327,24 @@ fn restore_images(journal: &Journal, leaf: &Value, to: u32) -> Result<Option<(Va
         let image = &journal.images[index];
         let body: Value = serde_json::from_str(&image.body)
             .map_err(|e| EngineError::Corrupt(format!("before-image of {}: {e}", id_of(leaf))))?;
-        current = body_hash(&body);
+        let done = image.from <= to;
+        if !done {
+            // Only needed to follow the images further back.
+            current = body_hash(&body);
+        }
         restored = Some((body, image.from));
         below = index;
-        if image.from <= to {
+        if done {
             break;
         }
     }
     Ok(restored)
 }
 
-/// How often a run saves its checkpoint (and renews its lease). Saving after
-/// every batch cost a companion commit per batch; a crash now redoes at most
+/// How often a run on the embedded store saves its checkpoint (and renews
+/// its lease); over HTTP it saves after every batch. A crash redoes at most
 /// this much work, which stamps make harmless.
-const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
+const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
 
 /// How many times a run resumes after a journal race before it gives up.
 const JOURNAL_RACE_RETRIES: u32 = 20;
@@ -353,13 +373,21 @@ pub async fn run(
     let mut result = run_with_lease(db, set, to, opts, progress, &mut state).await;
     // A journal another writer changed under the run: resume from the
     // checkpoint, as after a crash (stamps and the journal make redoing a
-    // batch harmless), a few times, waiting a little longer each time.
+    // batch harmless), a few times, waiting a little longer each time. The
+    // checkpoint is the one in memory (the batches written), saved first:
+    // the one last saved may be older.
     for attempt in 1..=JOURNAL_RACE_RETRIES {
         if !matches!(result, Err(EngineError::JournalRace(_))) {
             break;
         }
         tokio::time::sleep(std::time::Duration::from_millis(20 * u64::from(attempt))).await;
-        state = State::load(db).await?;
+        match state.renew(db).await {
+            Ok(()) => {}
+            Err(EngineError::Store(rewind_store::StoreError::Conflict { .. })) => {
+                state = State::load(db).await?;
+            }
+            Err(e) => return Err(e),
+        }
         result = run_with_lease(db, set, to, opts, progress, &mut state).await;
     }
     match &result {
@@ -460,6 +488,7 @@ async fn run_with_lease(
     let mut cursor = Cursor::of(&run);
     let mut inflight: Option<Pending> = None;
     let mut saved_at = std::time::Instant::now();
+    let mut ahead: Option<ReadAhead> = None;
     loop {
         let prev_ids = inflight
             .as_mut()
@@ -469,7 +498,7 @@ async fn run_with_lease(
         // Whether documents of ours are being written while the next page is read.
         let writing = inflight.as_ref().is_some_and(|p| !p.docs.is_empty());
         let next = async {
-            let Some((rows, next_cursor)) = read_page(db, &cursor, batch).await? else {
+            let Some((rows, next_cursor)) = read_page(db, &cursor, batch, &mut ahead).await? else {
                 return Ok(None);
             };
             if rows.iter().any(|r| prev_ids.contains(&r.id)) {
@@ -489,7 +518,15 @@ async fn run_with_lease(
             after.counts.add(&done.counts);
             done.cursor.save(&mut after);
             state.run = Some(after.clone());
-            if saved_at.elapsed() >= CHECKPOINT_EVERY {
+            // Over HTTP after every batch, as the crash tests' kills expect
+            // (a request per 500 documents); embedded, every
+            // CHECKPOINT_EVERY (a commit of the companion per batch cost
+            // more than a tenth of the run).
+            let due = match db.data {
+                AnyStore::Sqlite(_) => saved_at.elapsed() >= CHECKPOINT_EVERY,
+                AnyStore::Couch(_) => true,
+            };
+            if due {
                 state.renew(db).await?;
                 saved_at = std::time::Instant::now();
             }
@@ -590,20 +627,48 @@ impl Cursor {
     }
 }
 
+/// A page of the id-ordered pass being read ahead, on its own thread.
+struct ReadAhead {
+    /// The id the page starts after.
+    after: String,
+    page: tokio::task::JoinHandle<rewind_store::Result<Vec<ChangeRow>>>,
+}
+
 /// The next page of documents after `cursor`, and the cursor after it;
 /// `None` when the feed has nothing more.
+///
+/// In the id-ordered pass, the page after the one returned is read at once
+/// in the background (`ahead`), while this one is computed and written:
+/// the two hold different documents, and a document edited after it was
+/// read fails its conditional write and is read again.
 async fn read_page(
     db: &Database,
     cursor: &Cursor,
     batch: usize,
+    ahead: &mut Option<ReadAhead>,
 ) -> Result<Option<(Vec<ChangeRow>, Cursor)>> {
     let since = match (cursor, &db.data) {
         (Cursor::Ids { after, seq }, AnyStore::Sqlite(store)) => {
-            let rows = store
-                .live_docs_by_id(Some(after.clone()), batch, true)
-                .await?;
+            let rows = match ahead.take() {
+                Some(read) if read.after == *after => read.page.await.map_err(|e| {
+                    rewind_store::StoreError::Internal(format!("read task failed: {e}"))
+                })??,
+                _ => {
+                    store
+                        .live_docs_by_id(Some(after.clone()), batch, true)
+                        .await?
+                }
+            };
             match rows.last() {
                 Some(last) => {
+                    let store = store.clone();
+                    let after = last.id.clone();
+                    *ahead = Some(ReadAhead {
+                        after: after.clone(),
+                        page: tokio::spawn(async move {
+                            store.live_docs_by_id(Some(after), batch, true).await
+                        }),
+                    });
                     let next = Cursor::Ids {
                         after: last.id.clone(),
                         seq: seq.clone(),
@@ -726,7 +791,7 @@ async fn prepare(
         ..Counts::default()
     };
     let mut before = None;
-    let docs = journal_batch(db, set, kind, run, &leaves, &mut before, &mut counts).await?;
+    let docs = journal_batch(db, set, kind, run, leaves, &mut before, &mut counts).await?;
     Ok(Pending {
         cursor,
         ids,
@@ -749,11 +814,10 @@ async fn journal_batch(
     set: &MigrationSet,
     kind: Kind,
     run: &Run,
-    leaves: &[Value],
+    leaves: Vec<Value>,
     before: &mut Option<HashMap<String, Journal>>,
     counts: &mut Counts,
 ) -> Result<Vec<Value>> {
-    let (from, to) = (run.from, run.to);
     if leaves.is_empty() {
         return Ok(Vec::new());
     }
@@ -761,11 +825,12 @@ async fn journal_batch(
         let mut seen = HashSet::new();
         leaves
             .iter()
-            .map(id_of)
-            .filter(|id| seen.insert(id.clone()))
+            .map(id_str)
+            .filter(|id| seen.insert(*id))
+            .map(str::to_owned)
             .collect()
     };
-    let mut journals = match before {
+    let journals = match before {
         Some(before) => ids
             .iter()
             .filter_map(|id| before.get(id).map(|j| (id.clone(), j.clone())))
@@ -773,53 +838,129 @@ async fn journal_batch(
         None => load_journals(db, &ids).await?,
     };
     let before = before.get_or_insert_with(|| journals.clone());
+    let (mut leaves, mut journals) = (leaves, journals);
     let mut docs = Vec::new();
+    for attempt in 0..=JOURNAL_RACE_RETRIES {
+        let raced = journal_once(
+            db, set, kind, run, leaves, journals, before, &mut docs, counts,
+        )
+        .await?;
+        let Some(first) = raced.first() else {
+            break;
+        };
+        if attempt == JOURNAL_RACE_RETRIES {
+            return Err(EngineError::JournalRace(first.clone()));
+        }
+        // Another writer (a gateway journaling a push) changed these
+        // journals since they were read: read them and their documents
+        // again and redo only them; the rest of the batch is journaled.
+        journals = load_journals(db, &raced).await?;
+        for id in &raced {
+            match journals.get(id) {
+                Some(journal) => before.insert(id.clone(), journal.clone()),
+                None => before.remove(id),
+            };
+        }
+        leaves = Vec::new();
+        for id in &raced {
+            leaves.extend(live_leaves(db, id).await?.into_iter().map(|l| l.doc));
+        }
+    }
+    // In key order: consecutive writes then walk each B-tree one way.
+    docs.sort_by(|a, b| id_str(a).cmp(id_str(b)));
+    Ok(docs)
+}
+
+/// One attempt of [`journal_batch`]: computes the new bodies of `leaves`
+/// with `journals`, writes the journals and appends to `docs` the documents
+/// whose journal was written. Returns the ids whose journal another writer
+/// had changed (a conflict): nothing of theirs is kept.
+#[allow(clippy::too_many_arguments)]
+async fn journal_once(
+    db: &Database,
+    set: &MigrationSet,
+    kind: Kind,
+    run: &Run,
+    leaves: Vec<Value>,
+    mut journals: HashMap<String, Journal>,
+    before: &mut HashMap<String, Journal>,
+    docs: &mut Vec<Value>,
+    counts: &mut Counts,
+) -> Result<Vec<String>> {
+    let (from, to) = (run.from, run.to);
+    let mut rewritten = Vec::new();
     let mut touched: Vec<String> = Vec::new();
     let mut seen: HashSet<String> = HashSet::new();
     for leaf in leaves {
-        let id = id_of(leaf);
+        let id = id_of(&leaf);
         let journal = journals.entry(id.clone()).or_default();
         if let Some(rewrite) = rewrite(set, kind, from, to, leaf, journal)? {
-            counts.restored += u64::from(rewrite.restored);
-            counts.bytes += rewind_store::json_len(&rewrite.doc);
-            docs.push(rewrite.doc);
+            rewritten.push(rewrite);
             if seen.insert(id.clone()) {
                 touched.push(id);
             }
         }
     }
-    if docs.is_empty() {
-        return Ok(docs);
+    if rewritten.is_empty() {
+        return Ok(Vec::new());
     }
-    // In key order: consecutive writes then walk each B-tree one way.
     touched.sort_unstable();
-    docs.sort_by(|a, b| id_str(a).cmp(id_str(b)));
-    let mut journal_docs = Vec::with_capacity(touched.len());
-    for id in &touched {
-        if let Some(journal) = journals.get(id) {
-            let mut doc =
-                serde_json::to_value(journal).map_err(|e| EngineError::Corrupt(e.to_string()))?;
-            doc["_id"] = Value::from(journal_id(id));
-            journal_docs.push(doc);
-        }
-    }
-    for result in db.state.bulk_docs(journal_docs, true).await? {
-        if let Some(error) = result.error {
-            let id = result.id.trim_start_matches("journal:").to_owned();
-            if error == "conflict" {
-                return Err(EngineError::JournalRace(id));
+    let results = match &db.state {
+        // Embedded: the journal serialized once, straight to its stored text.
+        AnyStore::Sqlite(state) => {
+            let mut texts = Vec::with_capacity(touched.len());
+            for id in &touched {
+                if let Some(journal) = journals.get_mut(id) {
+                    let rev = journal.rev.take();
+                    let body = serde_json::to_string(&*journal);
+                    journal.rev.clone_from(&rev);
+                    texts.push(TextDoc {
+                        id: journal_id(id),
+                        rev,
+                        body: body.map_err(|e| EngineError::Corrupt(e.to_string()))?,
+                    });
+                }
             }
-            return Err(EngineError::Refused(format!(
-                "the journal of {id} could not be written ({error})"
-            )));
+            state.bulk_docs_text(texts).await?
         }
-        // A retry rewrites the journal from its content before the
-        // batch, on top of the revision just written.
-        if let Some(id) = result.id.strip_prefix("journal:") {
-            before.entry(id.to_owned()).or_default().rev = result.rev.clone();
+        AnyStore::Couch(_) => {
+            let mut journal_docs = Vec::with_capacity(touched.len());
+            for id in &touched {
+                if let Some(journal) = journals.get(id) {
+                    let mut doc = serde_json::to_value(journal)
+                        .map_err(|e| EngineError::Corrupt(e.to_string()))?;
+                    doc["_id"] = Value::from(journal_id(id));
+                    journal_docs.push(doc);
+                }
+            }
+            db.state.bulk_docs(journal_docs, true).await?
+        }
+    };
+    let mut raced = Vec::new();
+    for result in results {
+        let id = result.id.trim_start_matches("journal:").to_owned();
+        match result.error.as_deref() {
+            None => {
+                // A retry rewrites the journal from its content before
+                // the batch, on top of the revision just written.
+                before.entry(id).or_default().rev = result.rev.clone();
+            }
+            Some("conflict") => raced.push(id),
+            Some(error) => {
+                return Err(EngineError::Refused(format!(
+                    "the journal of {id} could not be written ({error})"
+                )))
+            }
         }
     }
-    Ok(docs)
+    for rewrite in rewritten {
+        if !raced.iter().any(|id| id == id_str(&rewrite.doc)) {
+            counts.restored += u64::from(rewrite.restored);
+            counts.bytes += rewind_store::json_len(&rewrite.doc);
+            docs.push(rewrite.doc);
+        }
+    }
+    Ok(raced)
 }
 
 /// Writes a journaled batch's documents, each conditional on the revision
@@ -880,7 +1021,7 @@ async fn write_batch(
         for id in retry_ids {
             leaves.extend(live_leaves(db, &id).await?.into_iter().map(|l| l.doc));
         }
-        docs = journal_batch(db, set, kind, run, &leaves, &mut before, &mut counts).await?;
+        docs = journal_batch(db, set, kind, run, leaves, &mut before, &mut counts).await?;
     }
     Ok(Done {
         cursor,

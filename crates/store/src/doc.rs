@@ -56,20 +56,21 @@ pub(crate) fn check_id(id: &str) -> Result<()> {
 
 /// Splits and validates one document of a `bulk_docs` request.
 pub(crate) fn parse_doc(doc: Value, new_edits: bool) -> Result<ParsedDoc> {
-    let Value::Object(map) = doc else {
+    let Value::Object(mut map) = doc else {
         return Err(StoreError::bad("a document must be a JSON object"));
     };
-    let mut body = Map::new();
-    let (mut id, mut rev, mut revisions, mut deleted, mut atts_raw) =
-        (None, None, None, false, None);
-    for (k, v) in map {
+    // The members that are taken whole; the body is then written from the
+    // map as it is, without building a second map.
+    let revisions = map.shift_remove("_revisions");
+    let atts_raw = map.shift_remove("_attachments");
+    let (mut id, mut rev, mut deleted) = (None, None, false);
+    for (k, v) in &map {
         if !k.starts_with('_') {
-            body.insert(k, v);
             continue;
         }
         match k.as_str() {
             "_id" => match v {
-                Value::String(s) => id = Some(s),
+                Value::String(s) => id = Some(s.clone()),
                 _ => return Err(StoreError::bad("_id must be a string")),
             },
             "_rev" => match v {
@@ -78,12 +79,10 @@ pub(crate) fn parse_doc(doc: Value, new_edits: bool) -> Result<ParsedDoc> {
                 _ => return Err(StoreError::bad("_rev must be a string")),
             },
             "_deleted" => match v {
-                Value::Bool(b) => deleted = b,
+                Value::Bool(b) => deleted = *b,
                 Value::Null => {}
                 _ => return Err(StoreError::bad("_deleted must be true or false")),
             },
-            "_revisions" => revisions = Some(v),
-            "_attachments" => atts_raw = Some(v),
             k if IGNORED_SPECIALS.contains(&k) => {}
             _ => return Err(StoreError::bad(format!("bad special document member: {k}"))),
         }
@@ -120,7 +119,7 @@ pub(crate) fn parse_doc(doc: Value, new_edits: bool) -> Result<ParsedDoc> {
             )))
         }
     };
-    let body = serde_json::to_string(&Value::Object(body)).expect("a JSON value serializes");
+    let body = body_text(&map)?;
     Ok(ParsedDoc {
         id,
         rev,
@@ -129,6 +128,56 @@ pub(crate) fn parse_doc(doc: Value, new_edits: bool) -> Result<ParsedDoc> {
         body,
         atts,
     })
+}
+
+/// The members of `map` not starting with `_`, as compact JSON text (what
+/// `serde_json::to_string` gives for a map of only those members).
+fn body_text(map: &Map<String, Value>) -> Result<String> {
+    let mut out: Vec<u8> = Vec::with_capacity(512);
+    out.push(b'{');
+    let mut first = true;
+    for (k, v) in map {
+        if k.starts_with('_') {
+            continue;
+        }
+        if !first {
+            out.push(b',');
+        }
+        first = false;
+        serde_json::to_writer(&mut out, k).map_err(|e| StoreError::Internal(e.to_string()))?;
+        out.push(b':');
+        serde_json::to_writer(&mut out, v).map_err(|e| StoreError::Internal(e.to_string()))?;
+    }
+    out.push(b'}');
+    String::from_utf8(out).map_err(|e| StoreError::Internal(e.to_string()))
+}
+
+/// Checks that `body` is the text of a JSON object none of whose members
+/// starts with `_` (a body as `parse_doc` makes it).
+pub(crate) fn check_plain_body(body: &str) -> std::result::Result<(), String> {
+    use serde::de::{Deserializer, Error as _, IgnoredAny, MapAccess, Visitor};
+
+    struct Plain;
+    impl<'de> Visitor<'de> for Plain {
+        type Value = ();
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a JSON object")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> std::result::Result<(), A::Error> {
+            while let Some(key) = map.next_key::<String>()? {
+                if key.starts_with('_') {
+                    return Err(A::Error::custom(format!(
+                        "the body has a special member {key}"
+                    )));
+                }
+                map.next_value::<IgnoredAny>()?;
+            }
+            Ok(())
+        }
+    }
+    let mut de = serde_json::Deserializer::from_str(body);
+    de.deserialize_map(Plain).map_err(|e| e.to_string())?;
+    de.end().map_err(|e| e.to_string())
 }
 
 fn parse_att(id: &str, name: &str, a: Value) -> Result<AttIn> {
@@ -272,6 +321,37 @@ mod tests {
             serde_json::to_string(&back).unwrap(),
             r#"{"_id":"a","_rev":"1-ab","z":1,"big":12345678901234567890,"f":1.10,"a":{"y":1,"x":2}}"#
         );
+    }
+
+    #[test]
+    fn body_text_is_the_map_of_plain_members_serialized() {
+        for text in [
+            r#"{"_id":"a","z":[1,2.50,1e400],"_rev":"1-ab","c":{"_y":1,"a":"é\n\u0001"},"_deleted":true}"#,
+            r#"{"_id":"a"}"#,
+            r#"{"a":null,"_conflicts":[],"b":{}}"#,
+        ] {
+            let Value::Object(map) = serde_json::from_str(text).unwrap() else {
+                unreachable!()
+            };
+            let plain: Map<String, Value> = map
+                .iter()
+                .filter(|(k, _)| !k.starts_with('_'))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            assert_eq!(
+                body_text(&map).unwrap(),
+                serde_json::to_string(&Value::Object(plain)).unwrap()
+            );
+        }
+    }
+
+    #[test]
+    fn plain_bodies_are_objects_without_special_members() {
+        assert!(check_plain_body(r#"{"a":{"_b":1},"c":[1e400]}"#).is_ok());
+        assert!(check_plain_body("{}").is_ok());
+        for bad in [r#"{"_id":"a"}"#, "[1]", "{", r#"{"a":1} x"#, r#""s""#] {
+            assert!(check_plain_body(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -34,7 +34,7 @@ pub use couch::{CouchAuth, CouchOptions, CouchStore};
 pub use doc::json_len;
 pub use error::{redact_url, Result, StoreError};
 pub use rev::{Rev, DEFAULT_REVS_LIMIT};
-pub use sqlite::SqliteStore;
+pub use sqlite::{SqliteStore, TextDoc};
 pub use types::*;
 
 /// What the engine and the gateway need of a database.

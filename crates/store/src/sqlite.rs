@@ -95,6 +95,18 @@ pub struct SqliteStore {
     inner: Arc<Inner>,
 }
 
+/// A new revision whose body is already JSON text, for
+/// [`SqliteStore::bulk_docs_text`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TextDoc {
+    /// The document id.
+    pub id: String,
+    /// The revision edited (`None`: a new document).
+    pub rev: Option<String>,
+    /// A JSON object's text, with no member starting with `_`.
+    pub body: String,
+}
+
 struct Inner {
     path: PathBuf,
     name: String,
@@ -605,21 +617,129 @@ impl SqliteStore {
         include_docs: bool,
     ) -> Result<Vec<ChangeRow>> {
         self.read(move |c| {
+            // The winner's body in the same statement (one join instead of
+            // a lookup per document).
             let mut st = c.prepare_cached(
-                "SELECT id, seq, tree FROM docs WHERE deleted = 0 AND id > ?1 ORDER BY id LIMIT ?2",
+                "SELECT d.id, d.seq, d.tree, d.winner, r.body, r.atts FROM docs d \
+                 LEFT JOIN revs r ON ?3 AND r.id = d.id AND r.rev = d.winner \
+                 WHERE d.deleted = 0 AND d.id > ?1 ORDER BY d.id LIMIT ?2",
             )?;
             let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-            let found: Vec<(String, i64, String)> = st
-                .query_map(params![after.unwrap_or_default(), limit], |r| {
-                    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-                })?
+            type Found = (String, i64, String, String, Option<String>, Option<String>);
+            let found: Vec<Found> = st
+                .query_map(
+                    params![after.unwrap_or_default(), limit, include_docs],
+                    |r| {
+                        Ok((
+                            r.get(0)?,
+                            r.get(1)?,
+                            r.get(2)?,
+                            r.get(3)?,
+                            r.get(4)?,
+                            r.get(5)?,
+                        ))
+                    },
+                )?
                 .collect::<rusqlite::Result<_>>()?;
             found
                 .into_iter()
-                .map(|(id, seq, tree)| change_row(c, id, seq, &tree, true, include_docs))
+                .map(|(id, seq, tree, winner, body, atts)| {
+                    let winner = body.map(|body| (winner, body, atts));
+                    change_row(c, id, seq, &tree, true, include_docs, winner)
+                })
                 .collect()
         })
         .await
+    }
+
+    /// Writes validated documents in one transaction (see `bulk_docs`).
+    async fn write_items(&self, parsed: Vec<Item>, new_edits: bool) -> Result<Vec<BulkResult>> {
+        let this = self.clone();
+        self.write(move |tx, k| {
+            if !k.exists {
+                return Err(this.missing_db());
+            }
+            let mut results = Vec::with_capacity(parsed.len());
+            // Sequences continue from the file's last one, whoever wrote it.
+            let mut st = State {
+                next_seq: k.last_seq + 1,
+                revs_limit: k.revs_limit,
+                doc_delta: 0,
+                del_delta: 0,
+            };
+            for item in parsed {
+                let r = match item {
+                    Item::Local(id, body) => match put_local_tx(tx, &id, body) {
+                        Ok(rev) => Some(BulkResult {
+                            id,
+                            rev: Some(rev),
+                            error: None,
+                            reason: None,
+                        }),
+                        Err(e) => Some(error_result(id, &e)),
+                    },
+                    Item::Doc(d) => {
+                        let id = d.id.clone();
+                        match write_doc(tx, &mut st, d, new_edits) {
+                            Ok(Some(rev)) if new_edits => Some(BulkResult {
+                                id,
+                                rev: Some(rev),
+                                error: None,
+                                reason: None,
+                            }),
+                            Ok(_) => None,
+                            Err(
+                                e @ (StoreError::Conflict { .. } | StoreError::MissingStub { .. }),
+                            ) => Some(error_result(id, &e)),
+                            Err(e) => return Err(e),
+                        }
+                    }
+                };
+                results.extend(r);
+            }
+            if st.doc_delta != 0 || st.del_delta != 0 {
+                k.doc_count += st.doc_delta;
+                k.del_count += st.del_delta;
+                let mut up = tx.prepare_cached("UPDATE meta SET value = ?2 WHERE key = ?1")?;
+                up.execute(params!["doc_count", k.doc_count.to_string()])?;
+                up.execute(params!["del_count", k.del_count.to_string()])?;
+            }
+            k.last_seq = st.next_seq - 1;
+            Ok(results)
+        })
+        .await
+    }
+
+    /// `bulk_docs` with `new_edits=true` for bodies already serialized:
+    /// the same revisions, conflicts and results as
+    /// [`crate::Store::bulk_docs`] gives for `{"_id", "_rev", ...body}`,
+    /// without building a document and serializing it again. Each body must
+    /// be the text of a JSON object with no member starting with `_` (so no
+    /// attachments and no deletion); otherwise, or for a bad id or revision,
+    /// the request fails with `BadRequest` before anything is written.
+    pub async fn bulk_docs_text(&self, docs: Vec<TextDoc>) -> Result<Vec<BulkResult>> {
+        self.check_exists().await?;
+        let mut parsed = Vec::with_capacity(docs.len());
+        for d in docs {
+            doc::check_id(&d.id)?;
+            if d.id.starts_with("_local/") {
+                return Err(StoreError::bad(format!(
+                    "document {}: _local documents cannot be written as text",
+                    d.id
+                )));
+            }
+            doc::check_plain_body(&d.body)
+                .map_err(|e| StoreError::bad(format!("document {}: {e}", d.id)))?;
+            parsed.push(Item::Doc(ParsedDoc {
+                rev: d.rev.as_deref().map(str::parse::<Rev>).transpose()?,
+                id: d.id,
+                path: Vec::new(),
+                deleted: false,
+                body: d.body,
+                atts: Vec::new(),
+            }));
+        }
+        self.write_items(parsed, true).await
     }
 
     /// Lists every `_local/` document (ids with their `_local/` prefix), for copies.
@@ -748,60 +868,7 @@ impl crate::Store for SqliteStore {
                 parsed.push(Item::Doc(doc::parse_doc(d, new_edits)?));
             }
         }
-        let this = self.clone();
-        self.write(move |tx, k| {
-            if !k.exists {
-                return Err(this.missing_db());
-            }
-            let mut results = Vec::with_capacity(parsed.len());
-            // Sequences continue from the file's last one, whoever wrote it.
-            let mut st = State {
-                next_seq: k.last_seq + 1,
-                revs_limit: k.revs_limit,
-                doc_delta: 0,
-                del_delta: 0,
-            };
-            for item in parsed {
-                let r = match item {
-                    Item::Local(id, body) => match put_local_tx(tx, &id, body) {
-                        Ok(rev) => Some(BulkResult {
-                            id,
-                            rev: Some(rev),
-                            error: None,
-                            reason: None,
-                        }),
-                        Err(e) => Some(error_result(id, &e)),
-                    },
-                    Item::Doc(d) => {
-                        let id = d.id.clone();
-                        match write_doc(tx, &mut st, d, new_edits) {
-                            Ok(Some(rev)) if new_edits => Some(BulkResult {
-                                id,
-                                rev: Some(rev),
-                                error: None,
-                                reason: None,
-                            }),
-                            Ok(_) => None,
-                            Err(
-                                e @ (StoreError::Conflict { .. } | StoreError::MissingStub { .. }),
-                            ) => Some(error_result(id, &e)),
-                            Err(e) => return Err(e),
-                        }
-                    }
-                };
-                results.extend(r);
-            }
-            if st.doc_delta != 0 || st.del_delta != 0 {
-                k.doc_count += st.doc_delta;
-                k.del_count += st.del_delta;
-                let mut up = tx.prepare_cached("UPDATE meta SET value = ?2 WHERE key = ?1")?;
-                up.execute(params!["doc_count", k.doc_count.to_string()])?;
-                up.execute(params!["del_count", k.del_count.to_string()])?;
-            }
-            k.last_seq = st.next_seq - 1;
-            Ok(results)
-        })
-        .await
+        self.write_items(parsed, new_edits).await
     }
 
     async fn bulk_get(
@@ -996,6 +1063,7 @@ impl crate::Store for SqliteStore {
                     &tree,
                     opts.style_all_docs,
                     opts.include_docs,
+                    None,
                 )?);
             }
             Ok(Changes {
@@ -1258,10 +1326,23 @@ fn build_doc(
     idx: usize,
     opts: &GetOptions,
 ) -> Result<Option<Value>> {
-    let node = &tree.nodes[idx];
-    let Some((body, atts)) = load_rev(c, id, &node.rev)? else {
+    let Some((body, atts)) = load_rev(c, id, &tree.nodes[idx].rev)? else {
         return Ok(None);
     };
+    doc_at(c, id, tree, idx, opts, &body, atts).map(Some)
+}
+
+/// The document at tree node `idx`, from its stored body and attachment list.
+fn doc_at(
+    c: &Connection,
+    id: &str,
+    tree: &RevTree,
+    idx: usize,
+    opts: &GetOptions,
+    body: &str,
+    atts: Option<String>,
+) -> Result<Value> {
+    let node = &tree.nodes[idx];
     let attachments = match atts {
         None => None,
         Some(a) => {
@@ -1305,11 +1386,13 @@ fn build_doc(
         }),
         revisions: opts.revs.then(|| tree.revisions_json(idx)),
     };
-    doc::assemble(id, &node.rev.to_string(), &body, extras).map(Some)
+    doc::assemble(id, &node.rev.to_string(), body, extras)
 }
 
 /// One changes-feed row for a document: its winner (or, with `all_leaves`,
-/// every leaf, winner first) and, with `include_docs`, the winner's body.
+/// every leaf, winner first) and, with `include_docs`, the winner's body
+/// (`winner`: the winner's revision, body and attachment list, when the
+/// caller read them already).
 fn change_row(
     c: &Connection,
     id: String,
@@ -1317,15 +1400,19 @@ fn change_row(
     tree: &str,
     all_leaves: bool,
     include_docs: bool,
+    winner: Option<(String, String, Option<String>)>,
 ) -> Result<ChangeRow> {
     let tree = RevTree::from_json(tree)?;
     let leaves = tree.sorted_leaves();
     let w = leaves[0];
     let revs = if all_leaves { leaves } else { vec![w] };
-    let doc = if include_docs {
-        build_doc(c, &id, &tree, w, &GetOptions::default())?
-    } else {
-        None
+    let opts = GetOptions::default();
+    let doc = match winner {
+        _ if !include_docs => None,
+        Some((rev, body, atts)) if rev == tree.nodes[w].rev.to_string() => {
+            Some(doc_at(c, &id, &tree, w, &opts, &body, atts)?)
+        }
+        _ => build_doc(c, &id, &tree, w, &opts)?,
     };
     Ok(ChangeRow {
         seq: Value::from(seq),
