@@ -710,6 +710,27 @@ impl SqliteStore {
         .await
     }
 
+    /// For each id, the winning revision and its body as stored (JSON text
+    /// without special members or attachments), or `None` for a missing or
+    /// deleted document: for a reader that parses bodies into its own types
+    /// (the engine's journals) rather than into documents.
+    pub async fn winner_texts(&self, ids: Vec<String>) -> Result<Vec<Option<(String, String)>>> {
+        self.read(move |c| {
+            let mut st = c.prepare_cached(
+                "SELECT d.winner, r.body FROM docs d JOIN revs r ON r.id = d.id AND r.rev = d.winner \
+                 WHERE d.id = ?1 AND d.deleted = 0",
+            )?;
+            ids.iter()
+                .map(|id| {
+                    Ok(st
+                        .query_row([id], |r| Ok((r.get(0)?, r.get(1)?)))
+                        .optional()?)
+                })
+                .collect()
+        })
+        .await
+    }
+
     /// `bulk_docs` with `new_edits=true` for bodies already serialized:
     /// the same revisions, conflicts and results as
     /// [`crate::Store::bulk_docs`] gives for `{"_id", "_rev", ...body}`,
