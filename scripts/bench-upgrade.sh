@@ -4,6 +4,10 @@
 # same transform (examples/baseline), and raw `_bulk_docs` of pre-built docs
 # (gen.js load); on the embedded store, `rewind upgrade` and `rewind
 # rollback`. Wall time, docs/s and peak RSS of the migrating process.
+# The embedded rows run on files `rewind sample` has just made, so in the
+# current layout (revision bodies in a rowid table; files made before it
+# answer the same but slower). The machine's other load moves every row:
+# compare rows of one run (docs/design.md, "Known limits", engine speed).
 #
 # usage: N=20000 scripts/bench-upgrade.sh      (N=1000000 for the big run; not for CI)
 #        BATCH=500 to force a batch size (default: rewind's own, sized to the store)
