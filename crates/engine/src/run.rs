@@ -21,7 +21,7 @@
 //! the new version only once a pass over the feed finds nothing left to do.
 
 use crate::journal::{body_hash, body_text, journal_id, Image, Journal, JournalComplements};
-use crate::state::{now_ms, owner_name, Applied, Counts, Database, Run, State};
+use crate::state::{now_ms, owner_name, Applied, ByIdPass, Counts, Database, Run, State};
 use crate::{EngineError, Result};
 use rewind_lens::MigrationSet;
 use rewind_store::{
@@ -465,12 +465,11 @@ async fn run_with_lease(
                 started: now_ms(),
                 finished: None,
                 outcome: "running".into(),
-                since: if by_id {
-                    info.update_seq.clone()
-                } else {
-                    Value::from(0)
-                },
-                by_id: by_id.then(String::new),
+                since: Value::from(0),
+                by_id: by_id.then(|| ByIdPass {
+                    after: String::new(),
+                    since: info.update_seq.clone(),
+                }),
                 resumed: 0,
                 counts: Counts::default(),
             }
@@ -616,9 +615,9 @@ impl Cursor {
     /// Where `run` resumes.
     fn of(run: &Run) -> Cursor {
         match &run.by_id {
-            Some(after) => Cursor::Ids {
-                after: after.clone(),
-                seq: run.since.clone(),
+            Some(pass) => Cursor::Ids {
+                after: pass.after.clone(),
+                seq: pass.since.clone(),
             },
             None => Cursor::Seq(run.since.clone()),
         }
@@ -628,8 +627,11 @@ impl Cursor {
     fn save(&self, run: &mut Run) {
         match self {
             Cursor::Ids { after, seq } => {
-                run.by_id = Some(after.clone());
-                run.since = seq.clone();
+                run.by_id = Some(ByIdPass {
+                    after: after.clone(),
+                    since: seq.clone(),
+                });
+                run.since = Value::from(0);
             }
             Cursor::Seq(seq) => {
                 run.by_id = None;

@@ -136,14 +136,24 @@ pub struct Run {
     /// The changes-feed checkpoint: everything up to it is done.
     pub since: Value,
     /// Embedded store, during the run's first pass, which walks documents
-    /// in id order: the last id done. `since` is then the feed sequence the
-    /// pass started at, from which the feed brings what changed meanwhile.
+    /// in id order: where it is. `since` stays 0 meanwhile, so a rewind
+    /// that does not know this field resumes from the start of the feed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub by_id: Option<String>,
+    pub by_id: Option<ByIdPass>,
     /// How many times the run was resumed after an interruption.
     pub resumed: u32,
     /// Counters.
     pub counts: Counts,
+}
+
+/// The checkpoint of an embedded run's id-ordered first pass.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ByIdPass {
+    /// The last document id done (`""` before the first).
+    pub after: String,
+    /// The feed sequence the pass started at: the feed from there brings
+    /// what changed meanwhile.
+    pub since: Value,
 }
 
 /// Who holds the lease, until when.
