@@ -21,23 +21,25 @@
 # "docs" is PouchDB's docs_written: revisions written, one per leaf (tombstoned conflict
 # branches included), so it exceeds N when the source serves more than one leaf per doc.
 #
-# one run on 2026-11-25, N=5000, 2 cores shared with other builds (7 min 31 s):
+# one run on 2026-11-26, N=2000, 2 cores shared with a build and an engine benchmark:
 #   step                                                              docs     secs    docs/s  notes
-#   1. rewind copy src → dst (pouchdb-server, whole process)        5000      2.2      2265
-#   1. PouchDB.replicate(src, dst) over HTTP (node)                   5000      4.2      1180
-#   2a. pull straight from pouchdb-server (/medic, v7)                5000      2.7      1878
-#   2b. pull via rewind serve --couch, /medic (v7, no translation)   36064    158.9       227  gateway peak RSS 123 MB
-#   2c. pull via rewind serve --couch, /v/0/medic (7 → 0)          36064    155.9       231  gateway peak RSS 228 MB
-#   2d. pull via rewind serve --data, /medic (embedded, v0)          18032      7.7      2331  gateway peak RSS 107 MB
-#   3. 50 live pulls, one node process, 20 s (embedded gateway)      69248       20      3462  gateway peak RSS 226 MB (idle 12 MB, now 226 MB); 0 client errors
+#   1. rewind copy src → dst (pouchdb-server, whole process)        2000      1.6      1277
+#   1. PouchDB.replicate(src, dst) over HTTP (node)                   2000      1.7      1198
+#   2a. pull straight from pouchdb-server (/medic, v7)                2000      1.2      1645
+#   2b. pull via rewind serve --couch, /medic (v7, no translation)   28896      9.5      3029  gateway peak RSS 110 MB
+#   2c. pull via rewind serve --couch, /v/0/medic (7 → 0)          28896     10.9      2658  gateway peak RSS 178 MB
+#   2d. pull via rewind serve --data, /medic (embedded, v0)           7224      2.1      3497  gateway peak RSS 62 MB
+#   3. 50 live pulls, one node process, 10 s (embedded gateway)      64832       10      6483  gateway peak RSS 176 MB; 0 client errors
 #
-#   copy: rewind copy is 1.92× PouchDB.replicate (target ≥ 2×)
-#   pull: (b)/(a) = 59.66×, (c)/(a) = 58.54× (target ≤ 1.15×), (d)/(a) = 2.90× (time; < 1 is faster)
-#   warnings: 2b and 2c wrote 36064 revisions, 2d 18032, not 5000. pouchdb-server holds one
-#   leaf per doc after the upgrade (2-x); the --couch gateway at /medic serves six leaves per doc
-#   (3-y on top of 2-x, plus 4-/3- branches), so (b) is not a pass-through. `rewind sample`
-#   into an embedded store makes conflicts with tombstoned branches (~3.6 leaves per doc);
-#   written over HTTP to pouchdb-server it makes one.
+#   pull: (b)/(a) = 7.85×, (c)/(a) = 8.94× (target ≤ 1.15×), (d)/(a) = 1.70×
+#   (the day before, N=5000: (b)/(a) = 59.66×, (c)/(a) = 58.54×: `_bulk_get` read and presented
+#   each requested revision on its own, one upstream round trip after another.)
+#   warnings: 2b and 2c wrote ~14 revisions per document, 2d 3.6: after an upgrade, every
+#   document is presented as a synthetic child with tombstones retiring its other views and its
+#   ancestors' views, in the current and previous presentation contexts (docs/design.md,
+#   "Revisions" and Known limits); a fresh phone downloads them all. `rewind sample` into an
+#   embedded store makes conflicts with tombstoned branches (~3.6 leaves per doc); written over
+#   HTTP to pouchdb-server it makes one.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
