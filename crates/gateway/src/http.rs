@@ -24,6 +24,13 @@ pub const MAX_DOCUMENT: usize = 8 << 20;
 /// How long a database's version state is cached.
 const STATE_TTL: Duration = Duration::from_millis(250);
 
+/// How [`Call::credentials`] names a session cookie (not an HTTP scheme).
+const SESSION_SCHEME: &str = "Cookie ";
+
+/// Open databases kept per (database, credentials); forgotten all at once
+/// beyond this many (session cookies rotate, so keys keep coming).
+const OPEN_DATABASES: usize = 1000;
+
 /// Where the documents are.
 #[derive(Debug, Clone)]
 pub enum Backend {
@@ -162,7 +169,22 @@ impl Gateway {
                 return Err(GatewayError::NotFound("Database does not exist.".into()));
             }
         }
-        let data = rewind_store::open(&target).await?;
+        let session = auth.and_then(|a| a.strip_prefix(SESSION_SCHEME));
+        let open = |target: String| async move {
+            match session {
+                Some(cookie) if matches!(self.inner.backend, Backend::Couch(_)) => {
+                    let opts = rewind_store::CouchOptions {
+                        session: Some(cookie.to_owned()),
+                        ..Default::default()
+                    };
+                    rewind_store::CouchStore::open_with(&target, opts)
+                        .await
+                        .map(rewind_store::AnyStore::Couch)
+                }
+                _ => rewind_store::open(&target).await,
+            }
+        };
+        let data = open(target.clone()).await?;
         if create {
             match data.create_db().await {
                 Ok(()) => {}
@@ -179,7 +201,7 @@ impl Gateway {
         } else if !data.exists().await? {
             return Err(GatewayError::NotFound("Database does not exist.".into()));
         }
-        let state = rewind_store::open(&companion_target(&target)).await?;
+        let state = open(companion_target(&target)).await?;
         if !state.exists().await? {
             match state.create_db().await {
                 Ok(()) | Err(StoreError::FileExists { .. }) => {}
@@ -191,11 +213,11 @@ impl Gateway {
             state,
             name: db.to_owned(),
         };
-        self.inner
-            .dbs
-            .lock()
-            .map_err(poisoned)?
-            .insert(key, database.clone());
+        let mut dbs = self.inner.dbs.lock().map_err(poisoned)?;
+        if dbs.len() >= OPEN_DATABASES {
+            dbs.clear();
+        }
+        dbs.insert(key, database.clone());
         Ok(database)
     }
 
@@ -430,6 +452,21 @@ impl Call {
             .and_then(|h| h.to_str().ok())
     }
 
+    /// Whose credentials open the user's databases upstream: the
+    /// `Authorization` header, else the `AuthSession` cookie of a user who
+    /// logged in with `_session` (as `Cookie AuthSession=...`).
+    fn credentials(&self) -> Option<String> {
+        if let Some(auth) = self.auth() {
+            return Some(auth.to_owned());
+        }
+        let cookies = self.headers.get(header::COOKIE)?.to_str().ok()?;
+        cookies
+            .split(';')
+            .map(str::trim)
+            .find(|c| c.starts_with("AuthSession="))
+            .map(|c| format!("{SESSION_SCHEME}{c}"))
+    }
+
     fn json_body(&self) -> Result<Value, GatewayError> {
         if self.body.is_empty() {
             return Err(GatewayError::BadRequest(
@@ -609,7 +646,10 @@ async fn root(gateway: &Gateway, call: &Call) -> Result<Response, GatewayError> 
         None => {
             let mut served = Vec::new();
             for db in gateway.database_names() {
-                if let Ok(database) = gateway.database(&db, call.auth(), false).await {
+                if let Ok(database) = gateway
+                    .database(&db, call.credentials().as_deref(), false)
+                    .await
+                {
                     if let Ok(state) = gateway.state(&db, &database).await {
                         served.push((db, state.served_version()));
                     }
@@ -639,10 +679,14 @@ async fn database_route(
     asked_k: Option<u32>,
 ) -> Result<Response, GatewayError> {
     if rest.is_empty() && call.method == Method::PUT {
-        gateway.database(db, call.auth(), true).await?;
+        gateway
+            .database(db, call.credentials().as_deref(), true)
+            .await?;
         return Ok(json_response(201, &json!({"ok": true})));
     }
-    let database = gateway.database(db, call.auth(), false).await?;
+    let database = gateway
+        .database(db, call.credentials().as_deref(), false)
+        .await?;
     let state = gateway.state(db, &database).await?;
     let k = asked_k.unwrap_or(state.served_version());
     if k > gateway.inner.set.latest() {

@@ -48,6 +48,10 @@ pub struct CouchOptions {
     pub retries: u32,
     /// First backoff; doubled on each retry (capped at 5 s), plus up to 50% jitter.
     pub backoff: Duration,
+    /// A client's own session cookie (`AuthSession=...`), sent on every
+    /// request instead of any login: how a gateway acts for a user who
+    /// authenticated with CouchDB's `_session`.
+    pub session: Option<String>,
 }
 
 impl Default for CouchOptions {
@@ -58,6 +62,7 @@ impl Default for CouchOptions {
             connect_timeout: Duration::from_secs(10),
             retries: 4,
             backoff: Duration::from_millis(100),
+            session: None,
         }
     }
 }
@@ -321,6 +326,9 @@ impl CouchStore {
                     }
                 }
                 (None, _) => {}
+            }
+            if let Some(session) = &self.inner.opts.session {
+                rb = rb.header(COOKIE, session.as_str());
             }
             let failure = match rb.send().await {
                 Ok(resp) => {
