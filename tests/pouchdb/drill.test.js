@@ -1,9 +1,9 @@
 'use strict';
 // The acceptance scenario of docs/design.md ("the rollback drill") with real
 // PouchDB 9 phones (memory adapter) syncing through `rewind serve` over the
-// embedded store, while `rewind upgrade` / `rewind rollback --instant` run as
-// separate processes on the same store file and are killed with SIGKILL at a
-// random point, then re-run to completion. It imitates crates/drill/src/scenario.rs:
+// embedded store and over pouchdb-server, while `rewind upgrade` / `rewind
+// rollback --instant` run as separate processes on the same store and are
+// killed with SIGKILL at a random point, then re-run to completion. It imitates crates/drill/src/scenario.rs:
 //
 //   0. ~60 sample docs at v0; five phones pull (following `/medic`);
 //   1. `rewind upgrade --to 7` (killed once, re-run) while every phone keeps
@@ -35,6 +35,13 @@ const h = require('./lib/harness');
 
 const N = 60;
 const PHONES = 5;
+// The stores the drill runs on (REWIND_DRILL_STORES, default both): the
+// embedded store (`rewind serve --data`, the engine on the same file) and
+// pouchdb-server as the CouchDB (`rewind serve --couch`, the engine over HTTP).
+const STORES = (process.env.REWIND_DRILL_STORES || 'embedded,couch')
+  .split(',')
+  .map((s) => s.trim())
+  .filter(Boolean);
 const SEEDS = (process.env.REWIND_DRILL_SEEDS || '1,2,3')
   .split(',')
   .filter((s) => s.trim())
@@ -100,9 +107,10 @@ async function servedVersion(gw) {
 // -------------------------------------------------------------------- drill
 
 class Drill {
-  constructor(t, seed) {
+  constructor(t, seed, kind = 'embedded') {
     this.t = t;
     this.seed = seed;
+    this.kind = kind;
     this.cleanup = new h.Cleanup();
     this.kills = [];
     this.edits = []; // {id, field, value}
@@ -116,7 +124,7 @@ class Drill {
   }
 
   async setup() {
-    this.store = await h.makeStore(this.cleanup, 'embedded', N);
+    this.store = await h.makeStore(this.cleanup, this.kind, N);
     this.gw = await h.startGateway(this.cleanup, this.store);
     this.phones = [];
     for (let i = 0; i < PHONES; i++) {
@@ -344,90 +352,92 @@ const TODO = process.env.REWIND_DRILL_STRICT
         'one document (repro: DRILL_DEBUG=1 REWIND_DRILL_STRICT=1 REWIND_DRILL_SEEDS=1,2,3,4,5,6)',
     };
 
-describe('rollback drill: five PouchDB phones through rewind serve (embedded store), engine killed with SIGKILL', () => {
-  for (const seed of SEEDS) {
-    test(`seed ${seed}`, { timeout: 150000, ...TODO }, async (t) => {
-      const d = new Drill(t, seed);
-      t.after(() => d.cleanup.run());
-      await d.setup();
-      const [a, b, c, e, f] = d.phones; // a, b: v7 online; c: v7 offline; e: v0 offline; f: v0 online
+for (const kind of STORES) {
+  describe(`rollback drill: five PouchDB phones through rewind serve (${kind} store), engine killed with SIGKILL`, () => {
+    for (const seed of SEEDS) {
+      test(`seed ${seed}`, { timeout: 240000, ...TODO }, async (t) => {
+        const d = new Drill(t, seed, kind);
+        t.after(() => d.cleanup.run());
+        await d.setup();
+        const [a, b, c, e, f] = d.phones; // a, b: v7 online; c: v7 offline; e: v0 offline; f: v0 online
 
-      // 0. Phones pull the database at v0.
-      await d.timed('initial pull', async () => {
-        await Promise.all(d.phones.map((p) => p.pull()));
-        for (const p of d.phones) assert.equal((await p.docs()).length, N, `phone ${p.index} pulled`);
+        // 0. Phones pull the database at v0.
+        await d.timed('initial pull', async () => {
+          await Promise.all(d.phones.map((p) => p.pull()));
+          for (const p of d.phones) assert.equal((await p.docs()).length, N, `phone ${p.index} pulled`);
+        });
+
+        // 1. Upgrade to v7 as a separate process (killed, re-run) while phones edit and sync.
+        await d.timed('upgrade during traffic', async () => {
+          let done = false;
+          const upgrade = d.engine('upgrade', 7).finally(() => (done = true));
+          upgrade.catch(() => {});
+          let rounds = 0;
+          while ((rounds < 2 || !done) && rounds < 40) {
+            await Promise.all(
+              d.phones.map(async (p) => {
+                await d.editRound(p, 1, `up${rounds}`);
+                await d.sync(p);
+              }),
+            );
+            rounds++;
+          }
+          await upgrade;
+          d.trafficRounds = rounds;
+          await waitServed(d.gw, 7);
+          await d.syncAll();
+        });
+
+        // 2. Two phones switch to v7 (and a third, which goes offline); two pin v0 (one goes offline).
+        await d.timed('switch, offline edits', async () => {
+          for (const p of [a, b, c]) p.k = 7;
+          for (const p of [e, f]) p.k = 0;
+          await d.syncAll();
+          c.online = false;
+          e.online = false;
+          for (const p of d.phones) await d.editRound(p, 2, 'pinned', { create: 1, k: p.k });
+          await d.deleteOne(a);
+          await d.syncAll();
+        });
+
+        // 3. Instant rollback to v0 (killed, re-run); online phones follow /medic and sync.
+        await d.timed('rollback', async () => {
+          await d.engine('rollback', 0, { instant: true });
+          await waitServed(d.gw, 0);
+          for (const p of d.phones) if (p.online) p.k = null;
+          await d.syncAll();
+        });
+
+        // 4. The offline phones come back at their pinned version, then follow /medic; everyone syncs twice.
+        await d.timed('offline phones return', async () => {
+          for (const p of [c, e]) {
+            p.online = true;
+            await d.sync(p);
+            p.k = null;
+          }
+          await d.syncAll();
+          await d.syncAll();
+        });
+
+        // 5. Re-upgrade to v7 (killed, re-run); everyone syncs via /medic, edits, syncs twice.
+        await d.timed('re-upgrade', async () => {
+          await d.engine('upgrade', 7);
+          await waitServed(d.gw, 7);
+          await d.syncAll();
+          for (const p of d.phones) await d.editRound(p, 1, 'fixed', { create: 1, k: 7 });
+          await d.syncAll();
+          await d.syncAll();
+        });
+
+        await d.timed('checks', () => finalChecks(d));
+        t.diagnostic(
+          `seed ${seed}: ${d.edits.length} edits, ${d.deleted.size} deleted, kills ${JSON.stringify(d.kills)}, ` +
+            `${d.trafficRounds} edit+sync rounds during the upgrade, ` +
+            `timings ${JSON.stringify(d.timings)}`,
+        );
       });
-
-      // 1. Upgrade to v7 as a separate process (killed, re-run) while phones edit and sync.
-      await d.timed('upgrade during traffic', async () => {
-        let done = false;
-        const upgrade = d.engine('upgrade', 7).finally(() => (done = true));
-        upgrade.catch(() => {});
-        let rounds = 0;
-        while ((rounds < 2 || !done) && rounds < 40) {
-          await Promise.all(
-            d.phones.map(async (p) => {
-              await d.editRound(p, 1, `up${rounds}`);
-              await d.sync(p);
-            }),
-          );
-          rounds++;
-        }
-        await upgrade;
-        d.trafficRounds = rounds;
-        await waitServed(d.gw, 7);
-        await d.syncAll();
-      });
-
-      // 2. Two phones switch to v7 (and a third, which goes offline); two pin v0 (one goes offline).
-      await d.timed('switch, offline edits', async () => {
-        for (const p of [a, b, c]) p.k = 7;
-        for (const p of [e, f]) p.k = 0;
-        await d.syncAll();
-        c.online = false;
-        e.online = false;
-        for (const p of d.phones) await d.editRound(p, 2, 'pinned', { create: 1, k: p.k });
-        await d.deleteOne(a);
-        await d.syncAll();
-      });
-
-      // 3. Instant rollback to v0 (killed, re-run); online phones follow /medic and sync.
-      await d.timed('rollback', async () => {
-        await d.engine('rollback', 0, { instant: true });
-        await waitServed(d.gw, 0);
-        for (const p of d.phones) if (p.online) p.k = null;
-        await d.syncAll();
-      });
-
-      // 4. The offline phones come back at their pinned version, then follow /medic; everyone syncs twice.
-      await d.timed('offline phones return', async () => {
-        for (const p of [c, e]) {
-          p.online = true;
-          await d.sync(p);
-          p.k = null;
-        }
-        await d.syncAll();
-        await d.syncAll();
-      });
-
-      // 5. Re-upgrade to v7 (killed, re-run); everyone syncs via /medic, edits, syncs twice.
-      await d.timed('re-upgrade', async () => {
-        await d.engine('upgrade', 7);
-        await waitServed(d.gw, 7);
-        await d.syncAll();
-        for (const p of d.phones) await d.editRound(p, 1, 'fixed', { create: 1, k: 7 });
-        await d.syncAll();
-        await d.syncAll();
-      });
-
-      await d.timed('checks', () => finalChecks(d));
-      t.diagnostic(
-        `seed ${seed}: ${d.edits.length} edits, ${d.deleted.size} deleted, kills ${JSON.stringify(d.kills)}, ` +
-          `${d.trafficRounds} edit+sync rounds during the upgrade, ` +
-          `timings ${JSON.stringify(d.timings)}`,
-      );
-    });
-  }
-});
+    }
+  });
+}
 
 module.exports = { owner, rng };
