@@ -1051,10 +1051,15 @@ async fn bulk_get(session: &Session<'_>, call: &Call) -> Result<Response, Gatewa
             .collect();
         if found.is_empty() && rev.is_some() && call.flag("latest") {
             // The document moved on since the changes feed listed this
-            // revision: the latest is what it has now.
+            // revision: the latest is what it has now (its live leaves; its
+            // tombstones when it has none, as CouchDB answers).
+            let live = |p: &&crate::view::Presented| {
+                p.doc.get("_deleted").and_then(Value::as_bool) != Some(true)
+            };
+            let any_live = presented.iter().any(|p| live(&p));
             found = presented
                 .iter()
-                .filter(|p| p.doc.get("_deleted").and_then(Value::as_bool) != Some(true))
+                .filter(|p| !any_live || live(p))
                 .map(|p| p.doc.clone())
                 .collect();
         }
