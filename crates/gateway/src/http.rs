@@ -1,6 +1,6 @@
 //! HTTP: parsing CouchDB requests, dispatching them, answering CouchDB-style.
 
-use crate::sync::{winner, PresentCache, Session};
+use crate::sync::{is_deleted, winner, PresentCache, Session};
 use crate::GatewayError;
 use axum::body::{Body, Bytes};
 use axum::extract::{Query, Request, State as AxumState};
@@ -1053,13 +1053,10 @@ async fn bulk_get(session: &Session<'_>, call: &Call) -> Result<Response, Gatewa
             // The document moved on since the changes feed listed this
             // revision: the latest is what it has now (its live leaves; its
             // tombstones when it has none, as CouchDB answers).
-            let live = |p: &&crate::view::Presented| {
-                p.doc.get("_deleted").and_then(Value::as_bool) != Some(true)
-            };
-            let any_live = presented.iter().any(|p| live(&p));
+            let any_live = presented.iter().any(|p| !is_deleted(&p.doc));
             found = presented
                 .iter()
-                .filter(|p| !any_live || live(p))
+                .filter(|p| !any_live || !is_deleted(&p.doc))
                 .map(|p| p.doc.clone())
                 .collect();
         }
@@ -1232,12 +1229,12 @@ async fn all_docs(session: &Session<'_>, call: &Call) -> Result<Response, Gatewa
         for row in &mut answer.rows {
             let Some(id) = live(row) else { continue };
             let presented = presented_of.get(&id).map(Vec::as_slice).unwrap_or_default();
-            if let Some(presented) = winner(presented).cloned() {
+            if let Some(presented) = winner(presented) {
                 if let Some(value) = &mut row.value {
                     value.rev = presented.rev.clone();
                 }
                 if include_docs {
-                    let mut doc = presented.doc;
+                    let mut doc = presented.doc.clone();
                     if let Some(o) = doc.as_object_mut() {
                         o.shift_remove("_revisions");
                     }
@@ -1322,7 +1319,7 @@ async fn document(
             let Some(mut doc) = session.get(id, rev).await? else {
                 return Err(GatewayError::NotFound("missing".into()));
             };
-            if rev.is_none() && doc.get("_deleted").and_then(Value::as_bool) == Some(true) {
+            if rev.is_none() && is_deleted(&doc) {
                 return Err(GatewayError::NotFound("deleted".into()));
             }
             if let Some(o) = doc.as_object_mut() {
@@ -1339,10 +1336,7 @@ async fn document(
                     .to_owned();
                 let conflicts: Vec<String> = presented
                     .iter()
-                    .filter(|p| {
-                        p.rev != current
-                            && p.doc.get("_deleted").and_then(Value::as_bool) != Some(true)
-                    })
+                    .filter(|p| p.rev != current && !is_deleted(&p.doc))
                     .map(|p| p.rev.clone())
                     .collect();
                 if !conflicts.is_empty() {

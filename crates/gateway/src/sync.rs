@@ -88,7 +88,27 @@ fn id_of(doc: &Value) -> String {
         .to_owned()
 }
 
-fn is_deleted(doc: &Value) -> bool {
+/// Appends the revisions of `more` that `list` lacks (a journal's lists
+/// are sets kept in arrival order).
+fn add_missing(list: &mut Vec<String>, more: Vec<String>) {
+    for rev in more {
+        if !list.contains(&rev) {
+            list.push(rev);
+        }
+    }
+}
+
+/// Presented revisions grouped by document id, in their order.
+fn by_id(presented: Vec<Presented>) -> HashMap<String, Vec<Presented>> {
+    let mut out: HashMap<String, Vec<Presented>> = HashMap::new();
+    for p in presented {
+        out.entry(id_of(&p.doc)).or_default().push(p);
+    }
+    out
+}
+
+/// True when `doc` is a deletion (`"_deleted": true`).
+pub(crate) fn is_deleted(doc: &Value) -> bool {
     doc.get("_deleted").and_then(Value::as_bool) == Some(true)
 }
 
@@ -327,11 +347,7 @@ impl Session<'_> {
             .map(|row| row.id.clone())
             .collect();
         docs.extend(self.leaves_of(&several).await?.into_values().flatten());
-        let presented = self.present_all(&docs).await?;
-        let mut by_id: HashMap<String, Vec<Presented>> = HashMap::new();
-        for p in presented {
-            by_id.entry(id_of(&p.doc)).or_default().push(p);
-        }
+        let mut by_id = by_id(self.present_all(&docs).await?);
         for row in &mut changes.results {
             let Some(ps) = by_id.get_mut(&row.id) else {
                 continue;
@@ -397,11 +413,7 @@ impl Session<'_> {
         ids: &[String],
     ) -> Result<HashMap<String, Vec<Presented>>, GatewayError> {
         let leaves: Vec<Value> = self.leaves_of(ids).await?.into_values().flatten().collect();
-        let mut by_id: HashMap<String, Vec<Presented>> = HashMap::new();
-        for p in self.present_all(&leaves).await? {
-            by_id.entry(id_of(&p.doc)).or_default().push(p);
-        }
-        Ok(by_id)
+        Ok(by_id(self.present_all(&leaves).await?))
     }
 
     /// A document at a presented revision (or its winner), as `_bulk_get`
@@ -600,7 +612,7 @@ impl Session<'_> {
                     )
                     .map_err(|e| GatewayError::Lens(id.clone(), e))?;
                 if body_hash(&translated) != body_hash(&doc) {
-                    journal.pushed.push(rev.clone());
+                    add_missing(&mut journal.pushed, vec![rev.clone()]);
                     journal.push_image(Image {
                         from: version,
                         to: target,
@@ -723,21 +735,9 @@ impl Session<'_> {
                             journal.images.insert(0, image);
                         }
                     }
-                    for rev in fresh.adopted {
-                        if !journal.adopted.contains(&rev) {
-                            journal.adopted.push(rev);
-                        }
-                    }
-                    for rev in fresh.deleted {
-                        if !journal.deleted.contains(&rev) {
-                            journal.deleted.push(rev);
-                        }
-                    }
-                    for rev in fresh.pushed {
-                        if !journal.pushed.contains(&rev) {
-                            journal.pushed.push(rev);
-                        }
-                    }
+                    add_missing(&mut journal.adopted, fresh.adopted);
+                    add_missing(&mut journal.deleted, fresh.deleted);
+                    add_missing(&mut journal.pushed, fresh.pushed);
                     for (k, v) in fresh.kept {
                         journal.kept.entry(k).or_insert(v);
                     }
