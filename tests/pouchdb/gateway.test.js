@@ -320,6 +320,34 @@ for (const kind of h.STORE_KINDS) {
       }
     });
 
+    // Found by the PouchDB drill (seed 4, 2026-11-26): a push whose
+    // translation the engine had already written (an upgrade migrated the
+    // pushed revision between the gateway's two writes) tombstoned that
+    // migration as "what rewind wrote on an ancestor": the edit's document
+    // was deleted. Pushing a revision the server already holds takes the
+    // same path, deterministically.
+    test('a revision pushed again keeps its translation, beside a human conflict', async (t) => {
+      const ctx = await setup(t, kind, { version: 3 });
+      const [a, b] = [ctx.phone(0), ctx.phone(7)];
+      await Promise.all([a, b].map((p) => p.pull()));
+      const [person] = await h.sampleIds(N, 'person');
+      await a.edit(person, (d) => (d.phone = 'from a'));
+      await b.edit(person, (d) => (d.phone = 'from b'));
+      await a.push();
+      await b.push();
+      const again = await a.db.get(person, { revs: true });
+      const res = await h.http(`${ctx.gw.url}/v/0/${h.DB}/_bulk_docs`, {
+        method: 'POST',
+        body: { new_edits: false, docs: [again] },
+      });
+      assert.equal(res.status, 201, res.text);
+      for (const base of serverBases(ctx)) {
+        const open = await h.http(`${base}/${person}?open_revs=all`);
+        const phones = open.json.filter((r) => r.ok && !r.ok._deleted).map((r) => r.ok.phone).sort();
+        assert.deepEqual(phones, ['from a', 'from b'], `live leaves at ${base}`);
+      }
+    });
+
     test('deletes at v3 and v7 reach every phone and the server', async (t) => {
       const ctx = await setup(t, kind);
       const phones = [ctx.phone(0), ctx.phone(3), ctx.phone(7)];

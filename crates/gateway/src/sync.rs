@@ -798,6 +798,13 @@ impl Session<'_> {
             if rev == newest || chain.contains(&rev) {
                 continue;
             }
+            // What rewind wrote on the pushed revision itself is the edit,
+            // translated: the engine's migration of it, when an upgrade got
+            // there between the two writes of this push, or the translation
+            // of an earlier push of the same revision. It stays.
+            if view::is_system_descendant(leaf, &chain[..1], journal) {
+                continue;
+            }
             if view::is_system_descendant(leaf, chain, journal) {
                 tombstones.push(retire(id, leaf));
             }
