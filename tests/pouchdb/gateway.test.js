@@ -348,6 +348,35 @@ for (const kind of h.STORE_KINDS) {
       }
     });
 
+    // Found by the PouchDB drill (2026-11-26): a report stored with
+    // `"weight": 34.0` comes back from PouchDB as `34`, so the view a phone
+    // pushed back (after a switch) was not recognised as rewind's own and was
+    // stored as an edit, read at the wrong version: a v7 report kept
+    // `fields.legacy_code`.
+    test('views pushed back after a switch are recognised, whatever JavaScript did to their numbers', async (t) => {
+      const ctx = await setup(t, kind, { version: 7 });
+      const old = ctx.phone(0);
+      await old.pull();
+      const docs = await old.docs();
+      assert.ok(
+        docs.some((d) => d.fields && Number.isInteger(d.fields.weight)),
+        'the sample has a report whose weight is written 34.0-style',
+      );
+      old.k = 7;
+      const pushed = await old.push();
+      assert.deepEqual(pushed.errors, []);
+      const bad = [];
+      for (const id of await h.sampleIds(N, 'report')) {
+        const res = await h.http(`${ctx.gw.url}/v/7/${h.DB}/${id}?open_revs=all`);
+        const live = res.json.filter((r) => r.ok && !r.ok._deleted).map((r) => r.ok);
+        if (live.length !== 1) bad.push(`${id}: ${live.length} live leaves`);
+        for (const doc of live) if ('legacy_code' in doc.fields) bad.push(`${id}: v7 report with legacy_code`);
+      }
+      assert.deepEqual(bad, []);
+      await old.pull();
+      await h.assertPhoneShapes(old, N);
+    });
+
     test('deletes at v3 and v7 reach every phone and the server', async (t) => {
       const ctx = await setup(t, kind);
       const phones = [ctx.phone(0), ctx.phone(3), ctx.phone(7)];

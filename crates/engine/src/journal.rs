@@ -108,7 +108,17 @@ pub fn body_text(doc: &Value) -> String {
     String::from_utf8(out).unwrap_or_default()
 }
 
-fn canonical(value: &Value, out: &mut Vec<u8>) {
+/// How [`canonical`] writes numbers.
+#[derive(Clone, Copy, PartialEq)]
+enum Numbers {
+    /// As the document's text has them (`34.0` and `34` differ).
+    AsWritten,
+    /// As a JavaScript client writes them back after parsing: by value
+    /// (`34.0`, `34` and `3.4e1` are one number).
+    AsJavaScript,
+}
+
+fn canonical(value: &Value, numbers: Numbers, out: &mut Vec<u8>) {
     match value {
         Value::Object(map) => {
             let mut keys: Vec<&String> = map.keys().collect();
@@ -120,7 +130,7 @@ fn canonical(value: &Value, out: &mut Vec<u8>) {
                 }
                 let _ = serde_json::to_writer(&mut *out, key);
                 out.push(b':');
-                canonical(&map[key], out);
+                canonical(&map[key], numbers, out);
             }
             out.push(b'}');
         }
@@ -130,9 +140,18 @@ fn canonical(value: &Value, out: &mut Vec<u8>) {
                 if i > 0 {
                     out.push(b',');
                 }
-                canonical(item, out);
+                canonical(item, numbers, out);
             }
             out.push(b']');
+        }
+        Value::Number(n) if numbers == Numbers::AsJavaScript => {
+            let text = n.to_string();
+            match text.parse::<f64>() {
+                // JSON.stringify writes -0 as 0.
+                Ok(0.0) => out.push(b'0'),
+                Ok(f) if f.is_finite() => out.extend_from_slice(format!("{f}").as_bytes()),
+                _ => out.extend_from_slice(text.as_bytes()),
+            }
         }
         other => {
             let _ = serde_json::to_writer(&mut *out, other);
@@ -141,8 +160,21 @@ fn canonical(value: &Value, out: &mut Vec<u8>) {
 }
 
 /// A hash of a document's body that ignores key order and revision members
-/// (a server may reorder keys; the content is what matters).
+/// (a server may reorder keys; the content is what matters). Numbers count
+/// as written: journals compare it with what rewind itself wrote.
 pub fn body_hash(doc: &Value) -> String {
+    hash_with(doc, Numbers::AsWritten)
+}
+
+/// [`body_hash`] of the body as a JavaScript client (PouchDB) hands it
+/// back: numbers by value, so a body stored with `"weight": 34.0` and the
+/// phone's copy of it, which says `34`, hash alike. Revision ids derived
+/// from bodies a phone may push back use it.
+pub fn client_body_hash(doc: &Value) -> String {
+    hash_with(doc, Numbers::AsJavaScript)
+}
+
+fn hash_with(doc: &Value, numbers: Numbers) -> String {
     let mut text = Vec::with_capacity(1024);
     match doc {
         // The body without copying the document: revision members skipped.
@@ -159,11 +191,11 @@ pub fn body_hash(doc: &Value) -> String {
                 }
                 let _ = serde_json::to_writer(&mut text, key);
                 text.push(b':');
-                canonical(&map[key], &mut text);
+                canonical(&map[key], numbers, &mut text);
             }
             text.push(b'}');
         }
-        other => canonical(other, &mut text),
+        other => canonical(other, numbers, &mut text),
     }
     let mut hex = String::with_capacity(32);
     for b in Sha256::digest(&text).iter().take(16) {
@@ -305,5 +337,29 @@ mod tests {
         }
         reordered["b"][0] = Value::from(2);
         assert_ne!(body_hash(&doc), body_hash(&reordered));
+    }
+
+    #[test]
+    fn client_body_hash_counts_numbers_by_value() {
+        // PouchDB parses `34.0` and writes back `34`: a phone's copy of a
+        // body must hash like the body it was given.
+        let stored: Value = serde_json::from_str(
+            r#"{"_id":"a","w":34.0,"t":[2.50,-0.0,1e2],"n":12345678901234567890}"#,
+        )
+        .unwrap();
+        let from_phone: Value =
+            serde_json::from_str(r#"{"w":34,"t":[2.5,0,100],"_id":"a","n":12345678901234567000}"#)
+                .unwrap();
+        assert_eq!(client_body_hash(&stored), client_body_hash(&from_phone));
+        assert_ne!(body_hash(&stored), body_hash(&from_phone));
+        let edited: Value = serde_json::from_str(
+            r#"{"w":34.5,"t":[2.5,0,100],"_id":"a","n":12345678901234567000}"#,
+        )
+        .unwrap();
+        assert_ne!(client_body_hash(&stored), client_body_hash(&edited));
+        // Out of a double's range, the text is kept.
+        let huge: Value = serde_json::from_str(r#"{"x":1e400}"#).unwrap();
+        let other: Value = serde_json::from_str(r#"{"x":2e400}"#).unwrap();
+        assert_ne!(client_body_hash(&huge), client_body_hash(&other));
     }
 }

@@ -16,7 +16,7 @@
 //!   ancestors' views: whatever translated copy a phone held, after one pull
 //!   it holds exactly one live leaf, the current view.
 
-use rewind_engine::journal::{body_hash, body_of, Journal};
+use rewind_engine::journal::{body_hash, body_of, client_body_hash, Journal};
 use rewind_engine::state::State;
 use rewind_lens::{Complements, LensError, MigrationSet};
 use serde_json::{json, Value};
@@ -115,7 +115,9 @@ pub fn synthetic_rev(base: &str, checksum: &str, body: &Value, context: &str) ->
 }
 
 fn synthetic_key(base: &str, checksum: &str, body: &Value) -> String {
-    format!("rewind\n{base}\n{checksum}\n{}", body_hash(body))
+    // The client's hash: a phone pushes back the body as its JavaScript
+    // wrote it (`34.0` comes back as `34`), and must still be recognised.
+    format!("rewind\n{base}\n{checksum}\n{}", client_body_hash(body))
 }
 
 /// True when `rev` is a synthetic child of `base` presenting `body`, in any
