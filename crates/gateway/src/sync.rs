@@ -458,6 +458,11 @@ impl Session<'_> {
         asked: BTreeMap<String, Vec<String>>,
     ) -> Result<BTreeMap<String, rewind_store::RevsDiffEntry>, GatewayError> {
         let mut missing = self.db.data.revs_diff(asked).await?;
+        // Retirements are never stored from a phone (`push` skips them).
+        missing.retain(|_, entry| {
+            entry.missing.retain(|rev| !view::is_retirement_rev(rev));
+            !entry.missing.is_empty()
+        });
         let ids: Vec<String> = missing.keys().cloned().collect();
         let mut presented_of = self.presented_of(&ids).await?;
         for id in ids {

@@ -198,10 +198,33 @@ pub fn epochs(state: &State) -> Vec<String> {
     out[out.len().saturating_sub(WINDOW)..].to_vec()
 }
 
-/// The tombstone that retires the synthetic revision `synthetic`.
+/// The tombstone that retires the synthetic revision `synthetic`: the
+/// first half names the revision it retires, the second half is a mark
+/// derived from the first ([`is_retirement_rev`] tells one from its id
+/// alone, with a chance of 2^-64 for any other revision id).
 pub fn tombstone_rev(synthetic: &str) -> String {
-    let digest = md5::compute(format!("rewind-retired\n{synthetic}"));
-    format!("{}-{:x}", generation(synthetic) + 1, digest)
+    let head = format!("{:x}", md5::compute(format!("rewind-retired\n{synthetic}")));
+    let head = &head[..16];
+    format!(
+        "{}-{head}{}",
+        generation(synthetic) + 1,
+        retirement_mark(head)
+    )
+}
+
+fn retirement_mark(head: &str) -> String {
+    format!("{:x}", md5::compute(format!("rewind-retirement\n{head}")))[..16].to_owned()
+}
+
+/// True when `rev` is the id of a tombstone rewind wrote or presented to
+/// retire a revision ([`tombstone_rev`]). A phone keeps every tombstone it
+/// was given as a leaf and offers them again whenever the document
+/// changes; `_revs_diff` tells it the server needs none of them.
+pub fn is_retirement_rev(rev: &str) -> bool {
+    let Some((_, hash)) = rev.split_once('-') else {
+        return false;
+    };
+    hash.len() == 32 && hash.is_char_boundary(16) && retirement_mark(&hash[..16]) == hash[16..]
 }
 
 /// True when `doc` (a pushed revision with `_revisions`) is a synthetic
@@ -402,4 +425,29 @@ pub fn is_system_descendant(leaf: &Value, ancestors: &[String], journal: &Journa
         at = pos;
     }
     false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retirements_are_told_by_their_id() {
+        for synthetic in ["3-0123456789abcdef0123456789abcdef", "1-x", "12-ab"] {
+            let retired = tombstone_rev(synthetic);
+            assert!(is_retirement_rev(&retired), "{retired}");
+            assert_eq!(generation(&retired), generation(synthetic) + 1);
+            // It names the revision it retires.
+            assert_ne!(retired, tombstone_rev("3-ffffffffffffffffffffffffffffffff"));
+        }
+        for other in [
+            "4-0123456789abcdef0123456789abcdef",
+            "4-967a00dff5e02add41819138abb3284d",
+            "4-",
+            "nonsense",
+            "4-é123456789abcdef0123456789abcde",
+        ] {
+            assert!(!is_retirement_rev(other), "{other}");
+        }
+    }
 }
