@@ -311,7 +311,47 @@ class Drill {
 
 // ------------------------------------------------------------------- checks
 
+/**
+ * What the soak script sums (scripts/soak-pouchdb-drill.sh): lost edits
+ * (an edit's marker missing from the winner, or a deleted document served,
+ * on the server at v7 or on a phone) and spurious conflicts (documents with
+ * more than one live leaf, on the server or on a phone). Counts, no asserts:
+ * written to $REWIND_DRILL_REPORT/drill-{store}-{seed}.json before the checks.
+ */
+async function tally(d) {
+  const v7 = `${d.gw.url}/v/7/${h.DB}`;
+  const lost = [];
+  const conflicts = [];
+  const live = d.edits.filter((e) => !d.deleted.has(e.id));
+  for (const e of live) {
+    const res = await h.http(`${v7}/${encodeURIComponent(e.id)}`);
+    if (res.status !== 200 || res.json[e.field] !== e.value) lost.push(`${e.id}.${e.field} on the server`);
+  }
+  for (const id of d.deleted) {
+    if ((await h.http(`${v7}/${encodeURIComponent(id)}`)).status !== 404) lost.push(`deletion of ${id} on the server`);
+  }
+  for (const id of await h.serverConflicts(v7)) conflicts.push(`${id} on the server`);
+  for (const p of d.phones) {
+    for (const e of live) {
+      const doc = await p.db.get(e.id).catch(() => null);
+      if (!doc || doc[e.field] !== e.value) lost.push(`${e.id}.${e.field} on phone ${p.index}`);
+    }
+    for (const id of d.deleted) {
+      if (await p.db.get(id).catch(() => null)) lost.push(`deletion of ${id} on phone ${p.index}`);
+    }
+    for (const doc of await p.docs()) {
+      if (doc._conflicts && doc._conflicts.length) conflicts.push(`${doc._id} on phone ${p.index}`);
+    }
+  }
+  return { store: d.kind, seed: d.seed, edits: d.edits.length, kills: d.kills.length, lost, conflicts };
+}
+
 async function finalChecks(d) {
+  if (process.env.REWIND_DRILL_REPORT) {
+    const report = await tally(d);
+    const file = require('node:path').join(process.env.REWIND_DRILL_REPORT, `drill-${d.kind}-${d.seed}.json`);
+    require('node:fs').writeFileSync(file, JSON.stringify(report, null, 1));
+  }
   const v7 = `${d.gw.url}/v/7/${h.DB}`;
   const v0 = `${d.gw.url}/v/0/${h.DB}`;
   const follow = `${d.gw.url}/${h.DB}`;
