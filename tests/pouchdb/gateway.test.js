@@ -48,6 +48,32 @@ async function assertNoConflicts(ctx, phones, allowed = []) {
   for (const p of phones) await h.assertNoPhoneConflicts(p, allowed);
 }
 
+/**
+ * A person edited by two humans at once (a v0 phone and a v7 phone, the
+ * server at v3), both pushed: a real conflict.
+ */
+async function humansInConflict(t, kind) {
+  const ctx = await setup(t, kind, { version: 3 });
+  const [a, b] = [ctx.phone(0), ctx.phone(7)];
+  await Promise.all([a, b].map((p) => p.pull()));
+  const [person] = await h.sampleIds(N, 'person');
+  await a.edit(person, (d) => (d.phone = 'from a'));
+  await b.edit(person, (d) => (d.phone = 'from b'));
+  await a.push();
+  await b.push();
+  return { ctx, a, b, person };
+}
+
+/** The `phone` field of each live leaf of `id` at `base`, sorted. */
+async function livePhoneFields(base, id) {
+  const res = await h.http(`${base}/${id}?open_revs=all`);
+  assert.equal(res.status, 200, res.text);
+  return res.json
+    .filter((r) => r.ok && !r.ok._deleted)
+    .map((r) => r.ok.phone)
+    .sort();
+}
+
 /** A new person document in the shape of version k. */
 function newPerson(id, k, first, last) {
   if (k === 0) return { _id: id, type: 'person', name: `${first} ${last}`, sex: 'female', phone: '+1-new' };
@@ -296,22 +322,13 @@ for (const kind of h.STORE_KINDS) {
     });
 
     test('two humans editing one doc concurrently at v0 and v7 make the only conflict', async (t) => {
-      const ctx = await setup(t, kind, { version: 3 });
-      const [a, b] = [ctx.phone(0), ctx.phone(7)];
-      await Promise.all([a, b].map((p) => p.pull()));
-      const [person] = await h.sampleIds(N, 'person');
-      await a.edit(person, (d) => (d.phone = 'from a'));
-      await b.edit(person, (d) => (d.phone = 'from b'));
-      await a.push();
-      await b.push();
+      const { ctx, a, b, person } = await humansInConflict(t, kind);
       await a.pull();
       await b.pull();
       // Both edits are kept (one wins, the other is a conflict), and nothing else conflicts.
       for (const base of serverBases(ctx)) {
         assert.deepEqual(await h.serverConflicts(base), [person], `conflicts at ${base}`);
-        const res = await h.http(`${base}/${person}?open_revs=all`);
-        const phones = res.json.filter((r) => r.ok && !r.ok._deleted).map((r) => r.ok.phone).sort();
-        assert.deepEqual(phones, ['from a', 'from b'], `live leaves at ${base}`);
+        assert.deepEqual(await livePhoneFields(base, person), ['from a', 'from b'], `live leaves at ${base}`);
       }
       for (const p of [a, b]) {
         await h.assertNoPhoneConflicts(p, [person]);
@@ -327,14 +344,7 @@ for (const kind of h.STORE_KINDS) {
     // was deleted. Pushing a revision the server already holds takes the
     // same path, deterministically.
     test('a revision pushed again keeps its translation, beside a human conflict', async (t) => {
-      const ctx = await setup(t, kind, { version: 3 });
-      const [a, b] = [ctx.phone(0), ctx.phone(7)];
-      await Promise.all([a, b].map((p) => p.pull()));
-      const [person] = await h.sampleIds(N, 'person');
-      await a.edit(person, (d) => (d.phone = 'from a'));
-      await b.edit(person, (d) => (d.phone = 'from b'));
-      await a.push();
-      await b.push();
+      const { ctx, a, person } = await humansInConflict(t, kind);
       const again = await a.db.get(person, { revs: true });
       const res = await h.http(`${ctx.gw.url}/v/0/${h.DB}/_bulk_docs`, {
         method: 'POST',
@@ -342,9 +352,7 @@ for (const kind of h.STORE_KINDS) {
       });
       assert.equal(res.status, 201, res.text);
       for (const base of serverBases(ctx)) {
-        const open = await h.http(`${base}/${person}?open_revs=all`);
-        const phones = open.json.filter((r) => r.ok && !r.ok._deleted).map((r) => r.ok.phone).sort();
-        assert.deepEqual(phones, ['from a', 'from b'], `live leaves at ${base}`);
+        assert.deepEqual(await livePhoneFields(base, person), ['from a', 'from b'], `live leaves at ${base}`);
       }
     });
 
