@@ -267,7 +267,10 @@ fn with_meta(mut body: Value, history: &[String]) -> Value {
     body
 }
 
-/// The distinct views of a body across every version, by hash, in version order.
+/// The distinct views of a body across every version, by hash, in version
+/// order. Views that differ only in how a number is written are one view:
+/// a JavaScript client cannot tell them apart, and their synthetic ids are
+/// one id ([`synthetic_rev`]).
 fn views(
     set: &MigrationSet,
     body: &Value,
@@ -276,7 +279,7 @@ fn views(
     let mut out: Vec<(String, Value)> = Vec::new();
     for k in 0..=set.latest() {
         let seen = view(set, body, k, journal)?;
-        let hash = body_hash(&seen);
+        let hash = client_body_hash(&seen);
         if !out.iter().any(|(h, _)| *h == hash) {
             out.push((hash, seen));
         }
@@ -305,7 +308,7 @@ fn retirements(
     out: &mut Vec<Presented>,
 ) -> Result<(), LensError> {
     let all = views(cx.set, body, cx.journal)?;
-    let own = body_hash(body);
+    let own = client_body_hash(body);
     if all.iter().all(|(h, _)| *h == own) {
         // Every version sees it alike: it was never presented synthetically.
         return Ok(());
@@ -371,7 +374,7 @@ pub fn present(
     } else {
         views(set, leaf, journal)?
     };
-    let own = body_hash(leaf);
+    let own = client_body_hash(leaf);
     if deleted || all.iter().all(|(h, _)| *h == own) {
         out.push(Presented {
             rev,
@@ -380,7 +383,7 @@ pub fn present(
         });
     } else {
         let seen = view(set, leaf, k, journal)?;
-        let wanted = body_hash(&seen);
+        let wanted = client_body_hash(&seen);
         let context = cx.contexts.last().map(String::as_str).unwrap_or("");
         let synthetic = synthetic_rev(&rev, checksum, &seen, context);
         let mut chain = vec![synthetic.clone()];
