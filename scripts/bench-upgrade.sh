@@ -39,6 +39,7 @@ for _ in $(seq 1 150); do curl -fs "http://127.0.0.1:$port/" >/dev/null && break
 url=http://127.0.0.1:$port
 
 rows=()
+declare -A secs_of
 # measure NAME DOCS COMMAND...: wall seconds and peak RSS of COMMAND.
 measure() {
   local name=$1 docs=$2; shift 2
@@ -48,6 +49,7 @@ measure() {
   t1=$(date +%s.%N)
   secs=$(echo "$t1 - $t0" | bc -l)
   rss=$(awk -F': ' '/Maximum resident set size/ {print int($2/1024)}' "$tmp/time")
+  secs_of[$name]=$secs
   rows+=("$(printf '%-58s %9d %8.1f %10.0f %8s' "$name" "$docs" "$secs" "$(echo "$docs / $secs" | bc -l)" "${rss} MB")")
 }
 
@@ -81,3 +83,13 @@ printf '%-58s %9s %8s %10s %8s\n' "step" "docs" "secs" "docs/s" "peak RSS"
 for r in "${rows[@]}"; do echo "$r"; done
 echo
 echo "node: $node_line"
+# The issue's targets, from the rows above (same run, same machine).
+ratio() { echo "${secs_of[$1]} / ${secs_of[$2]}" | bc -l; }
+echo
+printf 'targets: rewind upgrade vs Node migration (pouchdb-server) %.2fx (>= 1.85x)\n' \
+  "$(ratio "pouchdb-server: Node CHT-style migration (migrate-baseline)" "pouchdb-server: rewind upgrade 0 → 2 (examples/baseline)")"
+printf 'targets: rewind upgrade vs raw _bulk_docs (pouchdb-server)  %.0f%% (>= 80%%)\n' \
+  "$(echo "100 * $(ratio "pouchdb-server: raw _bulk_docs of pre-built docs (gen.js)" "pouchdb-server: rewind upgrade 0 → 2 (examples/baseline)")" | bc -l)"
+printf 'targets: embedded upgrade 0 → 7 %.0f docs/s (>= 50000); rollback/upgrade speed %.2f (>= 1)\n' \
+  "$(echo "$N / ${secs_of["embedded: rewind upgrade 0 → 7 (examples/cht)"]}" | bc -l)" \
+  "$(ratio "embedded: rewind upgrade 0 → 7 (examples/cht)" "embedded: rewind rollback 7 → 0 (examples/cht)")"
