@@ -352,7 +352,9 @@ impl Drill {
                     .spawn()
                     .map_err(err)
                     .map_err(step_error(step))?;
-                let delay = 20 + self.rng.below(300);
+                // Short: the engine migrates the drill's documents in tens of
+                // milliseconds (with 20–320 ms no SIGKILL landed any more).
+                let delay = 2 + self.rng.below(40);
                 tokio::time::sleep(Duration::from_millis(delay)).await;
                 if child
                     .try_wait()
