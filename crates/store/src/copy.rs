@@ -40,7 +40,8 @@ pub struct CopyReport {
     pub local_copied: u64,
     /// `_local` documents left out: replication checkpoints (their sequences
     /// mean nothing on another database; copying them could make a phone skip
-    /// changes) and rewind's own copy checkpoints.
+    /// changes), rewind's own copy checkpoints, and anything that is not a
+    /// JSON object.
     pub local_skipped: u64,
     pub last_seq: Seq,
 }
@@ -160,7 +161,11 @@ pub async fn copy(
                 local_skipped += 1;
                 continue;
             }
-            let obj = d.as_object_mut().expect("a local document is an object");
+            let Some(obj) = d.as_object_mut() else {
+                // Not a document (the file was written by something else): left out.
+                local_skipped += 1;
+                continue;
+            };
             obj.remove("_rev");
             match dst.get_local(&id).await {
                 Ok(cur) => {
