@@ -803,14 +803,12 @@ impl Session<'_> {
             if rev == newest || chain.contains(&rev) {
                 continue;
             }
-            // What rewind wrote on the pushed revision itself is the edit,
-            // translated: the engine's migration of it, when an upgrade got
-            // there between the two writes of this push, or the translation
-            // of an earlier push of the same revision. It stays.
-            if view::is_system_descendant(leaf, &chain[..1], journal) {
-                continue;
-            }
-            if view::is_system_descendant(leaf, chain, journal) {
+            // What rewind wrote on an older ancestor loses to the edit. What
+            // it wrote on the pushed revision itself is the edit, translated
+            // (the engine's migration of it, when an upgrade got there
+            // between the two writes of this push, or the translation of an
+            // earlier push of the same revision), and stays.
+            if view::system_base(leaf, chain, journal).is_some_and(|base| *base != chain[0]) {
                 tombstones.push(retire(id, leaf));
             }
         }

@@ -407,6 +407,17 @@ pub fn present(
 /// rollback) on top of one of `ancestors`, with no human edit in between:
 /// a human edit on such an ancestor wins over it.
 pub fn is_system_descendant(leaf: &Value, ancestors: &[String], journal: &Journal) -> bool {
+    system_base(leaf, ancestors, journal).is_some()
+}
+
+/// The revision of `ancestors` that rewind's writes leading to `leaf` start
+/// from (the nearest, walking down from the leaf through journal images),
+/// when `leaf` is such a write: see [`is_system_descendant`].
+pub fn system_base<'a>(
+    leaf: &Value,
+    ancestors: &'a [String],
+    journal: &Journal,
+) -> Option<&'a String> {
     let hist = history(leaf);
     let mut here = body_hash(leaf);
     let mut at = 0usize;
@@ -415,19 +426,15 @@ pub fn is_system_descendant(leaf: &Value, ancestors: &[String], journal: &Journa
             let pos = hist.iter().skip(at + 1).position(|r| *r == image.rev)?;
             (image.after == here).then_some((at + 1 + pos, image))
         });
-        let Some((pos, image)) = step else {
-            return false;
-        };
-        if ancestors.contains(&image.rev) {
-            return true;
+        let (pos, image) = step?;
+        if let Some(base) = ancestors.iter().find(|a| **a == image.rev) {
+            return Some(base);
         }
-        let Ok(previous) = serde_json::from_str::<Value>(&image.body) else {
-            return false;
-        };
+        let previous = serde_json::from_str::<Value>(&image.body).ok()?;
         here = body_hash(&previous);
         at = pos;
     }
-    false
+    None
 }
 
 #[cfg(test)]
