@@ -13,13 +13,13 @@ mod serve;
 mod translate;
 
 use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
 
 /// mimalloc: the engine and the gateway build and drop many small JSON
 /// values; the system allocator spent about a third of their CPU time.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-use std::path::PathBuf;
-use std::process::ExitCode;
 
 /// Reversible schema upgrades for offline-first CouchDB/PouchDB apps.
 ///

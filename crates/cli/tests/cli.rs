@@ -23,6 +23,19 @@ fn run_with_stdin(mut cmd: Command, stdin: &[u8]) -> Output {
     child.wait_with_output().unwrap()
 }
 
+/// Runs `cmd`, asserts it succeeded (showing its output if not), and
+/// returns its standard output.
+fn stdout_of_success(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
 fn sample(n: u32) -> Vec<u8> {
     let out = rewind()
         .args(["sample", "--docs", &n.to_string()])
@@ -37,19 +50,13 @@ fn check_passes_on_the_example_migrations_with_a_sample() {
     let dir = tempfile::tempdir().unwrap();
     let sample_file = dir.path().join("sample.jsonl");
     std::fs::write(&sample_file, sample(1000)).unwrap();
-    let out = rewind()
-        .arg("check")
-        .arg("--migrations")
-        .arg(examples())
-        .arg("--sample")
-        .arg(&sample_file)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
+    let stdout = stdout_of_success(
+        rewind()
+            .arg("check")
+            .arg("--migrations")
+            .arg(examples())
+            .arg("--sample")
+            .arg(&sample_file),
     );
     assert!(stdout.contains("0007-split-name"), "{stdout}");
     assert!(stdout.contains("laws hold"), "{stdout}");
@@ -180,26 +187,20 @@ fn sample_is_deterministic_and_prefix_stable() {
 fn the_drill_with_kill_sigkills_the_engine_and_holds() {
     let dir = tempfile::tempdir().unwrap();
     let report = dir.path().join("report.json");
-    let out = rewind()
-        .args([
-            "drill",
-            "--docs",
-            "100",
-            "--devices",
-            "3",
-            "--seed",
-            "2",
-            "--kill",
-            "--report",
-        ])
-        .arg(&report)
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{text}\n{}",
-        String::from_utf8_lossy(&out.stderr)
+    let text = stdout_of_success(
+        rewind()
+            .args([
+                "drill",
+                "--docs",
+                "100",
+                "--devices",
+                "3",
+                "--seed",
+                "2",
+                "--kill",
+                "--report",
+            ])
+            .arg(&report),
     );
     let report: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
