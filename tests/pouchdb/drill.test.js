@@ -35,6 +35,8 @@
 const { describe, test } = require('node:test');
 const assert = require('node:assert/strict');
 const { spawn } = require('node:child_process');
+const fs = require('node:fs');
+const path = require('node:path');
 const h = require('./lib/harness');
 
 const N = 60;
@@ -143,14 +145,14 @@ class Drill {
   /** Where the snapshot of the server's database `name` (data or companion) lives. */
   snapshotOf(name) {
     return this.kind === 'embedded'
-      ? require('node:path').join(this.snapDir, `${name}.db`)
+      ? path.join(this.snapDir, `${name}.db`)
       : `${this.store.couch}/snapshot-${name}`;
   }
 
   /** The live database `name` (`medic`, or its companion `medic-rewind`) as rewind commands take it. */
   liveOf(name) {
     return this.kind === 'embedded'
-      ? require('node:path').join(this.store.data, name === h.DB ? `${h.DB}.db` : `${h.DB}.db-rewind`)
+      ? path.join(this.store.data, name === h.DB ? `${h.DB}.db` : `${h.DB}.db-rewind`)
       : `${this.store.couch}/${name}`;
   }
 
@@ -165,7 +167,7 @@ class Drill {
     for (const name of [h.DB, `${h.DB}-rewind`]) {
       const live = this.liveOf(name);
       const exists =
-        this.kind === 'embedded' ? require('node:fs').existsSync(live) : (await h.http(live)).status === 200;
+        this.kind === 'embedded' ? fs.existsSync(live) : (await h.http(live)).status === 200;
       if (!exists) continue;
       await h.rewind(['copy', live, this.snapshotOf(name)], { timeout: 120000 });
       this.snapped.push(name);
@@ -181,7 +183,7 @@ class Drill {
     for (const name of [h.DB, `${h.DB}-rewind`]) {
       const live = this.liveOf(name);
       if (this.kind === 'embedded') {
-        for (const suffix of ['', '-wal', '-shm']) require('node:fs').rmSync(live + suffix, { force: true });
+        for (const suffix of ['', '-wal', '-shm']) fs.rmSync(live + suffix, { force: true });
       } else {
         const res = await h.http(live, { method: 'DELETE' });
         assert.ok([200, 404].includes(res.status), `DELETE ${live}: ${res.text}`);
@@ -349,8 +351,8 @@ async function tally(d) {
 async function finalChecks(d) {
   if (process.env.REWIND_DRILL_REPORT) {
     const report = await tally(d);
-    const file = require('node:path').join(process.env.REWIND_DRILL_REPORT, `drill-${d.kind}-${d.seed}.json`);
-    require('node:fs').writeFileSync(file, JSON.stringify(report, null, 1));
+    const file = path.join(process.env.REWIND_DRILL_REPORT, `drill-${d.kind}-${d.seed}.json`);
+    fs.writeFileSync(file, JSON.stringify(report, null, 1));
   }
   const v7 = `${d.gw.url}/v/7/${h.DB}`;
   const v0 = `${d.gw.url}/v/0/${h.DB}`;
