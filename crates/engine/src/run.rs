@@ -1,11 +1,12 @@
 //! Upgrade and rollback: a journaled, resumable rewrite of every document.
 //!
-//! Both walk the changes feed from the run's checkpoint in batches (bounded
-//! memory whatever the database size); on the embedded store a first pass
-//! walks the documents in id order instead (each B-tree page read and
-//! written once, not once per document), then the feed from the sequence
-//! that pass started at brings what changed meanwhile. For every live leaf
-//! of every document:
+//! Both walk the documents in batches from the run's checkpoint (bounded
+//! memory whatever the database size): a first pass in id order (embedded,
+//! each B-tree page read and written once, not once per document; over
+//! HTTP, `_all_docs` pages, cheaper than `_changes` with bodies), then the
+//! changes feed from the sequence that pass started at brings what changed
+//! meanwhile (mostly the run's own writes, skipped without reading their
+//! bodies). For every live leaf of every document:
 //! 1. compute the new body with the lens (and, on rollback, the journal);
 //! 2. write the journal entry (before-image, complements) — survives a crash
 //!    before the document is written: the entry is simply rewritten;
@@ -155,10 +156,54 @@ async fn live_leaves(db: &Database, id: &str) -> Result<Vec<Leaf>> {
         .collect())
 }
 
+/// Over HTTP, a page needs at least this many documents to read its
+/// journals by id range ([`load_page_journals`]).
+const RANGE_READ_MIN: usize = 32;
+
+/// The journals of a page of documents. Over HTTP, a page of the id-ordered
+/// pass first asks for the journals in its id range (one seek; on
+/// pouchdb-server, asking for 500 absent keys costs about as much as
+/// writing them): when the range holds few others, that is the answer.
+/// A journal the range misses (a server collating ids otherwise) makes its
+/// conditional write fail, and the retry reads it by key.
+async fn load_page_journals(db: &Database, ids: &[String]) -> Result<HashMap<String, Journal>> {
+    let AnyStore::Couch(_) = &db.state else {
+        return load_journals(db, ids).await;
+    };
+    let (Some(first), Some(last)) = (ids.iter().min(), ids.iter().max()) else {
+        return Ok(HashMap::new());
+    };
+    if ids.len() < RANGE_READ_MIN {
+        return load_journals(db, ids).await;
+    }
+    let limit = ids.len() * 2;
+    let rows = db
+        .state
+        .all_docs(&AllDocsOptions {
+            start_key: Some(journal_id(first)),
+            end_key: Some(journal_id(last)),
+            limit: Some(limit),
+            include_docs: true,
+            ..AllDocsOptions::default()
+        })
+        .await?
+        .rows;
+    if rows.len() == limit {
+        // Journals of many other documents in between (a page of the feed).
+        return load_journals(db, ids).await;
+    }
+    let wanted: HashSet<&str> = ids.iter().map(String::as_str).collect();
+    journals_of_rows(
+        rows.into_iter()
+            .filter(|row| wanted.contains(row.key.trim_start_matches("journal:"))),
+    )
+}
+
+/// The journals of `ids`, read by key.
 async fn load_journals(db: &Database, ids: &[String]) -> Result<HashMap<String, Journal>> {
     let keys: Vec<String> = ids.iter().map(|id| journal_id(id)).collect();
-    let mut out = HashMap::new();
     if let AnyStore::Sqlite(state) = &db.state {
+        let mut out = HashMap::new();
         // Embedded: parsed from the stored text, without a document between.
         for (id, found) in ids.iter().zip(state.winner_texts(keys).await?) {
             if let Some((rev, body)) = found {
@@ -179,6 +224,14 @@ async fn load_journals(db: &Database, ids: &[String]) -> Result<HashMap<String, 
         })
         .await?
         .rows;
+    journals_of_rows(rows.into_iter())
+}
+
+/// The journals in rows of the companion's `_all_docs`, by document id.
+fn journals_of_rows(
+    rows: impl Iterator<Item = rewind_store::AllDocsRow>,
+) -> Result<HashMap<String, Journal>> {
+    let mut out = HashMap::new();
     for row in rows {
         if let Some(doc) = row.doc {
             let id = row.key.trim_start_matches("journal:").to_owned();
@@ -454,9 +507,8 @@ async fn run_with_lease(
             } else {
                 Kind::Rollback
             };
-            // Embedded: a first pass in id order over the documents there
-            // are, then the feed from the sequence it started at.
-            let by_id = matches!(db.data, AnyStore::Sqlite(_));
+            // A first pass in id order over the documents there are, then
+            // the feed from the sequence it started at.
             Run {
                 id: format!("{:x}-{}", now_ms(), std::process::id()),
                 kind: kind.name().into(),
@@ -466,7 +518,7 @@ async fn run_with_lease(
                 finished: None,
                 outcome: "running".into(),
                 since: Value::from(0),
-                by_id: by_id.then(|| ByIdPass {
+                by_id: Some(ByIdPass {
                     after: String::new(),
                     since: info.update_seq.clone(),
                 }),
@@ -604,7 +656,7 @@ async fn run_with_lease(
 /// Where a run reads next (and, once a batch is written, its checkpoint).
 #[derive(Debug, Clone)]
 enum Cursor {
-    /// The first pass of an embedded run: documents after this id; then
+    /// The first pass of a run: documents after this id; then
     /// the changes feed after `seq`.
     Ids { after: String, seq: Value },
     /// The changes feed after this sequence.
@@ -661,8 +713,9 @@ async fn read_page(
     batch: usize,
     ahead: &mut Option<ReadAhead>,
 ) -> Result<Option<(Vec<ChangeRow>, Cursor)>> {
-    let since = match (cursor, &db.data) {
-        (Cursor::Ids { after, seq }, AnyStore::Sqlite(store)) => {
+    let since = match cursor {
+        Cursor::Ids { after, seq } => {
+            let store = &db.data;
             let rows = match ahead.take() {
                 Some(read) if read.after == *after => read.page.await.map_err(|e| {
                     rewind_store::StoreError::Internal(format!("read task failed: {e}"))
@@ -694,19 +747,17 @@ async fn read_page(
                 None => seq.clone(),
             }
         }
-        (Cursor::Ids { seq, .. }, _) | (Cursor::Seq(seq), _) => seq.clone(),
+        Cursor::Seq(seq) => seq.clone(),
     };
-    // Embedded: after the first pass the feed is mostly the run's own
-    // writes, skipped without reading their bodies; `prepare` reads the
-    // others in one request.
-    let include_docs = !matches!(db.data, AnyStore::Sqlite(_));
+    // After the first pass the feed is mostly the run's own writes, skipped
+    // without reading their bodies; `prepare` reads the others in one
+    // request.
     let changes = db
         .data
         .changes(&ChangesOptions {
             since,
             limit: Some(batch),
             style_all_docs: true,
-            include_docs,
             ..ChangesOptions::default()
         })
         .await?;
@@ -849,7 +900,7 @@ async fn journal_batch(
             .iter()
             .filter_map(|id| before.get(id).map(|j| (id.clone(), j.clone())))
             .collect(),
-        None => load_journals(db, &ids).await?,
+        None => load_page_journals(db, &ids).await?,
     };
     let before = before.get_or_insert_with(|| journals.clone());
     let (mut leaves, mut journals) = (leaves, journals);

@@ -146,7 +146,7 @@ pub struct Run {
     pub counts: Counts,
 }
 
-/// The checkpoint of an embedded run's id-ordered first pass.
+/// The checkpoint of a run's id-ordered first pass.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct ByIdPass {
     /// The last document id done (`""` before the first).

@@ -192,6 +192,20 @@ macro_rules! dispatch {
     };
 }
 
+impl AnyStore {
+    /// The documents that have a live leaf, in id order, after `after`, at
+    /// most `limit`: see [`SqliteStore::live_docs_by_id`] and
+    /// [`CouchStore::live_docs_by_id`].
+    pub async fn live_docs_by_id(
+        &self,
+        after: Option<String>,
+        limit: usize,
+        include_docs: bool,
+    ) -> Result<Vec<ChangeRow>> {
+        dispatch!(self, s => s.live_docs_by_id(after, limit, include_docs).await)
+    }
+}
+
 impl Store for AnyStore {
     async fn info(&self) -> Result<DbInfo> {
         dispatch!(self, s => s.info().await)

@@ -60,6 +60,7 @@ both!(
     bulk_get_and_all_docs_answer_like_couchdb,
     wait_for_change_wakes_on_a_write_and_times_out_otherwise,
     malformed_documents_are_refused_and_nothing_is_written,
+    live_docs_by_id_pages_documents_with_a_live_leaf_in_id_order,
 );
 
 async fn conflicts_from_replication_pick_the_same_winner(s: &AnyStore) {
@@ -628,4 +629,54 @@ async fn malformed_documents_are_refused_and_nothing_is_written(s: &AnyStore) {
         (0, 0),
         "nothing was written"
     );
+}
+
+async fn live_docs_by_id_pages_documents_with_a_live_leaf_in_id_order(s: &AnyStore) {
+    for id in ["a", "c", "d", "e"] {
+        s.put(json!({"_id": id, "n": id})).await.unwrap();
+    }
+    let c = doc(s, "c", GetOptions::default()).await;
+    s.put(json!({"_id": "c", "_rev": c["_rev"], "_deleted": true}))
+        .await
+        .unwrap();
+    // b: two live leaves.
+    let r1 = format!("1-{}", h('a'));
+    replicate(s, vec![json!({"_id": "b", "_rev": r1, "v": 1})]).await;
+    let two = |x: char| json!({"_id": "b", "_rev": format!("2-{}", h(x)), "_revisions": {"start": 2, "ids": [h(x), h('a')]}, "v": x.to_string()});
+    replicate(s, vec![two('b'), two('c')]).await;
+
+    let page = s.live_docs_by_id(None, 2, true).await.unwrap();
+    let ids: Vec<&str> = page.iter().map(|r| r.id.as_str()).collect();
+    assert_eq!(ids, ["a", "b"]);
+    assert_eq!(page[0].doc.as_ref().unwrap()["n"], "a");
+    assert_eq!(page[0].changes.len(), 1);
+    let b = &page[1];
+    assert_eq!(
+        b.changes[0].rev,
+        format!("2-{}", h('c')),
+        "the winner first"
+    );
+    let mut revs: Vec<&str> = b.changes.iter().map(|c| c.rev.as_str()).collect();
+    revs.sort_unstable();
+    assert_eq!(revs, [format!("2-{}", h('b')), format!("2-{}", h('c'))]);
+    let body = b.doc.as_ref().unwrap();
+    assert_eq!(body["v"], "c");
+    assert!(body.get("_conflicts").is_none(), "{body}");
+
+    // After a page's last id; a deleted document is left out, also as `after`.
+    let rest = s
+        .live_docs_by_id(Some("b".into()), 10, false)
+        .await
+        .unwrap();
+    let ids: Vec<&str> = rest.iter().map(|r| r.id.as_str()).collect();
+    assert_eq!(ids, ["d", "e"]);
+    assert!(rest.iter().all(|r| r.doc.is_none()));
+    let rest = s.live_docs_by_id(Some("c".into()), 1, true).await.unwrap();
+    assert_eq!(rest.len(), 1);
+    assert_eq!(rest[0].id, "d");
+    assert!(s
+        .live_docs_by_id(Some("e".into()), 10, true)
+        .await
+        .unwrap()
+        .is_empty());
 }
