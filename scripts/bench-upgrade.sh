@@ -39,11 +39,12 @@ for _ in $(seq 1 150); do curl -fs "http://127.0.0.1:$port/" >/dev/null && break
 url=http://127.0.0.1:$port
 
 rows=()
-declare -A secs_of
+declare -A secs_of cpu_of
 # measure NAME DOCS COMMAND...: wall seconds and peak RSS of COMMAND.
 measure() {
   local name=$1 docs=$2; shift 2
-  local t0 t1 secs rss
+  local t0 t1 secs rss cpu0 cpu
+  cpu0=$(server_ticks)
   t0=$(date +%s.%N)
   /usr/bin/time -v -o "$tmp/time" "$@" >"$tmp/out" 2>"$tmp/err" || { echo "bench: $name failed:" >&2; cat "$tmp/out" "$tmp/err" >&2; exit 1; }
   t1=$(date +%s.%N)
@@ -54,9 +55,15 @@ measure() {
   own=$(sed -n 's/^load: .* in \([0-9.]*\) s .*/\1/p' "$tmp/out" | head -1)
   [ -n "$own" ] && [ "$own" != 0.0 ] && secs=$own
   rss=$(awk -F': ' '/Maximum resident set size/ {print int($2/1024)}' "$tmp/time")
+  cpu=$(echo "($(server_ticks) - $cpu0) / $ticks" | bc -l)
   secs_of[$name]=$secs
-  rows+=("$(printf '%-58s %9d %8.1f %10.0f %8s' "$name" "$docs" "$secs" "$(echo "$docs / $secs" | bc -l)" "${rss} MB")")
+  cpu_of[$name]=$cpu
+  rows+=("$(printf '%-58s %9d %8.1f %10.0f %8s %10.1f' "$name" "$docs" "$secs" "$(echo "$docs / $secs" | bc -l)" "${rss} MB" "$cpu")")
 }
+# CPU time pouchdb-server has used (its JavaScript thread and leveldb's):
+# the server is what limits every pouchdb-server row.
+ticks=$(getconf CLK_TCK)
+server_ticks() { awk '{print $14 + $15}' "/proc/$server/stat"; }
 
 echo "bench: N=$N, loading pouchdb-server" >&2
 node "$baseline/gen.js" "$N" "$url/node" >/dev/null
@@ -85,7 +92,7 @@ measure "embedded: rewind rollback 7 → 0 (examples/cht)" "$N" \
 
 echo
 echo "N = $N documents (docs/s = documents in the database / wall time; rewind --batch ${BATCH:-default: 500 HTTP, 2000 embedded})"
-printf '%-58s %9s %8s %10s %8s\n' "step" "docs" "secs" "docs/s" "peak RSS"
+printf '%-58s %9s %8s %10s %8s %10s\n' "step" "docs" "secs" "docs/s" "peak RSS" "server CPU s"
 for r in "${rows[@]}"; do echo "$r"; done
 echo
 echo "raw:  $raw_line"
@@ -97,6 +104,12 @@ printf 'targets: rewind upgrade vs Node migration (pouchdb-server) %.2fx (>= 1.8
   "$(ratio "pouchdb-server: Node CHT-style migration (migrate-baseline)" "pouchdb-server: rewind upgrade 0 → 2 (examples/baseline)")"
 printf 'targets: rewind upgrade vs raw _bulk_docs (pouchdb-server)  %.0f%% (>= 80%%)\n' \
   "$(echo "100 * $(ratio "pouchdb-server: raw _bulk_docs of pre-built docs (gen.js)" "pouchdb-server: rewind upgrade 0 → 2 (examples/baseline)")" | bc -l)"
+raw="pouchdb-server: raw _bulk_docs of pre-built docs (gen.js)"
+nodem="pouchdb-server: Node CHT-style migration (migrate-baseline)"
+printf 'floor:   pouchdb-server CPU for the raw load %.1f s, for the Node migration (one read and one write per document) %.1f s:\n' \
+  "${cpu_of[$raw]}" "${cpu_of[$nodem]}"
+printf '         on this server no migration that reads and writes every document gets past ~%.0f%% of raw\n' \
+  "$(echo "100 * ${cpu_of[$raw]} / ${cpu_of[$nodem]}" | bc -l)"
 printf 'targets: embedded upgrade 0 → 7 %.0f docs/s (>= 50000); rollback/upgrade speed %.2f (>= 1)\n' \
   "$(echo "$N / ${secs_of["embedded: rewind upgrade 0 → 7 (examples/cht)"]}" | bc -l)" \
   "$(ratio "embedded: rewind upgrade 0 → 7 (examples/cht)" "embedded: rewind rollback 7 → 0 (examples/cht)")"
