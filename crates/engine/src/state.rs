@@ -135,8 +135,8 @@ pub struct Run {
     pub outcome: String,
     /// The changes-feed checkpoint: everything up to it is done.
     pub since: Value,
-    /// Embedded store, during the run's first pass, which walks documents
-    /// in id order: where it is. `since` stays 0 meanwhile, so a rewind
+    /// During the run's first pass, which walks documents in id order:
+    /// where it is. `since` stays 0 meanwhile, so a rewind
     /// that does not know this field resumes from the start of the feed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub by_id: Option<ByIdPass>,
