@@ -237,6 +237,12 @@ pub fn plan_cmd(cli: &Cli, args: &PlanArgs) -> anyhow::Result<ExitCode> {
             "\n  {} of {} documents rewritten, {} bytes; every phone that syncs this database re-downloads those {} documents",
             p.rewritten, p.docs, p.bytes, p.rewritten
         );
+        if p.rewritten > 0 {
+            println!(
+                "  (through rewind serve each comes as the phone's view plus small tombstones that retire\n   \
+                 the views other versions were shown: docs/design.md, \"Known limits\", has the measured count)"
+            );
+        }
         Ok(ExitCode::SUCCESS)
     })
 }

@@ -10,9 +10,13 @@ use std::process::ExitCode;
 /// A phone chooses its version by URL prefix, `/v/{N}/{db}` (or the
 /// X-Rewind-Version header); `/{db}` serves the database's current version.
 /// Pulled documents are translated to the phone's version, pushed ones to the
-/// server's, with complements kept; revision ids stay consistent, so a phone
-/// that switches version re-downloads only what changed shape, and an old
-/// phone downloads nothing for an upgrade plus rollback it never saw.
+/// server's, with complements kept. Revision ids are derived from what they
+/// hold, so every gateway answers alike, a phone that switches version
+/// converges in one sync, and a migration never shows up on a phone as a
+/// conflict with an edit already pushed. The price is download size: after
+/// an upgrade a phone receives each rewritten document as its view plus
+/// small tombstones retiring the views other versions were shown (see
+/// `rewind plan` and docs/design.md, "Known limits").
 ///
 /// Example: rewind serve --data ./data --migrations examples/cht
 #[derive(clap::Args)]
