@@ -264,10 +264,17 @@ pub fn status(args: &StatusArgs) -> anyhow::Result<ExitCode> {
             println!("  {:>3}  {}  {}", i + 1, a.id, &a.checksum[..12.min(a.checksum.len())]);
         }
         match &state.run {
-            Some(r) => println!(
-                "run in progress: {} {} → {} ({}), {} read, {} written, checkpoint {}; run `rewind {} --to {}` to finish it",
-                r.kind, r.from, r.to, r.outcome, r.counts.read, r.counts.written, r.since, r.kind, r.to
-            ),
+            Some(r) => {
+                let checkpoint = match &r.by_id {
+                    Some(pass) if pass.after.is_empty() => "first pass (in id order) not started".to_owned(),
+                    Some(pass) => format!("first pass (in id order) done up to {}", pass.after),
+                    None => format!("changes feed done up to sequence {}", r.since),
+                };
+                println!(
+                    "run in progress: {} {} → {} ({}), {} read, {} written, {checkpoint}; run `rewind {} --to {}` to finish it",
+                    r.kind, r.from, r.to, r.outcome, r.counts.read, r.counts.written, r.kind, r.to
+                )
+            }
             None => println!("no run in progress"),
         }
         if let Some(lease) = &state.lease {
