@@ -808,6 +808,22 @@ async fn crash_loop(db: &Db, args: &[String], kills: usize, total: u64, rng: &mu
             rate = 0.5 * rate + 0.5 * ((after - read) as f64 / worked);
         }
     }
+    if let Some(run) = db.state().await.run {
+        // What an operator sees of the interrupted run.
+        let status = run_output(rewind(db.dir(), &["status", "--db", &db.target])).await;
+        let shown = String::from_utf8_lossy(&status.stdout).into_owned();
+        let line = format!("run in progress: {} {} → {}", run.kind, run.from, run.to);
+        let place = match &run.by_id {
+            Some(pass) if !pass.after.is_empty() => format!("done up to {}", pass.after),
+            Some(_) => "first pass (in id order) not started".to_owned(),
+            None => format!("done up to sequence {}", run.since),
+        };
+        assert!(
+            status.status.success() && shown.contains(&line) && shown.contains(&place),
+            "status after a kill should show {line:?} and {place:?}:\n{}",
+            text(&status)
+        );
+    }
     let out = run_output(rewind(
         db.dir(),
         &args.iter().map(String::as_str).collect::<Vec<_>>(),
