@@ -318,11 +318,14 @@ impl SqliteStore {
         if !fresh {
             // Validate before any pragma that writes (journal_mode would).
             if let Err(reason) = check_schema(&conn) {
-                // A blank database is a store another process is creating.
-                if !is_blank(&conn).unwrap_or(false) {
+                // A blank database is a store another opener is creating.
+                if is_blank(&conn).unwrap_or(false) {
+                    create = true;
+                } else if check_schema(&conn).is_err() {
+                    // (Not blank and still not a store: the other opener did
+                    // not just commit the schema between the two reads.)
                     return Err(not_store(reason));
                 }
-                create = true;
             }
         }
         configure(&conn).map_err(|e| not_store(e.to_string()))?;

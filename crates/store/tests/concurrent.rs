@@ -141,18 +141,27 @@ async fn delete_and_create_through_another_handle() {
     assert_eq!(seq(&c.info().await.unwrap().update_seq), after);
 }
 
+/// Many handles opening one new file at once, arriving while the first
+/// creates the schema (50 PouchDB clients' first requests to a gateway open
+/// a database's companion together): each one opens the store. An opener
+/// that read the header before the schema's commit and the tables after it
+/// took the file for another application's database.
 #[test]
 fn many_handles_create_one_new_file_at_once() {
     for round in 0..20 {
         let dir = common::TempDir::new();
         let path = dir.path().join(format!("new{round}.db"));
-        let barrier = std::sync::Barrier::new(8);
+        let barrier = std::sync::Barrier::new(48);
         let uuids: Vec<String> = std::thread::scope(|s| {
-            let hs: Vec<_> = (0..8)
-                .map(|_| {
-                    s.spawn(|| {
+            let hs: Vec<_> = (0..48u64)
+                .map(|i| {
+                    let (path, barrier) = (&path, &barrier);
+                    s.spawn(move || {
                         barrier.wait();
-                        SqliteStore::open(&path).unwrap().uuid().to_owned()
+                        // Staggered: some arrive while the first is creating
+                        // the schema (the first requests to a gateway).
+                        std::thread::sleep(Duration::from_micros(i * 40));
+                        SqliteStore::open(path).unwrap().uuid().to_owned()
                     })
                 })
                 .collect();
