@@ -41,6 +41,9 @@ pub struct Args {
     databases: Vec<String>,
 }
 
+/// Threads for blocking work (embedded store reads and writes).
+const BLOCKING_THREADS: usize = 32;
+
 pub fn run(cli: &Cli, args: &Args) -> anyhow::Result<ExitCode> {
     let project = Project::load(cli.config.as_deref(), args.migrations.as_deref())?;
     let backend = match (&args.data, &args.couch) {
@@ -57,8 +60,13 @@ pub fn run(cli: &Cli, args: &Args) -> anyhow::Result<ExitCode> {
         Backend::Embedded(dir) => format!("embedded stores in {}", dir.display()),
         Backend::Couch(url) => rewind_store::redact_url(url),
     };
+    // Embedded reads run on blocking threads, each with its own SQLite
+    // connections and page caches: with tokio's default (512 threads), 50
+    // live PouchDB clients grew the gateway to ~270 threads and ~1 GB.
+    // Reads wait for a thread instead.
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        .max_blocking_threads(BLOCKING_THREADS)
         .build()?;
     rt.block_on(async {
         eprintln!(
