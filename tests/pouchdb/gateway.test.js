@@ -114,6 +114,19 @@ for (const kind of h.STORE_KINDS) {
       }
     });
 
+    test('forty phones pulling a fresh gateway at once all get every document', async (t) => {
+      // Their first requests open the database and create its companion
+      // together (an embedded opener used to take the half-created file
+      // for another application's database: 17 of 50 clients failed).
+      const ctx = await setup(t, kind, { docs: 20 });
+      const phones = Array.from({ length: 40 }, (_, i) => ctx.phone(i % 2 ? 7 : 0, `crowd${i}`));
+      const pulls = await Promise.all(phones.map((p) => p.pull()));
+      for (const [i, r] of pulls.entries()) {
+        assert.equal(r.ok, true, `phone ${i}`);
+        assert.equal((await phones[i].docs()).length, 20, `phone ${i}: documents held`);
+      }
+    });
+
     test('documents created at v0, v3 and v7 reach every phone in its shape (server at v0)', async (t) => {
       const ctx = await setup(t, kind);
       const phones = [ctx.phone(0), ctx.phone(3), ctx.phone(7)];
