@@ -21,25 +21,29 @@
 # "docs" is PouchDB's docs_written: revisions written, one per leaf (tombstoned conflict
 # branches included), so it exceeds N when the source serves more than one leaf per doc.
 #
-# one run on 2026-11-26, N=2000, 2 cores shared with a build and an engine benchmark:
+# one run on 2026-11-26 (second session), N=2000, LIVE_SECS=10, quiet 2-core machine:
 #   step                                                              docs     secs    docs/s  notes
-#   1. rewind copy src → dst (pouchdb-server, whole process)        2000      1.6      1277
-#   1. PouchDB.replicate(src, dst) over HTTP (node)                   2000      1.7      1198
-#   2a. pull straight from pouchdb-server (/medic, v7)                2000      1.2      1645
-#   2b. pull via rewind serve --couch, /medic (v7, no translation)   28896      9.5      3029  gateway peak RSS 110 MB
-#   2c. pull via rewind serve --couch, /v/0/medic (7 → 0)          28896     10.9      2658  gateway peak RSS 178 MB
-#   2d. pull via rewind serve --data, /medic (embedded, v0)           7224      2.1      3497  gateway peak RSS 62 MB
-#   3. 50 live pulls, one node process, 10 s (embedded gateway)      64832       10      6483  gateway peak RSS 176 MB; 0 client errors
+#   1. rewind copy src → dst (pouchdb-server, whole process)        2000      1.3      1565
+#   1. PouchDB.replicate(src, dst) over HTTP (node)                   2000      1.5      1296
+#   2a. pull straight from pouchdb-server (/medic, v7)                2000      0.9      2110
+#   2b. pull via rewind serve --couch, /medic (v7, no translation)   28896      8.6      3365  gateway peak RSS 143 MB
+#   2c. pull via rewind serve --couch, /v/0/medic (7 → 0)          28896      7.1      4066  gateway peak RSS 208 MB
+#   2d. pull via rewind serve --data, /medic (embedded, v0)           7224      1.0      6900  gateway peak RSS 127 MB
+#   3. 50 live pulls, one node process, 10 s (embedded gateway)     104540       10     10454  gateway peak RSS 213 MB (idle 22 MB, now 185 MB); 0 client errors
 #
-#   pull: (b)/(a) = 7.85×, (c)/(a) = 8.94× (target ≤ 1.15×), (d)/(a) = 1.70×
+#   pull: (b)/(a) = 9.06×, (c)/(a) = 7.50× (target ≤ 1.15×), (d)/(a) = 1.10×
 #   (the day before, N=5000: (b)/(a) = 59.66×, (c)/(a) = 58.54×: `_bulk_get` read and presented
-#   each requested revision on its own, one upstream round trip after another.)
+#   each requested revision on its own, one upstream round trip after another. Earlier the
+#   same day, row 3 peaked at 650-970 MB with ~17 client errors: every embedded read had its
+#   own blocking thread and SQLite connections, ~270 threads; `rewind serve` now caps them at
+#   32, and concurrent first opens of a companion no longer fail.)
 #   warnings: 2b and 2c wrote ~14 revisions per document, 2d 3.6: after an upgrade, every
 #   document is presented as a synthetic child with tombstones retiring its other views and its
 #   ancestors' views, in the current and previous presentation contexts (docs/design.md,
-#   "Revisions" and Known limits); a fresh phone downloads them all. `rewind sample` into an
-#   embedded store makes conflicts with tombstoned branches (~3.6 leaves per doc); written over
-#   HTTP to pouchdb-server it makes one.
+#   "Revisions" and Known limits); a fresh phone downloads them all. Even before any upgrade
+#   (2d: `rewind sample`, one leaf per document, version 0, no run), a document that some
+#   version sees differently is presented as a synthetic child plus tombstones (~3.6 per
+#   document here), because a phone at another version may hold that version's view.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
