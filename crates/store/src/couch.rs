@@ -468,7 +468,9 @@ impl CouchStore {
     /// [`crate::SqliteStore::live_docs_by_id`] gives them: a changes-feed row
     /// per document listing its winner and its live conflicts, with the
     /// winner's body when `include_docs` (one `_all_docs` request with
-    /// `conflicts=true`; rows carry no sequence). For a rewrite of the whole
+    /// `conflicts=true`; rows carry no sequence; CouchDB tells conflicts
+    /// only with the documents, so without `include_docs` a row lists the
+    /// winner alone). For a rewrite of the whole
     /// database: on pouchdb-server a page of `_all_docs` costs about two
     /// thirds of the same page of `_changes` with bodies.
     pub async fn live_docs_by_id(
