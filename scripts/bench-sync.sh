@@ -7,8 +7,10 @@
 #     pulling N docs: (a) straight from pouchdb-server; (b) through `rewind serve --couch`
 #     at the server's version (`/medic`, no translation); (c) through the same gateway
 #     translated to version 0 (`/v/0/medic`, after `rewind upgrade --to 7` with examples/cht);
-#     (d) from `rewind serve --data` on the embedded store (`rewind sample`, version 0).
-#     (a)-(c) pull the same upgraded db (`rewind sample` + upgrade to 7).
+#     (d) from `rewind serve --data` on the embedded store (`rewind sample`, version 0);
+#     (e) from `rewind serve --data` on a `rewind copy` of (b)'s database and companion, so
+#     (e)/(b) compares the two stores behind the same gateway, same data, same presentation.
+#     (a)-(c) and (e) pull the same upgraded db (`rewind sample` + upgrade to 7).
 #  3. The embedded gateway's peak RSS (VmHWM) with 50 live PouchDB replications
 #     (`live: true`, one node process, each from scratch into its own memory db) for LIVE_SECS.
 # Node times are taken inside node (PouchDB's `require` excluded); `rewind copy` is timed
@@ -23,15 +25,18 @@
 #
 # one run on 2026-11-26 (second session), N=2000, LIVE_SECS=10, quiet 2-core machine:
 #   step                                                              docs     secs    docs/s  notes
-#   1. rewind copy src → dst (pouchdb-server, whole process)        2000      1.3      1565
-#   1. PouchDB.replicate(src, dst) over HTTP (node)                   2000      1.5      1296
-#   2a. pull straight from pouchdb-server (/medic, v7)                2000      0.9      2110
-#   2b. pull via rewind serve --couch, /medic (v7, no translation)   28896      8.6      3365  gateway peak RSS 143 MB
-#   2c. pull via rewind serve --couch, /v/0/medic (7 → 0)          28896      7.1      4066  gateway peak RSS 208 MB
-#   2d. pull via rewind serve --data, /medic (embedded, v0)           7224      1.0      6900  gateway peak RSS 127 MB
-#   3. 50 live pulls, one node process, 10 s (embedded gateway)     104540       10     10454  gateway peak RSS 213 MB (idle 22 MB, now 185 MB); 0 client errors
+#   1. rewind copy src → dst (pouchdb-server, whole process)        2000      0.9      2185
+#   1. PouchDB.replicate(src, dst) over HTTP (node)                   2000      1.1      1812
+#   2a. pull straight from pouchdb-server (/medic, v7)                2000      0.9      2273
+#   2b. pull via rewind serve --couch, /medic (v7, no translation)   28896      6.5      4421  gateway peak RSS 129 MB
+#   2c. pull via rewind serve --couch, /v/0/medic (7 → 0)          28896      6.0      4853  gateway peak RSS 201 MB
+#   2e. pull via rewind serve --data, /medic (2b's db copied, v7)    28896      2.5     11689  gateway peak RSS 189 MB
+#   2d. pull via rewind serve --data, /medic (embedded, v0)           7224      0.9      7818  gateway peak RSS 136 MB
+#   3. 50 live pulls, one node process, 10 s (embedded gateway)     114392       10     11439  gateway peak RSS 219 MB (idle 20 MB, now 195 MB); 0 client errors
 #
-#   pull: (b)/(a) = 9.06×, (c)/(a) = 7.50× (target ≤ 1.15×), (d)/(a) = 1.10×
+#   pull: (b)/(a) = 7.43×, (c)/(a) = 6.77× (target ≤ 1.15×), (d)/(a) = 1.05×
+#   store: (e)/(b) = 0.38×: behind the same gateway, with the same data and the same 28896
+#   presented revisions, the embedded store serves the pull 2.6× faster than pouchdb-server.
 #   (the day before, N=5000: (b)/(a) = 59.66×, (c)/(a) = 58.54×: `_bulk_get` read and presented
 #   each requested revision on its own, one upstream round trip after another. Earlier the
 #   same day, row 3 peaked at 650-970 MB with ~17 client errors: every embedded read had its
@@ -185,6 +190,13 @@ pull "2b. pull via rewind serve --couch, /medic (v7, no translation)" "$gw_url/m
 echo "bench: 2c. pull through the gateway, translated to version 0" >&2
 pull "2c. pull via rewind serve --couch, /v/0/medic (7 → 0)" "$gw_url/v/0/medic" "$couch_gw"; c_secs=$p_secs
 stop "$couch_gw"
+echo "bench: 2e. the same upgraded db, copied to the embedded store" >&2
+mkdir -p "$tmp/data2"
+run "rewind copy medic to the embedded store" "$rewind" copy "$url/medic" "$tmp/data2/medic.db"
+run "rewind copy medic-rewind to the embedded store" "$rewind" copy "$url/medic-rewind" "$tmp/data2/medic.db-rewind"
+gateway embedded2 --data "$tmp/data2" --migrations examples/cht; emb2_gw=$gw_pid
+pull "2e. pull via rewind serve --data, /medic (2b's db copied, v7)" "$gw_url/medic" "$emb2_gw"; e_secs=$p_secs
+stop "$emb2_gw"
 echo "bench: 2d. pull from the embedded gateway" >&2
 mkdir -p "$tmp/data"
 run "rewind sample into the embedded store" "$rewind" sample --docs "$N" --seed 1 --db "$tmp/data/medic.db"
@@ -209,3 +221,4 @@ for r in "${rows[@]}"; do echo "$r"; done
 echo
 echo "copy: rewind copy is $copy_ratio× PouchDB.replicate (target ≥ 2×)"
 echo "pull: (b)/(a) = $(ratio "$b_secs" "$a_secs")×, (c)/(a) = $(ratio "$c_secs" "$a_secs")× (target ≤ 1.15×), (d)/(a) = $(ratio "$d_secs" "$a_secs")× (time; < 1 is faster)"
+echo "store: (e)/(b) = $(ratio "$e_secs" "$b_secs")× (the same database and presentation behind the gateway, embedded store vs pouchdb-server; < 1: embedded faster)"
