@@ -38,6 +38,10 @@ pub struct Image {
     pub after: String,
     /// The body before, exactly as stored (without revision members).
     pub body: String,
+    /// The run that wrote it; `None` for a gateway's translation of a push
+    /// (and in journals older than this field).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run: Option<String>,
 }
 
 /// A document's journal.

@@ -253,11 +253,11 @@ struct Rewrite {
 fn rewrite(
     set: &MigrationSet,
     kind: Kind,
-    from: u32,
-    to: u32,
+    run: &Run,
     leaf: Value,
     journal: &mut Journal,
 ) -> Result<Option<Rewrite>> {
+    let (from, to) = (run.from, run.to);
     let lens_error = |doc: &Value, source| EngineError::Lens {
         id: id_of(doc),
         source,
@@ -290,6 +290,7 @@ fn rewrite(
                 rev,
                 after: body_hash(&doc),
                 body: before,
+                run: Some(run.id.clone()),
             });
             Ok(Some(Rewrite {
                 doc,
@@ -347,6 +348,7 @@ fn rewrite(
                 rev,
                 after: body_hash(&doc),
                 body: before,
+                run: Some(run.id.clone()),
             });
             if let Some(object) = doc.as_object_mut() {
                 object.shift_remove("_revisions");
@@ -522,6 +524,7 @@ async fn run_with_lease(
                     after: String::new(),
                     since: info.update_seq.clone(),
                 }),
+                instant: kind == Kind::Rollback && opts.instant,
                 resumed: 0,
                 counts: Counts::default(),
             }
@@ -952,14 +955,13 @@ async fn journal_once(
     docs: &mut Vec<Value>,
     counts: &mut Counts,
 ) -> Result<Vec<String>> {
-    let (from, to) = (run.from, run.to);
     let mut rewritten = Vec::new();
     let mut touched: Vec<String> = Vec::new();
     let mut seen: HashSet<String> = HashSet::new();
     for leaf in leaves {
         let id = id_of(&leaf);
         let journal = journals.entry(id.clone()).or_default();
-        if let Some(rewrite) = rewrite(set, kind, from, to, leaf, journal)? {
+        if let Some(rewrite) = rewrite(set, kind, run, leaf, journal)? {
             rewritten.push(rewrite);
             if seen.insert(id.clone()) {
                 touched.push(id);

@@ -140,6 +140,10 @@ pub struct Run {
     /// that does not know this field resumes from the start of the feed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub by_id: Option<ByIdPass>,
+    /// A rollback served to clients from its start (`--instant`): its
+    /// epoch began when it started, not when it finished.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub instant: bool,
     /// How many times the run was resumed after an interruption.
     pub resumed: u32,
     /// Counters.

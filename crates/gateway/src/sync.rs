@@ -168,6 +168,7 @@ impl Session<'_> {
         let journals = self.journals(&ids).await?;
         let empty = Journal::default();
         let epochs = view::epochs(self.state);
+        let runs = view::run_marks(self.state);
         let key = |leaf: &Value| {
             let id = id_of(leaf);
             let journal_rev = journals
@@ -250,16 +251,15 @@ impl Session<'_> {
                 .take(ANCESTORS)
                 .collect();
             let contexts = view::contexts(&epochs, journal);
-            let presented = view::present(
-                self.set,
-                self.checksum,
-                leaf,
-                self.k,
+            let cx = view::Context {
+                set: self.set,
+                checksum: self.checksum,
                 journal,
-                &contexts,
-                &known,
-            )
-            .map_err(|e| GatewayError::Lens(id.clone(), e))?;
+                contexts: &contexts,
+                runs: &runs,
+            };
+            let presented = view::present(&cx, leaf, self.k, &known)
+                .map_err(|e| GatewayError::Lens(id.clone(), e))?;
             self.cache.put(key(leaf), presented.clone());
             for p in presented {
                 if seen.insert((id.clone(), p.rev.clone())) {
@@ -624,6 +624,7 @@ impl Session<'_> {
                         rev: rev.clone(),
                         after: body_hash(&translated),
                         body: serde_json::to_string(&body_of(&doc)).unwrap_or_default(),
+                        run: None,
                     });
                     self.save_journal(&id, &mut journal).await?;
                     let mut child = body_of(&translated);

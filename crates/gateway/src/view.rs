@@ -144,7 +144,7 @@ pub fn presents(rev: &str, base: &str, checksum: &str, body: &Value) -> bool {
 /// The copies from the previous epoch and the previous adoption are
 /// retired too (a gateway's state cache can present the previous epoch's
 /// ids for a moment after a run).
-pub fn contexts(epochs: &[String], journal: &Journal) -> Vec<String> {
+pub fn contexts(epochs: &[String], journal: &Journal) -> Vec<PresentationContext> {
     // The adoption contexts in the window: each names the adopted list up
     // to it (none adopted: "").
     let adopted = journal.adopted.len();
@@ -154,11 +154,18 @@ pub fn contexts(epochs: &[String], journal: &Journal) -> Vec<String> {
             n => format!("{:x}", md5::compute(journal.adopted[..n].join("\n"))),
         })
         .collect();
-    let name = |epoch: &str, adoption: &str| match (epoch.is_empty(), adoption.is_empty()) {
-        (true, true) => String::new(),
-        (false, true) => epoch.to_owned(),
-        (true, false) => format!("adopted {adoption}"),
-        (false, false) => format!("{epoch} adopted {adoption}"),
+    let name = |epoch: &str, adoption: &str| PresentationContext {
+        name: match (epoch.is_empty(), adoption.is_empty()) {
+            (true, true) => String::new(),
+            (false, true) => epoch.to_owned(),
+            (true, false) => format!("adopted {adoption}"),
+            (false, false) => format!("{epoch} adopted {adoption}"),
+        },
+        // "{version}:{run id}" (see `epochs`); "" before any run.
+        epoch_run: epoch
+            .split_once(':')
+            .map(|(_, run)| run.to_owned())
+            .unwrap_or_default(),
     };
     let epoch = epochs.last().map(String::as_str).unwrap_or("");
     let adoption = adoptions.last().map(String::as_str).unwrap_or("");
@@ -172,6 +179,43 @@ pub fn contexts(epochs: &[String], journal: &Journal) -> Vec<String> {
         out.push(name(epoch, older));
     }
     out.push(name(epoch, adoption));
+    out
+}
+
+/// A presentation context ([`contexts`]): its name, which synthetic ids
+/// carry, and the run whose epoch it belongs to (`""` before any run).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PresentationContext {
+    pub name: String,
+    pub epoch_run: String,
+}
+
+/// A run of the state's history (the run in progress last), for [`present`]
+/// to tell in which epochs a revision could have been a leaf.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunMark {
+    pub id: String,
+    /// Its epoch began when it started (an instant rollback), not when it
+    /// finished.
+    pub instant: bool,
+}
+
+/// The runs of `state`, oldest first, the run in progress last.
+pub fn run_marks(state: &State) -> Vec<RunMark> {
+    let mut out: Vec<RunMark> = state
+        .history
+        .iter()
+        .map(|run| RunMark {
+            id: run.id.clone(),
+            instant: run.instant,
+        })
+        .collect();
+    if let Some(run) = &state.run {
+        out.push(RunMark {
+            id: run.id.clone(),
+            instant: run.instant || state.served.is_some(),
+        });
+    }
     out
 }
 
@@ -287,18 +331,66 @@ fn views(
     Ok(out)
 }
 
-/// Tombstones retiring the synthetic children of `base` (a revision with
-/// `body` and history `base_history`) for every view except `keep`.
-/// What presenting needs besides the revision: the migrations, their
-/// checksum and the document's journal.
-struct Context<'a> {
-    set: &'a MigrationSet,
-    checksum: &'a str,
-    journal: &'a Journal,
+/// What presenting a document needs besides its revision: the migrations,
+/// their checksum, the document's journal, the contexts and the runs.
+pub struct Context<'a> {
+    pub set: &'a MigrationSet,
+    pub checksum: &'a str,
+    pub journal: &'a Journal,
     /// The presentation contexts, the current one last ([`contexts`]).
-    contexts: &'a [String],
+    pub contexts: &'a [PresentationContext],
+    /// The runs, oldest first ([`run_marks`]).
+    pub runs: &'a [RunMark],
 }
 
+impl Context<'_> {
+    fn current(&self) -> &str {
+        self.contexts.last().map(|c| c.name.as_str()).unwrap_or("")
+    }
+
+    /// Whether the context at `index` began after the stored revision
+    /// `rev` stopped being a leaf, so that no client was ever presented a
+    /// view of `rev` in it: a run that is not instant wrote a child of
+    /// `rev` (its journal image says so) before its own epoch began. A
+    /// child a gateway wrote (no run named) proves nothing.
+    fn began_after_leaf(&self, rev: &str, index: usize) -> bool {
+        let position = |run: &str| self.runs.iter().position(|r| r.id == run);
+        let mut images = self
+            .journal
+            .images
+            .iter()
+            .filter(|i| i.rev == rev)
+            .peekable();
+        if images.peek().is_none() {
+            return false;
+        }
+        let mut earliest: Option<(usize, bool)> = None;
+        for image in images {
+            let Some(run) = image.run.as_deref() else {
+                return false;
+            };
+            let Some(at) = position(run) else {
+                return false;
+            };
+            if earliest.is_none_or(|(p, _)| at < p) {
+                earliest = Some((at, self.runs[at].instant));
+            }
+        }
+        let (Some((wrote, instant)), Some(context)) = (earliest, self.contexts.get(index)) else {
+            return false;
+        };
+        match position(&context.epoch_run) {
+            Some(began) => began > wrote || (began == wrote && !instant),
+            None => false,
+        }
+    }
+}
+
+/// Tombstones retiring the synthetic children of `base` (a revision with
+/// `body` and history `base_history`) for every view except `keep`, in
+/// every context in which `base` may have been presented: an ancestor's
+/// views are not retired in contexts that began after it stopped being a
+/// leaf.
 fn retirements(
     cx: &Context<'_>,
     id: &Value,
@@ -315,11 +407,14 @@ fn retirements(
     }
     let current = cx.contexts.len() - 1;
     for (index, context) in cx.contexts.iter().enumerate() {
+        if keep.is_none() && cx.began_after_leaf(&base_history[0], index) {
+            continue;
+        }
         for (hash, seen) in &all {
             if index == current && Some(hash.as_str()) == keep {
                 continue;
             }
-            let synthetic = synthetic_rev(&base_history[0], cx.checksum, seen, context);
+            let synthetic = synthetic_rev(&base_history[0], cx.checksum, seen, &context.name);
             let retired = tombstone_rev(&synthetic);
             if out.iter().any(|p| p.rev == retired) {
                 continue;
@@ -350,20 +445,12 @@ fn retirements(
 /// a phone that switches version, or whose translated copy the server moved
 /// past, is left with exactly one live leaf after one pull.
 pub fn present(
-    set: &MigrationSet,
-    checksum: &str,
+    cx: &Context<'_>,
     leaf: &Value,
     k: u32,
-    journal: &Journal,
-    contexts: &[String],
     ancestors: &[(String, Value)],
 ) -> Result<Vec<Presented>, LensError> {
-    let cx = Context {
-        set,
-        checksum,
-        journal,
-        contexts,
-    };
+    let (set, checksum, journal) = (cx.set, cx.checksum, cx.journal);
     let hist = history(leaf);
     let rev = hist.first().cloned().unwrap_or_default();
     let id = leaf.get("_id").cloned().unwrap_or(Value::Null);
@@ -384,8 +471,7 @@ pub fn present(
     } else {
         let seen = view(set, leaf, k, journal)?;
         let wanted = client_body_hash(&seen);
-        let context = cx.contexts.last().map(String::as_str).unwrap_or("");
-        let synthetic = synthetic_rev(&rev, checksum, &seen, context);
+        let synthetic = synthetic_rev(&rev, checksum, &seen, cx.current());
         let mut chain = vec![synthetic.clone()];
         chain.extend_from_slice(&hist);
         out.push(Presented {
@@ -393,11 +479,11 @@ pub fn present(
             doc: with_meta(body_of(&seen), &chain),
             synthetic: true,
         });
-        retirements(&cx, &id, &hist, leaf, Some(&wanted), &mut out)?;
+        retirements(cx, &id, &hist, leaf, Some(&wanted), &mut out)?;
     }
     for (rev, body) in ancestors {
         if let Some(pos) = hist.iter().position(|r| r == rev) {
-            retirements(&cx, &id, &hist[pos..], body, None, &mut out)?;
+            retirements(cx, &id, &hist[pos..], body, None, &mut out)?;
         }
     }
     Ok(out)
@@ -440,6 +526,81 @@ pub fn system_base<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A person migrated by run `r1` (0 → 1): presented at version 0, with
+    /// the tombstones retiring the views of the person before the run.
+    fn present_migrated(instant: bool) -> (Vec<String>, impl Fn(&str) -> Vec<String>) {
+        let file = std::path::PathBuf::from("0001-persons-to-contacts.yaml");
+        let text = include_str!("../../../examples/baseline/0001-persons-to-contacts.yaml");
+        let set = MigrationSet::parse_files(&[(file, text.to_owned())], "rewind").unwrap();
+        let before = json!({"_id": "p", "type": "person", "name": "Ann"});
+        let mut leaf = view(&set, &before, 1, &Journal::default()).unwrap();
+        leaf["_rev"] = json!("2-bbbb");
+        leaf["_revisions"] = json!({"start": 2, "ids": ["bbbb", "aaaa"]});
+        let journal = Journal {
+            images: vec![rewind_engine::journal::Image {
+                from: 0,
+                to: 1,
+                rev: "1-aaaa".into(),
+                after: body_hash(&leaf),
+                body: serde_json::to_string(&before).unwrap(),
+                run: Some("r1".into()),
+            }],
+            ..Journal::default()
+        };
+        let contexts = contexts(&["".to_owned(), "1:r1".to_owned()], &journal);
+        let runs = [RunMark {
+            id: "r1".into(),
+            instant,
+        }];
+        let ancestors = [("1-aaaa".to_owned(), before.clone())];
+        let cx = Context {
+            set: &set,
+            checksum: "ck",
+            journal: &journal,
+            contexts: &contexts,
+            runs: &runs,
+        };
+        let presented = present(&cx, &leaf, 0, &ancestors)
+            .unwrap()
+            .into_iter()
+            .map(|p| p.rev)
+            .collect();
+        // The tombstones retiring the person's views in `context`.
+        let retired_in = move |context: &str| {
+            (0..=1)
+                .map(|k| {
+                    let seen = view(&set, &before, k, &Journal::default()).unwrap();
+                    tombstone_rev(&synthetic_rev("1-aaaa", "ck", &seen, context))
+                })
+                .collect()
+        };
+        (presented, retired_in)
+    }
+
+    #[test]
+    fn an_ancestors_views_are_not_retired_in_epochs_that_began_after_it_was_replaced() {
+        // Run r1 finished after writing the migration: the person was never
+        // a leaf in r1's epoch, so no phone holds a view of it from then.
+        let (presented, retired_in) = present_migrated(false);
+        for rev in retired_in("") {
+            assert!(
+                presented.contains(&rev),
+                "the epoch before r1: {rev} retired"
+            );
+        }
+        for rev in retired_in("1:r1") {
+            assert!(!presented.contains(&rev), "r1's epoch: {rev} not presented");
+        }
+        // An instant rollback's epoch begins when it starts: the person was
+        // still a leaf in it for a while.
+        let (presented, retired_in) = present_migrated(true);
+        for context in ["", "1:r1"] {
+            for rev in retired_in(context) {
+                assert!(presented.contains(&rev), "{context:?}: {rev} retired");
+            }
+        }
+    }
 
     #[test]
     fn retirements_are_told_by_their_id() {
