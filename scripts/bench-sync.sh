@@ -25,24 +25,26 @@
 #
 # one run on 2026-11-26 (second session), N=2000, LIVE_SECS=10, quiet 2-core machine:
 #   step                                                              docs     secs    docs/s  notes
-#   1. rewind copy src → dst (pouchdb-server, whole process)        2000      0.9      2185
-#   1. PouchDB.replicate(src, dst) over HTTP (node)                   2000      1.1      1812
-#   2a. pull straight from pouchdb-server (/medic, v7)                2000      0.9      2273
-#   2b. pull via rewind serve --couch, /medic (v7, no translation)   28896      6.5      4421  gateway peak RSS 129 MB
-#   2c. pull via rewind serve --couch, /v/0/medic (7 → 0)          28896      6.0      4853  gateway peak RSS 201 MB
-#   2e. pull via rewind serve --data, /medic (2b's db copied, v7)    28896      2.5     11689  gateway peak RSS 189 MB
-#   2d. pull via rewind serve --data, /medic (embedded, v0)           7224      0.9      7818  gateway peak RSS 136 MB
-#   3. 50 live pulls, one node process, 10 s (embedded gateway)     114392       10     11439  gateway peak RSS 219 MB (idle 20 MB, now 195 MB); 0 client errors
+#   1. rewind copy src → dst (pouchdb-server, whole process)        2000      1.0      2000
+#   1. PouchDB.replicate(src, dst) over HTTP (node)                   2000      1.3      1515
+#   2a. pull straight from pouchdb-server (/medic, v7)                2000      1.0      1949
+#   2b. pull via rewind serve --couch, /medic (v7, no translation)   21672      6.6      3263  gateway peak RSS 118 MB
+#   2c. pull via rewind serve --couch, /v/0/medic (7 → 0)          21672      6.0      3584  gateway peak RSS 171 MB
+#   2e. pull via rewind serve --data, /medic (2b's db copied, v7)    21672      2.2      9649  gateway peak RSS 173 MB
+#   2d. pull via rewind serve --data, /medic (embedded, v0)           7224      1.0      7145  gateway peak RSS 162 MB
+#   3. 50 live pulls, one node process, 10 s (embedded gateway)      93620       10      9362  gateway peak RSS 216 MB (idle 20 MB, now 196 MB); 0 client errors
 #
-#   pull: (b)/(a) = 7.43×, (c)/(a) = 6.77× (target ≤ 1.15×), (d)/(a) = 1.05×
-#   store: (e)/(b) = 0.38×: behind the same gateway, with the same data and the same 28896
-#   presented revisions, the embedded store serves the pull 2.6× faster than pouchdb-server.
+#   pull: (b)/(a) = 6.47×, (c)/(a) = 5.89× (target ≤ 1.15×), (d)/(a) = 0.99×
+#   store: (e)/(b) = 0.34×: behind the same gateway, with the same data and the same 21672
+#   presented revisions, the embedded store serves the pull ~3× faster than pouchdb-server.
+#   (Earlier the same day 2b/2c wrote 28896 revisions, ~14.4 per document, (b)/(a) ≈ 7.4–9×:
+#   ancestors' views were also retired in epochs that began after the ancestor was replaced.)
 #   (the day before, N=5000: (b)/(a) = 59.66×, (c)/(a) = 58.54×: `_bulk_get` read and presented
 #   each requested revision on its own, one upstream round trip after another. Earlier the
 #   same day, row 3 peaked at 650-970 MB with ~17 client errors: every embedded read had its
 #   own blocking thread and SQLite connections, ~270 threads; `rewind serve` now caps them at
 #   32, and concurrent first opens of a companion no longer fail.)
-#   warnings: 2b and 2c wrote ~14 revisions per document, 2d 3.6: after an upgrade, every
+#   warnings: 2b and 2c wrote ~10.8 revisions per document, 2d 3.6: after an upgrade, every
 #   document is presented as a synthetic child with tombstones retiring its other views and its
 #   ancestors' views, in the current and previous presentation contexts (docs/design.md,
 #   "Revisions" and Known limits); a fresh phone downloads them all. Even before any upgrade
