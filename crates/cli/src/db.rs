@@ -284,8 +284,9 @@ pub fn status(args: &StatusArgs) -> anyhow::Result<ExitCode> {
             println!("last runs:");
             for r in state.history.iter().rev().take(5) {
                 let secs = r.finished.unwrap_or(r.started).saturating_sub(r.started) as f64 / 1000.0;
+                let instant = if r.instant { " (instant)" } else { "" };
                 println!(
-                    "  {} {} → {}  {}  {} written in {:.1} s",
+                    "  {} {} → {}{instant}  {}  {} written in {:.1} s",
                     r.kind, r.from, r.to, r.outcome, r.counts.written, secs
                 );
             }
