@@ -3,7 +3,9 @@
 //! `journal:<doc id>` in the companion database holds
 //! - `images`: a stack of before-images, one per upgrade that rewrote the
 //!   document: the version range, the revision it replaced, the exact body
-//!   text before, and a hash of the body the upgrade wrote. A rollback that
+//!   text before, a hash of the body the upgrade wrote, and the run that
+//!   wrote it (the gateway tells from it in which epochs the replaced
+//!   revision could still have been a leaf). A rollback that
 //!   finds the document still carrying that body restores the image byte for
 //!   byte; otherwise the document was edited and is translated instead.
 //! - `kept`: per migration, the complement the last translation kept (from
