@@ -89,10 +89,12 @@ function newPerson(id, k, first, last) {
 // storage version"; retirement tombstones), every document lists, besides
 // its presented revision, tombstones of the synthetic revisions of the other
 // versions: a fresh pull of 120 docs (server at v3) reads 672 revisions, and
-// the suite runs ~4x slower. Earlier HEADs (c97cafc) pass this test.
+// the suite runs ~4x slower. Earlier HEADs (c97cafc) pass this test. On
+// 2026-11-26 the download-cost test measured 684 revisions where it wants 60
+// (912 before ancestors' views were left out of epochs that began after them).
 const RETIREMENT_TODO = process.env.REWIND_PT_STRICT
   ? {}
-  : { todo: 'fresh pulls and version switches download tombstones of other versions\' synthetic revisions (~5.6 per doc)' };
+  : { todo: 'fresh pulls and version switches download tombstones of other versions\' synthetic revisions (~5-11 per doc)' };
 
 for (const kind of h.STORE_KINDS) {
   describe(`gateway over ${kind}`, () => {
