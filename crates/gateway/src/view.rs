@@ -348,38 +348,28 @@ impl Context<'_> {
         self.contexts.last().map(|c| c.name.as_str()).unwrap_or("")
     }
 
-    /// Whether the context at `index` began after the stored revision
-    /// `rev` stopped being a leaf, so that no client was ever presented a
-    /// view of `rev` in it: a run that is not instant wrote a child of
-    /// `rev` (its journal image says so) before its own epoch began. A
-    /// child a gateway wrote (no run named) proves nothing.
-    fn began_after_leaf(&self, rev: &str, index: usize) -> bool {
-        let position = |run: &str| self.runs.iter().position(|r| r.id == run);
-        let mut images = self
-            .journal
-            .images
-            .iter()
-            .filter(|i| i.rev == rev)
-            .peekable();
-        if images.peek().is_none() {
-            return false;
-        }
+    /// The run that replaced the stored revision `rev` (wrote a child of
+    /// it, as a journal image says): its place in `runs` and whether it was
+    /// instant, the earliest if several did. `None` when no image names
+    /// one, or one names none (a gateway's translation proves nothing).
+    fn replaced_by(&self, rev: &str) -> Option<(usize, bool)> {
         let mut earliest: Option<(usize, bool)> = None;
-        for image in images {
-            let Some(run) = image.run.as_deref() else {
-                return false;
-            };
-            let Some(at) = position(run) else {
-                return false;
-            };
+        for image in self.journal.images.iter().filter(|i| i.rev == rev) {
+            let run = image.run.as_deref()?;
+            let at = self.runs.iter().position(|r| r.id == run)?;
             if earliest.is_none_or(|(p, _)| at < p) {
                 earliest = Some((at, self.runs[at].instant));
             }
         }
-        let (Some((wrote, instant)), Some(context)) = (earliest, self.contexts.get(index)) else {
-            return false;
-        };
-        match position(&context.epoch_run) {
+        earliest
+    }
+
+    /// Whether `context` began after a revision [`Self::replaced_by`] the
+    /// run at `replaced` stopped being a leaf, so that no client was ever
+    /// presented a view of it in that context: a run that is not instant
+    /// begins its epoch when it finishes, after its writes.
+    fn began_after(&self, (wrote, instant): (usize, bool), context: &PresentationContext) -> bool {
+        match self.runs.iter().position(|r| r.id == context.epoch_run) {
             Some(began) => began > wrote || (began == wrote && !instant),
             None => false,
         }
@@ -406,8 +396,13 @@ fn retirements(
         return Ok(());
     }
     let current = cx.contexts.len() - 1;
+    // An ancestor (not the leaf: `keep` is its presented view).
+    let replaced = keep
+        .is_none()
+        .then(|| cx.replaced_by(&base_history[0]))
+        .flatten();
     for (index, context) in cx.contexts.iter().enumerate() {
-        if keep.is_none() && cx.began_after_leaf(&base_history[0], index) {
+        if replaced.is_some_and(|at| cx.began_after(at, context)) {
             continue;
         }
         for (hash, seen) in &all {
