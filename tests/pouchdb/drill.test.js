@@ -5,15 +5,18 @@
 // rollback --instant` run as separate processes on the same store and are
 // killed with SIGKILL at a random point, then re-run to completion. It imitates crates/drill/src/scenario.rs:
 //
-//   0. ~60 sample docs at v0; five phones pull (following `/medic`);
+//   0. ~60 sample docs at v0; five phones pull: two follow `/medic`, three
+//      run the old app, pinned at `/v/0/medic`;
 //   1. `rewind upgrade --to 7` (killed once, re-run) while every phone keeps
 //      editing its own docs and syncing;
-//   2. two phones switch to /v/7/medic and edit (one of them deletes a doc), one
-//      phone stays online at /v/0, two go offline and edit (one at v7, one at v0);
+//   2. the two following phones pin /v/7/medic and one pinned phone moves up
+//      from /v/0 to /v/7 (its app updated): every phone holds what the
+//      gateway serves at its version; all edit (one deletes a doc); the
+//      phone that moved up and one v0 phone go offline and edit;
 //   3. `rewind rollback --to 0 --instant` (killed once, re-run); online phones
-//      follow `/medic` again and sync;
-//   4. the offline phones come back at their pinned version and sync, then
-//      follow `/medic`; everyone syncs twice;
+//      follow `/medic` and sync: each holds what `/medic` serves;
+//   4. the offline phones come back, push their edits at their own version,
+//      then follow `/medic`; everyone syncs twice;
 //   5. `rewind upgrade --to 7` again (killed once, re-run); phones sync, edit,
 //      and sync twice more via `/medic`;
 //   6. the server is restored from a backup (`rewind copy`) taken before the
@@ -134,7 +137,8 @@ class Drill {
     this.gw = await h.startGateway(this.cleanup, this.store);
     this.phones = [];
     for (let i = 0; i < PHONES; i++) {
-      const p = h.makePhone(this.cleanup, this.gw, null, `drill${this.seed}-p${i}`);
+      // Phones 0 and 1 follow `/medic`; the others run the old app, pinned at v0.
+      const p = h.makePhone(this.cleanup, this.gw, i < 2 ? null : 0, `drill${this.seed}-p${i}`);
       p.index = i;
       p.online = true;
       p.rng = rng(this.seed * 1000 + i + 17);
@@ -298,6 +302,45 @@ class Drill {
     assert.deepEqual(pulled.errors, [], `phone ${p.index} pull errors`);
   }
 
+  /**
+   * Invariant 4 now (after a sync that moved phones): every online phone
+   * holds what the gateway serves at its URL, the same documents with the
+   * same bodies, and (following `/medic`) the same revisions. A phone
+   * pinned at `/v/k` may keep the revision ids of the epoch in which it
+   * last received a document (docs/design.md, "Known limits").
+   */
+  async assertConverged(when) {
+    for (const p of this.phones.filter((q) => q.online)) {
+      const served = await h.http(`${p.url}/_all_docs?include_docs=true`);
+      assert.equal(served.status, 200, served.text);
+      const want = new Map(served.json.rows.filter((r) => !r.id.startsWith('_design/')).map((r) => [r.id, r.doc]));
+      const mine = new Map((await p.docs()).filter((d) => !d._id.startsWith('_design/')).map((d) => [d._id, d]));
+      const problems = [];
+      for (const [id, doc] of want) {
+        const local = mine.get(id);
+        if (!local) {
+          problems.push(`${id}: missing`);
+          continue;
+        }
+        if (p.k === null && local._rev !== doc._rev) problems.push(`${id}: rev ${local._rev}, served ${doc._rev}`);
+        try {
+          assert.deepStrictEqual(h.bodyOf(local), h.bodyOf(doc));
+        } catch (e) {
+          problems.push(`${id}: body ${JSON.stringify(h.bodyOf(local))}, served ${JSON.stringify(h.bodyOf(doc))}`);
+        }
+        if (local._conflicts && local._conflicts.length) problems.push(`${id}: conflicts ${local._conflicts}`);
+      }
+      for (const id of mine.keys()) if (!want.has(id)) problems.push(`${id}: held, not served`);
+      assert.deepEqual(problems.slice(0, 5), [], `phone ${p.index} at ${p.url} after ${when}: ${problems.length} documents differ`);
+    }
+  }
+
+  /** Phone p pushes only (uploads its edits at its own version). */
+  async push(p) {
+    const pushed = await p.push();
+    assert.deepEqual(pushed.errors, [], `phone ${p.index} push errors`);
+  }
+
   /** Every online phone syncs, one after the other. */
   async syncAll() {
     for (const p of this.phones) if (p.online) await this.sync(p);
@@ -451,7 +494,7 @@ for (const kind of STORES) {
         const d = new Drill(t, seed, kind);
         t.after(() => d.cleanup.run());
         await d.setup();
-        const [a, b, c, e, f] = d.phones; // a, b: v7 online; c: v7 offline; e: v0 offline; f: v0 online
+        const [a, b, c, e, f] = d.phones; // a, b: follow, then v7; c: v0 → v7, offline; e: v0 offline; f: v0 online
 
         // 0. Phones pull the database at v0.
         await d.timed('initial pull', async () => {
@@ -483,11 +526,12 @@ for (const kind of STORES) {
           await d.syncAll();
         });
 
-        // 2. Two phones switch to v7 (and a third, which goes offline); two pin v0 (one goes offline).
+        // 2. The following phones pin v7; one old phone moves up to v7 (and
+        //    goes offline); the other two stay at v0 (one goes offline).
         await d.timed('switch, offline edits', async () => {
           for (const p of [a, b, c]) p.k = 7;
-          for (const p of [e, f]) p.k = 0;
           await d.syncAll();
+          await d.assertConverged('moving up to v7');
           c.online = false;
           e.online = false;
           for (const p of d.phones) await d.editRound(p, 2, 'pinned', { create: 1, k: p.k });
@@ -501,13 +545,15 @@ for (const kind of STORES) {
           await waitServed(d.gw, 0);
           for (const p of d.phones) if (p.online) p.k = null;
           await d.syncAll();
+          await d.assertConverged('the rollback');
         });
 
-        // 4. The offline phones come back at their pinned version, then follow /medic; everyone syncs twice.
+        // 4. The offline phones come back, push their edits at their own
+        //    version, then follow /medic; everyone syncs twice.
         await d.timed('offline phones return', async () => {
           for (const p of [c, e]) {
             p.online = true;
-            await d.sync(p);
+            await d.push(p);
             p.k = null;
           }
           await d.syncAll();

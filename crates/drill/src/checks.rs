@@ -184,6 +184,72 @@ async fn live_leaf_count(store: &AnyStore, id: &str) -> usize {
     }
 }
 
+/// Invariant 4 at one moment: every online phone holds what the gateway
+/// serves at its version (`served` for phones following `/{db}`): the same
+/// winning revision and body for every document, none missing. `when`
+/// names the moment in counterexamples (`""`: the end). Returns (documents
+/// checked, counterexamples).
+pub(crate) async fn convergence(
+    drill: &Drill,
+    served: u32,
+    when: &str,
+) -> Result<(u64, Vec<Counterexample>), DrillError> {
+    let (mut diverged, mut checked) = (Vec::new(), 0u64);
+    for device in drill.devices().iter().filter(|d| d.online) {
+        let k = match device.pin {
+            Pin::Follow => served,
+            Pin::At(k) => k,
+        };
+        let place = match when {
+            "" => device.phone.name.clone(),
+            when => format!("{} (v{k}) after {when}", device.phone.name),
+        };
+        let view_url = format!("{}/v/{k}/medic", drill.base());
+        let view = rewind_store::open(&view_url)
+            .await
+            .map_err(|e| step_error("checks")(e.to_string()))?;
+        let expected = all_leaves(&view).await?;
+        let phone_docs = all_leaves(&device.phone.local).await?;
+        let mine: HashMap<&str, &DocLeaves> =
+            phone_docs.iter().map(|d| (d.id.as_str(), d)).collect();
+        for want in &expected {
+            checked += 1;
+            match mine.get(want.id.as_str()) {
+                // Deleted on both sides: converged (which tombstone wins
+                // among deleted leaves does not matter).
+                Some(have) if want.deleted && have.deleted => {}
+                Some(have)
+                    if (have.winner == want.winner || pinned_midway(device.pin, when))
+                        && !have.deleted
+                        && same_json(&body_of(&have.body), &body_of(&want.body)) => {}
+                Some(have) => diverged.push(cx(
+                    &want.id,
+                    &place,
+                    format!("{} {}", want.winner, text(&want.body)),
+                    format!(
+                        "{} {}{}",
+                        have.winner,
+                        if have.deleted { "deleted " } else { "" },
+                        text(&have.body)
+                    ),
+                )),
+                None => diverged.push(cx(&want.id, &place, want.winner.clone(), "missing")),
+            }
+        }
+    }
+    Ok((checked, diverged))
+}
+
+/// Whether a phone's winner may carry another revision id than the
+/// gateway's, with the same body: a phone pinned at `/v/{k}` checked midway
+/// keeps the ids of the epoch in which it last received a document (the
+/// changes feed lists no document for a new epoch, only for new revisions;
+/// docs/design.md, "Known limits"). At the end every phone follows `/medic`
+/// and is held to the gateway's ids.
+fn pinned_midway(pin: Pin, when: &str) -> bool {
+    matches!(pin, Pin::At(_)) && !when.is_empty()
+}
+
 /// Invariants 1, 2, 3 (merged), 4 and 5 after the last sync.
 pub(crate) async fn final_checks(
     drill: &Drill,
@@ -255,46 +321,11 @@ pub(crate) async fn final_checks(
         exact.checked + complement.checked,
         exact_all,
     );
-    // 4. Convergence: each phone holds what the gateway serves at its version.
-    let (mut diverged, mut converged_checked) = (Vec::new(), 0u64);
-    let served = drill.latest();
-    for device in drill.devices() {
-        let k = match device.pin {
-            Pin::Follow => served,
-            Pin::At(k) => k,
-        };
-        let view_url = format!("{}/v/{k}/medic", drill.base());
-        let view = rewind_store::open(&view_url)
-            .await
-            .map_err(|e| step_error("checks")(e.to_string()))?;
-        let expected = all_leaves(&view).await?;
-        let phone_docs = all_leaves(&device.phone.local).await?;
-        let mine: HashMap<&str, &DocLeaves> =
-            phone_docs.iter().map(|d| (d.id.as_str(), d)).collect();
-        for want in &expected {
-            converged_checked += 1;
-            match mine.get(want.id.as_str()) {
-                // Deleted on both sides: converged (which tombstone wins
-                // among deleted leaves does not matter).
-                Some(have) if want.deleted && have.deleted => {}
-                Some(have)
-                    if have.winner == want.winner
-                        && same_json(&body_of(&have.body), &body_of(&want.body)) => {}
-                Some(have) => diverged.push(cx(
-                    &want.id,
-                    &device.phone.name,
-                    format!("{} {}", want.winner, text(&want.body)),
-                    format!("{} {}", have.winner, text(&have.body)),
-                )),
-                None => diverged.push(cx(
-                    &want.id,
-                    &device.phone.name,
-                    want.winner.clone(),
-                    "missing",
-                )),
-            }
-        }
-    }
+    // 4. Convergence: each phone holds what the gateway serves at its
+    // version, now and after every version switch the scenario made.
+    let (now_checked, mut diverged) = convergence(drill, drill.latest(), "").await?;
+    let converged_checked = now_checked + drill.converged.0;
+    diverged.splice(0..0, drill.converged.1.iter().cloned());
     // 5. Crash safety: every untouched document migrated exactly once.
     let (mut twice, mut once_checked) = (Vec::new(), 0u64);
     for doc in &server_docs {

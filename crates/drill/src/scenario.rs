@@ -167,6 +167,9 @@ pub(crate) struct Drill {
     steps: Vec<StepResult>,
     kills: u32,
     latest: u32,
+    /// Invariant 4 checked after each version switch: (documents checked,
+    /// counterexamples).
+    pub(crate) converged: (u64, Vec<Counterexample>),
     _temp: Option<TempDir>,
 }
 
@@ -215,6 +218,21 @@ impl Drill {
             .map_err(err)
             .map_err(step_error("state"))?;
         Ok(state.served_version())
+    }
+
+    /// Checks invariant 4 for the online phones now (after a sync that
+    /// switched their version), for the final report.
+    async fn check_converged(&mut self, when: &str) -> Result<(), DrillError> {
+        let served = self.served().await?;
+        let (checked, diverged) = checks::convergence(self, served, when).await?;
+        if !diverged.is_empty() && std::env::var_os("REWIND_DRILL_KEEP").is_some() {
+            // For whoever debugs it: the server and the phones as they were.
+            let to = format!("diverged-after-{}", when.replace(' ', "-"));
+            keep_copy(&self.work, &["data", "phones"], &to);
+        }
+        self.converged.0 += checked;
+        self.converged.1.extend(diverged);
+        Ok(())
     }
 
     /// Syncs every online phone once; returns (docs pulled, bytes per phone).
@@ -326,8 +344,17 @@ impl Drill {
         Ok(())
     }
 
-    /// Runs the engine to `to`; with `kill`, as a child process killed at random points first.
+    /// Runs the engine to `to` (see [`Drill::engine_to`]); then the
+    /// gateway forgets its cached state, as it does a quarter second later
+    /// by itself: the phones' next sync sees the run's end.
     async fn engine(&mut self, step: &str, to: u32, instant: bool) -> Result<u64, DrillError> {
+        let written = self.engine_to(step, to, instant).await;
+        self.gateway.forget_states();
+        written
+    }
+
+    /// Runs the engine to `to`; with `kill`, as a child process killed at random points first.
+    async fn engine_to(&mut self, step: &str, to: u32, instant: bool) -> Result<u64, DrillError> {
         if self.opts.kill {
             let bin = self
                 .opts
@@ -621,11 +648,16 @@ pub async fn run(opts: DrillOptions) -> Result<DrillReport, DrillError> {
         steps: Vec::new(),
         kills: 0,
         latest,
+        converged: (0, Vec::new()),
         _temp: temp,
     };
     let devices = opts.devices.max(3);
+    // The first half of the phones follow `/medic` (their app follows the
+    // server's version); the others run the old app, pinned at `/v/0`.
+    let half = devices / 2;
+    let first_pin = |i: usize| if i < half { Pin::Follow } else { Pin::At(0) };
     for i in 0..devices {
-        let url = drill.url(Pin::Follow);
+        let url = drill.url(first_pin(i));
         let phones_dir = work.join("phones");
         std::fs::create_dir_all(&phones_dir)
             .map_err(err)
@@ -638,13 +670,16 @@ pub async fn run(opts: DrillOptions) -> Result<DrillReport, DrillError> {
             .map_err(step_error("phones"))?;
         drill.devices.push(Device {
             phone,
-            pin: Pin::Follow,
+            pin: first_pin(i),
             online: true,
         });
     }
     let (pulled, bytes) = drill.sync_all("initial sync").await?;
     drill.record(
-        &format!("phones pull the database at v0 ({devices} phones)"),
+        &format!(
+            "phones pull the database at v0 ({half} follow /medic, {} pinned at /v/0)",
+            devices - half
+        ),
         started,
         pulled,
         bytes,
@@ -700,36 +735,41 @@ pub async fn run(opts: DrillOptions) -> Result<DrillReport, DrillError> {
         bytes,
     );
 
-    // 2. Some phones move to the new version and edit; two go offline and edit.
+    // 2. The pinned phones but one update their app and move up to the new
+    //    version; the following phones pin it (the view they hold); two go
+    //    offline and edit. A stateless gateway supports moves up within a
+    //    presentation context (docs/design.md, "Revisions"), the way apps update.
     let started = Instant::now();
     let (pulled, bytes) = drill.sync_all("sync at new version").await?;
-    let half = devices / 2;
-    for device in drill.devices.iter_mut().take(half) {
+    for device in drill.devices.iter_mut().take(devices - 1) {
         device.pin = Pin::At(latest);
         device.phone.remote_url = format!("{}/v/{latest}/{DB}", drill.base);
     }
-    for device in drill.devices.iter_mut().skip(half) {
-        device.pin = Pin::At(0);
-        device.phone.remote_url = format!("{}/v/0/{DB}", drill.base);
-    }
     let (pulled2, bytes2) = drill.sync_all("phones switch version").await?;
+    drill
+        .check_converged(&format!("moving up to v{latest}"))
+        .await?;
     let mut all_bytes = bytes;
     Drill::add(&mut all_bytes, &bytes2);
-    drill.devices[half - 1].online = false; // a new-version phone goes offline
-    drill.devices[devices - 1].online = false; // an old-version phone goes offline
+    drill.devices[devices - 2].online = false; // a phone that moved up goes offline
+    drill.devices[devices - 1].online = false; // the old-version phone goes offline
     drill.edit_round("new-version", 2, false).await?;
     drill.delete_one(0, "new-version").await?;
     drill.edit_round("offline", 2, true).await?;
     let (_, bytes3) = drill.sync_all("sync edits").await?;
     Drill::add(&mut all_bytes, &bytes3);
     drill.record(
-        &format!("{half} phones switch to v{latest} and edit; 2 go offline and edit"),
+        &format!(
+            "{} pinned phones move up to v{latest}; all edit; 2 go offline",
+            devices - 1 - half
+        ),
         started,
         pulled + pulled2,
         all_bytes,
     );
 
-    // 3. Roll back (the logout-bug case); online phones converge to v0.
+    // 3. Roll back (the logout-bug case); online phones follow the server
+    //    back to v0 and converge.
     let started = Instant::now();
     let written = drill.engine("rollback", 0, true).await?;
     let exact = checks::exact_rollback(&drill).await?;
@@ -738,37 +778,37 @@ pub async fn run(opts: DrillOptions) -> Result<DrillReport, DrillError> {
         device.phone.remote_url = format!("{}/{DB}", drill.base);
     }
     let (_, bytes) = drill.sync_all("sync after rollback").await?;
+    drill.check_converged("the rollback").await?;
     drill.record(
-        "rollback to v0 (instant); online phones converge",
+        "rollback to v0 (instant); online phones follow and converge",
         started,
         written,
         bytes,
     );
 
-    // 4. The offline phones come back and push their v0 and new-version edits.
+    // 4. The offline phones come back: each pushes its edits at its own
+    //    version (the new-version one, at v{latest}; the old one, at v0), then
+    //    follows the server.
     let started = Instant::now();
-    let offline_pins = [(half - 1, Pin::At(latest)), (devices - 1, Pin::At(0))];
-    let mut bytes = vec![0; devices];
+    let offline_pins = [(devices - 2, Pin::At(latest)), (devices - 1, Pin::At(0))];
     for (i, pin) in offline_pins {
         let url = drill.url(pin);
         let device = &mut drill.devices[i];
         device.online = true;
         device.pin = pin;
         device.phone.remote_url = url;
-        let report = device
+        device
             .phone
-            .sync()
+            .push()
             .await
             .map_err(err)
             .map_err(step_error("offline phones return"))?;
-        bytes[i] += report.pull.bytes_downloaded;
         device.pin = Pin::Follow;
         device.phone.remote_url = format!("{}/{DB}", drill.base);
     }
-    let (pulled, b) = drill.sync_all("everyone syncs").await?;
-    Drill::add(&mut bytes, &b);
+    let (pulled, bytes) = drill.sync_all("everyone syncs").await?;
     drill.record(
-        "offline phones return with v0 and new-version edits",
+        "offline phones return, push v0 and new-version edits, follow",
         started,
         pulled,
         bytes,

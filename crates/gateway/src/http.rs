@@ -233,6 +233,12 @@ impl Gateway {
         if let Ok(mut dbs) = self.inner.dbs.lock() {
             dbs.clear();
         }
+        self.forget_states();
+    }
+
+    /// Forgets the cached database states (kept up to a quarter second), so
+    /// that the next request sees a run that just ended.
+    pub fn forget_states(&self) {
         if let Ok(mut states) = self.inner.states.lock() {
             states.clear();
         }
@@ -639,23 +645,29 @@ async fn route(gateway: &Gateway, call: Call) -> Result<Response, GatewayError> 
 
 async fn root(gateway: &Gateway, call: &Call) -> Result<Response, GatewayError> {
     // The uuid names what is served at this root: a fixed version with a
-    // prefix, else the versions the databases serve now, so that a rollback
-    // on `/{db}` restarts the phones' checkpoints.
+    // prefix, else the versions the databases serve now and their epochs
+    // (the presentation context of `/{db}`, `view::epochs`), so that a
+    // rollback on `/{db}` restarts the phones' checkpoints, and a phone that
+    // comes back to `/{db}` after a run does not resume a checkpoint from
+    // before it (the ids it holds from then are retired).
     let (uuid, version) = match call.version {
         Some(k) => (gateway.uuid(&k.to_string()), json!(k)),
         None => {
             let mut served = Vec::new();
+            let mut key = Vec::new();
             for db in gateway.database_names() {
                 if let Ok(database) = gateway
                     .database(&db, call.credentials().as_deref(), false)
                     .await
                 {
                     if let Ok(state) = gateway.state(&db, &database).await {
+                        let epochs = crate::view::epochs(&state);
+                        let epoch = epochs.last().map(String::as_str).unwrap_or("");
+                        key.push(format!("{db}={}@{epoch}", state.served_version()));
                         served.push((db, state.served_version()));
                     }
                 }
             }
-            let key: Vec<String> = served.iter().map(|(db, v)| format!("{db}={v}")).collect();
             let versions: serde_json::Map<String, Value> = served
                 .into_iter()
                 .map(|(db, v)| (db, Value::from(v)))

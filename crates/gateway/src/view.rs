@@ -311,6 +311,14 @@ fn with_meta(mut body: Value, history: &[String]) -> Value {
     body
 }
 
+/// A distinct view of a body: its hash, the body, and the newest version
+/// that sees it.
+struct DistinctView {
+    hash: String,
+    body: Value,
+    newest: u32,
+}
+
 /// The distinct views of a body across every version, by hash, in version
 /// order. Views that differ only in how a number is written are one view:
 /// a JavaScript client cannot tell them apart, and their synthetic ids are
@@ -319,13 +327,18 @@ fn views(
     set: &MigrationSet,
     body: &Value,
     journal: &Journal,
-) -> Result<Vec<(String, Value)>, LensError> {
-    let mut out: Vec<(String, Value)> = Vec::new();
+) -> Result<Vec<DistinctView>, LensError> {
+    let mut out: Vec<DistinctView> = Vec::new();
     for k in 0..=set.latest() {
         let seen = view(set, body, k, journal)?;
         let hash = client_body_hash(&seen);
-        if !out.iter().any(|(h, _)| *h == hash) {
-            out.push((hash, seen));
+        match out.iter_mut().find(|v| v.hash == hash) {
+            Some(known) => known.newest = k,
+            None => out.push(DistinctView {
+                hash,
+                body: seen,
+                newest: k,
+            }),
         }
     }
     Ok(out)
@@ -376,22 +389,36 @@ impl Context<'_> {
     }
 }
 
+/// What a client at version `k` is presented of a leaf: the hash of its
+/// view at `k`.
+struct Kept<'a> {
+    hash: &'a str,
+    k: u32,
+}
+
 /// Tombstones retiring the synthetic children of `base` (a revision with
-/// `body` and history `base_history`) for every view except `keep`, in
-/// every context in which `base` may have been presented: an ancestor's
-/// views are not retired in contexts that began after it stopped being a
-/// leaf.
+/// `body` and history `base_history`) in every context in which `base` may
+/// have been presented: an ancestor's views are not retired in contexts
+/// that began after it stopped being a leaf. For the leaf (`keep`), the
+/// view presented at `keep.k` is not retired, nor, in the current context,
+/// any view a newer version sees: a phone that moves up to that version
+/// (its app updated) must not hold a tombstone for the view presented
+/// there. (A phone can hold a tombstone for views only older versions see:
+/// moving down to one, it finds the document deleted until the leaf
+/// changes: a stateless gateway cannot present one revision id as both
+/// retired and current, so one direction of moves within a context is
+/// chosen, the one apps take when they update.)
 fn retirements(
     cx: &Context<'_>,
     id: &Value,
     base_history: &[String],
     body: &Value,
-    keep: Option<&str>,
+    keep: Option<Kept<'_>>,
     out: &mut Vec<Presented>,
 ) -> Result<(), LensError> {
     let all = views(cx.set, body, cx.journal)?;
     let own = client_body_hash(body);
-    if all.iter().all(|(h, _)| *h == own) {
+    if all.iter().all(|v| v.hash == own) {
         // Every version sees it alike: it was never presented synthetically.
         return Ok(());
     }
@@ -405,11 +432,13 @@ fn retirements(
         if replaced.is_some_and(|at| cx.began_after(at, context)) {
             continue;
         }
-        for (hash, seen) in &all {
-            if index == current && Some(hash.as_str()) == keep {
-                continue;
+        for seen in &all {
+            if let (true, Some(keep)) = (index == current, &keep) {
+                if seen.hash == keep.hash || seen.newest >= keep.k {
+                    continue;
+                }
             }
-            let synthetic = synthetic_rev(&base_history[0], cx.checksum, seen, &context.name);
+            let synthetic = synthetic_rev(&base_history[0], cx.checksum, &seen.body, &context.name);
             let retired = tombstone_rev(&synthetic);
             if out.iter().any(|p| p.rev == retired) {
                 continue;
@@ -457,7 +486,7 @@ pub fn present(
         views(set, leaf, journal)?
     };
     let own = client_body_hash(leaf);
-    if deleted || all.iter().all(|(h, _)| *h == own) {
+    if deleted || all.iter().all(|v| v.hash == own) {
         out.push(Presented {
             rev,
             doc: leaf.clone(),
@@ -474,7 +503,11 @@ pub fn present(
             doc: with_meta(body_of(&seen), &chain),
             synthetic: true,
         });
-        retirements(cx, &id, &hist, leaf, Some(&wanted), &mut out)?;
+        let keep = Kept {
+            hash: &wanted,
+            k: k.min(set.latest()),
+        };
+        retirements(cx, &id, &hist, leaf, Some(keep), &mut out)?;
     }
     for (rev, body) in ancestors {
         if let Some(pos) = hist.iter().position(|r| r == rev) {
@@ -595,6 +628,41 @@ mod tests {
                 assert!(presented.contains(&rev), "{context:?}: {rev} retired");
             }
         }
+    }
+
+    #[test]
+    fn a_phone_at_an_older_version_holds_no_tombstone_for_a_newer_versions_view() {
+        // A person stored at v0, no run: v0 sees it as `person`, v1 as a
+        // contact. A fresh phone at v0 must be able to move up to v1 (its
+        // app updated) and find the document there, not its tombstone; a
+        // phone at v1 retires the v0 view, which a phone moving up holds.
+        let file = std::path::PathBuf::from("0001-persons-to-contacts.yaml");
+        let text = include_str!("../../../examples/baseline/0001-persons-to-contacts.yaml");
+        let set = MigrationSet::parse_files(&[(file, text.to_owned())], "rewind").unwrap();
+        let mut leaf = json!({"_id": "p", "type": "person", "name": "Ann"});
+        leaf["_rev"] = json!("1-aaaa");
+        leaf["_revisions"] = json!({"start": 1, "ids": ["aaaa"]});
+        let journal = Journal::default();
+        let contexts = contexts(&["".to_owned()], &journal);
+        let cx = Context {
+            set: &set,
+            checksum: "ck",
+            journal: &journal,
+            contexts: &contexts,
+            runs: &[],
+        };
+        let revs = |k: u32| -> Vec<String> {
+            present(&cx, &leaf, k, &[])
+                .unwrap()
+                .into_iter()
+                .map(|p| p.rev)
+                .collect()
+        };
+        let (at0, at1) = (revs(0), revs(1));
+        assert_eq!(at0.len(), 1, "v0: its view alone: {at0:?}");
+        assert_eq!(at1.len(), 2, "v1: its view and a tombstone: {at1:?}");
+        assert_eq!(at1[1], tombstone_rev(&at0[0]), "v1 retires the v0 view");
+        assert!(!at0.contains(&tombstone_rev(&at1[0])), "v0 keeps v1's view");
     }
 
     #[test]

@@ -12,7 +12,7 @@ use serde::Serialize;
 use serde_json::{json, Value};
 
 use crate::error::{ReplicateError, Result};
-use crate::replicate::{sync, ReplicateOptions, SyncReport};
+use crate::replicate::{replicate, sync, ReplicateOptions, ReplicationReport, SyncReport};
 
 /// One document as a database holds it: every leaf of its revision tree and
 /// the winner's body. Two databases that converged give equal lists.
@@ -299,6 +299,21 @@ impl Phone {
     /// directions from the beginning.
     pub async fn sync(&self) -> Result<SyncReport> {
         let remote = self.remote().await?;
+        let opts = self.replicate_options().await?;
+        sync(&self.local, &remote, &opts).await
+    }
+
+    /// Pushes only (local → remote), like `PouchDB.replicate.to` run once:
+    /// a phone uploading its edits at its own version before it moves to
+    /// another.
+    pub async fn push(&self) -> Result<ReplicationReport> {
+        let remote = self.remote().await?;
+        let opts = self.replicate_options().await?;
+        replicate(&self.local, &remote, &opts).await
+    }
+
+    /// The phone's options with the checkpoint key of its remote's uuid.
+    async fn replicate_options(&self) -> Result<ReplicateOptions> {
         let key =
             if self.remote_url.starts_with("http://") || self.remote_url.starts_with("https://") {
                 remote_uuid(&server_root(&self.remote_url)?)
@@ -307,11 +322,10 @@ impl Phone {
             } else {
                 String::new()
             };
-        let opts = ReplicateOptions {
+        Ok(ReplicateOptions {
             checkpoint_key: key,
             ..self.options.clone()
-        };
-        sync(&self.local, &remote, &opts).await
+        })
     }
 
     /// The local winning revision of `id`.
