@@ -46,6 +46,18 @@ pub struct Image {
     pub run: Option<String>,
 }
 
+/// A synthetic revision `rev` a gateway presented as a child of the stored
+/// revision `base`, retired since (see [`Journal::retired`]).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RetiredCopy {
+    pub rev: String,
+    pub base: String,
+    /// Presented in a state the server lost (a restore): the first such
+    /// copy moved the document's presentation context.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub lost: bool,
+}
+
 /// A document's journal.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct Journal {
@@ -63,10 +75,15 @@ pub struct Journal {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub deleted: Vec<String>,
     /// Revisions clients pushed at another version than the server's and
-    /// that the gateway translated at once: never a leaf anyone was
-    /// presented, so no client holds a view of them to retire.
+    /// that the gateway translated at once.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub pushed: Vec<String>,
+    /// Synthetic copies phones pushed back that are no longer presented
+    /// (an older context, or a state a restore lost) on a revision of a
+    /// live branch: the gateway presents a tombstone for each next to the
+    /// document, where a stored one would end the live branch.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub retired: Vec<RetiredCopy>,
     /// The journal document's revision, as read (for conditional writes).
     #[serde(rename = "_rev", skip_serializing_if = "Option::is_none", default)]
     pub rev: Option<String>,
@@ -244,6 +261,7 @@ impl Journal {
             && self.adopted.is_empty()
             && self.deleted.is_empty()
             && self.pushed.is_empty()
+            && self.retired.is_empty()
     }
 }
 

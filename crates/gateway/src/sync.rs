@@ -53,31 +53,21 @@ impl PresentCache {
     }
 }
 
-/// How many ancestors of a leaf have the synthetic children of their views
-/// retired (a phone's translated copy may be that many revisions behind).
-/// A copy further behind heals in two syncs: the phone pushes it back, the
-/// gateway retires it on the server, the next pull brings the tombstone.
-/// Every ancestor multiplies what each pull carries (views × contexts):
-/// ten history entries made phones' trees reach ~450 revisions per
-/// document in the drill; three stored ones left phones of the PouchDB
-/// drill (tests/pouchdb/drill.test.js, seed 3) with conflicts.
-const ANCESTORS: usize = 5;
-
 /// How far back a pushed revision's history is searched for the stored
 /// revision its author's view was made from.
 const BASE_SEARCH: usize = 10;
 
 /// The ancestors of `leaf` that may have views to retire: the nearest
-/// [`BASE_SEARCH`] revisions of its history, passing over revisions pushed
-/// and translated at once (no client was ever presented one of those as a
-/// leaf). Of these, the first [`ANCESTORS`] that are stored count (a
-/// history also names synthetic revisions, which the server never stored).
-fn ancestor_candidates(leaf: &Value, journal: &Journal) -> Vec<String> {
+/// [`BASE_SEARCH`] revisions of its history. Of these, `view::present`
+/// counts the first [`view::ANCESTORS`] stored ones below the leaf's
+/// anchor (a history also names synthetic revisions, which the server
+/// never stored). A revision pushed and translated at once is one: it is
+/// its translation's anchor, presented while it was.
+fn ancestor_candidates(leaf: &Value) -> Vec<String> {
     view::history(leaf)
         .into_iter()
         .skip(1)
         .take(BASE_SEARCH)
-        .filter(|rev| !journal.pushed.contains(rev))
         .collect()
 }
 
@@ -88,9 +78,9 @@ fn id_of(doc: &Value) -> String {
         .to_owned()
 }
 
-/// Appends the revisions of `more` that `list` lacks (a journal's lists
-/// are sets kept in arrival order).
-fn add_missing(list: &mut Vec<String>, more: Vec<String>) {
+/// Appends the entries of `more` that `list` lacks (a journal's lists are
+/// sets kept in arrival order).
+fn add_missing<T: PartialEq>(list: &mut Vec<T>, more: Vec<T>) {
     for rev in more {
         if !list.contains(&rev) {
             list.push(rev);
@@ -168,7 +158,6 @@ impl Session<'_> {
         let journals = self.journals(&ids).await?;
         let empty = Journal::default();
         let epochs = view::epochs(self.state);
-        let runs = view::run_marks(self.state);
         let key = |leaf: &Value| {
             let id = id_of(leaf);
             let journal_rev = journals
@@ -194,7 +183,7 @@ impl Session<'_> {
         for leaf in leaves.iter().filter(|l| !cached.contains_key(&key(l))) {
             let id = id_of(leaf);
             let journal = journals.get(&id).unwrap_or(&empty);
-            for rev in ancestor_candidates(leaf, journal) {
+            for rev in ancestor_candidates(leaf) {
                 match journal.images.iter().find(|i| i.rev == rev) {
                     Some(image) => {
                         if let Ok(body) = serde_json::from_str::<Value>(&image.body) {
@@ -241,14 +230,13 @@ impl Session<'_> {
                 continue;
             }
             let journal = journals.get(&id).unwrap_or(&empty);
-            let known: Vec<(String, Value)> = ancestor_candidates(leaf, journal)
+            let known: Vec<(String, Value)> = ancestor_candidates(leaf)
                 .into_iter()
                 .filter_map(|rev| {
                     ancestors
                         .get(&(id.clone(), rev.clone()))
                         .map(|b| (rev, b.clone()))
                 })
-                .take(ANCESTORS)
                 .collect();
             let contexts = view::contexts(&epochs, journal);
             let cx = view::Context {
@@ -256,7 +244,6 @@ impl Session<'_> {
                 checksum: self.checksum,
                 journal,
                 contexts: &contexts,
-                runs: &runs,
             };
             let presented = view::present(&cx, leaf, self.k, &known)
                 .map_err(|e| GatewayError::Lens(id.clone(), e))?;
@@ -486,11 +473,14 @@ impl Session<'_> {
     /// appears. Synthetic revisions coming back are ignored.
     pub async fn push(&self, docs: Vec<Value>) -> Result<Vec<Value>, GatewayError> {
         let target = self.storage_version();
-        // Synthetic revisions coming back: ignored while their base is a
-        // leaf (the presentation retires copies of older contexts); a stale
-        // one (its base is no longer a leaf) is retired on the server, so
-        // the next pull gives the phone that holds it a tombstone for it.
-        // (Retiring one whose base is a leaf would end the leaf's branch.)
+        // Synthetic revisions coming back: ignored while their base is the
+        // anchor of a live leaf and they were presented in a context of the
+        // window (the presentation retires those where needed); a stale one
+        // (its base is no longer an anchor, or its context is older) is
+        // retired on the server, so the next pull gives the phone that holds
+        // it a tombstone for it. (Retiring a current one would end the
+        // presentation's branch for every phone.) A copy the server cannot
+        // place, its base or its context lost (a restore), is adopted.
         let mut docs_in = Vec::with_capacity(docs.len());
         let mut retired = Vec::new();
         let mut adopted = std::collections::HashSet::new();
@@ -501,25 +491,64 @@ impl Session<'_> {
             if !is_deleted(&doc) && view::is_synthetic(&doc, self.checksum) {
                 let hist = view::history(&doc);
                 let id = id_of(&doc);
-                let current = self.leaves(&id).await?;
                 let base = hist.get(1).cloned().unwrap_or_default();
-                let base_is_leaf = current.iter().any(|l| {
-                    !is_deleted(l) && l.get("_rev").and_then(Value::as_str) == Some(base.as_str())
-                });
                 let mut asked = BTreeMap::new();
                 asked.insert(id.clone(), vec![base.clone()]);
                 let base_known = self.db.data.revs_diff(asked).await?.is_empty();
                 if !base_known {
                     // The server lost the revision this was translated from
                     // (a restore): keep the phone's copy, as adopted: it
-                    // yields to any other leaf (its author's own revision).
+                    // yields to any other leaf (its author's own revision),
+                    // and the document's presentation moves to a context no
+                    // phone retired.
                     adopted.insert(hist[0].clone());
                     docs_in.push(doc);
                     continue;
                 }
-                if !base_is_leaf {
-                    retired.push(retire(&id, &doc));
+                let mut journal = self
+                    .journals(std::slice::from_ref(&id))
+                    .await?
+                    .remove(&id)
+                    .unwrap_or_default();
+                let context =
+                    view::copy_context(&hist[0], &base, self.checksum, &doc, self.state, &journal);
+                let (mut base_is_anchor, mut base_is_live) = (false, false);
+                for leaf in self.leaves(&id).await?.iter().filter(|l| !is_deleted(l)) {
+                    let at = view::anchor(self.set, leaf, &journal)
+                        .map_err(|e| GatewayError::Lens(id.clone(), e))?;
+                    let hist = view::history(leaf);
+                    base_is_anchor |= hist.get(at) == Some(&base);
+                    base_is_live |= hist.contains(&base);
                 }
+                if base_is_anchor && context == view::CopyContext::Window {
+                    continue;
+                }
+                if !base_is_live {
+                    // On a dead branch: a stored tombstone ends nothing.
+                    retired.push(retire(&id, &doc));
+                    continue;
+                }
+                // Retired by the presentation (a stored tombstone would end
+                // the live branch it hangs from).
+                let lost = context == view::CopyContext::Unknown;
+                if journal.retired.iter().any(|c| c.rev == hist[0]) {
+                    continue;
+                }
+                if lost && !journal.retired.iter().any(|c| c.lost) {
+                    // The first copy presented in a state the server lost (a
+                    // restore rolled the epochs back, and phones retired the
+                    // restored epoch's views long ago): named in the
+                    // journal's adoptions, the document is presented in a
+                    // context no phone retired. Once per restore: the
+                    // journal was restored with the database.
+                    journal.adopted.push(hist[0].clone());
+                }
+                journal.retired.push(rewind_engine::journal::RetiredCopy {
+                    rev: hist[0].clone(),
+                    base: base.clone(),
+                    lost,
+                });
+                self.save_journal(&id, &mut journal).await?;
                 continue;
             }
             docs_in.push(doc);
@@ -744,6 +773,7 @@ impl Session<'_> {
                     add_missing(&mut journal.adopted, fresh.adopted);
                     add_missing(&mut journal.deleted, fresh.deleted);
                     add_missing(&mut journal.pushed, fresh.pushed);
+                    add_missing(&mut journal.retired, fresh.retired);
                     for (k, v) in fresh.kept {
                         journal.kept.entry(k).or_insert(v);
                     }

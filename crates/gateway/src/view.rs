@@ -145,78 +145,36 @@ pub fn presents(rev: &str, base: &str, checksum: &str, body: &Value) -> bool {
 /// retired too (a gateway's state cache can present the previous epoch's
 /// ids for a moment after a run).
 pub fn contexts(epochs: &[String], journal: &Journal) -> Vec<PresentationContext> {
-    // The adoption contexts in the window: each names the adopted list up
-    // to it (none adopted: "").
-    let adopted = journal.adopted.len();
-    let adoptions: Vec<String> = (adopted.saturating_sub(WINDOW - 1)..=adopted)
-        .map(|n| match n {
-            0 => String::new(),
-            n => format!("{:x}", md5::compute(journal.adopted[..n].join("\n"))),
-        })
-        .collect();
+    // The adoption contexts in the window: one more than the epochs', as
+    // adopting a copy names two revisions, one at a time (the copy, then
+    // its translation).
+    let adoptions = adoption_names(journal, WINDOW + 1);
     let name = |epoch: &str, adoption: &str| PresentationContext {
-        name: match (epoch.is_empty(), adoption.is_empty()) {
-            (true, true) => String::new(),
-            (false, true) => epoch.to_owned(),
-            (true, false) => format!("adopted {adoption}"),
-            (false, false) => format!("{epoch} adopted {adoption}"),
-        },
-        // "{version}:{run id}" (see `epochs`); "" before any run.
-        epoch_run: epoch
-            .split_once(':')
-            .map(|(_, run)| run.to_owned())
-            .unwrap_or_default(),
+        name: context_name(epoch, adoption),
     };
     let epoch = epochs.last().map(String::as_str).unwrap_or("");
     let adoption = adoptions.last().map(String::as_str).unwrap_or("");
-    // The older epochs with the current adoptions, the older adoptions
-    // with the current epoch, then the current context.
+    // Every pair of an epoch and an adoption of the window (a phone may
+    // have pulled before both changed: a restore's adoptions, then the
+    // upgrade after it), the current context last.
+    let window = &epochs[epochs.len().saturating_sub(WINDOW)..];
     let mut out = Vec::new();
-    for older in &epochs[epochs.len().saturating_sub(WINDOW)..epochs.len().saturating_sub(1)] {
-        out.push(name(older, adoption));
-    }
-    for older in &adoptions[..adoptions.len() - 1] {
-        out.push(name(epoch, older));
+    for e in window {
+        for a in &adoptions {
+            if (e.as_str(), a.as_str()) != (epoch, adoption) {
+                out.push(name(e, a));
+            }
+        }
     }
     out.push(name(epoch, adoption));
     out
 }
 
 /// A presentation context ([`contexts`]): its name, which synthetic ids
-/// carry, and the run whose epoch it belongs to (`""` before any run).
+/// carry.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PresentationContext {
     pub name: String,
-    pub epoch_run: String,
-}
-
-/// A run of the state's history (the run in progress last), for [`present`]
-/// to tell in which epochs a revision could have been a leaf.
-#[derive(Debug, Clone, PartialEq)]
-pub struct RunMark {
-    pub id: String,
-    /// Its epoch began when it started (an instant rollback), not when it
-    /// finished.
-    pub instant: bool,
-}
-
-/// The runs of `state`, oldest first, the run in progress last.
-pub fn run_marks(state: &State) -> Vec<RunMark> {
-    let mut out: Vec<RunMark> = state
-        .history
-        .iter()
-        .map(|run| RunMark {
-            id: run.id.clone(),
-            instant: run.instant,
-        })
-        .collect();
-    if let Some(run) = &state.run {
-        out.push(RunMark {
-            id: run.id.clone(),
-            instant: run.instant || state.served.is_some(),
-        });
-    }
-    out
 }
 
 /// How many epochs and adoptions (the current one included) a stored
@@ -228,6 +186,12 @@ const WINDOW: usize = 2;
 /// that changed the version served to clients that do not choose one (an
 /// instant rollback from its start, any other run when it finishes).
 pub fn epochs(state: &State) -> Vec<String> {
+    let out = all_epochs(state);
+    out[out.len().saturating_sub(WINDOW)..].to_vec()
+}
+
+/// Every epoch of the database's history, oldest first (see [`epochs`]).
+fn all_epochs(state: &State) -> Vec<String> {
     let mut out = vec![String::new()];
     for run in &state.history {
         out.push(format!("{}:{}", run.to, run.id));
@@ -239,7 +203,72 @@ pub fn epochs(state: &State) -> Vec<String> {
         }
     }
     out.dedup();
-    out[out.len().saturating_sub(WINDOW)..].to_vec()
+    out
+}
+
+/// Where a pushed-back synthetic copy (a revision presenting `body` as a
+/// synthetic child of `base`) was presented: see [`copy_context`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CopyContext {
+    /// In a context of the window (the current one, the previous epoch or
+    /// adoption): the presentation retires it where needed.
+    Window,
+    /// In an older context of this database's history.
+    Older,
+    /// In a context this database's history does not name: the copy comes
+    /// from a state the server lost (a restore from a snapshot).
+    Unknown,
+}
+
+/// The context a synthetic copy `rev` of `base` presenting `body` was
+/// presented in, given the database's state and the document's journal.
+pub fn copy_context(
+    rev: &str,
+    base: &str,
+    checksum: &str,
+    body: &Value,
+    state: &State,
+    journal: &Journal,
+) -> CopyContext {
+    let is = |context: &str| synthetic_rev(base, checksum, body, context) == rev;
+    if contexts(&epochs(state), journal)
+        .iter()
+        .any(|c| is(&c.name))
+    {
+        return CopyContext::Window;
+    }
+    let adoptions = adoption_names(journal, usize::MAX);
+    for epoch in all_epochs(state) {
+        for adoption in &adoptions {
+            if is(&context_name(&epoch, adoption)) {
+                return CopyContext::Older;
+            }
+        }
+    }
+    CopyContext::Unknown
+}
+
+/// The names of the adoption contexts of a journal, the last `window` of
+/// them (oldest first): each names the adopted list up to it (none
+/// adopted: "").
+fn adoption_names(journal: &Journal, window: usize) -> Vec<String> {
+    let adopted = journal.adopted.len();
+    (adopted.saturating_sub(window.saturating_sub(1))..=adopted)
+        .map(|n| match n {
+            0 => String::new(),
+            n => format!("{:x}", md5::compute(journal.adopted[..n].join("\n"))),
+        })
+        .collect()
+}
+
+/// The name of the presentation context of an epoch and an adoption.
+fn context_name(epoch: &str, adoption: &str) -> String {
+    match (epoch.is_empty(), adoption.is_empty()) {
+        (true, true) => String::new(),
+        (false, true) => epoch.to_owned(),
+        (true, false) => format!("adopted {adoption}"),
+        (false, false) => format!("{epoch} adopted {adoption}"),
+    }
 }
 
 /// The tombstone that retires the synthetic revision `synthetic`: the
@@ -344,6 +373,63 @@ fn views(
     Ok(out)
 }
 
+/// Every version's view of a body, as [`client_body_hash`]es in version order.
+fn view_hashes(
+    set: &MigrationSet,
+    body: &Value,
+    journal: &Journal,
+) -> Result<Vec<String>, LensError> {
+    (0..=set.latest())
+        .map(|k| view(set, body, k, journal).map(|seen| client_body_hash(&seen)))
+        .collect()
+}
+
+/// The **anchor** of a stored leaf: the revision its presentations derive
+/// from, as its index in `history(leaf)` (0: the leaf itself). Walking
+/// down from the leaf, a revision rewind wrote on its parent (a journal
+/// image names the parent and the revision's body hash, and holds the
+/// parent's exact body) that every version sees as it sees the parent is
+/// passed over: a migration, a rollback's before-image, a re-upgrade and a
+/// gateway's translation of a push change no version's view (the lens
+/// laws), so they change no presented revision id either. A phone at any
+/// version holding an edit it has not pushed yet receives nothing to
+/// conflict with while a run rewrites storage, and downloads nothing for
+/// it. The walk stops at a human revision or at a change of some view.
+pub fn anchor(set: &MigrationSet, leaf: &Value, journal: &Journal) -> Result<usize, LensError> {
+    let hist = history(leaf);
+    if leaf.get("_deleted").and_then(Value::as_bool) == Some(true) || journal.images.is_empty() {
+        return Ok(0);
+    }
+    let mut at = 0usize;
+    let mut body_views: Option<Vec<String>> = None;
+    let mut here = body_hash(leaf);
+    while let Some(parent) = hist.get(at + 1) {
+        let Some(image) = journal
+            .images
+            .iter()
+            .rev()
+            .find(|i| i.rev == *parent && i.after == here)
+        else {
+            break;
+        };
+        let Ok(previous) = serde_json::from_str::<Value>(&image.body) else {
+            break;
+        };
+        let mine = match body_views.take() {
+            Some(known) => known,
+            None => view_hashes(set, leaf, journal)?,
+        };
+        let theirs = view_hashes(set, &previous, journal)?;
+        if mine != theirs {
+            break;
+        }
+        body_views = Some(theirs);
+        here = body_hash(&previous);
+        at += 1;
+    }
+    Ok(at)
+}
+
 /// What presenting a document needs besides its revision: the migrations,
 /// their checksum, the document's journal, the contexts and the runs.
 pub struct Context<'a> {
@@ -352,40 +438,11 @@ pub struct Context<'a> {
     pub journal: &'a Journal,
     /// The presentation contexts, the current one last ([`contexts`]).
     pub contexts: &'a [PresentationContext],
-    /// The runs, oldest first ([`run_marks`]).
-    pub runs: &'a [RunMark],
 }
 
 impl Context<'_> {
     fn current(&self) -> &str {
         self.contexts.last().map(|c| c.name.as_str()).unwrap_or("")
-    }
-
-    /// The run that replaced the stored revision `rev` (wrote a child of
-    /// it, as a journal image says): its place in `runs` and whether it was
-    /// instant, the earliest if several did. `None` when no image names
-    /// one, or one names none (a gateway's translation proves nothing).
-    fn replaced_by(&self, rev: &str) -> Option<(usize, bool)> {
-        let mut earliest: Option<(usize, bool)> = None;
-        for image in self.journal.images.iter().filter(|i| i.rev == rev) {
-            let run = image.run.as_deref()?;
-            let at = self.runs.iter().position(|r| r.id == run)?;
-            if earliest.is_none_or(|(p, _)| at < p) {
-                earliest = Some((at, self.runs[at].instant));
-            }
-        }
-        earliest
-    }
-
-    /// Whether `context` began after a revision [`Self::replaced_by`] the
-    /// run at `replaced` stopped being a leaf, so that no client was ever
-    /// presented a view of it in that context: a run that is not instant
-    /// begins its epoch when it finishes, after its writes.
-    fn began_after(&self, (wrote, instant): (usize, bool), context: &PresentationContext) -> bool {
-        match self.runs.iter().position(|r| r.id == context.epoch_run) {
-            Some(began) => began > wrote || (began == wrote && !instant),
-            None => false,
-        }
     }
 }
 
@@ -397,9 +454,10 @@ struct Kept<'a> {
 }
 
 /// Tombstones retiring the synthetic children of `base` (a revision with
-/// `body` and history `base_history`) in every context in which `base` may
-/// have been presented: an ancestor's views are not retired in contexts
-/// that began after it stopped being a leaf. For the leaf (`keep`), the
+/// `body` and history `base_history`) in every context of the window. (An
+/// ancestor stays presented after a run replaced it, as the anchor of the
+/// run's revision, until a human revision or a change of view moves the
+/// anchor: no context can be passed over.) For the leaf (`keep`), the
 /// view presented at `keep.k` is not retired, nor, in the current context,
 /// any view a newer version sees: a phone that moves up to that version
 /// (its app updated) must not hold a tombstone for the view presented
@@ -423,15 +481,7 @@ fn retirements(
         return Ok(());
     }
     let current = cx.contexts.len() - 1;
-    // An ancestor (not the leaf: `keep` is its presented view).
-    let replaced = keep
-        .is_none()
-        .then(|| cx.replaced_by(&base_history[0]))
-        .flatten();
     for (index, context) in cx.contexts.iter().enumerate() {
-        if replaced.is_some_and(|at| cx.began_after(at, context)) {
-            continue;
-        }
         for seen in &all {
             if let (true, Some(keep)) = (index == current, &keep) {
                 if seen.hash == keep.hash || seen.newest >= keep.k {
@@ -456,10 +506,26 @@ fn retirements(
     Ok(())
 }
 
+/// How many stored ancestors below a leaf's anchor have the synthetic
+/// children of their views retired (a phone's translated copy may be that
+/// many revisions behind). A copy further behind heals in two syncs: the
+/// phone pushes it back, the gateway retires it on the server, the next
+/// pull brings the tombstone. Every ancestor multiplies what each pull
+/// carries (views × contexts): ten history entries made phones' trees
+/// reach ~450 revisions per document in the drill; three stored ones left
+/// phones of the PouchDB drill (tests/pouchdb/drill.test.js, seed 3) with
+/// conflicts.
+pub const ANCESTORS: usize = 5;
+
+fn deleted_doc(doc: &Value) -> bool {
+    doc.get("_deleted").and_then(Value::as_bool) == Some(true)
+}
+
 /// Presents a stored leaf (a document with `_rev` and `_revisions`) to a
-/// client at version `k`, with `ancestors` (`(rev, body)` of its nearest
-/// stored ancestors, where known). A deleted leaf is presented as itself,
-/// with the retirements of its ancestors' views.
+/// client at version `k`, with `ancestors` (`(rev, body)` of stored
+/// revisions of its history, where known; the first [`ANCESTORS`] below
+/// its [`anchor`] count). A deleted leaf is presented as itself, with the
+/// retirements of its ancestors' views.
 ///
 /// A document every version sees alike is presented as itself. Otherwise a
 /// client at any version gets a synthetic child of the leaf carrying its
@@ -477,9 +543,17 @@ pub fn present(
     let (set, checksum, journal) = (cx.set, cx.checksum, cx.journal);
     let hist = history(leaf);
     let rev = hist.first().cloned().unwrap_or_default();
+    // The presentations derive from the anchor; the revisions above it
+    // were never presented (they are its presentation).
+    let at = if deleted_doc(leaf) {
+        0
+    } else {
+        anchor(set, leaf, journal)?
+    };
+    let base = &hist[at.min(hist.len().saturating_sub(1))..];
     let id = leaf.get("_id").cloned().unwrap_or(Value::Null);
     let mut out = Vec::new();
-    let deleted = leaf.get("_deleted").and_then(Value::as_bool) == Some(true);
+    let deleted = deleted_doc(leaf);
     let all = if deleted {
         Vec::new()
     } else {
@@ -495,9 +569,9 @@ pub fn present(
     } else {
         let seen = view(set, leaf, k, journal)?;
         let wanted = client_body_hash(&seen);
-        let synthetic = synthetic_rev(&rev, checksum, &seen, cx.current());
+        let synthetic = synthetic_rev(&base[0], checksum, &seen, cx.current());
         let mut chain = vec![synthetic.clone()];
-        chain.extend_from_slice(&hist);
+        chain.extend_from_slice(base);
         out.push(Presented {
             rev: synthetic,
             doc: with_meta(body_of(&seen), &chain),
@@ -507,12 +581,41 @@ pub fn present(
             hash: &wanted,
             k: k.min(set.latest()),
         };
-        retirements(cx, &id, &hist, leaf, Some(keep), &mut out)?;
+        retirements(cx, &id, base, leaf, Some(keep), &mut out)?;
     }
-    for (rev, body) in ancestors {
-        if let Some(pos) = hist.iter().position(|r| r == rev) {
-            retirements(cx, &id, &hist[pos..], body, None, &mut out)?;
+    // The views of the revisions above the anchor, the leaf included, and
+    // of the ancestors below it: an anchor moves when a view changes, and
+    // also down when the journal's complements grow (a revision whose view
+    // differed from its parent's for lack of a complement no longer does),
+    // so phones may hold copies presented on any of them.
+    if at > 0 && !deleted {
+        retirements(cx, &id, &hist, leaf, None, &mut out)?;
+    }
+    let others = ancestors
+        .iter()
+        .filter_map(|(rev, body)| Some((hist.iter().position(|r| r == rev)?, body)))
+        .filter(|(pos, _)| *pos > 0 && *pos != at)
+        .take(ANCESTORS);
+    for (pos, body) in others {
+        retirements(cx, &id, &hist[pos..], body, None, &mut out)?;
+    }
+    // Copies phones pushed back that are no longer presented, on this
+    // branch (`Journal::retired`).
+    for copy in &journal.retired {
+        let Some(pos) = hist.iter().position(|r| *r == copy.base) else {
+            continue;
+        };
+        let retired = tombstone_rev(&copy.rev);
+        if out.iter().any(|p| p.rev == retired || p.rev == copy.rev) {
+            continue;
         }
+        let mut chain = vec![retired.clone(), copy.rev.clone()];
+        chain.extend_from_slice(&hist[pos..]);
+        out.push(Presented {
+            rev: retired,
+            doc: with_meta(json!({"_id": id, "_deleted": true}), &chain),
+            synthetic: true,
+        });
     }
     Ok(out)
 }
@@ -555,79 +658,55 @@ pub fn system_base<'a>(
 mod tests {
     use super::*;
 
-    /// A person migrated by run `r1` (0 → 1): presented at version 0, with
-    /// the tombstones retiring the views of the person before the run.
-    fn present_migrated(instant: bool) -> (Vec<String>, impl Fn(&str) -> Vec<String>) {
+    fn persons_set() -> MigrationSet {
         let file = std::path::PathBuf::from("0001-persons-to-contacts.yaml");
         let text = include_str!("../../../examples/baseline/0001-persons-to-contacts.yaml");
-        let set = MigrationSet::parse_files(&[(file, text.to_owned())], "rewind").unwrap();
-        let before = json!({"_id": "p", "type": "person", "name": "Ann"});
-        let mut leaf = view(&set, &before, 1, &Journal::default()).unwrap();
-        leaf["_rev"] = json!("2-bbbb");
-        leaf["_revisions"] = json!({"start": 2, "ids": ["bbbb", "aaaa"]});
+        MigrationSet::parse_files(&[(file, text.to_owned())], "rewind").unwrap()
+    }
+
+    #[test]
+    fn a_migration_changes_no_presented_revision_id() {
+        // A person at v0 (1-aaaa), migrated by run r1 to v1 (2-bbbb): the
+        // migration changes no version's view, so a phone at either
+        // version is presented the same revision before and after it, and
+        // a phone holding an unpushed edit of it receives nothing.
+        let set = persons_set();
+        let mut before = json!({"_id": "p", "type": "person", "name": "Ann"});
+        let mut migrated = view(&set, &before, 1, &Journal::default()).unwrap();
+        before["_rev"] = json!("1-aaaa");
+        before["_revisions"] = json!({"start": 1, "ids": ["aaaa"]});
+        migrated["_rev"] = json!("2-bbbb");
+        migrated["_revisions"] = json!({"start": 2, "ids": ["bbbb", "aaaa"]});
         let journal = Journal {
             images: vec![rewind_engine::journal::Image {
                 from: 0,
                 to: 1,
                 rev: "1-aaaa".into(),
-                after: body_hash(&leaf),
-                body: serde_json::to_string(&before).unwrap(),
+                after: body_hash(&migrated),
+                body: serde_json::to_string(&body_of(&before)).unwrap(),
                 run: Some("r1".into()),
             }],
             ..Journal::default()
         };
-        let contexts = contexts(&["".to_owned(), "1:r1".to_owned()], &journal);
-        let runs = [RunMark {
-            id: "r1".into(),
-            instant,
-        }];
-        let ancestors = [("1-aaaa".to_owned(), before.clone())];
+        assert_eq!(anchor(&set, &migrated, &journal).unwrap(), 1);
+        let contexts = contexts(&["".to_owned()], &journal);
         let cx = Context {
             set: &set,
             checksum: "ck",
             journal: &journal,
             contexts: &contexts,
-            runs: &runs,
         };
-        let presented = present(&cx, &leaf, 0, &ancestors)
-            .unwrap()
-            .into_iter()
-            .map(|p| p.rev)
-            .collect();
-        // The tombstones retiring the person's views in `context`.
-        let retired_in = move |context: &str| {
-            (0..=1)
-                .map(|k| {
-                    let seen = view(&set, &before, k, &Journal::default()).unwrap();
-                    tombstone_rev(&synthetic_rev("1-aaaa", "ck", &seen, context))
-                })
-                .collect()
-        };
-        (presented, retired_in)
-    }
-
-    #[test]
-    fn an_ancestors_views_are_not_retired_in_epochs_that_began_after_it_was_replaced() {
-        // Run r1 finished after writing the migration: the person was never
-        // a leaf in r1's epoch, so no phone holds a view of it from then.
-        let (presented, retired_in) = present_migrated(false);
-        for rev in retired_in("") {
-            assert!(
-                presented.contains(&rev),
-                "the epoch before r1: {rev} retired"
-            );
+        let ancestors = [("1-aaaa".to_owned(), body_of(&before))];
+        for k in 0..=1 {
+            let was = &present(&cx, &before, k, &[]).unwrap()[0];
+            let now = &present(&cx, &migrated, k, &ancestors).unwrap()[0];
+            assert_eq!(was.rev, now.rev, "v{k}: the presented revision");
+            assert_eq!(body_of(&was.doc), body_of(&now.doc), "v{k}: its body");
         }
-        for rev in retired_in("1:r1") {
-            assert!(!presented.contains(&rev), "r1's epoch: {rev} not presented");
-        }
-        // An instant rollback's epoch begins when it starts: the person was
-        // still a leaf in it for a while.
-        let (presented, retired_in) = present_migrated(true);
-        for context in ["", "1:r1"] {
-            for rev in retired_in(context) {
-                assert!(presented.contains(&rev), "{context:?}: {rev} retired");
-            }
-        }
+        // A revision nobody journaled (a human edit) is its own anchor.
+        let mut edited = migrated.clone();
+        edited["name"] = json!("Ann B.");
+        assert_eq!(anchor(&set, &edited, &journal).unwrap(), 0);
     }
 
     #[test]
@@ -636,9 +715,7 @@ mod tests {
         // contact. A fresh phone at v0 must be able to move up to v1 (its
         // app updated) and find the document there, not its tombstone; a
         // phone at v1 retires the v0 view, which a phone moving up holds.
-        let file = std::path::PathBuf::from("0001-persons-to-contacts.yaml");
-        let text = include_str!("../../../examples/baseline/0001-persons-to-contacts.yaml");
-        let set = MigrationSet::parse_files(&[(file, text.to_owned())], "rewind").unwrap();
+        let set = persons_set();
         let mut leaf = json!({"_id": "p", "type": "person", "name": "Ann"});
         leaf["_rev"] = json!("1-aaaa");
         leaf["_revisions"] = json!({"start": 1, "ids": ["aaaa"]});
@@ -649,7 +726,6 @@ mod tests {
             checksum: "ck",
             journal: &journal,
             contexts: &contexts,
-            runs: &[],
         };
         let revs = |k: u32| -> Vec<String> {
             present(&cx, &leaf, k, &[])
