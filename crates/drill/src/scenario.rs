@@ -736,12 +736,12 @@ pub async fn run(opts: DrillOptions) -> Result<DrillReport, DrillError> {
     );
 
     // 2. The pinned phones but one update their app and move up to the new
-    //    version; the following phones pin it (the view they hold); two go
-    //    offline and edit. A stateless gateway supports moves up within a
-    //    presentation context (docs/design.md, "Revisions"), the way apps update.
+    //    version; two phones go offline and edit. A stateless gateway
+    //    serves moves up, from `/v/{k}` to `/{db}`, not back (docs/design.md,
+    //    "Moves between versions go up"), the way apps update.
     let started = Instant::now();
     let (pulled, bytes) = drill.sync_all("sync at new version").await?;
-    for device in drill.devices.iter_mut().take(devices - 1) {
+    for device in drill.devices.iter_mut().take(devices - 1).skip(half) {
         device.pin = Pin::At(latest);
         device.phone.remote_url = format!("{}/v/{latest}/{DB}", drill.base);
     }

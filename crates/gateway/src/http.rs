@@ -712,6 +712,7 @@ async fn database_route(
         set: &gateway.inner.set,
         checksum: &gateway.inner.checksum,
         k,
+        pinned: asked_k.is_some(),
         state: &state,
         cache: &gateway.inner.cache,
     };
@@ -962,6 +963,7 @@ async fn continuous(
     let set = session.set.clone();
     let checksum = session.checksum.to_owned();
     let k = session.k;
+    let pinned = session.pinned;
     let cache = Arc::new(PresentCache::default());
     tokio::spawn(async move {
         let session = Session {
@@ -969,6 +971,7 @@ async fn continuous(
             set: &set,
             checksum: &checksum,
             k,
+            pinned,
             state: &state,
             cache: &cache,
         };

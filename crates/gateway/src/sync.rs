@@ -24,6 +24,10 @@ pub struct Session<'a> {
     pub checksum: &'a str,
     /// The client's version.
     pub k: u32,
+    /// The client chose its version (`/v/{k}/{db}` or the version header)
+    /// rather than following the version `/{db}` serves: presentations are
+    /// in the pinned context (`view::contexts`).
+    pub pinned: bool,
     /// The database's state (version, run in progress).
     pub state: &'a State,
     /// Presentations already computed (a pure function of their key).
@@ -166,9 +170,10 @@ impl Session<'_> {
                 .unwrap_or_default();
             let rev = leaf.get("_rev").and_then(Value::as_str).unwrap_or("");
             format!(
-                "{}\n{id}\n{rev}\n{journal_rev}\n{}\n{}",
+                "{}\n{id}\n{rev}\n{journal_rev}\n{}\n{}\n{}",
                 self.db.name,
                 self.k,
+                self.pinned,
                 epochs.last().map(String::as_str).unwrap_or("")
             )
         };
@@ -238,7 +243,7 @@ impl Session<'_> {
                         .map(|b| (rev, b.clone()))
                 })
                 .collect();
-            let contexts = view::contexts(&epochs, journal);
+            let contexts = view::contexts(&epochs, journal, self.pinned);
             let cx = view::Context {
                 set: self.set,
                 checksum: self.checksum,

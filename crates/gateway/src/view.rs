@@ -128,23 +128,29 @@ pub fn presents(rev: &str, base: &str, checksum: &str, body: &Value) -> bool {
         && rev.get(..expected.len() - 16) == expected.get(..expected.len() - 16)
 }
 
-/// The presentation contexts of a document, oldest first; the last is the
-/// current one. A synthetic revision id names its context, so that a
-/// stored leaf presented again after phones retired its copies gets ids no
-/// phone holds a tombstone for (a tombstone on a phone is permanent):
+/// The presentation contexts of a document for a client at a pinned URL
+/// (`/v/{k}`, or the version header) or following `/{db}`, oldest first;
+/// the last is the current one. A synthetic revision id names its context,
+/// so that a revision presented again after phones retired its copies gets
+/// ids no phone holds a tombstone for (a tombstone on a phone is
+/// permanent):
 ///
-/// - the **epoch**, from `epochs` (see [`epochs`]): it changes when the
-///   version served to `/{db}` changes, so the views phones at the old
-///   version retired while a run rewrote storage are presented afresh;
-/// - the **adoptions** recorded in the journal: revision ids are derived
-///   from parent and body, so after a restore, phones pushing back what the
-///   server lost and an upgrade re-run recreate the very revisions phones
-///   saw before the restore.
+/// - following `/{db}`, the **epoch** (see [`epochs`]): it changes when the
+///   version `/{db}` serves changes, so the views phones at the old
+///   version retired are presented afresh; pinned, the fixed epoch
+///   [`PINNED`]: a run changes nothing a pinned phone holds (an old phone
+///   downloads nothing for an upgrade plus rollback it never saw);
+/// - the **adoptions** recorded in the journal (a restore: see
+///   `sync::Session::push`).
 ///
-/// The copies from the previous epoch and the previous adoption are
-/// retired too (a gateway's state cache can present the previous epoch's
-/// ids for a moment after a run).
-pub fn contexts(epochs: &[String], journal: &Journal) -> Vec<PresentationContext> {
+/// The other contexts listed are the ones whose copies the client may hold
+/// and that its presentation retires: following `/{db}`, the window's
+/// epochs and the pinned context (a phone moves from `/v/{k}` to `/{db}`
+/// in one pull); pinned, the pinned context's older adoptions only (a
+/// pinned client retiring `/{db}`'s views would find them deleted on
+/// moving there: moves between the two kinds go one way, like moves
+/// between versions).
+pub fn contexts(epochs: &[String], journal: &Journal, pinned: bool) -> Vec<PresentationContext> {
     // The adoption contexts in the window: one more than the epochs', as
     // adopting a copy names two revisions, one at a time (the copy, then
     // its translation).
@@ -152,16 +158,23 @@ pub fn contexts(epochs: &[String], journal: &Journal) -> Vec<PresentationContext
     let name = |epoch: &str, adoption: &str| PresentationContext {
         name: context_name(epoch, adoption),
     };
-    let epoch = epochs.last().map(String::as_str).unwrap_or("");
-    let adoption = adoptions.last().map(String::as_str).unwrap_or("");
-    // Every pair of an epoch and an adoption of the window (a phone may
-    // have pulled before both changed: a restore's adoptions, then the
-    // upgrade after it), the current context last.
     let window = &epochs[epochs.len().saturating_sub(WINDOW)..];
+    let epoch = match pinned {
+        true => PINNED,
+        false => window.last().map(String::as_str).unwrap_or(""),
+    };
+    let adoption = adoptions.last().map(String::as_str).unwrap_or("");
+    // Every pair of an epoch and an adoption (a phone may have pulled
+    // before both changed: a restore's adoptions, then the upgrade after
+    // it), the current context last.
+    let mut retired: Vec<&str> = vec![PINNED];
+    if !pinned {
+        retired.extend(window.iter().map(String::as_str));
+    }
     let mut out = Vec::new();
-    for e in window {
+    for e in retired {
         for a in &adoptions {
-            if (e.as_str(), a.as_str()) != (epoch, adoption) {
+            if (e, a.as_str()) != (epoch, adoption) {
                 out.push(name(e, a));
             }
         }
@@ -169,6 +182,9 @@ pub fn contexts(epochs: &[String], journal: &Journal) -> Vec<PresentationContext
     out.push(name(epoch, adoption));
     out
 }
+
+/// The epoch of the presentation context of pinned URLs (`/v/{k}/{db}`).
+pub const PINNED: &str = "pinned";
 
 /// A presentation context ([`contexts`]): its name, which synthetic ids
 /// carry.
@@ -231,14 +247,19 @@ pub fn copy_context(
     journal: &Journal,
 ) -> CopyContext {
     let is = |context: &str| synthetic_rev(base, checksum, body, context) == rev;
-    if contexts(&epochs(state), journal)
-        .iter()
-        .any(|c| is(&c.name))
-    {
+    // Current for some client: pinned or following.
+    let epochs = epochs(state);
+    if [false, true].iter().any(|pinned| {
+        contexts(&epochs, journal, *pinned)
+            .iter()
+            .any(|c| is(&c.name))
+    }) {
         return CopyContext::Window;
     }
     let adoptions = adoption_names(journal, usize::MAX);
-    for epoch in all_epochs(state) {
+    let mut known = all_epochs(state);
+    known.push(PINNED.to_owned());
+    for epoch in known {
         for adoption in &adoptions {
             if is(&context_name(&epoch, adoption)) {
                 return CopyContext::Older;
@@ -396,14 +417,28 @@ fn view_hashes(
 /// conflict with while a run rewrites storage, and downloads nothing for
 /// it. The walk stops at a human revision or at a change of some view.
 pub fn anchor(set: &MigrationSet, leaf: &Value, journal: &Journal) -> Result<usize, LensError> {
+    Ok(anchor_walk(set, leaf, journal)?.0)
+}
+
+/// [`anchor`], and the places in the leaf's history above the anchor of
+/// the revisions a gateway wrote (translations of pushes, whose images
+/// name no run): their views, equal to their parents' with today's
+/// complements, may have differed when they were leaves, so they may have
+/// been presented.
+fn anchor_walk(
+    set: &MigrationSet,
+    leaf: &Value,
+    journal: &Journal,
+) -> Result<(usize, Vec<usize>), LensError> {
     let hist = history(leaf);
     if leaf.get("_deleted").and_then(Value::as_bool) == Some(true) || journal.images.is_empty() {
-        return Ok(0);
+        return Ok((0, Vec::new()));
     }
-    let mut at = 0usize;
-    let mut body_views: Option<Vec<String>> = None;
+    // The chain of revisions rewind wrote, down from the leaf: (place in
+    // the history, the parent's body, whether a gateway wrote the child).
+    let mut chain: Vec<(usize, Value, bool)> = Vec::new();
     let mut here = body_hash(leaf);
-    while let Some(parent) = hist.get(at + 1) {
+    while let Some(parent) = hist.get(chain.len() + 1) {
         let Some(image) = journal
             .images
             .iter()
@@ -415,19 +450,29 @@ pub fn anchor(set: &MigrationSet, leaf: &Value, journal: &Journal) -> Result<usi
         let Ok(previous) = serde_json::from_str::<Value>(&image.body) else {
             break;
         };
-        let mine = match body_views.take() {
-            Some(known) => known,
-            None => view_hashes(set, leaf, journal)?,
-        };
-        let theirs = view_hashes(set, &previous, journal)?;
-        if mine != theirs {
+        here = body_hash(&previous);
+        chain.push((chain.len() + 1, previous, image.run.is_none()));
+    }
+    if chain.is_empty() {
+        return Ok((0, Vec::new()));
+    }
+    // The lowest revision of the chain every version sees as it sees the
+    // leaf (views in between may differ today only because the journal's
+    // complements changed: a rollback drops them).
+    let mine = view_hashes(set, leaf, journal)?;
+    let mut at = 0;
+    for (place, body, _) in chain.iter().rev() {
+        if body_hash(body) == body_hash(leaf) || view_hashes(set, body, journal)? == mine {
+            at = *place;
             break;
         }
-        body_views = Some(theirs);
-        here = body_hash(&previous);
-        at += 1;
     }
-    Ok(at)
+    let translated = chain
+        .iter()
+        .filter(|(place, _, by_gateway)| *by_gateway && *place <= at)
+        .map(|(place, _, _)| place - 1)
+        .collect();
+    Ok((at, translated))
 }
 
 /// What presenting a document needs besides its revision: the migrations,
@@ -545,10 +590,10 @@ pub fn present(
     let rev = hist.first().cloned().unwrap_or_default();
     // The presentations derive from the anchor; the revisions above it
     // were never presented (they are its presentation).
-    let at = if deleted_doc(leaf) {
-        0
+    let (at, translated) = if deleted_doc(leaf) {
+        (0, Vec::new())
     } else {
-        anchor(set, leaf, journal)?
+        anchor_walk(set, leaf, journal)?
     };
     let base = &hist[at.min(hist.len().saturating_sub(1))..];
     let id = leaf.get("_id").cloned().unwrap_or(Value::Null);
@@ -583,18 +628,19 @@ pub fn present(
         };
         retirements(cx, &id, base, leaf, Some(keep), &mut out)?;
     }
-    // The views of the revisions above the anchor, the leaf included, and
-    // of the ancestors below it: an anchor moves when a view changes, and
-    // also down when the journal's complements grow (a revision whose view
-    // differed from its parent's for lack of a complement no longer does),
-    // so phones may hold copies presented on any of them.
-    if at > 0 && !deleted {
+    // The views of the ancestors below the anchor, and of the revisions
+    // above it that a gateway translated: an anchor can move down when the
+    // journal's complements grow (a translation whose view differed from
+    // its parent's for lack of a complement no longer does), so phones may
+    // hold copies presented on one. (What a run wrote was never presented:
+    // its images and complements are written with it.)
+    if translated.first() == Some(&0) && !deleted {
         retirements(cx, &id, &hist, leaf, None, &mut out)?;
     }
     let others = ancestors
         .iter()
         .filter_map(|(rev, body)| Some((hist.iter().position(|r| r == rev)?, body)))
-        .filter(|(pos, _)| *pos > 0 && *pos != at)
+        .filter(|(pos, _)| *pos > at || (*pos > 0 && translated.contains(pos)))
         .take(ANCESTORS);
     for (pos, body) in others {
         retirements(cx, &id, &hist[pos..], body, None, &mut out)?;
@@ -658,6 +704,24 @@ pub fn system_base<'a>(
 mod tests {
     use super::*;
 
+    /// `present` for a pinned client, before any run.
+    fn present_pinned(
+        set: &MigrationSet,
+        journal: &Journal,
+        leaf: &Value,
+        k: u32,
+        ancestors: &[(String, Value)],
+    ) -> Vec<Presented> {
+        let contexts = contexts(&["".to_owned()], journal, true);
+        let cx = Context {
+            set,
+            checksum: "ck",
+            journal,
+            contexts: &contexts,
+        };
+        present(&cx, leaf, k, ancestors).unwrap()
+    }
+
     fn persons_set() -> MigrationSet {
         let file = std::path::PathBuf::from("0001-persons-to-contacts.yaml");
         let text = include_str!("../../../examples/baseline/0001-persons-to-contacts.yaml");
@@ -689,17 +753,10 @@ mod tests {
             ..Journal::default()
         };
         assert_eq!(anchor(&set, &migrated, &journal).unwrap(), 1);
-        let contexts = contexts(&["".to_owned()], &journal);
-        let cx = Context {
-            set: &set,
-            checksum: "ck",
-            journal: &journal,
-            contexts: &contexts,
-        };
         let ancestors = [("1-aaaa".to_owned(), body_of(&before))];
         for k in 0..=1 {
-            let was = &present(&cx, &before, k, &[]).unwrap()[0];
-            let now = &present(&cx, &migrated, k, &ancestors).unwrap()[0];
+            let was = &present_pinned(&set, &journal, &before, k, &[])[0];
+            let now = &present_pinned(&set, &journal, &migrated, k, &ancestors)[0];
             assert_eq!(was.rev, now.rev, "v{k}: the presented revision");
             assert_eq!(body_of(&was.doc), body_of(&now.doc), "v{k}: its body");
         }
@@ -720,16 +777,8 @@ mod tests {
         leaf["_rev"] = json!("1-aaaa");
         leaf["_revisions"] = json!({"start": 1, "ids": ["aaaa"]});
         let journal = Journal::default();
-        let contexts = contexts(&["".to_owned()], &journal);
-        let cx = Context {
-            set: &set,
-            checksum: "ck",
-            journal: &journal,
-            contexts: &contexts,
-        };
         let revs = |k: u32| -> Vec<String> {
-            present(&cx, &leaf, k, &[])
-                .unwrap()
+            present_pinned(&set, &journal, &leaf, k, &[])
                 .into_iter()
                 .map(|p| p.rev)
                 .collect()
