@@ -169,7 +169,7 @@ pub fn contexts(epochs: &[String], journal: &Journal, pinned: bool) -> Vec<Prese
     // it), the current context last.
     let mut retired: Vec<&str> = vec![PINNED];
     if !pinned {
-        retired.extend(window.iter().map(String::as_str));
+        retired.extend(window.iter().map(String::as_str).filter(|e| *e != PINNED));
     }
     let mut out = Vec::new();
     for e in retired {
@@ -183,8 +183,11 @@ pub fn contexts(epochs: &[String], journal: &Journal, pinned: bool) -> Vec<Prese
     out
 }
 
-/// The epoch of the presentation context of pinned URLs (`/v/{k}/{db}`).
-pub const PINNED: &str = "pinned";
+/// The epoch of the presentation context of pinned URLs (`/v/{k}/{db}`):
+/// the epoch before any run, so that until the first run a client sees the
+/// same revisions at `/v/{k}` and at `/{db}` serving `k` (and a fresh pull
+/// from `/{db}` carries no tombstones for pinned views besides its own).
+pub const PINNED: &str = "";
 
 /// A presentation context ([`contexts`]): its name, which synthetic ids
 /// carry.
@@ -257,9 +260,8 @@ pub fn copy_context(
         return CopyContext::Window;
     }
     let adoptions = adoption_names(journal, usize::MAX);
-    let mut known = all_epochs(state);
-    known.push(PINNED.to_owned());
-    for epoch in known {
+    // `all_epochs` starts with the epoch before any run, `PINNED`.
+    for epoch in all_epochs(state) {
         for adoption in &adoptions {
             if is(&context_name(&epoch, adoption)) {
                 return CopyContext::Older;
