@@ -278,18 +278,7 @@ impl Session<'_> {
                         OpenRev::Missing(_) => None,
                     })
                     .collect();
-                // A store may list leaves in any order (pouchdb-server: as its
-                // reads complete); CouchDB's order, the winner first, keeps
-                // every answer built from them deterministic.
-                let key = |doc: &Value| {
-                    let rev = doc
-                        .get("_rev")
-                        .and_then(Value::as_str)
-                        .unwrap_or("")
-                        .to_owned();
-                    (!is_deleted(doc), view::generation(&rev), rev)
-                };
-                leaves.sort_by_key(|doc| std::cmp::Reverse(key(doc)));
+                sort_leaves(&mut leaves);
                 Ok(leaves)
             }
             Ok(GetResult::Doc(doc)) => Ok(vec![doc]),
@@ -375,6 +364,40 @@ impl Session<'_> {
         unique.sort();
         unique.dedup();
         let mut out = BTreeMap::new();
+        // A remote store lists every document's leaves in one request, and
+        // they are read in a second.
+        let owned: Vec<String> = unique.iter().map(|id| (*id).clone()).collect();
+        if let Some(revs) = self.db.data.leaf_revs(&owned).await? {
+            let wanted: Vec<BulkGetRequest> = revs
+                .iter()
+                .flat_map(|(id, revs)| {
+                    revs.iter()
+                        .map(|rev| BulkGetRequest::new(id.clone(), Some(rev)))
+                })
+                .collect();
+            for id in &owned {
+                out.insert(id.clone(), Vec::new());
+            }
+            if !wanted.is_empty() {
+                let opts = BulkGetOptions {
+                    revs: true,
+                    latest: false,
+                    attachments: false,
+                };
+                for result in self.db.data.bulk_get(wanted, opts).await? {
+                    let leaves = out.entry(result.id.clone()).or_default();
+                    for item in result.docs {
+                        if let BulkGetItem::Ok(doc) = item {
+                            leaves.push(doc);
+                        }
+                    }
+                }
+            }
+            for leaves in out.values_mut() {
+                sort_leaves(leaves);
+            }
+            return Ok(out);
+        }
         for chunk in unique.chunks(IN_FLIGHT) {
             // (A plain loop: a closure here trips the spawned task's `Send`
             // inference.)
@@ -897,6 +920,21 @@ impl Session<'_> {
         }
         Ok(Ok((id, rev)))
     }
+}
+
+/// Sorts a document's leaves in CouchDB's order, the winner first: a store
+/// may list them in any order (pouchdb-server: as its reads complete), and
+/// every answer built from them must be deterministic.
+fn sort_leaves(leaves: &mut [Value]) {
+    let key = |doc: &Value| {
+        let rev = doc
+            .get("_rev")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_owned();
+        (!is_deleted(doc), view::generation(&rev), rev)
+    };
+    leaves.sort_by_key(|doc| std::cmp::Reverse(key(doc)));
 }
 
 /// A tombstone retiring `leaf`, with a revision id derived from it, so that

@@ -206,6 +206,18 @@ impl AnyStore {
     }
 }
 
+impl AnyStore {
+    /// The leaf revisions of each of `ids` in one request, where the
+    /// backend has one (CouchDB: `CouchStore::leaf_revs`); `None` for the
+    /// embedded store, whose per-document reads are cheap.
+    pub async fn leaf_revs(&self, ids: &[String]) -> Result<Option<BTreeMap<String, Vec<String>>>> {
+        match self {
+            AnyStore::Sqlite(_) => Ok(None),
+            AnyStore::Couch(s) => s.leaf_revs(ids).await.map(Some),
+        }
+    }
+}
+
 impl Store for AnyStore {
     async fn info(&self) -> Result<DbInfo> {
         dispatch!(self, s => s.info().await)

@@ -61,6 +61,7 @@ both!(
     wait_for_change_wakes_on_a_write_and_times_out_otherwise,
     malformed_documents_are_refused_and_nothing_is_written,
     live_docs_by_id_pages_documents_with_a_live_leaf_in_id_order,
+    leaf_revs_lists_every_leaf_deleted_ones_included_in_one_request,
 );
 
 async fn conflicts_from_replication_pick_the_same_winner(s: &AnyStore) {
@@ -679,4 +680,50 @@ async fn live_docs_by_id_pages_documents_with_a_live_leaf_in_id_order(s: &AnySto
         .await
         .unwrap()
         .is_empty());
+}
+
+async fn leaf_revs_lists_every_leaf_deleted_ones_included_in_one_request(s: &AnyStore) {
+    s.put(json!({"_id": "a", "n": 1})).await.unwrap();
+    s.put(json!({"_id": "c", "n": 1})).await.unwrap();
+    let c = doc(s, "c", GetOptions::default()).await;
+    s.put(json!({"_id": "c", "_rev": c["_rev"], "_deleted": true}))
+        .await
+        .unwrap();
+    let r1 = format!("1-{}", h('a'));
+    replicate(s, vec![json!({"_id": "b", "_rev": r1, "v": 1})]).await;
+    let two = |x: char| json!({"_id": "b", "_rev": format!("2-{}", h(x)), "_revisions": {"start": 2, "ids": [h(x), h('a')]}, "v": x.to_string()});
+    replicate(s, vec![two('b'), two('c')]).await;
+    let ids: Vec<String> = ["a", "b", "c", "none"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let Some(listed) = s.leaf_revs(&ids).await.unwrap() else {
+        // The embedded store reads documents one by one (cheaply).
+        assert!(matches!(s, AnyStore::Sqlite(_)));
+        return;
+    };
+    // The same leaves as `open_revs=all`, per document; no entry for a
+    // document that does not exist.
+    for id in ["a", "b", "c"] {
+        let opts = GetOptions {
+            open_revs: Some(OpenRevs::All),
+            ..GetOptions::default()
+        };
+        let mut want: Vec<String> = match s.get(id, &opts).await.unwrap() {
+            GetResult::Revs(revs) => revs
+                .into_iter()
+                .filter_map(|r| match r {
+                    OpenRev::Ok(d) => d["_rev"].as_str().map(str::to_owned),
+                    OpenRev::Missing(_) => None,
+                })
+                .collect(),
+            GetResult::Doc(d) => vec![d["_rev"].as_str().unwrap().to_owned()],
+        };
+        want.sort();
+        let mut got = listed.get(id).cloned().unwrap_or_default();
+        got.sort();
+        assert_eq!(got, want, "{id}");
+    }
+    assert_eq!(listed["b"].len(), 2);
+    assert!(!listed.contains_key("none"));
 }
