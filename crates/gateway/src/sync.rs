@@ -2,6 +2,7 @@
 //! (changes, documents) presented through version views, and push (revisions
 //! a client sends) stored with their translation to the server's version.
 
+pub(crate) use crate::view::is_deleted;
 use crate::view::{self, Presented};
 use crate::GatewayError;
 use rewind_engine::journal::{body_hash, body_of, journal_id, Image, Journal, JournalComplements};
@@ -99,11 +100,6 @@ fn by_id(presented: Vec<Presented>) -> HashMap<String, Vec<Presented>> {
         out.entry(id_of(&p.doc)).or_default().push(p);
     }
     out
-}
-
-/// True when `doc` is a deletion (`"_deleted": true`).
-pub(crate) fn is_deleted(doc: &Value) -> bool {
-    doc.get("_deleted").and_then(Value::as_bool) == Some(true)
 }
 
 impl Session<'_> {

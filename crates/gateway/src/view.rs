@@ -44,9 +44,7 @@ pub fn view(
     journal: &Journal,
 ) -> Result<Value, LensError> {
     let mut out = doc.clone();
-    if !MigrationSet::is_migratable(doc)
-        || doc.get("_deleted").and_then(Value::as_bool) == Some(true)
-    {
+    if !MigrationSet::is_migratable(doc) || is_deleted(doc) {
         return Ok(out);
     }
     let from = version_of(set, doc);
@@ -150,14 +148,11 @@ pub fn presents(rev: &str, base: &str, checksum: &str, body: &Value) -> bool {
 /// pinned client retiring `/{db}`'s views would find them deleted on
 /// moving there: moves between the two kinds go one way, like moves
 /// between versions).
-pub fn contexts(epochs: &[String], journal: &Journal, pinned: bool) -> Vec<PresentationContext> {
+pub fn contexts(epochs: &[String], journal: &Journal, pinned: bool) -> Vec<String> {
     // The adoption contexts in the window: one more than the epochs', as
     // adopting a copy names two revisions, one at a time (the copy, then
     // its translation).
     let adoptions = adoption_names(journal, WINDOW + 1);
-    let name = |epoch: &str, adoption: &str| PresentationContext {
-        name: context_name(epoch, adoption),
-    };
     let window = &epochs[epochs.len().saturating_sub(WINDOW)..];
     let epoch = match pinned {
         true => PINNED,
@@ -175,11 +170,11 @@ pub fn contexts(epochs: &[String], journal: &Journal, pinned: bool) -> Vec<Prese
     for e in retired {
         for a in &adoptions {
             if (e, a.as_str()) != (epoch, adoption) {
-                out.push(name(e, a));
+                out.push(context_name(e, a));
             }
         }
     }
-    out.push(name(epoch, adoption));
+    out.push(context_name(epoch, adoption));
     out
 }
 
@@ -188,13 +183,6 @@ pub fn contexts(epochs: &[String], journal: &Journal, pinned: bool) -> Vec<Prese
 /// same revisions at `/v/{k}` and at `/{db}` serving `k` (and a fresh pull
 /// from `/{db}` carries no tombstones for pinned views besides its own).
 pub const PINNED: &str = "";
-
-/// A presentation context ([`contexts`]): its name, which synthetic ids
-/// carry.
-#[derive(Debug, Clone, PartialEq)]
-pub struct PresentationContext {
-    pub name: String,
-}
 
 /// How many epochs and adoptions (the current one included) a stored
 /// leaf's presentations are retired in.
@@ -251,19 +239,19 @@ pub fn copy_context(
 ) -> CopyContext {
     let is = |context: &str| synthetic_rev(base, checksum, body, context) == rev;
     // Current for some client: pinned or following.
-    let epochs = epochs(state);
-    if [false, true].iter().any(|pinned| {
-        contexts(&epochs, journal, *pinned)
-            .iter()
-            .any(|c| is(&c.name))
-    }) {
+    let all = all_epochs(state);
+    let epochs = &all[all.len().saturating_sub(WINDOW)..];
+    if [false, true]
+        .iter()
+        .any(|pinned| contexts(epochs, journal, *pinned).iter().any(|c| is(c)))
+    {
         return CopyContext::Window;
     }
     let adoptions = adoption_names(journal, usize::MAX);
     // `all_epochs` starts with the epoch before any run, `PINNED`.
-    for epoch in all_epochs(state) {
+    for epoch in &all {
         for adoption in &adoptions {
-            if is(&context_name(&epoch, adoption)) {
+            if is(&context_name(epoch, adoption)) {
                 return CopyContext::Older;
             }
         }
@@ -337,7 +325,7 @@ pub fn is_synthetic(doc: &Value, checksum: &str) -> bool {
 /// True when `doc` is a tombstone that retired a synthetic revision.
 pub fn is_retirement(doc: &Value) -> bool {
     let hist = history(doc);
-    doc.get("_deleted").and_then(Value::as_bool) == Some(true)
+    is_deleted(doc)
         && matches!((hist.first(), hist.get(1)), (Some(rev), Some(parent)) if *rev == tombstone_rev(parent))
 }
 
@@ -433,13 +421,14 @@ fn anchor_walk(
     journal: &Journal,
 ) -> Result<(usize, Vec<usize>), LensError> {
     let hist = history(leaf);
-    if leaf.get("_deleted").and_then(Value::as_bool) == Some(true) || journal.images.is_empty() {
+    if is_deleted(leaf) || journal.images.is_empty() {
         return Ok((0, Vec::new()));
     }
     // The chain of revisions rewind wrote, down from the leaf: (place in
     // the history, the parent's body, whether a gateway wrote the child).
     let mut chain: Vec<(usize, Value, bool)> = Vec::new();
-    let mut here = body_hash(leaf);
+    let leaf_hash = body_hash(leaf);
+    let mut here = leaf_hash.clone();
     while let Some(parent) = hist.get(chain.len() + 1) {
         let Some(image) = journal
             .images
@@ -464,7 +453,7 @@ fn anchor_walk(
     let mine = view_hashes(set, leaf, journal)?;
     let mut at = 0;
     for (place, body, _) in chain.iter().rev() {
-        if body_hash(body) == body_hash(leaf) || view_hashes(set, body, journal)? == mine {
+        if body_hash(body) == leaf_hash || view_hashes(set, body, journal)? == mine {
             at = *place;
             break;
         }
@@ -478,18 +467,18 @@ fn anchor_walk(
 }
 
 /// What presenting a document needs besides its revision: the migrations,
-/// their checksum, the document's journal, the contexts and the runs.
+/// their checksum, the document's journal and the presentation contexts.
 pub struct Context<'a> {
     pub set: &'a MigrationSet,
     pub checksum: &'a str,
     pub journal: &'a Journal,
     /// The presentation contexts, the current one last ([`contexts`]).
-    pub contexts: &'a [PresentationContext],
+    pub contexts: &'a [String],
 }
 
 impl Context<'_> {
     fn current(&self) -> &str {
-        self.contexts.last().map(|c| c.name.as_str()).unwrap_or("")
+        self.contexts.last().map(String::as_str).unwrap_or("")
     }
 }
 
@@ -535,7 +524,7 @@ fn retirements(
                     continue;
                 }
             }
-            let synthetic = synthetic_rev(&base_history[0], cx.checksum, &seen.body, &context.name);
+            let synthetic = synthetic_rev(&base_history[0], cx.checksum, &seen.body, context);
             let retired = tombstone_rev(&synthetic);
             if out.iter().any(|p| p.rev == retired) {
                 continue;
@@ -564,7 +553,8 @@ fn retirements(
 /// conflicts.
 pub const ANCESTORS: usize = 5;
 
-fn deleted_doc(doc: &Value) -> bool {
+/// True when `doc` is a deletion (`"_deleted": true`).
+pub(crate) fn is_deleted(doc: &Value) -> bool {
     doc.get("_deleted").and_then(Value::as_bool) == Some(true)
 }
 
@@ -590,17 +580,14 @@ pub fn present(
     let (set, checksum, journal) = (cx.set, cx.checksum, cx.journal);
     let hist = history(leaf);
     let rev = hist.first().cloned().unwrap_or_default();
-    // The presentations derive from the anchor; the revisions above it
-    // were never presented (they are its presentation).
-    let (at, translated) = if deleted_doc(leaf) {
-        (0, Vec::new())
-    } else {
-        anchor_walk(set, leaf, journal)?
-    };
+    // The presentations derive from the anchor (a deleted leaf is its own);
+    // the revisions above it were never presented (they are its
+    // presentation).
+    let (at, translated) = anchor_walk(set, leaf, journal)?;
     let base = &hist[at.min(hist.len().saturating_sub(1))..];
     let id = leaf.get("_id").cloned().unwrap_or(Value::Null);
     let mut out = Vec::new();
-    let deleted = deleted_doc(leaf);
+    let deleted = is_deleted(leaf);
     let all = if deleted {
         Vec::new()
     } else {

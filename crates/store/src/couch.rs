@@ -463,16 +463,6 @@ impl CouchStore {
         u
     }
 
-    /// The documents that have a live leaf, in id order: those after `after`
-    /// (all when it is `None`), at most `limit`, as
-    /// [`crate::SqliteStore::live_docs_by_id`] gives them: a changes-feed row
-    /// per document listing its winner and its live conflicts, with the
-    /// winner's body when `include_docs` (one `_all_docs` request with
-    /// `conflicts=true`; rows carry no sequence; CouchDB tells conflicts
-    /// only with the documents, so without `include_docs` a row lists the
-    /// winner alone). For a rewrite of the whole
-    /// database: on pouchdb-server a page of `_all_docs` costs about two
-    /// thirds of the same page of `_changes` with bodies.
     /// The leaf revisions (deleted ones included) of each of `ids` that
     /// exists, in one request (`POST _changes?filter=_doc_ids&style=all_docs`)
     /// instead of one `GET ?open_revs=all` per document.
@@ -508,6 +498,16 @@ impl CouchStore {
         Ok(out)
     }
 
+    /// The documents that have a live leaf, in id order: those after `after`
+    /// (all when it is `None`), at most `limit`, as
+    /// [`crate::SqliteStore::live_docs_by_id`] gives them: a changes-feed row
+    /// per document listing its winner and its live conflicts, with the
+    /// winner's body when `include_docs` (one `_all_docs` request with
+    /// `conflicts=true`; rows carry no sequence; CouchDB tells conflicts
+    /// only with the documents, so without `include_docs` a row lists the
+    /// winner alone). For a rewrite of the whole
+    /// database: on pouchdb-server a page of `_all_docs` costs about two
+    /// thirds of the same page of `_changes` with bodies.
     pub async fn live_docs_by_id(
         &self,
         after: Option<String>,

@@ -204,9 +204,7 @@ impl AnyStore {
     ) -> Result<Vec<ChangeRow>> {
         dispatch!(self, s => s.live_docs_by_id(after, limit, include_docs).await)
     }
-}
 
-impl AnyStore {
     /// The leaf revisions of each of `ids` in one request, where the
     /// backend has one (CouchDB: `CouchStore::leaf_revs`); `None` for the
     /// embedded store, whose per-document reads are cheap.

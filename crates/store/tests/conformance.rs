@@ -632,19 +632,24 @@ async fn malformed_documents_are_refused_and_nothing_is_written(s: &AnyStore) {
     );
 }
 
-async fn live_docs_by_id_pages_documents_with_a_live_leaf_in_id_order(s: &AnyStore) {
-    for id in ["a", "c", "d", "e"] {
+/// Documents `plain` (`{"n": id}`), `c` deleted, and `b` with two live
+/// leaves (`2-{h(b)}` with `"v": "b"`, and the winner `2-{h(c)}`).
+async fn plain_deleted_c_and_conflicted_b(s: &AnyStore, plain: &[&str]) {
+    for id in plain.iter().chain(&["c"]) {
         s.put(json!({"_id": id, "n": id})).await.unwrap();
     }
     let c = doc(s, "c", GetOptions::default()).await;
     s.put(json!({"_id": "c", "_rev": c["_rev"], "_deleted": true}))
         .await
         .unwrap();
-    // b: two live leaves.
     let r1 = format!("1-{}", h('a'));
     replicate(s, vec![json!({"_id": "b", "_rev": r1, "v": 1})]).await;
     let two = |x: char| json!({"_id": "b", "_rev": format!("2-{}", h(x)), "_revisions": {"start": 2, "ids": [h(x), h('a')]}, "v": x.to_string()});
     replicate(s, vec![two('b'), two('c')]).await;
+}
+
+async fn live_docs_by_id_pages_documents_with_a_live_leaf_in_id_order(s: &AnyStore) {
+    plain_deleted_c_and_conflicted_b(s, &["a", "d", "e"]).await;
 
     let page = s.live_docs_by_id(None, 2, true).await.unwrap();
     let ids: Vec<&str> = page.iter().map(|r| r.id.as_str()).collect();
@@ -683,16 +688,7 @@ async fn live_docs_by_id_pages_documents_with_a_live_leaf_in_id_order(s: &AnySto
 }
 
 async fn leaf_revs_lists_every_leaf_deleted_ones_included_in_one_request(s: &AnyStore) {
-    s.put(json!({"_id": "a", "n": 1})).await.unwrap();
-    s.put(json!({"_id": "c", "n": 1})).await.unwrap();
-    let c = doc(s, "c", GetOptions::default()).await;
-    s.put(json!({"_id": "c", "_rev": c["_rev"], "_deleted": true}))
-        .await
-        .unwrap();
-    let r1 = format!("1-{}", h('a'));
-    replicate(s, vec![json!({"_id": "b", "_rev": r1, "v": 1})]).await;
-    let two = |x: char| json!({"_id": "b", "_rev": format!("2-{}", h(x)), "_revisions": {"start": 2, "ids": [h(x), h('a')]}, "v": x.to_string()});
-    replicate(s, vec![two('b'), two('c')]).await;
+    plain_deleted_c_and_conflicted_b(s, &["a"]).await;
     let ids: Vec<String> = ["a", "b", "c", "none"]
         .iter()
         .map(|s| s.to_string())
