@@ -355,6 +355,35 @@ for (const kind of h.STORE_KINDS) {
       }
     });
 
+    // `_bulk_get` reads a document's live leaves in one request for the
+    // whole batch; a deleted leaf beside a live one is read on its own
+    // when a phone asks for it (CouchDB lists those leaves only per
+    // document). A resolved conflict is the common case.
+    test('a conflict resolved by deleting the loser reaches fresh phones at every version', async (t) => {
+      const { ctx, a, b, person } = await humansInConflict(t, kind);
+      await a.pull();
+      const doc = await a.get(person);
+      assert.equal(doc._conflicts.length, 1);
+      await a.db.remove(person, doc._conflicts[0]);
+      await a.push();
+      for (const p of [a, b]) await p.pull();
+      for (const k of [0, 3, 7]) {
+        const fresh = ctx.phone(k, `fresh-v${k}`);
+        const r = await fresh.pull();
+        assert.equal(r.doc_write_failures, 0, `v${k}: ${JSON.stringify(r.errors)}`);
+        const got = await fresh.get(person);
+        assert.equal(got._conflicts, undefined, `v${k} phone: no conflict left`);
+        const leaves = await fresh.db.get(person, { open_revs: 'all' });
+        assert.equal(leaves.filter((l) => l.ok && l.ok._deleted).length >= 1, true, `v${k} phone holds the deleted loser`);
+        // Every leaf the gateway presents at this version, retirements included.
+        const served = await h.http(`${fresh.url}/${person}?open_revs=all`);
+        assert.equal(served.status, 200, served.text);
+        const revs = (list) => list.map((l) => l.ok._rev).sort();
+        assert.deepEqual(revs(leaves), revs(served.json), `v${k} phone holds every presented leaf`);
+      }
+      await assertNoConflicts(ctx, [a, b]);
+    });
+
     // Found by the PouchDB drill (seed 4, 2026-11-26): a push whose
     // translation the engine had already written (an upgrade migrated the
     // pushed revision between the gateway's two writes) tombstoned that

@@ -1,6 +1,7 @@
 //! HTTP: parsing CouchDB requests, dispatching them, answering CouchDB-style.
 
 use crate::sync::{is_deleted, winner, PresentCache, Session};
+use crate::view::Presented;
 use crate::GatewayError;
 use axum::body::{Body, Bytes};
 use axum::extract::{Query, Request, State as AxumState};
@@ -1054,8 +1055,33 @@ async fn bulk_get(session: &Session<'_>, call: &Call) -> Result<Response, Gatewa
         })?;
         asked.push((id, item.get("rev").and_then(Value::as_str)));
     }
+    // Each document's presentations, read no further than the asked
+    // revisions need: those of its winner, from the cache, when it is
+    // unchanged since (what a changes feed just presented); else those of
+    // its live leaves; else (a deleted leaf's revision, or one the document
+    // moved past) those of every leaf.
+    let unfound = |presented_of: &HashMap<String, Vec<Presented>>, some_rev: bool| {
+        let ids: Vec<String> = asked
+            .iter()
+            .filter(|(id, rev)| {
+                let presented = presented_of.get(*id).map(Vec::as_slice).unwrap_or_default();
+                match rev {
+                    Some(rev) => !presented.iter().any(|p| p.rev == *rev),
+                    None => some_rev || presented.is_empty(),
+                }
+            })
+            .map(|(id, _)| (*id).to_owned())
+            .collect();
+        ids
+    };
     let ids: Vec<String> = asked.iter().map(|(id, _)| (*id).to_owned()).collect();
-    let presented_of = session.presented_of(&ids).await?;
+    let mut presented_of = session.cached_winners(&ids).await?;
+    let live = session
+        .presented_live_of(&unfound(&presented_of, true))
+        .await?;
+    presented_of.extend(live);
+    let every = session.presented_of(&unfound(&presented_of, false)).await?;
+    presented_of.extend(every);
     let mut results = Vec::with_capacity(asked.len());
     for (id, rev) in asked {
         let presented = presented_of.get(id).map(Vec::as_slice).unwrap_or_default();
@@ -1240,7 +1266,7 @@ async fn all_docs(session: &Session<'_>, call: &Call) -> Result<Response, Gatewa
                 .filter(|_| !row.value.as_ref().is_some_and(|v| v.deleted))
         };
         let ids: Vec<String> = answer.rows.iter().filter_map(live).collect();
-        let presented_of = session.presented_of(&ids).await?;
+        let presented_of = session.presented_live_of(&ids).await?;
         for row in &mut answer.rows {
             let Some(id) = live(row) else { continue };
             let presented = presented_of.get(&id).map(Vec::as_slice).unwrap_or_default();

@@ -148,6 +148,69 @@ impl Session<'_> {
         Ok(out)
     }
 
+    /// The key of a leaf's presentations in [`PresentCache`]: everything
+    /// they are a function of.
+    fn present_key(
+        &self,
+        epochs: &[String],
+        id: &str,
+        leaf_rev: &str,
+        journal_rev: &str,
+    ) -> String {
+        format!(
+            "{}\n{id}\n{leaf_rev}\n{journal_rev}\n{}\n{}\n{}",
+            self.db.name,
+            self.k,
+            self.pinned,
+            epochs.last().map(String::as_str).unwrap_or("")
+        )
+    }
+
+    /// The presentations [`PresentCache`] holds for the winning leaf of
+    /// each of `ids`, where that leaf is still the winner and its journal
+    /// unchanged: two reads without bodies (the winners' and the journals'
+    /// revisions). A document whose winner is deleted, or whose
+    /// presentations are not cached, is left out. What a `_bulk_get` after
+    /// a changes feed this gateway answered asks for is found here.
+    pub async fn cached_winners(
+        &self,
+        ids: &[String],
+    ) -> Result<HashMap<String, Vec<Presented>>, GatewayError> {
+        let mut out = HashMap::new();
+        if ids.is_empty() {
+            return Ok(out);
+        }
+        let revs = |rows: Vec<rewind_store::AllDocsRow>| -> HashMap<String, String> {
+            rows.into_iter()
+                .filter_map(|row| {
+                    let value = row.value.filter(|v| !v.deleted)?;
+                    Some((row.id?, value.rev))
+                })
+                .collect()
+        };
+        let keys = |keys: Vec<String>| AllDocsOptions {
+            keys: Some(keys),
+            ..AllDocsOptions::default()
+        };
+        let winners = revs(self.db.data.all_docs(&keys(ids.to_vec())).await?.rows);
+        let journal_keys = ids.iter().map(|id| journal_id(id)).collect();
+        let journal_revs = revs(self.db.state.all_docs(&keys(journal_keys)).await?.rows);
+        let epochs = view::epochs(self.state);
+        for (id, rev) in winners {
+            let journal_rev = journal_revs
+                .get(&journal_id(&id))
+                .map(String::as_str)
+                .unwrap_or_default();
+            if let Some(presented) =
+                self.cache
+                    .get(&self.present_key(&epochs, &id, &rev, journal_rev))
+            {
+                out.insert(id, presented);
+            }
+        }
+        Ok(out)
+    }
+
     /// Presents stored leaves (with `_revisions`) at the client's version:
     /// for each, what `view::present` gives (live views and retirements);
     /// deleted leaves as they are.
@@ -162,16 +225,10 @@ impl Session<'_> {
             let id = id_of(leaf);
             let journal_rev = journals
                 .get(&id)
-                .and_then(|j| j.rev.clone())
+                .and_then(|j| j.rev.as_deref())
                 .unwrap_or_default();
             let rev = leaf.get("_rev").and_then(Value::as_str).unwrap_or("");
-            format!(
-                "{}\n{id}\n{rev}\n{journal_rev}\n{}\n{}\n{}",
-                self.db.name,
-                self.k,
-                self.pinned,
-                epochs.last().map(String::as_str).unwrap_or("")
-            )
+            self.present_key(&epochs, &id, rev, journal_rev)
         };
         let cached: HashMap<String, Vec<Presented>> = leaves
             .iter()
@@ -287,43 +344,25 @@ impl Session<'_> {
     pub async fn changes(&self, opts: &ChangesOptions) -> Result<Changes, GatewayError> {
         let mut inner = opts.clone();
         inner.include_docs = false;
+        // The feed names every leaf of each listed document (deleted ones
+        // included): they are read in one request, not listed per document.
+        inner.style_all_docs = true;
         let mut changes = self.db.data.changes(&inner).await?;
-        // Fetch every listed leaf with its history, present, and rewrite the rows.
-        let mut docs: Vec<Value> = Vec::new();
-        let single: Vec<BulkGetRequest> = changes
+        let wanted: Vec<BulkGetRequest> = changes
             .results
             .iter()
-            .filter(|row| row.changes.len() == 1 && !row.deleted)
-            .map(|row| BulkGetRequest::new(row.id.clone(), Some(&row.changes[0].rev)))
+            .flat_map(|row| {
+                row.changes
+                    .iter()
+                    .map(|c| BulkGetRequest::new(row.id.clone(), Some(&c.rev)))
+            })
             .collect();
-        if !single.is_empty() {
-            let got = self
-                .db
-                .data
-                .bulk_get(
-                    single,
-                    BulkGetOptions {
-                        revs: true,
-                        latest: false,
-                        attachments: false,
-                    },
-                )
-                .await?;
-            for result in got {
-                for item in result.docs {
-                    if let BulkGetItem::Ok(doc) = item {
-                        docs.push(doc);
-                    }
-                }
-            }
-        }
-        let several: Vec<String> = changes
-            .results
-            .iter()
-            .filter(|row| row.changes.len() != 1 || row.deleted)
-            .map(|row| row.id.clone())
+        let docs: Vec<Value> = self
+            .read_leaves(wanted)
+            .await?
+            .into_values()
+            .flatten()
             .collect();
-        docs.extend(self.leaves_of(&several).await?.into_values().flatten());
         let mut by_id = by_id(self.present_all(&docs).await?);
         for row in &mut changes.results {
             let Some(ps) = by_id.get_mut(&row.id) else {
@@ -348,7 +387,37 @@ impl Session<'_> {
         Ok(changes)
     }
 
-    /// The leaves of each of `ids` (as [`Session::leaves`]), fetched a few
+    /// The stored revisions `wanted` names, with `_revisions`, by document
+    /// (each document's leaves sorted as [`Session::leaves`] sorts them), in
+    /// one request; revisions the store lacks are left out.
+    async fn read_leaves(
+        &self,
+        wanted: Vec<BulkGetRequest>,
+    ) -> Result<BTreeMap<String, Vec<Value>>, GatewayError> {
+        let mut out: BTreeMap<String, Vec<Value>> = BTreeMap::new();
+        if wanted.is_empty() {
+            return Ok(out);
+        }
+        let opts = BulkGetOptions {
+            revs: true,
+            latest: false,
+            attachments: false,
+        };
+        for result in self.db.data.bulk_get(wanted, opts).await? {
+            let leaves = out.entry(result.id.clone()).or_default();
+            for item in result.docs {
+                if let BulkGetItem::Ok(doc) = item {
+                    leaves.push(doc);
+                }
+            }
+        }
+        for leaves in out.values_mut() {
+            sort_leaves(leaves);
+        }
+        Ok(out)
+    }
+
+    /// Every leaf of each of `ids` (as [`Session::leaves`]), a few documents
     /// at a time: one round trip per document is what a remote store costs.
     pub async fn leaves_of(
         &self,
@@ -360,40 +429,6 @@ impl Session<'_> {
         unique.sort();
         unique.dedup();
         let mut out = BTreeMap::new();
-        // A remote store lists every document's leaves in one request, and
-        // they are read in a second.
-        let owned: Vec<String> = unique.iter().map(|id| (*id).clone()).collect();
-        if let Some(revs) = self.db.data.leaf_revs(&owned).await? {
-            let wanted: Vec<BulkGetRequest> = revs
-                .iter()
-                .flat_map(|(id, revs)| {
-                    revs.iter()
-                        .map(|rev| BulkGetRequest::new(id.clone(), Some(rev)))
-                })
-                .collect();
-            for id in &owned {
-                out.insert(id.clone(), Vec::new());
-            }
-            if !wanted.is_empty() {
-                let opts = BulkGetOptions {
-                    revs: true,
-                    latest: false,
-                    attachments: false,
-                };
-                for result in self.db.data.bulk_get(wanted, opts).await? {
-                    let leaves = out.entry(result.id.clone()).or_default();
-                    for item in result.docs {
-                        if let BulkGetItem::Ok(doc) = item {
-                            leaves.push(doc);
-                        }
-                    }
-                }
-            }
-            for leaves in out.values_mut() {
-                sort_leaves(leaves);
-            }
-            return Ok(out);
-        }
         for chunk in unique.chunks(IN_FLIGHT) {
             // (A plain loop: a closure here trips the spawned task's `Send`
             // inference.)
@@ -411,6 +446,34 @@ impl Session<'_> {
         Ok(out)
     }
 
+    /// The live leaves of each of `ids` (a deleted document's winner when it
+    /// has none): over CouchDB in two requests for the whole batch, deleted
+    /// leaves beside a live one left out; on the embedded store every leaf
+    /// (as [`Session::leaves_of`]).
+    pub async fn live_leaves_of(
+        &self,
+        ids: &[String],
+    ) -> Result<BTreeMap<String, Vec<Value>>, GatewayError> {
+        if ids.is_empty() {
+            return Ok(BTreeMap::new());
+        }
+        let Some(revs) = self.db.data.live_leaf_revs(ids).await? else {
+            return self.leaves_of(ids).await;
+        };
+        let wanted: Vec<BulkGetRequest> = revs
+            .iter()
+            .flat_map(|(id, revs)| {
+                revs.iter()
+                    .map(|rev| BulkGetRequest::new(id.clone(), Some(rev)))
+            })
+            .collect();
+        let mut out = self.read_leaves(wanted).await?;
+        for id in ids {
+            out.entry(id.clone()).or_default();
+        }
+        Ok(out)
+    }
+
     /// The presented leaves of a document.
     pub async fn presented_leaves(&self, id: &str) -> Result<Vec<Presented>, GatewayError> {
         let leaves = self.leaves(id).await?;
@@ -418,12 +481,30 @@ impl Session<'_> {
     }
 
     /// The presented leaves of each of `ids`: every document's leaves read
-    /// once and presented in one batch (one journal read, one ancestor read).
+    /// (deleted ones included) and presented in one batch (one journal read,
+    /// one ancestor read).
     pub async fn presented_of(
         &self,
         ids: &[String],
     ) -> Result<HashMap<String, Vec<Presented>>, GatewayError> {
         let leaves: Vec<Value> = self.leaves_of(ids).await?.into_values().flatten().collect();
+        Ok(by_id(self.present_all(&leaves).await?))
+    }
+
+    /// As [`Session::presented_of`] for the live leaves only
+    /// ([`Session::live_leaves_of`]): what a deleted leaf beside a live one
+    /// presents (itself, as stored, and retirements) may be missing, so a
+    /// caller that does not find a revision asks [`Session::presented_of`].
+    pub async fn presented_live_of(
+        &self,
+        ids: &[String],
+    ) -> Result<HashMap<String, Vec<Presented>>, GatewayError> {
+        let leaves: Vec<Value> = self
+            .live_leaves_of(ids)
+            .await?
+            .into_values()
+            .flatten()
+            .collect();
         Ok(by_id(self.present_all(&leaves).await?))
     }
 
@@ -475,7 +556,9 @@ impl Session<'_> {
             !entry.missing.is_empty()
         });
         let ids: Vec<String> = missing.keys().cloned().collect();
-        let mut presented_of = self.presented_of(&ids).await?;
+        // A deleted leaf presents itself (stored, so not missing) and
+        // retirements (never missing): the live leaves are enough.
+        let mut presented_of = self.presented_live_of(&ids).await?;
         for id in ids {
             let presented = presented_of.remove(&id).unwrap_or_default();
             if let Some(entry) = missing.get_mut(&id) {

@@ -359,29 +359,64 @@ struct DistinctView {
     newest: u32,
 }
 
-/// The distinct views of a body across every version, by hash, in version
-/// order. Views that differ only in how a number is written are one view:
-/// a JavaScript client cannot tell them apart, and their synthetic ids are
-/// one id ([`synthetic_rev`]).
-fn views(
+/// Every version's view of a body, in version order, each with its
+/// [`client_body_hash`]: one walk through the migrations
+/// (`MigrationSet::translate_all`), element `k` equal to [`view`] at `k`.
+fn version_views(
     set: &MigrationSet,
     body: &Value,
     journal: &Journal,
-) -> Result<Vec<DistinctView>, LensError> {
-    let mut out: Vec<DistinctView> = Vec::new();
-    for k in 0..=set.latest() {
-        let seen = view(set, body, k, journal)?;
-        let hash = client_body_hash(&seen);
-        match out.iter_mut().find(|v| v.hash == hash) {
-            Some(known) => known.newest = k,
-            None => out.push(DistinctView {
-                hash,
-                body: seen,
-                newest: k,
-            }),
+) -> Result<Vec<(String, Value)>, LensError> {
+    let all = if !MigrationSet::is_migratable(body) || is_deleted(body) {
+        vec![body.clone(); set.latest() as usize + 1]
+    } else {
+        set.translate_all(body, version_of(set, body), &mut ReadOnly(journal))?
+    };
+    Ok(all
+        .into_iter()
+        .map(|seen| (client_body_hash(&seen), seen))
+        .collect())
+}
+
+/// A body's own client hash and its distinct views across every version,
+/// by hash, in version order. Views that differ only in how a number is
+/// written are one view: a JavaScript client cannot tell them apart, and
+/// their synthetic ids are one id ([`synthetic_rev`]).
+struct BodyViews {
+    own: String,
+    all: Vec<DistinctView>,
+}
+
+impl BodyViews {
+    fn of(set: &MigrationSet, body: &Value, journal: &Journal) -> Result<BodyViews, LensError> {
+        Ok(BodyViews::from_versions(
+            body,
+            version_views(set, body, journal)?,
+        ))
+    }
+
+    fn from_versions(body: &Value, versions: Vec<(String, Value)>) -> BodyViews {
+        let mut all: Vec<DistinctView> = Vec::new();
+        for (k, (hash, seen)) in versions.into_iter().enumerate() {
+            match all.iter_mut().find(|v| v.hash == hash) {
+                Some(known) => known.newest = k as u32,
+                None => all.push(DistinctView {
+                    hash,
+                    body: seen,
+                    newest: k as u32,
+                }),
+            }
+        }
+        BodyViews {
+            own: client_body_hash(body),
+            all,
         }
     }
-    Ok(out)
+
+    /// True when every version sees the body as it is.
+    fn alike(&self) -> bool {
+        self.all.iter().all(|v| v.hash == self.own)
+    }
 }
 
 /// Every version's view of a body, as [`client_body_hash`]es in version order.
@@ -390,9 +425,10 @@ fn view_hashes(
     body: &Value,
     journal: &Journal,
 ) -> Result<Vec<String>, LensError> {
-    (0..=set.latest())
-        .map(|k| view(set, body, k, journal).map(|seen| client_body_hash(&seen)))
-        .collect()
+    Ok(version_views(set, body, journal)?
+        .into_iter()
+        .map(|(hash, _)| hash)
+        .collect())
 }
 
 /// The **anchor** of a stored leaf: the revision its presentations derive
@@ -407,18 +443,19 @@ fn view_hashes(
 /// conflict with while a run rewrites storage, and downloads nothing for
 /// it. The walk stops at a human revision or at a change of some view.
 pub fn anchor(set: &MigrationSet, leaf: &Value, journal: &Journal) -> Result<usize, LensError> {
-    Ok(anchor_walk(set, leaf, journal)?.0)
+    Ok(anchor_walk(set, leaf, journal, None)?.0)
 }
 
 /// [`anchor`], and the places in the leaf's history above the anchor of
 /// the revisions a gateway wrote (translations of pushes, whose images
 /// name no run): their views, equal to their parents' with today's
 /// complements, may have differed when they were leaves, so they may have
-/// been presented.
+/// been presented. `leaf_views`: the leaf's [`version_views`], when known.
 fn anchor_walk(
     set: &MigrationSet,
     leaf: &Value,
     journal: &Journal,
+    leaf_views: Option<&[(String, Value)]>,
 ) -> Result<(usize, Vec<usize>), LensError> {
     let hist = history(leaf);
     if is_deleted(leaf) || journal.images.is_empty() {
@@ -450,7 +487,10 @@ fn anchor_walk(
     // The lowest revision of the chain every version sees as it sees the
     // leaf (views in between may differ today only because the journal's
     // complements changed: a rollback drops them).
-    let mine = view_hashes(set, leaf, journal)?;
+    let mine: Vec<String> = match leaf_views {
+        Some(views) => views.iter().map(|(hash, _)| hash.clone()).collect(),
+        None => view_hashes(set, leaf, journal)?,
+    };
     let mut at = 0;
     for (place, body, _) in chain.iter().rev() {
         if body_hash(body) == leaf_hash || view_hashes(set, body, journal)? == mine {
@@ -506,19 +546,17 @@ fn retirements(
     cx: &Context<'_>,
     id: &Value,
     base_history: &[String],
-    body: &Value,
+    views: &BodyViews,
     keep: Option<Kept<'_>>,
     out: &mut Vec<Presented>,
-) -> Result<(), LensError> {
-    let all = views(cx.set, body, cx.journal)?;
-    let own = client_body_hash(body);
-    if all.iter().all(|v| v.hash == own) {
+) {
+    if views.alike() {
         // Every version sees it alike: it was never presented synthetically.
-        return Ok(());
+        return;
     }
     let current = cx.contexts.len() - 1;
     for (index, context) in cx.contexts.iter().enumerate() {
-        for seen in &all {
+        for seen in &views.all {
             if let (true, Some(keep)) = (index == current, &keep) {
                 if seen.hash == keep.hash || seen.newest >= keep.k {
                     continue;
@@ -539,7 +577,6 @@ fn retirements(
             });
         }
     }
-    Ok(())
 }
 
 /// How many stored ancestors below a leaf's anchor have the synthetic
@@ -583,26 +620,35 @@ pub fn present(
     // The presentations derive from the anchor (a deleted leaf is its own);
     // the revisions above it were never presented (they are its
     // presentation).
-    let (at, translated) = anchor_walk(set, leaf, journal)?;
+    if k > set.latest() {
+        return Err(LensError::NoSuchVersion {
+            asked: k,
+            latest: set.latest(),
+        });
+    }
+    let deleted = is_deleted(leaf);
+    // Every version's view of the leaf, computed once for all below.
+    let leaf_versions = if deleted {
+        Vec::new()
+    } else {
+        version_views(set, leaf, journal)?
+    };
+    let (at, translated) = anchor_walk(set, leaf, journal, Some(&leaf_versions))?;
     let base = &hist[at.min(hist.len().saturating_sub(1))..];
     let id = leaf.get("_id").cloned().unwrap_or(Value::Null);
     let mut out = Vec::new();
-    let deleted = is_deleted(leaf);
-    let all = if deleted {
-        Vec::new()
-    } else {
-        views(set, leaf, journal)?
-    };
-    let own = client_body_hash(leaf);
-    if deleted || all.iter().all(|v| v.hash == own) {
+    let (wanted, seen) = leaf_versions
+        .get(k as usize)
+        .cloned()
+        .unwrap_or_else(|| (String::new(), Value::Null));
+    let leaf_views = BodyViews::from_versions(leaf, leaf_versions);
+    if deleted || leaf_views.alike() {
         out.push(Presented {
             rev,
             doc: leaf.clone(),
             synthetic: false,
         });
     } else {
-        let seen = view(set, leaf, k, journal)?;
-        let wanted = client_body_hash(&seen);
         let synthetic = synthetic_rev(&base[0], checksum, &seen, cx.current());
         let mut chain = vec![synthetic.clone()];
         chain.extend_from_slice(base);
@@ -615,7 +661,7 @@ pub fn present(
             hash: &wanted,
             k: k.min(set.latest()),
         };
-        retirements(cx, &id, base, leaf, Some(keep), &mut out)?;
+        retirements(cx, &id, base, &leaf_views, Some(keep), &mut out);
     }
     // The views of the ancestors below the anchor, and of the revisions
     // above it that a gateway translated: an anchor can move down when the
@@ -624,7 +670,7 @@ pub fn present(
     // hold copies presented on one. (What a run wrote was never presented:
     // its images and complements are written with it.)
     if translated.first() == Some(&0) && !deleted {
-        retirements(cx, &id, &hist, leaf, None, &mut out)?;
+        retirements(cx, &id, &hist, &leaf_views, None, &mut out);
     }
     let others = ancestors
         .iter()
@@ -632,7 +678,8 @@ pub fn present(
         .filter(|(pos, _)| *pos > at || (*pos > 0 && translated.contains(pos)))
         .take(ANCESTORS);
     for (pos, body) in others {
-        retirements(cx, &id, &hist[pos..], body, None, &mut out)?;
+        let views = BodyViews::of(set, body, journal)?;
+        retirements(cx, &id, &hist[pos..], &views, None, &mut out);
     }
     // Copies phones pushed back that are no longer presented, on this
     // branch (`Journal::retired`).

@@ -766,6 +766,52 @@ impl MigrationSet {
         Ok(())
     }
 
+    /// The document at version `from` translated to every version, in
+    /// version order: element `k` is what [`MigrationSet::translate`] from
+    /// `from` to `k` gives, computed in one walk down and one walk up (each
+    /// step applied once, not once per target version).
+    pub fn translate_all(
+        &self,
+        doc: &Value,
+        from: u32,
+        complements: &mut dyn Complements,
+    ) -> Result<Vec<Value>> {
+        if from > self.latest() {
+            return Err(LensError::NoSuchVersion {
+                asked: from,
+                latest: self.latest(),
+            });
+        }
+        // `translate` ends a walk down by lowering a stamp left above the
+        // target; the walk carries the document as the steps leave it and
+        // each version gets that fix on its own copy.
+        let settled = |mut at: Value, k: u32| {
+            if self.stamp_of(&at).is_some_and(|s| s > k) {
+                self.set_stamp(&mut at, Some(k), None);
+            }
+            at
+        };
+        let mut out = vec![Value::Null; self.latest() as usize + 1];
+        out[from as usize] = settled(doc.clone(), from);
+        let mut down = doc.clone();
+        for version in (1..=from).rev() {
+            let kept = complements.get(version);
+            if let StepOutcome::Applied(done) = self.down_step(version, &mut down, kept.as_ref())? {
+                complements.put(version, done);
+            }
+            out[version as usize - 1] = settled(down.clone(), version - 1);
+        }
+        let mut up = doc.clone();
+        for version in from + 1..=self.latest() {
+            let kept = complements.get(version);
+            if let StepOutcome::Applied(done) = self.up_step(version, &mut up, kept.as_ref())? {
+                complements.put(version, done);
+            }
+            out[version as usize] = up.clone();
+        }
+        Ok(out)
+    }
+
     /// A checksum of the whole set: changes when any file or the stamp name changes.
     pub fn checksum(&self) -> String {
         let mut all = self.stamp.clone();

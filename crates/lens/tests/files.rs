@@ -196,3 +196,64 @@ fn a_custom_step_has_no_io() {
     s.up_step(1, &mut doc, None).unwrap();
     assert_eq!(doc["t"], "undefinedundefinedundefinedundefined");
 }
+
+/// Complements in a map, as a journal keeps them.
+#[derive(Default, Clone)]
+struct Kept(std::collections::BTreeMap<u32, Value>);
+
+impl rewind_lens::Complements for Kept {
+    fn get(&mut self, version: u32) -> Option<Value> {
+        self.0.get(&version).cloned()
+    }
+    fn put(&mut self, version: u32, complement: Option<Value>) {
+        match complement {
+            Some(c) => self.0.insert(version, c),
+            None => self.0.remove(&version),
+        };
+    }
+}
+
+#[test]
+fn translate_all_gives_what_translate_gives_for_every_version() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/cht");
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "yaml"))
+        .map(|p| {
+            let text = std::fs::read_to_string(&p).unwrap();
+            (p, text)
+        })
+        .collect();
+    files.sort();
+    let set = MigrationSet::parse_files(&files, "rewind").unwrap();
+    let latest = set.latest();
+    assert_eq!(latest, 7);
+    let mut checked = 0;
+    for doc in rewind_sample::docs(60, 3) {
+        // The document at every version, with the complements its upgrade kept.
+        let mut kept = Kept::default();
+        let mut at = vec![doc.clone()];
+        for k in 1..=latest {
+            let mut next = at[k as usize - 1].clone();
+            set.translate(&mut next, k - 1, k, &mut kept).unwrap();
+            at.push(next);
+        }
+        for from in 0..=latest {
+            for complements in [kept.clone(), Kept::default()] {
+                let all = set
+                    .translate_all(&at[from as usize], from, &mut complements.clone())
+                    .unwrap();
+                assert_eq!(all.len(), latest as usize + 1);
+                for to in 0..=latest {
+                    let mut one = at[from as usize].clone();
+                    set.translate(&mut one, from, to, &mut complements.clone())
+                        .unwrap();
+                    assert_eq!(text(&all[to as usize]), text(&one), "{from} → {to}: {doc}");
+                    checked += 1;
+                }
+            }
+        }
+    }
+    assert!(checked > 7000);
+}

@@ -463,36 +463,45 @@ impl CouchStore {
         u
     }
 
-    /// The leaf revisions (deleted ones included) of each of `ids` that
-    /// exists, in one request (`POST _changes?filter=_doc_ids&style=all_docs`)
-    /// instead of one `GET ?open_revs=all` per document.
-    pub async fn leaf_revs(&self, ids: &[String]) -> Result<BTreeMap<String, Vec<String>>> {
-        let q: Vec<(&str, String)> =
-            vec![("filter", "_doc_ids".into()), ("style", "all_docs".into())];
-        let url = self.endpoint(&["_changes"], &q);
+    /// The live leaf revisions of each of `ids` that exists, the winner
+    /// first; for a deleted document its (deleted) winner alone. Deleted
+    /// leaves beside a live one are not listed: CouchDB tells them only
+    /// per document (`open_revs=all`) or by a filtered changes feed, which
+    /// pouchdb-server answers by scanning the whole database. One request
+    /// (`POST _all_docs?conflicts=true&include_docs=true`; CouchDB lists
+    /// conflicts only with the bodies).
+    pub async fn live_leaf_revs(&self, ids: &[String]) -> Result<BTreeMap<String, Vec<String>>> {
+        let q: Vec<(&str, String)> = vec![
+            ("conflicts", "true".into()),
+            ("include_docs", "true".into()),
+        ];
+        let url = self.endpoint(&["_all_docs"], &q);
         let answer = self
-            .call(
-                Method::POST,
-                url,
-                Some(json!({ "doc_ids": ids })),
-                Retry::Safe,
-            )
+            .call(Method::POST, url, Some(json!({ "keys": ids })), Retry::Safe)
             .await?;
         let rows = answer
-            .get("results")
+            .get("rows")
             .and_then(Value::as_array)
-            .ok_or_else(|| StoreError::Internal("_changes answer has no results".into()))?;
+            .ok_or_else(|| StoreError::Internal("_all_docs answer has no rows".into()))?;
         let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
         for row in rows {
-            let Some(id) = row.get("id").and_then(Value::as_str) else {
-                continue;
+            let (Some(id), Some(value)) = (row.get("id").and_then(Value::as_str), row.get("value"))
+            else {
+                continue; // {"key": .., "error": "not_found"}
             };
-            let revs = row
-                .get("changes")
+            let winner = value.get("rev").and_then(Value::as_str);
+            let conflicts = row
+                .get("doc")
+                .and_then(|d| d.get("_conflicts"))
                 .and_then(Value::as_array)
                 .into_iter()
                 .flatten()
-                .filter_map(|c| c.get("rev").and_then(Value::as_str).map(str::to_owned));
+                .filter_map(Value::as_str);
+            let revs: Vec<String> = winner
+                .into_iter()
+                .chain(conflicts)
+                .map(str::to_owned)
+                .collect();
             out.entry(id.to_owned()).or_default().extend(revs);
         }
         Ok(out)

@@ -205,13 +205,17 @@ impl AnyStore {
         dispatch!(self, s => s.live_docs_by_id(after, limit, include_docs).await)
     }
 
-    /// The leaf revisions of each of `ids` in one request, where the
-    /// backend has one (CouchDB: `CouchStore::leaf_revs`); `None` for the
-    /// embedded store, whose per-document reads are cheap.
-    pub async fn leaf_revs(&self, ids: &[String]) -> Result<Option<BTreeMap<String, Vec<String>>>> {
+    /// The live leaf revisions of each of `ids` (a deleted document's winner
+    /// alone) in one request, where the backend has one (CouchDB:
+    /// `CouchStore::live_leaf_revs`); `None` for the embedded store, whose
+    /// per-document reads of every leaf are cheap.
+    pub async fn live_leaf_revs(
+        &self,
+        ids: &[String],
+    ) -> Result<Option<BTreeMap<String, Vec<String>>>> {
         match self {
             AnyStore::Sqlite(_) => Ok(None),
-            AnyStore::Couch(s) => s.leaf_revs(ids).await.map(Some),
+            AnyStore::Couch(s) => s.live_leaf_revs(ids).await.map(Some),
         }
     }
 }

@@ -61,7 +61,7 @@ both!(
     wait_for_change_wakes_on_a_write_and_times_out_otherwise,
     malformed_documents_are_refused_and_nothing_is_written,
     live_docs_by_id_pages_documents_with_a_live_leaf_in_id_order,
-    leaf_revs_lists_every_leaf_deleted_ones_included_in_one_request,
+    live_leaf_revs_lists_live_leaves_winner_first_in_one_request,
 );
 
 async fn conflicts_from_replication_pick_the_same_winner(s: &AnyStore) {
@@ -687,39 +687,41 @@ async fn live_docs_by_id_pages_documents_with_a_live_leaf_in_id_order(s: &AnySto
         .is_empty());
 }
 
-async fn leaf_revs_lists_every_leaf_deleted_ones_included_in_one_request(s: &AnyStore) {
+async fn live_leaf_revs_lists_live_leaves_winner_first_in_one_request(s: &AnyStore) {
     plain_deleted_c_and_conflicted_b(s, &["a"]).await;
-    let ids: Vec<String> = ["a", "b", "c", "none"]
+    // b's losing branch gets a child: it wins now, and is listed first.
+    let child = format!("3-{}", h('d'));
+    replicate(
+        s,
+        vec![json!({"_id": "b", "_rev": child, "_revisions": {"start": 3, "ids": [h('d'), h('b'), h('a')]}, "v": "d"})],
+    )
+    .await;
+    // e has a live leaf and a deleted one: the deleted one is not listed.
+    let e1 = format!("1-{}", h('e'));
+    replicate(s, vec![json!({"_id": "e", "_rev": e1, "v": 1})]).await;
+    let e2 = |x: char, deleted: bool| json!({"_id": "e", "_rev": format!("2-{}", h(x)), "_revisions": {"start": 2, "ids": [h(x), h('e')]}, "_deleted": deleted});
+    replicate(s, vec![e2('b', false), e2('f', true)]).await;
+    let ids: Vec<String> = ["a", "b", "c", "e", "none"]
         .iter()
         .map(|s| s.to_string())
         .collect();
-    let Some(listed) = s.leaf_revs(&ids).await.unwrap() else {
+    let Some(listed) = s.live_leaf_revs(&ids).await.unwrap() else {
         // The embedded store reads documents one by one (cheaply).
         assert!(matches!(s, AnyStore::Sqlite(_)));
         return;
     };
-    // The same leaves as `open_revs=all`, per document; no entry for a
-    // document that does not exist.
-    for id in ["a", "b", "c"] {
-        let opts = GetOptions {
-            open_revs: Some(OpenRevs::All),
-            ..GetOptions::default()
-        };
-        let mut want: Vec<String> = match s.get(id, &opts).await.unwrap() {
-            GetResult::Revs(revs) => revs
-                .into_iter()
-                .filter_map(|r| match r {
-                    OpenRev::Ok(d) => d["_rev"].as_str().map(str::to_owned),
-                    OpenRev::Missing(_) => None,
-                })
-                .collect(),
-            GetResult::Doc(d) => vec![d["_rev"].as_str().unwrap().to_owned()],
-        };
-        want.sort();
-        let mut got = listed.get(id).cloned().unwrap_or_default();
-        got.sort();
-        assert_eq!(got, want, "{id}");
-    }
-    assert_eq!(listed["b"].len(), 2);
+    let a = rev_of(&doc(s, "a", GetOptions::default()).await);
+    assert_eq!(listed["a"], [a]);
+    assert_eq!(
+        listed["b"],
+        [child.clone(), format!("2-{}", h('c'))],
+        "the winner first"
+    );
+    assert_eq!(listed["c"].len(), 1, "a deleted document: its winner");
+    assert_eq!(
+        listed["e"],
+        [format!("2-{}", h('b'))],
+        "no deleted leaf beside a live one"
+    );
     assert!(!listed.contains_key("none"));
 }
