@@ -178,19 +178,26 @@ copy_ratio=$(ratio "$rep_secs" "$copy_secs")
 echo "bench: 2. loading medic (rewind sample) and upgrading it to 7" >&2
 run "rewind sample into pouchdb-server" "$rewind" sample --docs "$N" --seed 1 --db "$url/medic"
 run "rewind upgrade --to 7" "$rewind" upgrade --db "$url/medic" --migrations examples/cht --to 7
-pull() { # pull LABEL URL [PID]: one phone pull, row with seconds and docs/s; sets p_secs
+# CPU seconds pouchdb-server has used (its JavaScript thread and leveldb's):
+# what limits every pull from it, direct or through the gateway.
+ticks=$(getconf CLK_TCK)
+server_cpu() { awk -v t="$ticks" '{printf "%.2f", ($14 + $15) / t}' "/proc/$server/stat"; }
+pull() { # pull LABEL URL [PID]: one phone pull, row with seconds and docs/s; sets p_secs, p_cpu
+  local cpu0; cpu0=$(server_cpu)
   run "$1" node "$tmp/pull.js" "$2"
+  p_cpu=$(echo "$(server_cpu) - $cpu0" | bc -l)
   local docs; read -r docs p_secs <"$tmp/out"
   [ "$docs" = "$N" ] || echo "bench: warning: $1 pulled $docs docs, not $N" >&2
-  row "$1" "$docs" "$(printf '%.1f' "$p_secs")" "$(rate "$docs" "$p_secs")" "${3:+gateway peak RSS $(hwm "$3") MB}"
+  row "$1" "$docs" "$(printf '%.1f' "$p_secs")" "$(rate "$docs" "$p_secs")" \
+    "pouchdb-server CPU $(printf '%.1f' "$p_cpu") s${3:+; gateway peak RSS $(hwm "$3") MB}"
 }
 echo "bench: 2a. pull straight from pouchdb-server" >&2
-pull "2a. pull straight from pouchdb-server (/medic, v7)" "$url/medic"; a_secs=$p_secs
+pull "2a. pull straight from pouchdb-server (/medic, v7)" "$url/medic"; a_secs=$p_secs; a_cpu=$p_cpu
 gateway couch --couch "$url" --db medic --migrations examples/cht; couch_gw=$gw_pid
 echo "bench: 2b. pull through the gateway, no translation" >&2
-pull "2b. pull via rewind serve --couch, /medic (v7, no translation)" "$gw_url/medic" "$couch_gw"; b_secs=$p_secs
+pull "2b. pull via rewind serve --couch, /medic (v7, no translation)" "$gw_url/medic" "$couch_gw"; b_secs=$p_secs; b_cpu=$p_cpu
 echo "bench: 2c. pull through the gateway, translated to version 0" >&2
-pull "2c. pull via rewind serve --couch, /v/0/medic (7 → 0)" "$gw_url/v/0/medic" "$couch_gw"; c_secs=$p_secs
+pull "2c. pull via rewind serve --couch, /v/0/medic (7 → 0)" "$gw_url/v/0/medic" "$couch_gw"; c_secs=$p_secs; c_cpu=$p_cpu
 stop "$couch_gw"
 echo "bench: 2e. the same upgraded db, copied to the embedded store" >&2
 mkdir -p "$tmp/data2"
@@ -223,4 +230,5 @@ for r in "${rows[@]}"; do echo "$r"; done
 echo
 echo "copy: rewind copy is $copy_ratio× PouchDB.replicate (target ≥ 2×)"
 echo "pull: (b)/(a) = $(ratio "$b_secs" "$a_secs")×, (c)/(a) = $(ratio "$c_secs" "$a_secs")× (target ≤ 1.15×), (d)/(a) = $(ratio "$d_secs" "$a_secs")× (time; < 1 is faster)"
+echo "server: pouchdb-server CPU for (b)/(a) = $(ratio "$b_cpu" "$a_cpu")×, (c)/(a) = $(ratio "$c_cpu" "$a_cpu")× (the gateway reads each document's journal besides the document: on a server that runs one JavaScript thread, the pull takes at least this ratio)"
 echo "store: (e)/(b) = $(ratio "$e_secs" "$b_secs")× (the same database and presentation behind the gateway, embedded store vs pouchdb-server; < 1: embedded faster)"
