@@ -85,6 +85,14 @@ fn id_of(doc: &Value) -> String {
 
 /// Appends the entries of `more` that `list` lacks (a journal's lists are
 /// sets kept in arrival order).
+/// `ids` sorted, each once (a `_bulk_get` names a document once per revision).
+fn unique(ids: &[String]) -> Vec<String> {
+    let mut out = ids.to_vec();
+    out.sort();
+    out.dedup();
+    out
+}
+
 fn add_missing<T: PartialEq>(list: &mut Vec<T>, more: Vec<T>) {
     for rev in more {
         if !list.contains(&rev) {
@@ -192,7 +200,8 @@ impl Session<'_> {
             keys: Some(keys),
             ..AllDocsOptions::default()
         };
-        let winners = revs(self.db.data.all_docs(&keys(ids.to_vec())).await?.rows);
+        let ids = unique(ids);
+        let winners = revs(self.db.data.all_docs(&keys(ids.clone())).await?.rows);
         let journal_keys = ids.iter().map(|id| journal_id(id)).collect();
         let journal_revs = revs(self.db.state.all_docs(&keys(journal_keys)).await?.rows);
         let epochs = view::epochs(self.state);
@@ -425,11 +434,8 @@ impl Session<'_> {
     ) -> Result<BTreeMap<String, Vec<Value>>, GatewayError> {
         /// Requests to the store in flight at once for one client request.
         const IN_FLIGHT: usize = 8;
-        let mut unique: Vec<&String> = ids.iter().collect();
-        unique.sort();
-        unique.dedup();
         let mut out = BTreeMap::new();
-        for chunk in unique.chunks(IN_FLIGHT) {
+        for chunk in unique(ids).chunks(IN_FLIGHT) {
             // (A plain loop: a closure here trips the spawned task's `Send`
             // inference.)
             let mut reads = Vec::with_capacity(chunk.len());
@@ -440,7 +446,7 @@ impl Session<'_> {
                 .iter()
                 .zip(futures_util::future::join_all(reads).await)
             {
-                out.insert((*id).clone(), leaves?);
+                out.insert(id.clone(), leaves?);
             }
         }
         Ok(out)
@@ -457,8 +463,9 @@ impl Session<'_> {
         if ids.is_empty() {
             return Ok(BTreeMap::new());
         }
-        let Some(revs) = self.db.data.live_leaf_revs(ids).await? else {
-            return self.leaves_of(ids).await;
+        let ids = unique(ids);
+        let Some(revs) = self.db.data.live_leaf_revs(&ids).await? else {
+            return self.leaves_of(&ids).await;
         };
         let wanted: Vec<BulkGetRequest> = revs
             .iter()
@@ -469,7 +476,7 @@ impl Session<'_> {
             .collect();
         let mut out = self.read_leaves(wanted).await?;
         for id in ids {
-            out.entry(id.clone()).or_default();
+            out.entry(id).or_default();
         }
         Ok(out)
     }
