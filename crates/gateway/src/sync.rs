@@ -37,23 +37,34 @@ pub struct Session<'a> {
 
 /// Presentations by (database, document, leaf revision, journal revision,
 /// version): each a pure function of its key, so caching them changes no
-/// answer, only how fast it comes.
+/// answer, only how fast it comes. What a changes page presents is asked
+/// for by the `_bulk_get` that follows it, seconds later: two generations
+/// of at most [`PresentCache::GENERATION`] entries each keep the recent
+/// ones and bound the memory (a presentation holds a few documents).
 #[derive(Default)]
-pub struct PresentCache(std::sync::Mutex<HashMap<String, Vec<Presented>>>);
+pub struct PresentCache(std::sync::Mutex<CacheGenerations>);
+
+/// The current generation, and the one before it.
+#[derive(Default)]
+struct CacheGenerations {
+    new: HashMap<String, Vec<Presented>>,
+    old: HashMap<String, Vec<Presented>>,
+}
 
 impl PresentCache {
-    const CAPACITY: usize = 200_000;
+    const GENERATION: usize = 10_000;
 
     fn get(&self, key: &str) -> Option<Vec<Presented>> {
-        self.0.lock().ok()?.get(key).cloned()
+        let cache = self.0.lock().ok()?;
+        cache.new.get(key).or_else(|| cache.old.get(key)).cloned()
     }
 
     fn put(&self, key: String, value: Vec<Presented>) {
-        if let Ok(mut map) = self.0.lock() {
-            if map.len() >= Self::CAPACITY {
-                map.clear();
+        if let Ok(mut cache) = self.0.lock() {
+            if cache.new.len() >= Self::GENERATION {
+                cache.old = std::mem::take(&mut cache.new);
             }
-            map.insert(key, value);
+            cache.new.insert(key, value);
         }
     }
 }
@@ -366,13 +377,7 @@ impl Session<'_> {
                     .map(|c| BulkGetRequest::new(row.id.clone(), Some(&c.rev)))
             })
             .collect();
-        let docs: Vec<Value> = self
-            .read_leaves(wanted)
-            .await?
-            .into_values()
-            .flatten()
-            .collect();
-        let mut by_id = by_id(self.present_all(&docs).await?);
+        let mut by_id = self.present_by_id(self.read_leaves(wanted).await?).await?;
         for row in &mut changes.results {
             let Some(ps) = by_id.get_mut(&row.id) else {
                 continue;
@@ -494,8 +499,7 @@ impl Session<'_> {
         &self,
         ids: &[String],
     ) -> Result<HashMap<String, Vec<Presented>>, GatewayError> {
-        let leaves: Vec<Value> = self.leaves_of(ids).await?.into_values().flatten().collect();
-        Ok(by_id(self.present_all(&leaves).await?))
+        self.present_by_id(self.leaves_of(ids).await?).await
     }
 
     /// As [`Session::presented_of`] for the live leaves only
@@ -506,12 +510,15 @@ impl Session<'_> {
         &self,
         ids: &[String],
     ) -> Result<HashMap<String, Vec<Presented>>, GatewayError> {
-        let leaves: Vec<Value> = self
-            .live_leaves_of(ids)
-            .await?
-            .into_values()
-            .flatten()
-            .collect();
+        self.present_by_id(self.live_leaves_of(ids).await?).await
+    }
+
+    /// Documents' leaves (by id) presented in one batch, by id.
+    async fn present_by_id(
+        &self,
+        leaves: BTreeMap<String, Vec<Value>>,
+    ) -> Result<HashMap<String, Vec<Presented>>, GatewayError> {
+        let leaves: Vec<Value> = leaves.into_values().flatten().collect();
         Ok(by_id(self.present_all(&leaves).await?))
     }
 
@@ -1059,5 +1066,25 @@ fn stub_attachments(doc: &mut Value) {
                 att.insert("stub".into(), Value::from(true));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_present_cache_keeps_the_recent_entries_and_bounds_the_rest() {
+        let cache = PresentCache::default();
+        let n = PresentCache::GENERATION * 5 / 2;
+        for i in 0..n {
+            cache.put(i.to_string(), Vec::new());
+        }
+        let held = |i: usize| cache.get(&i.to_string()).is_some();
+        // The last generation and a half are held; the oldest are gone.
+        assert!((n - PresentCache::GENERATION..n).all(held));
+        assert!(!held(0));
+        let cache = cache.0.lock().unwrap();
+        assert!(cache.new.len() + cache.old.len() <= 2 * PresentCache::GENERATION);
     }
 }
