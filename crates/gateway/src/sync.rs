@@ -73,6 +73,9 @@ impl PresentCache {
 /// revision its author's view was made from.
 const BASE_SEARCH: usize = 10;
 
+/// Documents of one push translated, journaled and resolved at once.
+const PUSH_IN_FLIGHT: usize = 8;
+
 /// The ancestors of `leaf` that may have views to retire: the nearest
 /// [`BASE_SEARCH`] revisions of its history. Of these, `view::present`
 /// counts the first [`view::ANCESTORS`] stored ones below the leaf's
@@ -692,47 +695,82 @@ impl Session<'_> {
         }
         let ids: Vec<String> = docs.iter().map(id_of).collect();
         let mut journals = self.journals(&ids).await?;
+        let bases = self.stored_bases(&docs).await?;
+        // Documents are translated, journaled and resolved a few at once;
+        // the revisions of one document in order.
+        let mut groups: Vec<(String, Vec<Value>)> = Vec::new();
         for doc in docs {
             let id = id_of(&doc);
             if failed.contains(&id) {
                 continue;
             }
-            let chain = view::history(&doc);
+            match groups.iter_mut().find(|(g, _)| *g == id) {
+                Some((_, list)) => list.push(doc),
+                None => groups.push((id, vec![doc])),
+            }
+        }
+        for chunk in groups.chunks(PUSH_IN_FLIGHT) {
+            // (A plain loop: a closure here trips the spawned task's `Send`
+            // inference.)
+            let mut work = Vec::with_capacity(chunk.len());
+            for (id, list) in chunk {
+                let journal = journals.remove(id).unwrap_or_default();
+                work.push(self.push_document(id, list, journal, target, &adopted, &bases));
+            }
+            for done in futures_util::future::join_all(work).await {
+                done?;
+            }
+        }
+        Ok(errors)
+    }
+
+    /// Steps 2 and 3 of [`Session::push`] for the revisions of one document
+    /// that were stored as sent, in order.
+    async fn push_document(
+        &self,
+        id: &str,
+        docs: &[Value],
+        mut journal: Journal,
+        target: u32,
+        adopted: &std::collections::HashSet<String>,
+        bases: &HashMap<(String, String), (usize, Value)>,
+    ) -> Result<(), GatewayError> {
+        for doc in docs {
+            let chain = view::history(doc);
             let Some(rev) = chain.first().cloned() else {
                 continue;
             };
-            let mut journal = journals.remove(&id).unwrap_or_default();
+            let base = bases.get(&(id.to_owned(), rev.clone()));
             // The version a pushed body is read at: its stamp; else the
             // version of what the phone edited (its parent revision tells);
             // else the client's.
-            let version = if is_deleted(&doc) {
+            let version = if is_deleted(doc) {
                 target
-            } else if let Some(stamped) = self.set.stamp_of(&doc) {
+            } else if let Some(stamped) = self.set.stamp_of(doc) {
                 stamped.min(self.set.latest())
             } else {
-                self.edited_version(&id, &chain, &journal)
-                    .await?
+                self.edited_version(id, &chain, &journal, base)?
                     .unwrap_or(self.k)
                     .min(self.set.latest())
             };
             let is_adopted = adopted.contains(&rev);
             if is_adopted && !journal.adopted.contains(&rev) {
                 journal.adopted.push(rev.clone());
-                self.save_journal(&id, &mut journal).await?;
+                self.save_journal(id, &mut journal).await?;
             }
-            if is_deleted(&doc) && !journal.deleted.contains(&rev) {
+            if is_deleted(doc) && !journal.deleted.contains(&rev) {
                 journal.deleted.push(rev.clone());
-                self.save_journal(&id, &mut journal).await?;
+                self.save_journal(id, &mut journal).await?;
             }
             let journaled = !journal.is_empty();
             let mut newest = rev.clone();
             // 2. Its translation to the server's version, journaled first: a
             // crash in between leaves the client's revision as the leaf,
             // which views translate on the fly.
-            let unstamped = self.set.stamp_of(&doc).is_none() && version > 0;
-            if !is_deleted(&doc)
+            let unstamped = self.set.stamp_of(doc).is_none() && version > 0;
+            if !is_deleted(doc)
                 && (version != target || unstamped)
-                && MigrationSet::is_migratable(&doc)
+                && MigrationSet::is_migratable(doc)
             {
                 let mut translated = doc.clone();
                 // A body with no stamp is read at the client's version; tell
@@ -746,9 +784,9 @@ impl Session<'_> {
                 // What the phone's view of the stored base dropped is what
                 // translating its edit back needs: recompute that view,
                 // keeping its complements.
-                if let Some(base) = self.base_body(&id, &chain).await? {
-                    let from = view::version_of(self.set, &base);
-                    let mut seen = base;
+                if let Some((_, base)) = base {
+                    let from = view::version_of(self.set, base);
+                    let mut seen = base.clone();
                     self.set
                         .translate(
                             &mut seen,
@@ -756,7 +794,7 @@ impl Session<'_> {
                             version,
                             &mut JournalComplements(&mut journal),
                         )
-                        .map_err(|e| GatewayError::Lens(id.clone(), e))?;
+                        .map_err(|e| GatewayError::Lens(id.to_owned(), e))?;
                 }
                 self.set
                     .translate(
@@ -765,18 +803,18 @@ impl Session<'_> {
                         target,
                         &mut JournalComplements(&mut journal),
                     )
-                    .map_err(|e| GatewayError::Lens(id.clone(), e))?;
-                if body_hash(&translated) != body_hash(&doc) {
+                    .map_err(|e| GatewayError::Lens(id.to_owned(), e))?;
+                if body_hash(&translated) != body_hash(doc) {
                     add_missing(&mut journal.pushed, vec![rev.clone()]);
                     journal.push_image(Image {
                         from: version,
                         to: target,
                         rev: rev.clone(),
                         after: body_hash(&translated),
-                        body: serde_json::to_string(&body_of(&doc)).unwrap_or_default(),
+                        body: serde_json::to_string(&body_of(doc)).unwrap_or_default(),
                         run: None,
                     });
-                    self.save_journal(&id, &mut journal).await?;
+                    self.save_journal(id, &mut journal).await?;
                     let mut child = body_of(&translated);
                     stub_attachments(&mut child);
                     child["_rev"] = Value::from(rev.clone());
@@ -784,7 +822,7 @@ impl Session<'_> {
                         Ok(new_rev) => {
                             if is_adopted {
                                 journal.adopted.push(new_rev.clone());
-                                self.save_journal(&id, &mut journal).await?;
+                                self.save_journal(id, &mut journal).await?;
                             }
                             newest = new_rev
                         }
@@ -795,72 +833,112 @@ impl Session<'_> {
             }
             // 3. A human edit wins over what rewind wrote on its ancestors.
             if journaled || !journal.is_empty() {
-                self.resolve(&id, &chain, &newest, &journal, is_deleted(&doc))
+                self.resolve(id, &chain, &newest, &journal, is_deleted(doc))
                     .await?;
             }
         }
-        Ok(errors)
+        Ok(())
     }
 
     /// The version of the body a phone edited: its parent's, when the parent
     /// is a stored revision, or the version whose view its synthetic parent
-    /// presented. `None` when neither can be told.
-    async fn edited_version(
+    /// presented. `None` when neither can be told. `base`: the pushed
+    /// revision's stored base ([`Session::stored_bases`]).
+    fn edited_version(
         &self,
         id: &str,
         chain: &[String],
         journal: &Journal,
+        base: Option<&(usize, Value)>,
     ) -> Result<Option<u32>, GatewayError> {
-        let Some(parent) = chain.get(1) else {
+        let Some((index, body)) = base else {
             return Ok(None);
         };
-        for (index, rev) in chain.iter().enumerate().skip(1).take(BASE_SEARCH) {
-            let opts = GetOptions {
-                rev: Some(rev.clone()),
-                ..GetOptions::default()
-            };
-            let Ok(found) = self.db.data.get(id, &opts).await else {
-                continue;
-            };
-            let Some(stored) = found.into_doc().filter(|d| !is_deleted(d)) else {
-                continue;
-            };
-            let body = body_of(&stored);
-            if rev == parent {
-                return Ok(Some(view::version_of(self.set, &body)));
+        if *index == 1 {
+            return Ok(Some(view::version_of(self.set, body)));
+        }
+        // The parent is a synthetic child of the base: find the version
+        // whose view it presented.
+        let presented = &chain[index - 1];
+        let rev = &chain[*index];
+        for k in 0..=self.set.latest() {
+            let seen = view::view(self.set, body, k, journal)
+                .map_err(|e| GatewayError::Lens(id.to_owned(), e))?;
+            if view::presents(presented, rev, self.checksum, &seen) {
+                return Ok(Some(k));
             }
-            // The parent is a synthetic child of this stored revision: find
-            // the version whose view it presented.
-            let presented = &chain[index - 1];
-            for k in 0..=self.set.latest() {
-                let seen = view::view(self.set, &body, k, journal)
-                    .map_err(|e| GatewayError::Lens(id.to_owned(), e))?;
-                if view::presents(presented, rev, self.checksum, &seen) {
-                    return Ok(Some(k));
-                }
-            }
-            return Ok(None);
         }
         Ok(None)
     }
 
-    /// The body of the newest stored revision among a pushed revision's
-    /// ancestors: what the phone's view was made from.
-    async fn base_body(&self, id: &str, chain: &[String]) -> Result<Option<Value>, GatewayError> {
-        for rev in chain.iter().skip(1).take(BASE_SEARCH) {
-            let opts = GetOptions {
-                rev: Some(rev.clone()),
-                ..GetOptions::default()
+    /// For each pushed revision that is not a deletion, its **stored
+    /// base**: the newest stored, undeleted revision among its ancestors
+    /// (the first [`BASE_SEARCH`] of its history), as its place in the
+    /// history and its body: what the phone's view was made from. Keyed by
+    /// (document, pushed revision). Read for the whole batch at once: the
+    /// two nearest ancestors first (the parent, or a synthetic parent's
+    /// base), the rest only where those are not stored.
+    async fn stored_bases(
+        &self,
+        docs: &[Value],
+    ) -> Result<HashMap<(String, String), (usize, Value)>, GatewayError> {
+        let chains: Vec<(String, Vec<String>)> = docs
+            .iter()
+            .filter(|d| !is_deleted(d))
+            .map(|d| (id_of(d), view::history(d)))
+            .filter(|(_, chain)| chain.len() > 1)
+            .collect();
+        let mut stored: HashMap<(String, String), Value> = HashMap::new();
+        let mut out = HashMap::new();
+        for places in [1..3, 3..BASE_SEARCH + 1] {
+            let open: Vec<&(String, Vec<String>)> = chains
+                .iter()
+                .filter(|(id, chain)| !out.contains_key(&(id.clone(), chain[0].clone())))
+                .collect();
+            let wanted: Vec<BulkGetRequest> = open
+                .iter()
+                .flat_map(|(id, chain)| {
+                    chain
+                        .get(places.clone())
+                        .or_else(|| chain.get(places.start..))
+                        .unwrap_or_default()
+                        .iter()
+                        .map(|rev| BulkGetRequest::new(id.clone(), Some(rev)))
+                })
+                .collect();
+            if wanted.is_empty() {
+                break;
+            }
+            let opts = BulkGetOptions {
+                revs: false,
+                latest: false,
+                attachments: false,
             };
-            if let Ok(found) = self.db.data.get(id, &opts).await {
-                if let Some(doc) = found.into_doc() {
-                    if !is_deleted(&doc) {
-                        return Ok(Some(body_of(&doc)));
+            for result in self.db.data.bulk_get(wanted, opts).await? {
+                for item in result.docs {
+                    if let BulkGetItem::Ok(doc) = item {
+                        if let Some(rev) = doc.get("_rev").and_then(Value::as_str) {
+                            stored.insert((result.id.clone(), rev.to_owned()), doc);
+                        }
                     }
                 }
             }
+            for (id, chain) in open {
+                let found = chain
+                    .iter()
+                    .enumerate()
+                    .skip(1)
+                    .take(places.end - 1)
+                    .find_map(|(index, rev)| {
+                        let doc = stored.get(&(id.clone(), rev.clone()))?;
+                        (!is_deleted(doc)).then(|| (index, body_of(doc)))
+                    });
+                if let Some(found) = found {
+                    out.insert((id.clone(), chain[0].clone()), found);
+                }
+            }
         }
-        Ok(None)
+        Ok(out)
     }
 
     /// Writes a document's journal, merging with a concurrent writer's
