@@ -11,6 +11,9 @@
 #     (e) from `rewind serve --data` on a `rewind copy` of (b)'s database and companion, so
 #     (e)/(b) compares the two stores behind the same gateway, same data, same presentation.
 #     (a)-(c) and (e) pull the same upgraded db (`rewind sample` + upgrade to 7).
+#  4. A phone back from the field pushing PUSHES edits (default 500): (a) straight to
+#     pouchdb-server at v7; (b) at v0 through `rewind serve --couch` (each edit translated to
+#     v7, journaled, checked against what rewind wrote on its ancestors).
 #  3. The embedded gateway's peak RSS (VmHWM) with 50 live PouchDB replications
 #     (`live: true`, one node process, each from scratch into its own memory db) for LIVE_SECS.
 # Node times are taken inside node (PouchDB's `require` excluded); `rewind copy` is timed
@@ -56,6 +59,7 @@ cd "$(dirname "$0")/.."
 root=$PWD
 N=${1:-${N:-20000}}
 CLIENTS=${CLIENTS:-50}
+PUSHES=${PUSHES:-500}        # documents a phone edits and pushes in step 4
 LIVE_SECS=${LIVE_SECS:-20}
 TMO=${TMO:-900}            # seconds any single step may take before the bench gives up
 baseline=${BASELINE:-$root/../shared/baseline}
@@ -125,6 +129,21 @@ const t0 = Date.now();
 local.replicate.from(process.argv[2], { batch_size: 100 }).then((r) => {
   console.log(r.docs_written, (Date.now() - t0) / 1000);
 }).catch((e) => { console.error(e); process.exit(1); });
+EOF
+cat >"$tmp/push.js" <<'EOF'
+// node push.js URL EDITS: a phone pulls URL, edits EDITS docs, pushes; prints "DOCS SECS FAILURES"
+// (the push alone is timed).
+const PouchDB = require('pouchdb');
+PouchDB.plugin(require('pouchdb-adapter-memory'));
+(async () => {
+  const local = new PouchDB('phone', { adapter: 'memory' });
+  await local.replicate.from(process.argv[2], { batch_size: 100 });
+  const all = await local.allDocs({ include_docs: true, limit: +process.argv[3] });
+  await local.bulkDocs(all.rows.map((r) => ({ ...r.doc, bench_note: 'edited in the field' })));
+  const t0 = Date.now();
+  const r = await local.replicate.to(process.argv[2], { batch_size: 100 });
+  console.log(r.docs_written, (Date.now() - t0) / 1000, r.doc_write_failures);
+})().catch((e) => { console.error(e); process.exit(1); });
 EOF
 cat >"$tmp/live.js" <<'EOF'
 // node live.js URL CLIENTS SECS: CLIENTS live pulls (each into its own memory db) for SECS,
@@ -198,11 +217,25 @@ echo "bench: 2b. pull through the gateway, no translation" >&2
 pull "2b. pull via rewind serve --couch, /medic (v7, no translation)" "$gw_url/medic" "$couch_gw"; b_secs=$p_secs; b_cpu=$p_cpu
 echo "bench: 2c. pull through the gateway, translated to version 0" >&2
 pull "2c. pull via rewind serve --couch, /v/0/medic (7 → 0)" "$gw_url/v/0/medic" "$couch_gw"; c_secs=$p_secs; c_cpu=$p_cpu
-stop "$couch_gw"
-echo "bench: 2e. the same upgraded db, copied to the embedded store" >&2
+echo "bench: 2e. the same upgraded db, copied to the embedded store (before step 4 edits it)" >&2
 mkdir -p "$tmp/data2"
 run "rewind copy medic to the embedded store" "$rewind" copy "$url/medic" "$tmp/data2/medic.db"
 run "rewind copy medic-rewind to the embedded store" "$rewind" copy "$url/medic-rewind" "$tmp/data2/medic.db-rewind"
+# A phone back from the field pushes its edits: PUSHES documents edited at v7 straight
+# to pouchdb-server, and at v0 through the gateway (each translated to v7 and journaled).
+push() { # push LABEL URL [PID]: a phone pulls URL, edits PUSHES docs, pushes them; sets q_secs
+  local cpu0; cpu0=$(server_cpu)
+  run "$1" node "$tmp/push.js" "$2" "$PUSHES"
+  local docs failures; read -r docs q_secs failures <"$tmp/out"
+  local cpu; cpu=$(echo "$(server_cpu) - $cpu0" | bc -l)
+  [ "$docs" = "$PUSHES" ] && [ "$failures" = 0 ] || echo "bench: warning: $1 pushed $docs docs ($failures failures), not $PUSHES" >&2
+  row "$1" "$docs" "$(printf '%.1f' "$q_secs")" "$(rate "$docs" "$q_secs")" \
+    "pouchdb-server CPU during pull and push $(printf '%.1f' "$cpu") s${3:+; gateway peak RSS $(hwm "$3") MB}"
+}
+echo "bench: 4. a phone pushes $PUSHES edits, straight and through the gateway at v0" >&2
+push "4a. push $PUSHES edits straight to pouchdb-server (v7)" "$url/medic"; qa_secs=$q_secs
+push "4b. push $PUSHES edits via rewind serve --couch, /v/0/medic" "$gw_url/v/0/medic" "$couch_gw"; qb_secs=$q_secs
+stop "$couch_gw"
 gateway embedded2 --data "$tmp/data2" --migrations examples/cht; emb2_gw=$gw_pid
 pull "2e. pull via rewind serve --data, /medic (2b's db copied, v7)" "$gw_url/medic" "$emb2_gw"; e_secs=$p_secs
 stop "$emb2_gw"
@@ -231,4 +264,5 @@ echo
 echo "copy: rewind copy is $copy_ratio× PouchDB.replicate (target ≥ 2×)"
 echo "pull: (b)/(a) = $(ratio "$b_secs" "$a_secs")×, (c)/(a) = $(ratio "$c_secs" "$a_secs")× (target ≤ 1.15×), (d)/(a) = $(ratio "$d_secs" "$a_secs")× (time; < 1 is faster)"
 echo "server: pouchdb-server CPU for (b)/(a) = $(ratio "$b_cpu" "$a_cpu")×, (c)/(a) = $(ratio "$c_cpu" "$a_cpu")× (the gateway reads each document's journal besides the document: on a server that runs one JavaScript thread, the pull takes at least this ratio)"
+echo "push: (4b)/(4a) = $(ratio "$qb_secs" "$qa_secs")× (no target; each pushed document is translated, journaled and checked for what rewind wrote on its ancestors)"
 echo "store: (e)/(b) = $(ratio "$e_secs" "$b_secs")× (the same database and presentation behind the gateway, embedded store vs pouchdb-server; < 1: embedded faster)"
