@@ -73,9 +73,6 @@ impl PresentCache {
 /// revision its author's view was made from.
 const BASE_SEARCH: usize = 10;
 
-/// Documents of one push translated, journaled and resolved at once.
-const PUSH_IN_FLIGHT: usize = 8;
-
 /// The ancestors of `leaf` that may have views to retire: the nearest
 /// [`BASE_SEARCH`] revisions of its history. Of these, `view::present`
 /// counts the first [`view::ANCESTORS`] stored ones below the leaf's
@@ -696,8 +693,9 @@ impl Session<'_> {
         let ids: Vec<String> = docs.iter().map(id_of).collect();
         let mut journals = self.journals(&ids).await?;
         let bases = self.stored_bases(&docs).await?;
-        // Documents are translated, journaled and resolved a few at once;
-        // the revisions of one document in order.
+        // Steps 2 and 3 for the whole batch at once, in rounds: round r takes
+        // the r-th revision of each document (a document's revisions in
+        // order; a push names most documents once).
         let mut groups: Vec<(String, Vec<Value>)> = Vec::new();
         for doc in docs {
             let id = id_of(&doc);
@@ -709,133 +707,193 @@ impl Session<'_> {
                 None => groups.push((id, vec![doc])),
             }
         }
-        for chunk in groups.chunks(PUSH_IN_FLIGHT) {
-            // (A plain loop: a closure here trips the spawned task's `Send`
-            // inference.)
-            let mut work = Vec::with_capacity(chunk.len());
-            for (id, list) in chunk {
+        let rounds = groups.iter().map(|(_, list)| list.len()).max().unwrap_or(0);
+        for round in 0..rounds {
+            let mut plans = Vec::new();
+            for (id, list) in &groups {
+                let Some(doc) = list.get(round) else {
+                    continue;
+                };
                 let journal = journals.remove(id).unwrap_or_default();
-                work.push(self.push_document(id, list, journal, target, &adopted, &bases));
+                let base = bases.get(&(
+                    id.clone(),
+                    view::history(doc).first().cloned().unwrap_or_default(),
+                ));
+                if let Some(plan) = self.plan_push(id, doc, journal, target, &adopted, base)? {
+                    plans.push(plan);
+                }
             }
-            for done in futures_util::future::join_all(work).await {
-                done?;
+            self.carry_out(&mut plans).await?;
+            for plan in plans {
+                journals.insert(plan.id, plan.journal);
             }
         }
         Ok(errors)
     }
 
-    /// Steps 2 and 3 of [`Session::push`] for the revisions of one document
-    /// that were stored as sent, in order.
-    async fn push_document(
+    /// Steps 2 and 3 of [`Session::push`] for one pushed revision that was
+    /// stored as sent, computed without I/O: what its journal gains, and
+    /// its translation to the server's version. `None` for a revision
+    /// without an id.
+    fn plan_push(
         &self,
         id: &str,
-        docs: &[Value],
+        doc: &Value,
         mut journal: Journal,
         target: u32,
         adopted: &std::collections::HashSet<String>,
-        bases: &HashMap<(String, String), (usize, Value)>,
-    ) -> Result<(), GatewayError> {
-        for doc in docs {
-            let chain = view::history(doc);
-            let Some(rev) = chain.first().cloned() else {
-                continue;
-            };
-            let base = bases.get(&(id.to_owned(), rev.clone()));
-            // The version a pushed body is read at: its stamp; else the
-            // version of what the phone edited (its parent revision tells);
-            // else the client's.
-            let version = if is_deleted(doc) {
-                target
-            } else if let Some(stamped) = self.set.stamp_of(doc) {
-                stamped.min(self.set.latest())
-            } else {
-                self.edited_version(id, &chain, &journal, base)?
-                    .unwrap_or(self.k)
-                    .min(self.set.latest())
-            };
-            let is_adopted = adopted.contains(&rev);
-            if is_adopted && !journal.adopted.contains(&rev) {
-                journal.adopted.push(rev.clone());
-                self.save_journal(id, &mut journal).await?;
-            }
-            if is_deleted(doc) && !journal.deleted.contains(&rev) {
-                journal.deleted.push(rev.clone());
-                self.save_journal(id, &mut journal).await?;
-            }
-            let journaled = !journal.is_empty();
-            let mut newest = rev.clone();
-            // 2. Its translation to the server's version, journaled first: a
-            // crash in between leaves the client's revision as the leaf,
-            // which views translate on the fly.
-            let unstamped = self.set.stamp_of(doc).is_none() && version > 0;
-            if !is_deleted(doc)
-                && (version != target || unstamped)
-                && MigrationSet::is_migratable(doc)
-            {
-                let mut translated = doc.clone();
-                // A body with no stamp is read at the client's version; tell
-                // the lens, which takes an unstamped body for version 0 and
-                // would skip every step going down.
-                if version > 0 && self.set.stamp_of(&translated).is_none() {
-                    if let Some(object) = translated.as_object_mut() {
-                        object.insert(self.set.stamp_field().to_owned(), Value::from(version));
-                    }
+        base: Option<&(usize, Value)>,
+    ) -> Result<Option<PushPlan>, GatewayError> {
+        let chain = view::history(doc);
+        let Some(rev) = chain.first().cloned() else {
+            return Ok(None);
+        };
+        let deletion = is_deleted(doc);
+        // The version a pushed body is read at: its stamp; else the version
+        // of what the phone edited (its parent revision tells); else the
+        // client's.
+        let version = if deletion {
+            target
+        } else if let Some(stamped) = self.set.stamp_of(doc) {
+            stamped.min(self.set.latest())
+        } else {
+            self.edited_version(id, &chain, &journal, base)?
+                .unwrap_or(self.k)
+                .min(self.set.latest())
+        };
+        let is_adopted = adopted.contains(&rev);
+        let mut changed = false;
+        if is_adopted && !journal.adopted.contains(&rev) {
+            journal.adopted.push(rev.clone());
+            changed = true;
+        }
+        if deletion && !journal.deleted.contains(&rev) {
+            journal.deleted.push(rev.clone());
+            changed = true;
+        }
+        // Journaled before this revision's translation: its ancestors may
+        // hold what rewind wrote.
+        let journaled = !journal.is_empty();
+        let mut child = None;
+        // 2. Its translation to the server's version, journaled first: a
+        // crash in between leaves the client's revision as the leaf, which
+        // views translate on the fly.
+        let unstamped = self.set.stamp_of(doc).is_none() && version > 0;
+        if !deletion && (version != target || unstamped) && MigrationSet::is_migratable(doc) {
+            let mut translated = doc.clone();
+            // A body with no stamp is read at the client's version; tell the
+            // lens, which takes an unstamped body for version 0 and would
+            // skip every step going down.
+            if version > 0 && self.set.stamp_of(&translated).is_none() {
+                if let Some(object) = translated.as_object_mut() {
+                    object.insert(self.set.stamp_field().to_owned(), Value::from(version));
                 }
-                // What the phone's view of the stored base dropped is what
-                // translating its edit back needs: recompute that view,
-                // keeping its complements.
-                if let Some((_, base)) = base {
-                    let from = view::version_of(self.set, base);
-                    let mut seen = base.clone();
-                    self.set
-                        .translate(
-                            &mut seen,
-                            from,
-                            version,
-                            &mut JournalComplements(&mut journal),
-                        )
-                        .map_err(|e| GatewayError::Lens(id.to_owned(), e))?;
-                }
+            }
+            // What the phone's view of the stored base dropped is what
+            // translating its edit back needs: recompute that view, keeping
+            // its complements.
+            if let Some((_, base)) = base {
+                let from = view::version_of(self.set, base);
+                let mut seen = base.clone();
                 self.set
                     .translate(
-                        &mut translated,
+                        &mut seen,
+                        from,
                         version,
-                        target,
                         &mut JournalComplements(&mut journal),
                     )
                     .map_err(|e| GatewayError::Lens(id.to_owned(), e))?;
-                if body_hash(&translated) != body_hash(doc) {
-                    add_missing(&mut journal.pushed, vec![rev.clone()]);
-                    journal.push_image(Image {
-                        from: version,
-                        to: target,
-                        rev: rev.clone(),
-                        after: body_hash(&translated),
-                        body: serde_json::to_string(&body_of(doc)).unwrap_or_default(),
-                        run: None,
-                    });
-                    self.save_journal(id, &mut journal).await?;
-                    let mut child = body_of(&translated);
-                    stub_attachments(&mut child);
-                    child["_rev"] = Value::from(rev.clone());
-                    match self.db.data.put(child).await {
-                        Ok(new_rev) => {
-                            if is_adopted {
-                                journal.adopted.push(new_rev.clone());
-                                self.save_journal(id, &mut journal).await?;
-                            }
-                            newest = new_rev
+            }
+            self.set
+                .translate(
+                    &mut translated,
+                    version,
+                    target,
+                    &mut JournalComplements(&mut journal),
+                )
+                .map_err(|e| GatewayError::Lens(id.to_owned(), e))?;
+            if body_hash(&translated) != body_hash(doc) {
+                add_missing(&mut journal.pushed, vec![rev.clone()]);
+                journal.push_image(Image {
+                    from: version,
+                    to: target,
+                    rev: rev.clone(),
+                    after: body_hash(&translated),
+                    body: serde_json::to_string(&body_of(doc)).unwrap_or_default(),
+                    run: None,
+                });
+                changed = true;
+                let mut body = body_of(&translated);
+                stub_attachments(&mut body);
+                body["_rev"] = Value::from(rev.clone());
+                child = Some(body);
+            }
+        }
+        Ok(Some(PushPlan {
+            id: id.to_owned(),
+            newest: rev,
+            chain,
+            deletion,
+            adopted: is_adopted,
+            journaled,
+            journal,
+            journal_changed: changed,
+            child,
+        }))
+    }
+
+    /// Writes what [`Session::plan_push`] planned for a batch of distinct
+    /// documents, each step in one request for the batch: the journals,
+    /// then the translations, then the tombstones that make a human edit
+    /// win over what rewind wrote on its ancestors (step 3).
+    async fn carry_out(&self, plans: &mut [PushPlan]) -> Result<(), GatewayError> {
+        let changed: Vec<(&str, &mut Journal)> = plans
+            .iter_mut()
+            .filter(|p| p.journal_changed)
+            .map(|p| (p.id.as_str(), &mut p.journal))
+            .collect();
+        self.save_journals(changed).await?;
+        let children: Vec<Value> = plans.iter().filter_map(|p| p.child.clone()).collect();
+        if !children.is_empty() {
+            let mut written = self.db.data.bulk_docs(children, true).await?.into_iter();
+            for plan in plans.iter_mut().filter(|p| p.child.is_some()) {
+                let result = written
+                    .next()
+                    .ok_or_else(|| GatewayError::Internal("_bulk_docs answered too few".into()))?;
+                match result.into_written() {
+                    Ok(new_rev) => {
+                        if plan.adopted {
+                            plan.journal.adopted.push(new_rev.clone());
+                            self.save_journal(&plan.id, &mut plan.journal).await?;
                         }
-                        Err(StoreError::Conflict { .. }) => {}
-                        Err(e) => return Err(e.into()),
+                        plan.newest = new_rev;
                     }
+                    Err(StoreError::Conflict { .. }) => {}
+                    Err(e) => return Err(e.into()),
                 }
             }
-            // 3. A human edit wins over what rewind wrote on its ancestors.
-            if journaled || !journal.is_empty() {
-                self.resolve(id, &chain, &newest, &journal, is_deleted(doc))
-                    .await?;
+        }
+        // 3. A human edit wins over what rewind wrote on its ancestors. Only
+        // where a copy was adopted do deleted leaves count (a phone's
+        // deletion beats an adopted copy): elsewhere the live leaves tell.
+        let contested = |adoptions: bool| -> Vec<String> {
+            plans
+                .iter()
+                .filter(|p| p.journaled || !p.journal.is_empty())
+                .filter(|p| p.journal.adopted.is_empty() != adoptions)
+                .map(|p| p.id.clone())
+                .collect()
+        };
+        let mut leaves = self.live_leaves_of(&contested(false)).await?;
+        leaves.extend(self.leaves_of(&contested(true)).await?);
+        let mut tombstones = Vec::new();
+        for plan in plans.iter() {
+            if let Some(leaves) = leaves.get(&plan.id) {
+                tombstones.extend(resolution(&plan.id, leaves, plan));
             }
+        }
+        if !tombstones.is_empty() {
+            self.db.data.bulk_docs(tombstones, false).await?;
         }
         Ok(())
     }
@@ -941,6 +999,31 @@ impl Session<'_> {
         Ok(out)
     }
 
+    /// Writes the journals of distinct documents in one request; one that
+    /// another writer changed meanwhile is merged and written on its own
+    /// ([`Session::save_journal`]). Updates each to what was written.
+    async fn save_journals(&self, journals: Vec<(&str, &mut Journal)>) -> Result<(), GatewayError> {
+        if journals.is_empty() {
+            return Ok(());
+        }
+        let docs = journals
+            .iter()
+            .map(|(id, journal)| journal_doc(id, journal))
+            .collect::<Result<Vec<Value>, GatewayError>>()?;
+        let written = self.db.state.bulk_docs(docs, true).await?;
+        if written.len() != journals.len() {
+            return Err(GatewayError::Internal("_bulk_docs answered too few".into()));
+        }
+        for ((id, journal), result) in journals.into_iter().zip(written) {
+            match result.into_written() {
+                Ok(rev) => journal.rev = Some(rev),
+                Err(StoreError::Conflict { .. }) => self.save_journal(id, journal).await?,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+
     /// Writes a document's journal, merging with a concurrent writer's
     /// (images, adopted and deleted revisions are unions); updates `journal`
     /// to what was written.
@@ -950,10 +1033,7 @@ impl Session<'_> {
                 // Another writer (the engine, another gateway) got there first.
                 tokio::time::sleep(std::time::Duration::from_millis(5 * attempt.min(20))).await;
             }
-            let mut doc = serde_json::to_value(&*journal)
-                .map_err(|e| GatewayError::Internal(e.to_string()))?;
-            doc["_id"] = Value::from(journal_id(id));
-            match self.db.state.put(doc).await {
+            match self.db.state.put(journal_doc(id, journal)?).await {
                 Ok(rev) => {
                     journal.rev = Some(rev);
                     return Ok(());
@@ -984,68 +1064,6 @@ impl Session<'_> {
         Err(GatewayError::Internal(format!(
             "the journal of {id} keeps changing"
         )))
-    }
-
-    /// Tombstones live leaves that rewind wrote on top of an ancestor of a
-    /// pushed revision: the human edit wins, and no conflict remains.
-    async fn resolve(
-        &self,
-        id: &str,
-        chain: &[String],
-        newest: &str,
-        journal: &Journal,
-        deletion: bool,
-    ) -> Result<(), GatewayError> {
-        let leaves = self.leaves(id).await?;
-        let rev_of = |l: &Value| {
-            l.get("_rev")
-                .and_then(Value::as_str)
-                .unwrap_or("")
-                .to_owned()
-        };
-        // An adopted copy, or what rewind wrote on top of one, is adopted.
-        let adopted = |l: &Value| {
-            journal.adopted.contains(&rev_of(l))
-                || view::is_system_descendant(l, &journal.adopted, journal)
-        };
-        // Adopted copies yield to any other live leaf, and to a phone's deletion.
-        let others = leaves.iter().any(|l| {
-            if is_deleted(l) {
-                journal.deleted.contains(&rev_of(l))
-            } else {
-                !adopted(l)
-            }
-        });
-        let live: Vec<&Value> = leaves.iter().filter(|l| !is_deleted(l)).collect();
-        let adopted_live = live.iter().any(|l| adopted(l));
-        // A deletion also wins over what rewind wrote on its ancestors.
-        let contested = live.len() >= 2 || (deletion && !live.is_empty());
-        if !(contested || others && adopted_live) {
-            return Ok(());
-        }
-        let mut tombstones = Vec::new();
-        for leaf in live {
-            let rev = rev_of(leaf);
-            if others && adopted(leaf) {
-                tombstones.push(retire(id, leaf));
-                continue;
-            }
-            if rev == newest || chain.contains(&rev) {
-                continue;
-            }
-            // What rewind wrote on an older ancestor loses to the edit. What
-            // it wrote on the pushed revision itself is the edit, translated
-            // (the engine's migration of it, when an upgrade got there
-            // between the two writes of this push, or the translation of an
-            // earlier push of the same revision), and stays.
-            if view::system_base(leaf, chain, journal).is_some_and(|base| *base != chain[0]) {
-                tombstones.push(retire(id, leaf));
-            }
-        }
-        if !tombstones.is_empty() {
-            self.db.data.bulk_docs(tombstones, false).await?;
-        }
-        Ok(())
     }
 
     /// A write with `new_edits=true` at the client's version: conditional on
@@ -1096,6 +1114,91 @@ impl Session<'_> {
 /// Sorts a document's leaves in CouchDB's order, the winner first: a store
 /// may list them in any order (pouchdb-server: as its reads complete), and
 /// every answer built from them must be deterministic.
+/// The tombstones for the live leaves (of `leaves`, a document's every
+/// leaf) that rewind wrote on top of an ancestor of a pushed revision
+/// (`plan`): the human edit wins, and no conflict remains.
+fn resolution(id: &str, leaves: &[Value], plan: &PushPlan) -> Vec<Value> {
+    let (chain, newest, journal, deletion) = (
+        &plan.chain,
+        plan.newest.as_str(),
+        &plan.journal,
+        plan.deletion,
+    );
+    let rev_of = |l: &Value| {
+        l.get("_rev")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_owned()
+    };
+    // An adopted copy, or what rewind wrote on top of one, is adopted.
+    let adopted = |l: &Value| {
+        journal.adopted.contains(&rev_of(l))
+            || view::is_system_descendant(l, &journal.adopted, journal)
+    };
+    // Adopted copies yield to any other live leaf, and to a phone's deletion.
+    let others = leaves.iter().any(|l| {
+        if is_deleted(l) {
+            journal.deleted.contains(&rev_of(l))
+        } else {
+            !adopted(l)
+        }
+    });
+    let live: Vec<&Value> = leaves.iter().filter(|l| !is_deleted(l)).collect();
+    let adopted_live = live.iter().any(|l| adopted(l));
+    // A deletion also wins over what rewind wrote on its ancestors.
+    let contested = live.len() >= 2 || (deletion && !live.is_empty());
+    if !(contested || others && adopted_live) {
+        return Vec::new();
+    }
+    let mut tombstones = Vec::new();
+    for leaf in live {
+        let rev = rev_of(leaf);
+        if others && adopted(leaf) {
+            tombstones.push(retire(id, leaf));
+            continue;
+        }
+        if rev == newest || chain.contains(&rev) {
+            continue;
+        }
+        // What rewind wrote on an older ancestor loses to the edit. What
+        // it wrote on the pushed revision itself is the edit, translated
+        // (the engine's migration of it, when an upgrade got there
+        // between the two writes of this push, or the translation of an
+        // earlier push of the same revision), and stays.
+        if view::system_base(leaf, chain, journal).is_some_and(|base| *base != chain[0]) {
+            tombstones.push(retire(id, leaf));
+        }
+    }
+    tombstones
+}
+
+/// What storing one pushed revision writes (see [`Session::plan_push`]).
+struct PushPlan {
+    id: String,
+    /// The pushed revision's history, newest first.
+    chain: Vec<String>,
+    /// The newest revision of the push on the server: the pushed one, or
+    /// its translation once written.
+    newest: String,
+    deletion: bool,
+    /// A copy the server adopted (its base was lost).
+    adopted: bool,
+    /// The document had a journal before this revision.
+    journaled: bool,
+    journal: Journal,
+    journal_changed: bool,
+    /// The translation to write as the pushed revision's child.
+    child: Option<Value>,
+}
+
+/// A journal as the document that stores it.
+fn journal_doc(id: &str, journal: &Journal) -> Result<Value, GatewayError> {
+    let mut doc =
+        serde_json::to_value(journal).map_err(|e| GatewayError::Internal(e.to_string()))?;
+    doc["_id"] = Value::from(journal_id(id));
+    Ok(doc)
+}
+
 fn sort_leaves(leaves: &mut [Value]) {
     let key = |doc: &Value| {
         let rev = doc

@@ -137,25 +137,9 @@ pub trait Store: Send + Sync {
     fn put(&self, doc: Value) -> impl Future<Output = Result<String>> + Send {
         async move {
             let mut res = self.bulk_docs(vec![doc], true).await?;
-            let r = res
-                .pop()
-                .ok_or_else(|| StoreError::Internal("bulk_docs answered nothing".into()))?;
-            match (r.rev, r.error.as_deref()) {
-                (Some(rev), None) => Ok(rev),
-                (_, Some("conflict")) => Err(StoreError::Conflict {
-                    what: format!("document {}", r.id),
-                }),
-                (_, Some("missing_stub")) => Err(StoreError::MissingStub {
-                    id: r.id,
-                    name: r.reason.unwrap_or_default(),
-                }),
-                (_, e) => Err(StoreError::Http {
-                    url: format!("document {}", r.id),
-                    status: 400,
-                    error: e.unwrap_or("unknown").to_owned(),
-                    reason: r.reason.unwrap_or_default(),
-                }),
-            }
+            res.pop()
+                .ok_or_else(|| StoreError::Internal("bulk_docs answered nothing".into()))?
+                .into_written()
         }
     }
 }
