@@ -26,34 +26,28 @@
 # "docs" is PouchDB's docs_written: revisions written, one per leaf (tombstoned conflict
 # branches included), so it exceeds N when the source serves more than one leaf per doc.
 #
-# one run on 2026-11-26 (second session), N=2000, LIVE_SECS=10, quiet 2-core machine:
+# one run on 2026-11-26 (third session), N=20000, LIVE_SECS=10, CLIENTS=50, 2-core machine
+# (before step 4 existed):
 #   step                                                              docs     secs    docs/s  notes
-#   1. rewind copy src → dst (pouchdb-server, whole process)        2000      1.0      2000
-#   1. PouchDB.replicate(src, dst) over HTTP (node)                   2000      1.3      1515
-#   2a. pull straight from pouchdb-server (/medic, v7)                2000      1.0      1949
-#   2b. pull via rewind serve --couch, /medic (v7, no translation)   21672      6.6      3263  gateway peak RSS 118 MB
-#   2c. pull via rewind serve --couch, /v/0/medic (7 → 0)          21672      6.0      3584  gateway peak RSS 171 MB
-#   2e. pull via rewind serve --data, /medic (2b's db copied, v7)    21672      2.2      9649  gateway peak RSS 173 MB
-#   2d. pull via rewind serve --data, /medic (embedded, v0)           7224      1.0      7145  gateway peak RSS 162 MB
-#   3. 50 live pulls, one node process, 10 s (embedded gateway)      93620       10      9362  gateway peak RSS 216 MB (idle 20 MB, now 196 MB); 0 client errors
+#   1. rewind copy src → dst (pouchdb-server, whole process)       20000      6.9      2897
+#   1. PouchDB.replicate(src, dst) over HTTP (node)                  20000     10.2      1956
+#   2a. pull straight from pouchdb-server (/medic, v7)               20000      7.5      2654  pouchdb-server CPU 6.6 s
+#   2b. pull via rewind serve --couch, /medic (v7, no translation)  143880     24.5      5862  pouchdb-server CPU 16.3 s
+#   2c. pull via rewind serve --couch, /v/0/medic (7 → 0)          20000     19.4      1030  pouchdb-server CPU 15.6 s
+#   2e. pull via rewind serve --data, /medic (2b's db copied, v7)   143880     11.5     12487
+#   2d. pull via rewind serve --data, /medic (embedded, v0)          20000      5.1      3941
+#   3. 50 live pulls, one node process, 10 s (embedded gateway)      65500       10      6550  gateway peak RSS 226 MB; 0 client errors
 #
-#   pull: (b)/(a) = 6.47×, (c)/(a) = 5.89× (target ≤ 1.15×), (d)/(a) = 0.99×
-#   store: (e)/(b) = 0.34×: behind the same gateway, with the same data and the same 21672
-#   presented revisions, the embedded store serves the pull ~3× faster than pouchdb-server.
-#   (Earlier the same day 2b/2c wrote 28896 revisions, ~14.4 per document, (b)/(a) ≈ 7.4–9×:
-#   ancestors' views were also retired in epochs that began after the ancestor was replaced.)
-#   (the day before, N=5000: (b)/(a) = 59.66×, (c)/(a) = 58.54×: `_bulk_get` read and presented
-#   each requested revision on its own, one upstream round trip after another. Earlier the
-#   same day, row 3 peaked at 650-970 MB with ~17 client errors: every embedded read had its
-#   own blocking thread and SQLite connections, ~270 threads; `rewind serve` now caps them at
-#   32, and concurrent first opens of a companion no longer fail.)
-#   warnings: 2b and 2c wrote ~10.8 revisions per document, 2d 3.6: after an upgrade, every
-#   document is presented as a synthetic child with tombstones retiring its other views and its
-#   ancestors' views, in the current and previous presentation contexts (docs/design.md,
-#   "Revisions" and Known limits); a fresh phone downloads them all. Even before any upgrade
-#   (2d: `rewind sample`, one leaf per document, version 0, no run), a document that some
-#   version sees differently is presented as a synthetic child plus tombstones (~3.6 per
-#   document here), because a phone at another version may hold that version's view.
+#   pull: (b)/(a) = 3.26×, (c)/(a) = 2.58× (target ≤ 1.15×), (d)/(a) = 0.67×
+#   server: pouchdb-server CPU for (b)/(a) = 2.46×, (c)/(a) = 2.36×: the floor on this server
+#   (one JavaScript thread) for a gateway that reads each document's journal besides it.
+#   The same day at N=2000, with step 4: 4a 0.4 s, 4b 3.8 s (8.8×; 2.2 s after the push
+#   wrote journals and translations a batch at a time).
+#   Earlier: (c)/(a) was 5.3–5.9× at N=2000 and grew with N (the leaves of a batch came from a
+#   `filter=_doc_ids` changes feed, which pouchdb-server answers by scanning the database);
+#   before that 58× (`_bulk_get` presented each revision on its own). 2b's 7.2 revisions per
+#   document are the view plus tombstones retiring the other versions' and contexts' views
+#   (docs/design.md, "Revisions" and Known limits); 2d: 1 per document.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
