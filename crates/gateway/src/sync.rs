@@ -212,9 +212,13 @@ impl Session<'_> {
             ..AllDocsOptions::default()
         };
         let ids = unique(ids);
-        let winners = revs(self.db.data.all_docs(&keys(ids.clone())).await?.rows);
         let journal_keys = ids.iter().map(|id| journal_id(id)).collect();
-        let journal_revs = revs(self.db.state.all_docs(&keys(journal_keys)).await?.rows);
+        let (winners, journal_revs) = futures_util::future::try_join(
+            self.db.data.all_docs(&keys(ids.clone())),
+            self.db.state.all_docs(&keys(journal_keys)),
+        )
+        .await?;
+        let (winners, journal_revs) = (revs(winners.rows), revs(journal_revs.rows));
         let epochs = view::epochs(self.state);
         for (id, rev) in winners {
             let journal_rev = journal_revs
@@ -235,10 +239,18 @@ impl Session<'_> {
     /// for each, what `view::present` gives (live views and retirements);
     /// deleted leaves as they are.
     pub async fn present_all(&self, leaves: &[Value]) -> Result<Vec<Presented>, GatewayError> {
-        let mut ids: Vec<String> = leaves.iter().map(id_of).collect();
-        ids.sort();
-        ids.dedup();
-        let journals = self.journals(&ids).await?;
+        let ids: Vec<String> = leaves.iter().map(id_of).collect();
+        let journals = self.journals(&unique(&ids)).await?;
+        self.present_with(leaves, &journals).await
+    }
+
+    /// [`Session::present_all`] with the documents' journals already read
+    /// (a document missing from `journals` has none).
+    async fn present_with(
+        &self,
+        leaves: &[Value],
+        journals: &HashMap<String, Journal>,
+    ) -> Result<Vec<Presented>, GatewayError> {
         let empty = Journal::default();
         let epochs = view::epochs(self.state);
         let key = |leaf: &Value| {
@@ -377,7 +389,8 @@ impl Session<'_> {
                     .map(|c| BulkGetRequest::new(row.id.clone(), Some(&c.rev)))
             })
             .collect();
-        let mut by_id = self.present_by_id(self.read_leaves(wanted).await?).await?;
+        let ids: Vec<String> = changes.results.iter().map(|row| row.id.clone()).collect();
+        let mut by_id = self.present_by_id(self.read_leaves(wanted), &ids).await?;
         for row in &mut changes.results {
             let Some(ps) = by_id.get_mut(&row.id) else {
                 continue;
@@ -499,7 +512,7 @@ impl Session<'_> {
         &self,
         ids: &[String],
     ) -> Result<HashMap<String, Vec<Presented>>, GatewayError> {
-        self.present_by_id(self.leaves_of(ids).await?).await
+        self.present_by_id(self.leaves_of(ids), ids).await
     }
 
     /// As [`Session::presented_of`] for the live leaves only
@@ -510,16 +523,20 @@ impl Session<'_> {
         &self,
         ids: &[String],
     ) -> Result<HashMap<String, Vec<Presented>>, GatewayError> {
-        self.present_by_id(self.live_leaves_of(ids).await?).await
+        self.present_by_id(self.live_leaves_of(ids), ids).await
     }
 
-    /// Documents' leaves (by id) presented in one batch, by id.
+    /// Documents' leaves (by id, as `reading` reads them) presented in one
+    /// batch, by id; the journals of `ids` are read meanwhile.
     async fn present_by_id(
         &self,
-        leaves: BTreeMap<String, Vec<Value>>,
+        reading: impl std::future::Future<Output = Result<BTreeMap<String, Vec<Value>>, GatewayError>>,
+        ids: &[String],
     ) -> Result<HashMap<String, Vec<Presented>>, GatewayError> {
+        let (leaves, journals) =
+            futures_util::future::try_join(reading, self.journals(&unique(ids))).await?;
         let leaves: Vec<Value> = leaves.into_values().flatten().collect();
-        Ok(by_id(self.present_all(&leaves).await?))
+        Ok(by_id(self.present_with(&leaves, &journals).await?))
     }
 
     /// A document at a presented revision (or its winner), as `_bulk_get`
@@ -854,6 +871,9 @@ impl Session<'_> {
             .collect();
         self.save_journals(changed).await?;
         let children: Vec<Value> = plans.iter().filter_map(|p| p.child.clone()).collect();
+        // A translation the store refused (not a conflict: the translation
+        // was written before) fails the push once the others are resolved.
+        let mut refused = None;
         if !children.is_empty() {
             let mut written = self.db.data.bulk_docs(children, true).await?.into_iter();
             for plan in plans.iter_mut().filter(|p| p.child.is_some()) {
@@ -869,7 +889,9 @@ impl Session<'_> {
                         plan.newest = new_rev;
                     }
                     Err(StoreError::Conflict { .. }) => {}
-                    Err(e) => return Err(e.into()),
+                    Err(e) => {
+                        refused.get_or_insert(e);
+                    }
                 }
             }
         }
@@ -895,7 +917,10 @@ impl Session<'_> {
         if !tombstones.is_empty() {
             self.db.data.bulk_docs(tombstones, false).await?;
         }
-        Ok(())
+        match refused {
+            Some(e) => Err(e.into()),
+            None => Ok(()),
+        }
     }
 
     /// The version of the body a phone edited: its parent's, when the parent
