@@ -809,26 +809,21 @@ impl Session<'_> {
             // What the phone's view of the stored base dropped is what
             // translating its edit back needs: recompute that view, keeping
             // its complements.
-            if let Some((_, base)) = base {
-                let from = view::version_of(self.set, base);
-                let mut seen = base.clone();
+            let translate = |doc: &mut Value, from: u32, to: u32, journal: &mut Journal| {
                 self.set
-                    .translate(
-                        &mut seen,
-                        from,
-                        version,
-                        &mut JournalComplements(&mut journal),
-                    )
-                    .map_err(|e| GatewayError::Lens(id.to_owned(), e))?;
-            }
-            self.set
-                .translate(
-                    &mut translated,
+                    .translate(doc, from, to, &mut JournalComplements(journal))
+                    .map_err(|e| GatewayError::Lens(id.to_owned(), e))
+            };
+            if let Some((_, base)) = base {
+                let mut seen = base.clone();
+                translate(
+                    &mut seen,
+                    view::version_of(self.set, base),
                     version,
-                    target,
-                    &mut JournalComplements(&mut journal),
-                )
-                .map_err(|e| GatewayError::Lens(id.to_owned(), e))?;
+                    &mut journal,
+                )?;
+            }
+            translate(&mut translated, version, target, &mut journal)?;
             if body_hash(&translated) != body_hash(doc) {
                 add_missing(&mut journal.pushed, vec![rev.clone()]);
                 journal.push_image(Image {
