@@ -560,6 +560,17 @@ for (const kind of h.STORE_KINDS) {
         await compare(`${base}/_all_docs?include_docs=true`);
         await compare(`${base}/${person}?revs=true&open_revs=all`);
       }
+      // The first gateway now answers the changes feeds from its
+      // presentation cache; a fresh one computes them: the same bytes.
+      const third = await h.startGateway(ctx.cleanup, ctx.store);
+      await h.sleep(600);
+      for (const k of [0, 3, 7, null]) {
+        const base = k === null ? `/${h.DB}` : `/v/${k}/${h.DB}`;
+        for (const feed of ['_changes?style=all_docs', '_changes']) {
+          const [x, y] = [await h.http(`${ctx.gw.url}${base}/${feed}`), await h.http(`${third.url}${base}/${feed}`)];
+          assert.equal(x.text, y.text, `${base}/${feed}: a warm gateway and a fresh one differ`);
+        }
+      }
     });
 
     // Passes since presentations derive from anchors and pinned URLs have a

@@ -47,24 +47,55 @@ pub struct PresentCache(std::sync::Mutex<CacheGenerations>);
 /// The current generation, and the one before it.
 #[derive(Default)]
 struct CacheGenerations {
-    new: HashMap<String, Vec<Presented>>,
-    old: HashMap<String, Vec<Presented>>,
+    new: Generation,
+    old: Generation,
+}
+
+/// Presentations by key, and which keys a leaf has without its journal's
+/// revision (see [`PresentKey`]).
+#[derive(Default)]
+struct Generation {
+    presented: HashMap<String, Vec<Presented>>,
+    leaves: std::collections::HashSet<String>,
+}
+
+/// A [`PresentCache`] key: the leaf's part, and the journal's revision.
+struct PresentKey {
+    leaf: String,
+    journal_rev: String,
+}
+
+impl PresentKey {
+    fn full(&self) -> String {
+        format!("{}\n{}", self.leaf, self.journal_rev)
+    }
 }
 
 impl PresentCache {
     const GENERATION: usize = 10_000;
 
-    fn get(&self, key: &str) -> Option<Vec<Presented>> {
+    fn get(&self, key: &PresentKey) -> Option<Vec<Presented>> {
         let cache = self.0.lock().ok()?;
-        cache.new.get(key).or_else(|| cache.old.get(key)).cloned()
+        let full = key.full();
+        let found = cache.new.presented.get(&full);
+        found.or_else(|| cache.old.presented.get(&full)).cloned()
     }
 
-    fn put(&self, key: String, value: Vec<Presented>) {
+    /// True when presentations of the leaf `leaf_part` (a
+    /// [`PresentKey::leaf`]) are held for some journal revision.
+    fn holds_leaf(&self, leaf_part: &str) -> bool {
+        self.0
+            .lock()
+            .is_ok_and(|c| c.new.leaves.contains(leaf_part) || c.old.leaves.contains(leaf_part))
+    }
+
+    fn put(&self, key: &PresentKey, value: Vec<Presented>) {
         if let Ok(mut cache) = self.0.lock() {
-            if cache.new.len() >= Self::GENERATION {
+            if cache.new.presented.len() >= Self::GENERATION {
                 cache.old = std::mem::take(&mut cache.new);
             }
-            cache.new.insert(key, value);
+            cache.new.presented.insert(key.full(), value);
+            cache.new.leaves.insert(key.leaf.clone());
         }
     }
 }
@@ -96,6 +127,17 @@ fn id_of(doc: &Value) -> String {
 
 /// Appends the entries of `more` that `list` lacks (a journal's lists are
 /// sets kept in arrival order).
+/// The revisions of the rows of an `_all_docs` answer that name a
+/// document not deleted, by id.
+fn live_revs(rows: Vec<rewind_store::AllDocsRow>) -> HashMap<String, String> {
+    rows.into_iter()
+        .filter_map(|row| {
+            let value = row.value.filter(|v| !v.deleted)?;
+            Some((row.id?, value.rev))
+        })
+        .collect()
+}
+
 /// `ids` sorted, each once (a `_bulk_get` names a document once per revision).
 fn unique(ids: &[String]) -> Vec<String> {
     let mut out = ids.to_vec();
@@ -175,14 +217,76 @@ impl Session<'_> {
         id: &str,
         leaf_rev: &str,
         journal_rev: &str,
-    ) -> String {
-        format!(
-            "{}\n{id}\n{leaf_rev}\n{journal_rev}\n{}\n{}\n{}",
-            self.db.name,
-            self.k,
-            self.pinned,
-            epochs.last().map(String::as_str).unwrap_or("")
-        )
+    ) -> PresentKey {
+        PresentKey {
+            leaf: format!(
+                "{}\n{id}\n{leaf_rev}\n{}\n{}\n{}",
+                self.db.name,
+                self.k,
+                self.pinned,
+                epochs.last().map(String::as_str).unwrap_or("")
+            ),
+            journal_rev: journal_rev.to_owned(),
+        }
+    }
+
+    /// The rows `_all_docs` answers for `opts`.
+    async fn winner_rows(
+        &self,
+        opts: &AllDocsOptions,
+    ) -> Result<Vec<rewind_store::AllDocsRow>, GatewayError> {
+        Ok(self.db.data.all_docs(opts).await?.rows)
+    }
+
+    /// The revisions of the journals of `ids` (by document id; none for a
+    /// document without one), without their bodies: one light read.
+    async fn journal_revs(&self, ids: &[String]) -> Result<HashMap<String, String>, GatewayError> {
+        if ids.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let opts = AllDocsOptions {
+            keys: Some(ids.iter().map(|id| journal_id(id)).collect()),
+            ..AllDocsOptions::default()
+        };
+        Ok(live_revs(self.db.state.all_docs(&opts).await?.rows)
+            .into_iter()
+            .map(|(key, rev)| (key.trim_start_matches("journal:").to_owned(), rev))
+            .collect())
+    }
+
+    /// The presentations [`PresentCache`] holds for every leaf of a
+    /// document (`leaf_revs`, deleted ones included), combined as
+    /// [`Session::present_all`] combines them (leaves in `sort_leaves`
+    /// order, each revision once); `None` unless every leaf's are held.
+    fn cached_presentations(
+        &self,
+        epochs: &[String],
+        id: &str,
+        leaf_revs: &[String],
+        journal_rev: &str,
+    ) -> Option<Vec<Presented>> {
+        let mut found = Vec::with_capacity(leaf_revs.len());
+        for rev in leaf_revs {
+            let presented = self
+                .cache
+                .get(&self.present_key(epochs, id, rev, journal_rev))?;
+            // A deleted leaf is presented as itself, first.
+            let deleted = presented
+                .first()
+                .is_some_and(|p| p.rev == *rev && is_deleted(&p.doc));
+            found.push(((!deleted, view::generation(rev), rev.clone()), presented));
+        }
+        found.sort_by(|a, b| b.0.cmp(&a.0));
+        let mut seen = std::collections::HashSet::new();
+        let mut out = Vec::new();
+        for (_, presented) in found {
+            for p in presented {
+                if seen.insert(p.rev.clone()) {
+                    out.push(p);
+                }
+            }
+        }
+        Some(out)
     }
 
     /// The presentations [`PresentCache`] holds for the winning leaf of
@@ -199,30 +303,18 @@ impl Session<'_> {
         if ids.is_empty() {
             return Ok(out);
         }
-        let revs = |rows: Vec<rewind_store::AllDocsRow>| -> HashMap<String, String> {
-            rows.into_iter()
-                .filter_map(|row| {
-                    let value = row.value.filter(|v| !v.deleted)?;
-                    Some((row.id?, value.rev))
-                })
-                .collect()
-        };
-        let keys = |keys: Vec<String>| AllDocsOptions {
-            keys: Some(keys),
+        let ids = unique(ids);
+        let opts = AllDocsOptions {
+            keys: Some(ids.clone()),
             ..AllDocsOptions::default()
         };
-        let ids = unique(ids);
-        let journal_keys = ids.iter().map(|id| journal_id(id)).collect();
-        let (winners, journal_revs) = futures_util::future::try_join(
-            self.db.data.all_docs(&keys(ids.clone())),
-            self.db.state.all_docs(&keys(journal_keys)),
-        )
-        .await?;
-        let (winners, journal_revs) = (revs(winners.rows), revs(journal_revs.rows));
+        let (winners, journal_revs) =
+            futures_util::future::try_join(self.winner_rows(&opts), self.journal_revs(&ids))
+                .await?;
         let epochs = view::epochs(self.state);
-        for (id, rev) in winners {
+        for (id, rev) in live_revs(winners) {
             let journal_rev = journal_revs
-                .get(&journal_id(&id))
+                .get(&id)
                 .map(String::as_str)
                 .unwrap_or_default();
             if let Some(presented) =
@@ -264,13 +356,16 @@ impl Session<'_> {
         };
         let cached: HashMap<String, Vec<Presented>> = leaves
             .iter()
-            .filter_map(|l| self.cache.get(&key(l)).map(|p| (key(l), p)))
+            .filter_map(|l| self.cache.get(&key(l)).map(|p| (key(l).full(), p)))
             .collect();
         // The bodies of each live leaf's parent and grandparent: from the
         // journal's before-images, else from the store.
         let mut ancestors: HashMap<(String, String), Value> = HashMap::new();
         let mut wanted = Vec::new();
-        for leaf in leaves.iter().filter(|l| !cached.contains_key(&key(l))) {
+        for leaf in leaves
+            .iter()
+            .filter(|l| !cached.contains_key(&key(l).full()))
+        {
             let id = id_of(leaf);
             let journal = journals.get(&id).unwrap_or(&empty);
             for rev in ancestor_candidates(leaf) {
@@ -311,7 +406,7 @@ impl Session<'_> {
         let mut seen: std::collections::HashSet<(String, String)> = Default::default();
         for leaf in leaves {
             let id = id_of(leaf);
-            if let Some(presented) = cached.get(&key(leaf)) {
+            if let Some(presented) = cached.get(&key(leaf).full()) {
                 for p in presented {
                     if seen.insert((id.clone(), p.rev.clone())) {
                         out.push(p.clone());
@@ -337,7 +432,7 @@ impl Session<'_> {
             };
             let presented = view::present(&cx, leaf, self.k, &known)
                 .map_err(|e| GatewayError::Lens(id.clone(), e))?;
-            self.cache.put(key(leaf), presented.clone());
+            self.cache.put(&key(leaf), presented.clone());
             for p in presented {
                 if seen.insert((id.clone(), p.rev.clone())) {
                     out.push(p);
@@ -380,17 +475,55 @@ impl Session<'_> {
         // included): they are read in one request, not listed per document.
         inner.style_all_docs = true;
         let mut changes = self.db.data.changes(&inner).await?;
-        let wanted: Vec<BulkGetRequest> = changes
+        // Documents whose every leaf's presentations the cache holds (another
+        // phone pulled them just now) are answered from it once their
+        // journals' revisions (one light read) match; the others are read.
+        let epochs = view::epochs(self.state);
+        let held = |row: &rewind_store::ChangeRow| {
+            row.changes.iter().all(|c| {
+                let key = self.present_key(&epochs, &row.id, &c.rev, "");
+                self.cache.holds_leaf(&key.leaf)
+            })
+        };
+        let maybe: Vec<String> = changes
             .results
             .iter()
-            .flat_map(|row| {
-                row.changes
-                    .iter()
-                    .map(|c| BulkGetRequest::new(row.id.clone(), Some(&c.rev)))
-            })
+            .filter(|row| held(row))
+            .map(|row| row.id.clone())
             .collect();
-        let ids: Vec<String> = changes.results.iter().map(|row| row.id.clone()).collect();
-        let mut by_id = self.present_by_id(self.read_leaves(wanted), &ids).await?;
+        let journal_revs = self.journal_revs(&maybe).await?;
+        let mut by_id = HashMap::new();
+        let mut wanted = Vec::new();
+        let mut uncached = Vec::new();
+        for row in &changes.results {
+            let revs: Vec<String> = row.changes.iter().map(|c| c.rev.clone()).collect();
+            let journal_rev = journal_revs
+                .get(&row.id)
+                .map(String::as_str)
+                .unwrap_or_default();
+            let cached = maybe
+                .contains(&row.id)
+                .then(|| self.cached_presentations(&epochs, &row.id, &revs, journal_rev))
+                .flatten();
+            match cached {
+                Some(presented) => {
+                    by_id.insert(row.id.clone(), presented);
+                }
+                None => {
+                    wanted.extend(
+                        revs.iter()
+                            .map(|rev| BulkGetRequest::new(row.id.clone(), Some(rev))),
+                    );
+                    uncached.push(row.id.clone());
+                }
+            }
+        }
+        if !uncached.is_empty() {
+            by_id.extend(
+                self.present_by_id(self.read_leaves(wanted), &uncached)
+                    .await?,
+            );
+        }
         for row in &mut changes.results {
             let Some(ps) = by_id.get_mut(&row.id) else {
                 continue;
@@ -1278,14 +1411,28 @@ mod tests {
     fn the_present_cache_keeps_the_recent_entries_and_bounds_the_rest() {
         let cache = PresentCache::default();
         let n = PresentCache::GENERATION * 5 / 2;
+        let key = |i: usize| PresentKey {
+            leaf: i.to_string(),
+            journal_rev: "1-j".into(),
+        };
         for i in 0..n {
-            cache.put(i.to_string(), Vec::new());
+            cache.put(&key(i), Vec::new());
         }
-        let held = |i: usize| cache.get(&i.to_string()).is_some();
+        let held = |i: usize| cache.get(&key(i)).is_some();
         // The last generation and a half are held; the oldest are gone.
         assert!((n - PresentCache::GENERATION..n).all(held));
         assert!(!held(0));
+        // A leaf is known whatever its journal's revision; an entry under
+        // another journal revision is not.
+        assert!(cache.holds_leaf(&key(n - 1).leaf));
+        assert!(!cache.holds_leaf(&key(0).leaf));
+        let other = PresentKey {
+            journal_rev: "2-j".into(),
+            ..key(n - 1)
+        };
+        assert!(cache.get(&other).is_none());
         let cache = cache.0.lock().unwrap();
-        assert!(cache.new.len() + cache.old.len() <= 2 * PresentCache::GENERATION);
+        let entries = cache.new.presented.len() + cache.old.presented.len();
+        assert!(entries <= 2 * PresentCache::GENERATION);
     }
 }
