@@ -94,6 +94,11 @@ pub fn journal_id(doc_id: &str) -> String {
     format!("journal:{doc_id}")
 }
 
+/// The document a journal document id ([`journal_id`]) names.
+pub fn journaled_id(journal_id: &str) -> &str {
+    journal_id.strip_prefix("journal:").unwrap_or(journal_id)
+}
+
 /// The body of a document: without its revision members.
 pub fn body_of(doc: &Value) -> Value {
     let mut body = doc.clone();

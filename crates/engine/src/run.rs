@@ -21,7 +21,9 @@
 //! The feed also brings documents written during the run; the run records
 //! the new version only once a pass over the feed finds nothing left to do.
 
-use crate::journal::{body_hash, body_text, journal_id, Image, Journal, JournalComplements};
+use crate::journal::{
+    body_hash, body_text, journal_id, journaled_id, Image, Journal, JournalComplements,
+};
 use crate::state::{now_ms, owner_name, Applied, ByIdPass, Counts, Database, Run, State};
 use crate::{EngineError, Result};
 use rewind_lens::MigrationSet;
@@ -195,7 +197,7 @@ async fn load_page_journals(db: &Database, ids: &[String]) -> Result<HashMap<Str
     let wanted: HashSet<&str> = ids.iter().map(String::as_str).collect();
     journals_of_rows(
         rows.into_iter()
-            .filter(|row| wanted.contains(row.key.trim_start_matches("journal:"))),
+            .filter(|row| wanted.contains(journaled_id(&row.key))),
     )
 }
 
@@ -234,7 +236,7 @@ fn journals_of_rows(
     let mut out = HashMap::new();
     for row in rows {
         if let Some(doc) = row.doc {
-            let id = row.key.trim_start_matches("journal:").to_owned();
+            let id = journaled_id(&row.key).to_owned();
             let journal: Journal = serde_json::from_value(doc)
                 .map_err(|e| EngineError::Corrupt(format!("journal of {id}: {e}")))?;
             out.insert(id, journal);

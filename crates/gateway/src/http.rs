@@ -1061,7 +1061,7 @@ async fn bulk_get(session: &Session<'_>, call: &Call) -> Result<Response, Gatewa
     // its live leaves; else (a deleted leaf's revision, or one the document
     // moved past) those of every leaf.
     let unfound = |presented_of: &HashMap<String, Vec<Presented>>, some_rev: bool| {
-        let ids: Vec<String> = asked
+        asked
             .iter()
             .filter(|(id, rev)| {
                 let presented = presented_of.get(*id).map(Vec::as_slice).unwrap_or_default();
@@ -1071,8 +1071,7 @@ async fn bulk_get(session: &Session<'_>, call: &Call) -> Result<Response, Gatewa
                 }
             })
             .map(|(id, _)| (*id).to_owned())
-            .collect();
-        ids
+            .collect::<Vec<String>>()
     };
     let ids: Vec<String> = asked.iter().map(|(id, _)| (*id).to_owned()).collect();
     let mut presented_of = session.cached_winners(&ids).await?;

@@ -5,7 +5,9 @@
 pub(crate) use crate::view::is_deleted;
 use crate::view::{self, Presented};
 use crate::GatewayError;
-use rewind_engine::journal::{body_hash, body_of, journal_id, Image, Journal, JournalComplements};
+use rewind_engine::journal::{
+    body_hash, body_of, journal_id, journaled_id, Image, Journal, JournalComplements,
+};
 use rewind_engine::state::{Database, State};
 use rewind_lens::MigrationSet;
 use rewind_store::{
@@ -125,8 +127,6 @@ fn id_of(doc: &Value) -> String {
         .to_owned()
 }
 
-/// Appends the entries of `more` that `list` lacks (a journal's lists are
-/// sets kept in arrival order).
 /// The revisions of the rows of an `_all_docs` answer that name a
 /// document not deleted, by id.
 fn live_revs(rows: Vec<rewind_store::AllDocsRow>) -> HashMap<String, String> {
@@ -146,6 +146,8 @@ fn unique(ids: &[String]) -> Vec<String> {
     out
 }
 
+/// Appends the entries of `more` that `list` lacks (a journal's lists are
+/// sets kept in arrival order).
 fn add_missing<T: PartialEq>(list: &mut Vec<T>, more: Vec<T>) {
     for rev in more {
         if !list.contains(&rev) {
@@ -200,7 +202,7 @@ impl Session<'_> {
         let mut out = HashMap::new();
         for row in rows {
             if let Some(doc) = row.doc {
-                let id = row.key.trim_start_matches("journal:").to_owned();
+                let id = journaled_id(&row.key).to_owned();
                 if let Ok(journal) = serde_json::from_value::<Journal>(doc) {
                     out.insert(id, journal);
                 }
@@ -250,7 +252,7 @@ impl Session<'_> {
         };
         Ok(live_revs(self.db.state.all_docs(&opts).await?.rows)
             .into_iter()
-            .map(|(key, rev)| (key.trim_start_matches("journal:").to_owned(), rev))
+            .map(|(key, rev)| (journaled_id(&key).to_owned(), rev))
             .collect())
     }
 
@@ -274,9 +276,9 @@ impl Session<'_> {
             let deleted = presented
                 .first()
                 .is_some_and(|p| p.rev == *rev && is_deleted(&p.doc));
-            found.push(((!deleted, view::generation(rev), rev.clone()), presented));
+            found.push((leaf_order(rev, deleted), presented));
         }
-        found.sort_by(|a, b| b.0.cmp(&a.0));
+        found.sort_by(|a, b| a.0.cmp(&b.0));
         let mut seen = std::collections::HashSet::new();
         let mut out = Vec::new();
         for (_, presented) in found {
@@ -865,11 +867,7 @@ impl Session<'_> {
                     continue;
                 };
                 let journal = journals.remove(id).unwrap_or_default();
-                let base = bases.get(&(
-                    id.clone(),
-                    view::history(doc).first().cloned().unwrap_or_default(),
-                ));
-                if let Some(plan) = self.plan_push(id, doc, journal, target, &adopted, base)? {
+                if let Some(plan) = self.plan_push(id, doc, journal, target, &adopted, &bases)? {
                     plans.push(plan);
                 }
             }
@@ -883,8 +881,8 @@ impl Session<'_> {
 
     /// Steps 2 and 3 of [`Session::push`] for one pushed revision that was
     /// stored as sent, computed without I/O: what its journal gains, and
-    /// its translation to the server's version. `None` for a revision
-    /// without an id.
+    /// its translation to the server's version (`bases`: the batch's
+    /// [`Session::stored_bases`]). `None` for a revision without an id.
     fn plan_push(
         &self,
         id: &str,
@@ -892,12 +890,13 @@ impl Session<'_> {
         mut journal: Journal,
         target: u32,
         adopted: &std::collections::HashSet<String>,
-        base: Option<&(usize, Value)>,
+        bases: &HashMap<(String, String), (usize, Value)>,
     ) -> Result<Option<PushPlan>, GatewayError> {
         let chain = view::history(doc);
         let Some(rev) = chain.first().cloned() else {
             return Ok(None);
         };
+        let base = bases.get(&(id.to_owned(), rev.clone()));
         let deletion = is_deleted(doc);
         // The version a pushed body is read at: its stamp; else the version
         // of what the phone edited (its parent revision tells); else the
@@ -1110,10 +1109,9 @@ impl Session<'_> {
                 .iter()
                 .flat_map(|(id, chain)| {
                     chain
-                        .get(places.clone())
-                        .or_else(|| chain.get(places.start..))
-                        .unwrap_or_default()
                         .iter()
+                        .take(places.end)
+                        .skip(places.start)
                         .map(|rev| BulkGetRequest::new(id.clone(), Some(rev)))
                 })
                 .collect();
@@ -1264,9 +1262,6 @@ impl Session<'_> {
     }
 }
 
-/// Sorts a document's leaves in CouchDB's order, the winner first: a store
-/// may list them in any order (pouchdb-server: as its reads complete), and
-/// every answer built from them must be deterministic.
 /// The tombstones for the live leaves (of `leaves`, a document's every
 /// leaf) that rewind wrote on top of an ancestor of a pushed revision
 /// (`plan`): the human edit wins, and no conflict remains.
@@ -1352,16 +1347,20 @@ fn journal_doc(id: &str, journal: &Journal) -> Result<Value, GatewayError> {
     Ok(doc)
 }
 
+/// Sorts a document's leaves in CouchDB's order, the winner first: a store
+/// may list them in any order (pouchdb-server: as its reads complete), and
+/// every answer built from them must be deterministic.
 fn sort_leaves(leaves: &mut [Value]) {
-    let key = |doc: &Value| {
-        let rev = doc
-            .get("_rev")
-            .and_then(Value::as_str)
-            .unwrap_or("")
-            .to_owned();
-        (!is_deleted(doc), view::generation(&rev), rev)
-    };
-    leaves.sort_by_key(|doc| std::cmp::Reverse(key(doc)));
+    leaves.sort_by_key(|doc| {
+        let rev = doc.get("_rev").and_then(Value::as_str).unwrap_or("");
+        leaf_order(rev, is_deleted(doc))
+    });
+}
+
+/// A leaf's place in [`sort_leaves`]'s order (ascending): live before
+/// deleted, then the longer history, then the higher revision id.
+fn leaf_order(rev: &str, deleted: bool) -> std::cmp::Reverse<(bool, u64, String)> {
+    std::cmp::Reverse((!deleted, view::generation(rev), rev.to_owned()))
 }
 
 /// A tombstone retiring `leaf`, with a revision id derived from it, so that
