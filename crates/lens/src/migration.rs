@@ -657,6 +657,21 @@ impl MigrationSet {
         doc: &mut Value,
         complement: Option<&Value>,
     ) -> Result<StepOutcome> {
+        let mut backup = Backup::Keep(None);
+        let outcome = self.up_in_place(version, doc, complement, &mut backup);
+        backup.restore_on_error(doc, outcome)
+    }
+
+    /// [`MigrationSet::up_step`] on `doc` itself: before its first change
+    /// it copies `doc` into `backup` (when asked to), so that a caller can
+    /// put it back after an error; `doc` is left half-done by one.
+    fn up_in_place(
+        &self,
+        version: u32,
+        doc: &mut Value,
+        complement: Option<&Value>,
+        backup: &mut Backup,
+    ) -> Result<StepOutcome> {
         let migration = self.migration(version)?;
         // A stamp at or past this version means the step already ran: a
         // resumed upgrade never applies a migration twice.
@@ -665,7 +680,8 @@ impl MigrationSet {
             return Ok(StepOutcome::Skipped);
         }
         let prior = self.stamp_of(doc);
-        let mut work = doc.clone();
+        backup.save(doc);
+        let work = doc;
         // Undo in the reverse order of `down_step`: a stamp `down` removed
         // from the middle goes back before the operations run.
         let stamp_at = complement
@@ -673,10 +689,10 @@ impl MigrationSet {
             .and_then(Value::as_u64)
             .map(|i| i as usize);
         if stamp_at.is_some() {
-            self.set_stamp(&mut work, Some(version), stamp_at);
+            self.set_stamp(work, Some(version), stamp_at);
         }
-        let ops = migration.up(&mut work, complement)?;
-        self.set_stamp(&mut work, Some(version), None);
+        let ops = migration.up(work, complement)?;
+        self.set_stamp(work, Some(version), None);
         let mut kept = Map::new();
         let derived_prior = (version > 1).then_some(version - 1);
         if prior != derived_prior {
@@ -688,7 +704,6 @@ impl MigrationSet {
         if !ops.is_empty() {
             kept.insert("ops".into(), Value::Object(ops));
         }
-        *doc = work;
         Ok(StepOutcome::Applied(
             (!kept.is_empty()).then_some(Value::Object(kept)),
         ))
@@ -703,19 +718,34 @@ impl MigrationSet {
         doc: &mut Value,
         complement: Option<&Value>,
     ) -> Result<StepOutcome> {
+        let mut backup = Backup::Keep(None);
+        let outcome = self.down_in_place(version, doc, complement, &mut backup);
+        backup.restore_on_error(doc, outcome)
+    }
+
+    /// [`MigrationSet::down_step`] on `doc` itself, as
+    /// [`MigrationSet::up_in_place`].
+    fn down_in_place(
+        &self,
+        version: u32,
+        doc: &mut Value,
+        complement: Option<&Value>,
+        backup: &mut Backup,
+    ) -> Result<StepOutcome> {
         let migration = self.migration(version)?;
         let stamped = self.stamp_of(doc).unwrap_or(0);
         if !Self::is_migratable(doc) || stamped < version || !migration.when_after.matches(doc) {
             return Ok(StepOutcome::Skipped);
         }
-        let mut work = doc.clone();
-        let ops = migration.down(&mut work, complement)?;
+        backup.save(doc);
+        let work = doc;
+        let ops = migration.down(work, complement)?;
         let restored = match complement.and_then(|c| c.get("stamp")) {
             Some(Value::Null) => None,
             Some(v) => v.as_u64().and_then(|v| u32::try_from(v).ok()),
             None => Some(version - 1),
         };
-        let removed_at = self.set_stamp(&mut work, restored, None);
+        let removed_at = self.set_stamp(work, restored, None);
         let mut kept = Map::new();
         if let Some(at) = removed_at {
             kept.insert("stamp_pos".into(), at.into());
@@ -724,7 +754,6 @@ impl MigrationSet {
             kept.insert("ops".into(), Value::Object(ops));
         }
         let kept = (!kept.is_empty()).then_some(Value::Object(kept));
-        *doc = work;
         Ok(StepOutcome::Applied(kept))
     }
 
@@ -745,17 +774,37 @@ impl MigrationSet {
                 });
             }
         }
+        // One copy of the document however many steps apply: put back if
+        // one fails (the complements recorded by the steps before stay).
+        let mut backup = Backup::Keep(None);
+        let walked = self.walk(doc, from, to, complements, &mut backup);
+        backup.restore_on_error(doc, walked)
+    }
+
+    /// [`MigrationSet::translate`] without the checks, on `doc` itself.
+    fn walk(
+        &self,
+        doc: &mut Value,
+        from: u32,
+        to: u32,
+        complements: &mut dyn Complements,
+        backup: &mut Backup,
+    ) -> Result<()> {
         if from < to {
             for version in from + 1..=to {
                 let kept = complements.get(version);
-                if let StepOutcome::Applied(out) = self.up_step(version, doc, kept.as_ref())? {
+                if let StepOutcome::Applied(out) =
+                    self.up_in_place(version, doc, kept.as_ref(), backup)?
+                {
                     complements.put(version, out);
                 }
             }
         } else {
             for version in (to + 1..=from).rev() {
                 let kept = complements.get(version);
-                if let StepOutcome::Applied(out) = self.down_step(version, doc, kept.as_ref())? {
+                if let StepOutcome::Applied(out) =
+                    self.down_in_place(version, doc, kept.as_ref(), backup)?
+                {
                     complements.put(version, out);
                 }
             }
@@ -796,7 +845,10 @@ impl MigrationSet {
         let mut down = doc.clone();
         for version in (1..=from).rev() {
             let kept = complements.get(version);
-            if let StepOutcome::Applied(done) = self.down_step(version, &mut down, kept.as_ref())? {
+            // The walks' copies are dropped on an error: no backup.
+            if let StepOutcome::Applied(done) =
+                self.down_in_place(version, &mut down, kept.as_ref(), &mut Backup::None)?
+            {
                 complements.put(version, done);
             }
             out[version as usize - 1] = settled(down.clone(), version - 1);
@@ -804,7 +856,9 @@ impl MigrationSet {
         let mut up = doc.clone();
         for version in from + 1..=self.latest() {
             let kept = complements.get(version);
-            if let StepOutcome::Applied(done) = self.up_step(version, &mut up, kept.as_ref())? {
+            if let StepOutcome::Applied(done) =
+                self.up_in_place(version, &mut up, kept.as_ref(), &mut Backup::None)?
+            {
                 complements.put(version, done);
             }
             out[version as usize] = up.clone();
@@ -820,5 +874,34 @@ impl MigrationSet {
             all.push_str(&m.checksum);
         }
         checksum(all.as_bytes())
+    }
+}
+
+/// A copy of a document taken before a step changes it in place, to put
+/// back when a later step fails.
+enum Backup {
+    /// The caller drops the document on an error: no copy.
+    None,
+    /// The copy, once a step has changed the document.
+    Keep(Option<Value>),
+}
+
+impl Backup {
+    /// Copies `doc` unless a copy is held already (or none is wanted).
+    fn save(&mut self, doc: &Value) {
+        if let Backup::Keep(slot @ None) = self {
+            *slot = Some(doc.clone());
+        }
+    }
+
+    /// Passes `outcome` on, putting the copy back into `doc` when it is an
+    /// error.
+    fn restore_on_error<T>(self, doc: &mut Value, outcome: Result<T>) -> Result<T> {
+        if outcome.is_err() {
+            if let Backup::Keep(Some(copy)) = self {
+                *doc = copy;
+            }
+        }
+        outcome
     }
 }
