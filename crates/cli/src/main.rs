@@ -21,6 +21,15 @@ use std::process::ExitCode;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// mimalloc's `purge_delay` option (milliseconds before freed memory goes
+/// back to the system), numbered as in mimalloc.h.
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+/// mimalloc keeps freed memory for a second by default: a batch's freed
+/// memory was still held when the next ones were allocated, ~40 MB more
+/// peak RSS for a rollback (over 200 MB at 1M documents); 50 ms gives it
+/// back between batches at no measured cost in speed.
+const PURGE_DELAY_MS: std::ffi::c_long = 50;
+
 /// Reversible schema upgrades for offline-first CouchDB/PouchDB apps.
 ///
 /// Migrations are YAML files in a directory (default ./migrations), applied in
@@ -55,6 +64,9 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // SAFETY: sets an integer option of the allocator in use; mimalloc
+    // reads options on every purge, so a change at any time is safe.
+    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, PURGE_DELAY_MS) };
     restore_sigpipe();
     let cli = Cli::parse();
     let result = match &cli.command {

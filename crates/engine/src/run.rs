@@ -249,6 +249,8 @@ fn journals_of_rows(
 struct Rewrite {
     doc: Value,
     restored: bool,
+    /// The new document's length as JSON (set by [`rewrite_all`]).
+    bytes: u64,
 }
 
 /// Computes the new body of a leaf, updating its journal.
@@ -297,6 +299,7 @@ fn rewrite(
             Ok(Some(Rewrite {
                 doc,
                 restored: false,
+                bytes: 0,
             }))
         }
         Kind::Rollback => {
@@ -355,7 +358,11 @@ fn rewrite(
             if let Some(object) = doc.as_object_mut() {
                 object.shift_remove("_revisions");
             }
-            Ok(Some(Rewrite { doc, restored }))
+            Ok(Some(Rewrite {
+                doc,
+                restored,
+                bytes: 0,
+            }))
         }
     }
 }
@@ -412,7 +419,10 @@ fn rewrite_all(
             let journal = part_journals.entry(id.clone()).or_default();
             let rewritten = rewrite(set, kind, run, leaf, journal);
             match rewritten {
-                Ok(Some(rewrite)) => out.push((id, rewrite)),
+                Ok(Some(mut rewrite)) => {
+                    rewrite.bytes = rewind_store::json_len(&rewrite.doc);
+                    out.push((id, rewrite));
+                }
                 Ok(None) => {}
                 Err(e) => return (Err(e), part_journals),
             }
@@ -1117,7 +1127,7 @@ async fn journal_once(
     for rewrite in rewritten {
         if !raced.iter().any(|id| id == id_str(&rewrite.doc)) {
             counts.restored += u64::from(rewrite.restored);
-            counts.bytes += rewind_store::json_len(&rewrite.doc);
+            counts.bytes += rewrite.bytes;
             docs.push(rewrite.doc);
         }
     }
