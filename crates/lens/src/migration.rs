@@ -657,9 +657,9 @@ impl MigrationSet {
         doc: &mut Value,
         complement: Option<&Value>,
     ) -> Result<StepOutcome> {
-        let mut backup = Backup::Keep(None);
-        let outcome = self.up_in_place(version, doc, complement, &mut backup);
-        backup.restore_on_error(doc, outcome)
+        Backup::all_or_nothing(doc, |doc, backup| {
+            self.up_in_place(version, doc, complement, backup)
+        })
     }
 
     /// [`MigrationSet::up_step`] on `doc` itself: before its first change
@@ -718,9 +718,9 @@ impl MigrationSet {
         doc: &mut Value,
         complement: Option<&Value>,
     ) -> Result<StepOutcome> {
-        let mut backup = Backup::Keep(None);
-        let outcome = self.down_in_place(version, doc, complement, &mut backup);
-        backup.restore_on_error(doc, outcome)
+        Backup::all_or_nothing(doc, |doc, backup| {
+            self.down_in_place(version, doc, complement, backup)
+        })
     }
 
     /// [`MigrationSet::down_step`] on `doc` itself, as
@@ -776,9 +776,9 @@ impl MigrationSet {
         }
         // One copy of the document however many steps apply: put back if
         // one fails (the complements recorded by the steps before stay).
-        let mut backup = Backup::Keep(None);
-        let walked = self.walk(doc, from, to, complements, &mut backup);
-        backup.restore_on_error(doc, walked)
+        Backup::all_or_nothing(doc, |doc, backup| {
+            self.walk(doc, from, to, complements, backup)
+        })
     }
 
     /// [`MigrationSet::translate`] without the checks, on `doc` itself.
@@ -894,11 +894,17 @@ impl Backup {
         }
     }
 
-    /// Passes `outcome` on, putting the copy back into `doc` when it is an
-    /// error.
-    fn restore_on_error<T>(self, doc: &mut Value, outcome: Result<T>) -> Result<T> {
+    /// Runs `change` on `doc` in place and, when it fails, puts back the
+    /// copy it saved before its first change: `doc` is changed entirely or
+    /// not at all.
+    fn all_or_nothing<T>(
+        doc: &mut Value,
+        change: impl FnOnce(&mut Value, &mut Backup) -> Result<T>,
+    ) -> Result<T> {
+        let mut backup = Backup::Keep(None);
+        let outcome = change(doc, &mut backup);
         if outcome.is_err() {
-            if let Backup::Keep(Some(copy)) = self {
+            if let Backup::Keep(Some(copy)) = backup {
                 *doc = copy;
             }
         }

@@ -257,3 +257,29 @@ fn translate_all_gives_what_translate_gives_for_every_version() {
     }
     assert!(checked > 7000);
 }
+
+#[test]
+fn a_failing_step_leaves_the_document_as_it_was_before_the_walk() {
+    let s = set(&[
+        "description: x\nwhen: {type: a}\nup:\n  - rename: {from: name, to: title}\n",
+        "description: y\nwhen: {type: a}\nup:\n  - custom:\n      up: \"d => { if (d.bad) throw new Error('no'); d.ok = 1; return d; }\"\n      down: \"d => { delete d.ok; return d; }\"\nwhen_after: {type: a, ok: 1}\n",
+    ]);
+    let original = json!({"_id": "x", "type": "a", "name": "n", "bad": true});
+    // One step applies in place, the next throws: all or nothing.
+    let mut doc = original.clone();
+    assert!(s
+        .translate(&mut doc, 0, 2, &mut rewind_lens::migration::NoComplements)
+        .is_err());
+    assert_eq!(doc, original, "translate");
+    let mut once = original.clone();
+    s.up_step(1, &mut once, None).unwrap();
+    let before_second = once.clone();
+    assert!(s.up_step(2, &mut once, None).is_err());
+    assert_eq!(once, before_second, "up_step");
+    // Without the throw both apply.
+    let mut good = json!({"_id": "x", "type": "a", "name": "n"});
+    s.translate(&mut good, 0, 2, &mut rewind_lens::migration::NoComplements)
+        .unwrap();
+    assert_eq!(good["title"], "n");
+    assert_eq!(good["ok"], 1);
+}
