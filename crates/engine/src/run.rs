@@ -436,13 +436,20 @@ fn rewrite_all(
             let mut parts = work.into_iter();
             let first = parts.next();
             let handles: Vec<_> = parts
-                .map(|part| scope.spawn(move || run_part(part)))
+                .map(|part| std::thread::Builder::new().spawn_scoped(scope, move || run_part(part)))
                 .collect();
             let mut results: Vec<_> = first.into_iter().map(run_part).collect();
             for handle in handles {
-                match handle.join() {
-                    Ok(result) => results.push(result),
-                    Err(panic) => std::panic::resume_unwind(panic),
+                match handle.map(|h| h.join()) {
+                    Ok(Ok(result)) => results.push(result),
+                    Ok(Err(panic)) => std::panic::resume_unwind(panic),
+                    // Nothing is written when the batch fails.
+                    Err(e) => results.push((
+                        Err(EngineError::Refused(format!(
+                            "could not start a thread to translate documents: {e}"
+                        ))),
+                        HashMap::new(),
+                    )),
                 }
             }
             results
