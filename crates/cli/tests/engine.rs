@@ -750,13 +750,28 @@ async fn progress(db: &Db) -> Option<u64> {
 /// land all along the run, from start-up to the final state write. Returns
 /// how many kills happened.
 async fn crash_loop(db: &Db, args: &[String], kills: usize, total: u64, rng: &mut Rng) -> usize {
-    let mut done = 0;
-    // Documents per second of work, learnt from the attempts.
-    let mut rate: f64 = if db.backend == Backend::Embedded {
+    // Documents per second of a run in batches of 50, to begin with.
+    let rate = if db.backend == Backend::Embedded {
         1500.0
     } else {
         500.0
     };
+    crash_loop_at(db, args, kills, total, rng, rate).await
+}
+
+/// [`crash_loop`] for a run expected to do about `rate` documents per
+/// second at first.
+async fn crash_loop_at(
+    db: &Db,
+    args: &[String],
+    kills: usize,
+    total: u64,
+    rng: &mut Rng,
+    rate: f64,
+) -> usize {
+    let mut done = 0;
+    // Documents per second of work, learnt from the attempts.
+    let mut rate = rate;
     let startup = 0.03;
     while done < kills {
         let read = progress(db).await.unwrap_or(0);
@@ -856,7 +871,13 @@ fn crash_seed() -> u64 {
         .unwrap_or(20_261_125)
 }
 
+/// `rewind CMD` on `db` in batches of 50 (many checkpoints for kills to
+/// land between), plus `extra`.
 fn run_args(db: &Db, cmd: &str, extra: &[&str]) -> Vec<String> {
+    run_args_in_batches(db, cmd, 50, extra)
+}
+
+fn run_args_in_batches(db: &Db, cmd: &str, batch: usize, extra: &[&str]) -> Vec<String> {
     let mut args = vec![
         cmd.to_owned(),
         "--db".into(),
@@ -864,7 +885,7 @@ fn run_args(db: &Db, cmd: &str, extra: &[&str]) -> Vec<String> {
         "--migrations".into(),
         migrations_arg(),
         "--batch".into(),
-        "50".into(),
+        batch.to_string(),
     ];
     args.extend(extra.iter().map(|s| s.to_string()));
     args
@@ -897,6 +918,34 @@ async fn kill_9_during_upgrade_migrates_every_document_exactly_once(backend: Bac
     eprintln!("{backend:?}: upgrade killed {done} times (seed {seed}), resumed {resumed:?}");
     assert!(
         done >= kills,
+        "only {done} of {kills} kills landed before the upgrade finished"
+    );
+}
+
+/// Batches of 400 documents are translated on several threads (parts from
+/// 256 leaves): killed there too, every document is migrated exactly once
+/// and journaled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_during_an_upgrade_translated_on_every_core() {
+    let backend = Backend::Embedded;
+    let db = Db::new(backend).await;
+    let set = set();
+    let n = crash_docs(backend);
+    let original = db.load(n, 11).await;
+    let kills = crash_kills() / 2;
+    let seed = crash_seed() + 2;
+    let mut rng = Rng(seed);
+    let args = run_args_in_batches(&db, "upgrade", 400, &[]);
+    // Large batches go fast: the kills are spread for ~10,000 documents a second.
+    let done = crash_loop_at(&db, &args, kills, original.len() as u64, &mut rng, 10_000.0).await;
+    let upgraded = read_all(&db.store).await;
+    let migrated = check_upgraded(backend, &set, &original, &upgraded, 1);
+    assert_eq!(migrated.len() as u64, n);
+    check_journals(&db, &migrated).await;
+    check_state(&db, 7).await;
+    eprintln!("{backend:?}: upgrade in batches of 400 killed {done} times (seed {seed})");
+    assert!(
+        done >= kills / 2,
         "only {done} of {kills} kills landed before the upgrade finished"
     );
 }
