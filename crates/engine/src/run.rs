@@ -372,11 +372,12 @@ fn rewrite(
 const PARALLEL_REWRITE_MIN: usize = 256;
 
 /// [`rewrite`] for every leaf of a batch, with the journals of their
-/// documents (created empty where missing), in order: the rewritten
-/// leaves with their document ids. The CPU-bound translation is spread over
-/// the machine's cores in contiguous parts that never split a document's
-/// leaves (a document's journal is updated by each of its leaves in turn);
-/// the first error in leaf order is returned.
+/// documents (created empty where missing): the rewritten leaves with their
+/// document ids, in batch order except that a document's leaves come
+/// together. The CPU-bound translation is spread over the machine's cores in
+/// parts that never split a document's leaves (a document's journal is
+/// updated by each of its leaves in turn); on errors, the first part's
+/// error is returned and nothing should be written.
 fn rewrite_all(
     set: &MigrationSet,
     kind: Kind,
