@@ -120,12 +120,31 @@ pub struct PouchServer {
     pub dir: TempDir,
 }
 
+/// How a pouchdb-server start ended.
+enum Started {
+    Up(PouchServer),
+    /// Another process took the port between `free_port` and the bind.
+    PortTaken,
+}
+
 impl PouchServer {
-    /// Starts pouchdb-server on a free port and waits until it answers.
+    /// Starts pouchdb-server on a free port and waits until it answers;
+    /// when another process takes the port first, again on another one.
     pub fn start() -> PouchServer {
+        for _ in 0..10 {
+            if let Started::Up(server) = Self::start_on(free_port()) {
+                return server;
+            }
+        }
+        panic!("pouchdb-server: ten free ports were taken before it could bind them");
+    }
+
+    /// Starts pouchdb-server on `port` and waits until it says it started
+    /// (a server answering on the port may be another process's: then
+    /// this one says the port is in use and exits).
+    fn start_on(port: u16) -> Started {
         let bin = node_modules().join("pouchdb-server/bin/pouchdb-server");
         let dir = TempDir::new();
-        let port = free_port();
         // The shell kills the server when our end of its stdin closes.
         let script = format!(
             "node \"{}\" --host 127.0.0.1 --port {port} --dir \"{}\" >\"{}/server.log\" 2>&1 & pid=$!; read _; kill $pid; wait $pid",
@@ -143,26 +162,32 @@ impl PouchServer {
             .expect("start sh for pouchdb-server");
         let stdin = child.stdin.take();
         let deadline = Instant::now() + Duration::from_secs(60);
+        let started = format!("has started on http://127.0.0.1:{port}/");
         loop {
-            if http_get(port, "/")
-                .is_some_and(|r| r.starts_with("HTTP/1.1 200") || r.starts_with("HTTP/1.0 200"))
+            let log = std::fs::read_to_string(dir.path().join("server.log")).unwrap_or_default();
+            if log.contains("is already in use") {
+                drop(stdin);
+                let _ = child.wait();
+                return Started::PortTaken;
+            }
+            if log.contains(&started)
+                && http_get(port, "/")
+                    .is_some_and(|r| r.starts_with("HTTP/1.1 200") || r.starts_with("HTTP/1.0 200"))
             {
                 break;
             }
             if Instant::now() > deadline {
-                let log =
-                    std::fs::read_to_string(dir.path().join("server.log")).unwrap_or_default();
                 panic!("pouchdb-server did not answer on port {port} within 60 s; log:\n{log}");
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        PouchServer {
+        Started::Up(PouchServer {
             url: format!("http://127.0.0.1:{port}"),
             port,
             child,
             stdin,
             dir,
-        }
+        })
     }
 
     /// The URL of a database on this server (not created).
@@ -347,5 +372,21 @@ pub async fn live_leaves(store: &AnyStore, id: &str) -> Vec<Value> {
             .collect(),
         Ok(GetResult::Doc(doc)) => vec![doc],
         Err(e) => panic!("open_revs=all of {id}: {e}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_port_another_server_took_is_noticed_not_shared() {
+        let first = PouchServer::start();
+        assert!(
+            matches!(PouchServer::start_on(first.port), Started::PortTaken),
+            "a second pouchdb-server on the first one's port must not pass for started"
+        );
+        let second = PouchServer::start();
+        assert_ne!(second.port, first.port);
     }
 }

@@ -182,18 +182,35 @@ async function startGateway(cleanup, backend, { port } = {}) {
   return gw;
 }
 
-/** Starts pouchdb-server in a temp dir; returns `{url, port, proc, stop()}`. */
+/**
+ * Starts pouchdb-server in a temp dir; returns `{url, port, proc, stop()}`.
+ * A server answering on the port may be another process's (the port was
+ * taken between `freePort` and the bind): this one then says so and exits,
+ * and it starts again on another port.
+ */
 async function startPouchServer(cleanup) {
   const dir = tmpdir(cleanup, 'rewind-pt-couch-');
-  const port = await freePort();
   const bin = path.join(__dirname, '..', 'node_modules', 'pouchdb-server', 'bin', 'pouchdb-server');
-  const proc = spawnServer(process.execPath, [bin, '--host', '127.0.0.1', '--port', String(port), '--dir', dir], {
-    cwd: dir,
-  });
-  const server = { port, proc, dir, url: `http://127.0.0.1:${port}`, stop: () => kill(proc) };
-  cleanup.add(() => server.stop());
-  await waitUp(`${server.url}/`, proc, 30000);
-  return server;
+  for (let attempt = 0; attempt < 10; attempt++) {
+    const port = await freePort();
+    const proc = spawnServer(process.execPath, [bin, '--host', '127.0.0.1', '--port', String(port), '--dir', dir], {
+      cwd: dir,
+    });
+    const server = { port, proc, dir, url: `http://127.0.0.1:${port}`, stop: () => kill(proc) };
+    cleanup.add(() => server.stop());
+    const deadline = Date.now() + 30000;
+    while (!proc.logText().includes(`has started on ${server.url}/`) && !proc.logText().includes('is already in use')) {
+      if (proc.exitCode !== null || Date.now() > deadline) break;
+      await sleep(50);
+    }
+    if (proc.logText().includes('is already in use')) {
+      await server.stop();
+      continue;
+    }
+    await waitUp(`${server.url}/`, proc, 30000);
+    return server;
+  }
+  throw new Error('pouchdb-server: ten free ports were taken before it could bind them');
 }
 
 /**
