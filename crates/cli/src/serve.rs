@@ -1,4 +1,5 @@
 use crate::Cli;
+use anyhow::Context;
 use rewind_engine::Project;
 use rewind_gateway::{Backend, GatewayConfig};
 use std::path::PathBuf;
@@ -69,10 +70,17 @@ pub fn run(cli: &Cli, args: &Args) -> anyhow::Result<ExitCode> {
         .max_blocking_threads(BLOCKING_THREADS)
         .build()?;
     rt.block_on(async {
+        let listener = tokio::net::TcpListener::bind(&args.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", args.listen))?;
+        // Said once listening (scripts wait for this line): the address
+        // bound, so `--listen 127.0.0.1:0` tells its port.
+        let bound = listener
+            .local_addr()
+            .map_or_else(|_| args.listen.clone(), |a| a.to_string());
         eprintln!(
-            "rewind serve: {} migrations, serving {shown} on http://{} (versions /v/0 .. /v/{})",
+            "rewind serve: {} migrations, serving {shown} on http://{bound} (versions /v/0 .. /v/{})",
             project.migrations.latest(),
-            args.listen,
             project.migrations.latest()
         );
         rewind_gateway::serve(
@@ -82,7 +90,7 @@ pub fn run(cli: &Cli, args: &Args) -> anyhow::Result<ExitCode> {
                 databases: args.databases.clone(),
                 users: project.config.users.clone(),
             },
-            &args.listen,
+            listener,
         )
         .await?;
         Ok(ExitCode::SUCCESS)

@@ -1448,9 +1448,12 @@ async fn attachment_get(
     Ok(response)
 }
 
-/// Serves the gateway on `listen` until the process ends.
-pub async fn serve(config: GatewayConfig, listen: &str) -> std::io::Result<()> {
+/// Serves the gateway on `listener` (bound by the caller, who can then say
+/// where it listens) until the process ends.
+pub async fn serve(
+    config: GatewayConfig,
+    listener: tokio::net::TcpListener,
+) -> std::io::Result<()> {
     let gateway = Gateway::new(config);
-    let listener = tokio::net::TcpListener::bind(listen).await?;
     axum::serve(listener, router(gateway)).await
 }

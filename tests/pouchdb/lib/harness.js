@@ -94,6 +94,16 @@ async function waitUp(url, proc, ms = 20000) {
   throw new Error(`${url} did not answer within ${ms} ms (${last}): ${proc ? proc.logText() : ''}`);
 }
 
+/** Waits until `proc`'s output contains `text`; throws if it exits first or after `ms`. */
+async function waitForLog(proc, text, ms) {
+  const deadline = Date.now() + ms;
+  while (!proc.logText().includes(text)) {
+    if (proc.exitCode !== null) throw new Error(`the server exited with ${proc.exitCode}: ${proc.logText()}`);
+    if (Date.now() > deadline) throw new Error(`the server did not say ${JSON.stringify(text)} within ${ms} ms: ${proc.logText()}`);
+    await sleep(50);
+  }
+}
+
 /** Spawns a long-running process, keeping the tail of its output. */
 function spawnServer(cmd, args, opts = {}) {
   const proc = spawn(cmd, args, { stdio: ['ignore', 'pipe', 'pipe'], ...opts });
@@ -161,6 +171,9 @@ async function startGateway(cleanup, backend, { port } = {}) {
     else args.push('--couch', backend.couch);
     gw.proc = spawnServer(BIN, args);
     gw.url = `http://127.0.0.1:${gw.port}`;
+    // Its own line once it listens: a server answering before that (or
+    // instead, when the port was taken) is another process's.
+    await waitForLog(gw.proc, `on ${gw.url} (`, 20000);
     await waitUp(`${gw.url}/`, gw.proc);
   };
   gw.stop = () => kill(gw.proc);
