@@ -249,8 +249,19 @@ fn journals_of_rows(
 struct Rewrite {
     doc: Value,
     restored: bool,
-    /// The new document's length as JSON (set by [`rewrite_all`]).
+    /// The new document's length as JSON.
     bytes: u64,
+}
+
+impl Rewrite {
+    fn new(doc: Value, restored: bool) -> Rewrite {
+        let bytes = rewind_store::json_len(&doc);
+        Rewrite {
+            doc,
+            restored,
+            bytes,
+        }
+    }
 }
 
 /// Computes the new body of a leaf, updating its journal.
@@ -296,11 +307,7 @@ fn rewrite(
                 body: before,
                 run: Some(run.id.clone()),
             });
-            Ok(Some(Rewrite {
-                doc,
-                restored: false,
-                bytes: 0,
-            }))
+            Ok(Some(Rewrite::new(doc, false)))
         }
         Kind::Rollback => {
             let stamped = set.stamp_of(&leaf).unwrap_or(0);
@@ -358,11 +365,7 @@ fn rewrite(
             if let Some(object) = doc.as_object_mut() {
                 object.shift_remove("_revisions");
             }
-            Ok(Some(Rewrite {
-                doc,
-                restored,
-                bytes: 0,
-            }))
+            Ok(Some(Rewrite::new(doc, restored)))
         }
     }
 }
@@ -420,10 +423,7 @@ fn rewrite_all(
             let journal = part_journals.entry(id.clone()).or_default();
             let rewritten = rewrite(set, kind, run, leaf, journal);
             match rewritten {
-                Ok(Some(mut rewrite)) => {
-                    rewrite.bytes = rewind_store::json_len(&rewrite.doc);
-                    out.push((id, rewrite));
-                }
+                Ok(Some(rewrite)) => out.push((id, rewrite)),
                 Ok(None) => {}
                 Err(e) => return (Err(e), part_journals),
             }

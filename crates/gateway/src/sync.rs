@@ -356,18 +356,14 @@ impl Session<'_> {
             let rev = leaf.get("_rev").and_then(Value::as_str).unwrap_or("");
             self.present_key(&epochs, &id, rev, journal_rev)
         };
-        let cached: HashMap<String, Vec<Presented>> = leaves
-            .iter()
-            .filter_map(|l| self.cache.get(&key(l)).map(|p| (key(l).full(), p)))
-            .collect();
+        // Each leaf's cache key and what the cache holds for it, once.
+        let keys: Vec<PresentKey> = leaves.iter().map(key).collect();
+        let cached: Vec<Option<Vec<Presented>>> = keys.iter().map(|k| self.cache.get(k)).collect();
         // The bodies of each live leaf's parent and grandparent: from the
         // journal's before-images, else from the store.
         let mut ancestors: HashMap<(String, String), Value> = HashMap::new();
         let mut wanted = Vec::new();
-        for leaf in leaves
-            .iter()
-            .filter(|l| !cached.contains_key(&key(l).full()))
-        {
+        for (leaf, _) in leaves.iter().zip(&cached).filter(|(_, c)| c.is_none()) {
             let id = id_of(leaf);
             let journal = journals.get(&id).unwrap_or(&empty);
             for rev in ancestor_candidates(leaf) {
@@ -406,12 +402,12 @@ impl Session<'_> {
         }
         let mut out = Vec::new();
         let mut seen: std::collections::HashSet<(String, String)> = Default::default();
-        for leaf in leaves {
+        for ((leaf, key), cached) in leaves.iter().zip(&keys).zip(cached) {
             let id = id_of(leaf);
-            if let Some(presented) = cached.get(&key(leaf).full()) {
+            if let Some(presented) = cached {
                 for p in presented {
                     if seen.insert((id.clone(), p.rev.clone())) {
-                        out.push(p.clone());
+                        out.push(p);
                     }
                 }
                 continue;
@@ -434,7 +430,7 @@ impl Session<'_> {
             };
             let presented = view::present(&cx, leaf, self.k, &known)
                 .map_err(|e| GatewayError::Lens(id.clone(), e))?;
-            self.cache.put(&key(leaf), presented.clone());
+            self.cache.put(key, presented.clone());
             for p in presented {
                 if seen.insert((id.clone(), p.rev.clone())) {
                     out.push(p);
@@ -481,30 +477,34 @@ impl Session<'_> {
         // phone pulled them just now) are answered from it once their
         // journals' revisions (one light read) match; the others are read.
         let epochs = view::epochs(self.state);
-        let held = |row: &rewind_store::ChangeRow| {
-            row.changes.iter().all(|c| {
-                let key = self.present_key(&epochs, &row.id, &c.rev, "");
-                self.cache.holds_leaf(&key.leaf)
+        let held: Vec<bool> = changes
+            .results
+            .iter()
+            .map(|row| {
+                row.changes.iter().all(|c| {
+                    let key = self.present_key(&epochs, &row.id, &c.rev, "");
+                    self.cache.holds_leaf(&key.leaf)
+                })
             })
-        };
+            .collect();
         let maybe: Vec<String> = changes
             .results
             .iter()
-            .filter(|row| held(row))
-            .map(|row| row.id.clone())
+            .zip(&held)
+            .filter(|(_, held)| **held)
+            .map(|(row, _)| row.id.clone())
             .collect();
         let journal_revs = self.journal_revs(&maybe).await?;
         let mut by_id = HashMap::new();
         let mut wanted = Vec::new();
         let mut uncached = Vec::new();
-        for row in &changes.results {
+        for (row, held) in changes.results.iter().zip(held) {
             let revs: Vec<String> = row.changes.iter().map(|c| c.rev.clone()).collect();
             let journal_rev = journal_revs
                 .get(&row.id)
                 .map(String::as_str)
                 .unwrap_or_default();
-            let cached = maybe
-                .contains(&row.id)
+            let cached = held
                 .then(|| self.cached_presentations(&epochs, &row.id, &revs, journal_rev))
                 .flatten();
             match cached {

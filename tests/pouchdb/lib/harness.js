@@ -94,12 +94,23 @@ async function waitUp(url, proc, ms = 20000) {
   throw new Error(`${url} did not answer within ${ms} ms (${last}): ${proc ? proc.logText() : ''}`);
 }
 
-/** Waits until `proc`'s output contains `text`; throws if it exits first or after `ms`. */
-async function waitForLog(proc, text, ms) {
+/**
+ * Waits until `proc`'s output contains one of `texts`; returns it. Throws if
+ * the process exits without saying any (its last output is read after the
+ * exit) or after `ms`.
+ */
+async function waitForLog(proc, texts, ms) {
   const deadline = Date.now() + ms;
-  while (!proc.logText().includes(text)) {
-    if (proc.exitCode !== null) throw new Error(`the server exited with ${proc.exitCode}: ${proc.logText()}`);
-    if (Date.now() > deadline) throw new Error(`the server did not say ${JSON.stringify(text)} within ${ms} ms: ${proc.logText()}`);
+  for (;;) {
+    const said = texts.find((text) => proc.logText().includes(text));
+    if (said !== undefined) return said;
+    if (proc.exitCode !== null) {
+      await sleep(200);
+      const late = texts.find((text) => proc.logText().includes(text));
+      if (late !== undefined) return late;
+      throw new Error(`the server exited with ${proc.exitCode}: ${proc.logText()}`);
+    }
+    if (Date.now() > deadline) throw new Error(`the server did not say ${JSON.stringify(texts)} within ${ms} ms: ${proc.logText()}`);
     await sleep(50);
   }
 }
@@ -173,7 +184,7 @@ async function startGateway(cleanup, backend, { port } = {}) {
     gw.url = `http://127.0.0.1:${gw.port}`;
     // Its own line once it listens: a server answering before that (or
     // instead, when the port was taken) is another process's.
-    await waitForLog(gw.proc, `on ${gw.url} (`, 20000);
+    await waitForLog(gw.proc, [`on ${gw.url} (`], 20000);
     await waitUp(`${gw.url}/`, gw.proc);
   };
   gw.stop = () => kill(gw.proc);
@@ -211,12 +222,8 @@ async function startPouchServer(cleanup) {
     });
     const server = { port, proc, dir, url: `http://127.0.0.1:${port}`, stop: () => kill(proc) };
     cleanup.add(() => server.stop());
-    const deadline = Date.now() + 30000;
-    while (!proc.logText().includes(`has started on ${server.url}/`) && !proc.logText().includes('is already in use')) {
-      if (proc.exitCode !== null || Date.now() > deadline) break;
-      await sleep(50);
-    }
-    if (proc.logText().includes('is already in use')) {
+    const taken = 'is already in use';
+    if ((await waitForLog(proc, [`has started on ${server.url}/`, taken], 30000)) === taken) {
       await server.stop();
       continue;
     }
