@@ -328,6 +328,14 @@ class Drill {
         if (local._conflicts && local._conflicts.length) problems.push(`${id}: conflicts ${local._conflicts}`);
       }
       for (const id of mine.keys()) if (!want.has(id)) problems.push(`${id}: held, not served`);
+      if (problems.length && process.env.DRILL_TREES) {
+        // The first differing document's revision trees, on the phone and as served.
+        const id = problems[0].split(':')[0];
+        const tree = (await p.db.get(id, { revs_info: true, open_revs: 'all', revs: true }));
+        console.log('PHONE', JSON.stringify(tree.map((r) => [r.ok && r.ok._rev, r.ok && r.ok._deleted, r.ok && r.ok._revisions])));
+        const sv = await h.http(`${p.url}/${id}?open_revs=all&revs=true`);
+        console.log('SERVED', JSON.stringify(sv.json.map((r) => [r.ok && r.ok._rev, r.ok && r.ok._deleted, r.ok && r.ok._revisions])));
+      }
       assert.deepEqual(problems.slice(0, 5), [], `phone ${p.index} at ${p.url} after ${when}: ${problems.length} documents differ`);
     }
   }
@@ -487,7 +495,8 @@ async function finalChecks(d) {
 // PouchDB had rewritten a number (`34.0` → `34`), and a push tombstoned the
 // engine's migration of the pushed revision itself. It is a plain test now;
 // REWIND_DRILL_SEEDS runs more seeds, DRILL_DEBUG=1 REWIND_PT_KEEP=1 keeps
-// the stores and prints each sync.
+// the stores and prints each sync, DRILL_TREES=1 prints the revision trees
+// of the first document a phone holds otherwise than served.
 
 for (const kind of STORES) {
   describe(`rollback drill: five PouchDB phones through rewind serve (${kind} store), engine killed with SIGKILL`, () => {

@@ -12,14 +12,14 @@ const N = 60;
 
 // Known gateway design issues (view.rs / sync.rs): the tests that show them
 // run, and are reported as TODO until the design handles them.
-// Known costs of the revision design (docs/design.md, "Revisions"): every
-// version is presented as a synthetic child of the stored leaf, next to
-// tombstones retiring the other views, so that any phone converges in one
-// pull without a conflict. The price is extra revisions to download.
+// Known limits of the revision design (docs/design.md, "Revisions"): the view
+// at a version is a synthetic revision above its anchor, a child of the
+// older versions' views, so a phone moving up converges in one pull without
+// a conflict; moving down within a presentation context, it cannot.
 const TODO = {
   syntheticRevPerVersion:
-    'a switch downloads two revisions per shape-changed doc (the new view and the tombstone retiring the old one), ' +
-    'and a move down (v7 → v3) finds the views it retired at v7 deleted: a stateless gateway serves moves up ' +
+    'a move down (v7 → v3) keeps the v7 view: the view at a version descends from every older version\'s view, ' +
+    'and a stateless gateway cannot also make it an ancestor; moves up cost one revision per shape-changed doc ' +
     '(docs/design.md, "Moves between versions go up")',
 };
 
@@ -82,22 +82,6 @@ function newPerson(id, k, first, last) {
   doc.phone = '+1-new';
   return doc;
 }
-
-// At HEAD 6657c06 and later ("present journaled documents even at the
-// storage version"; retirement tombstones), every document lists, besides
-// its presented revision, tombstones of the synthetic revisions of the other
-// versions: a fresh pull of 120 docs (server at v3) reads 672 revisions, and
-// the suite runs ~4x slower. Earlier HEADs (c97cafc) pass this test. On
-// 2026-11-26 the download-cost test measured 684 revisions where it wants 60
-// (912 before ancestors' views were left out of epochs that began after them;
-// 516 once a phone at v0 no longer gets tombstones for newer versions' views).
-// Since anchors and pinned contexts a fresh pinned pull reads exactly one
-// revision per doc; the switch v0 → v7 still reads 228 where 60 docs changed
-// shape (the new view plus tombstones for the lower versions' views, which a
-// phone moving up may hold).
-const RETIREMENT_TODO = process.env.REWIND_PT_STRICT
-  ? {}
-  : { todo: 'a switch up downloads tombstones of the lower versions\' views (~3.8 revisions per doc)' };
 
 for (const kind of h.STORE_KINDS) {
   describe(`gateway over ${kind}`, () => {
@@ -280,7 +264,11 @@ for (const kind of h.STORE_KINDS) {
       assert.equal((await p.pull()).docs_read, 0, 'a second pull at v7 downloads nothing');
     });
 
-    test('download cost: a fresh pull reads one revision per doc; a switch /v/0 → /v/7 only the shape-changed ones', RETIREMENT_TODO, async (t) => {
+    // History: a todo until 2026-11-26 (a switch up read ~3.8 revisions per
+    // shape-changed document: the new view and tombstones for every older
+    // version's view). A version's view is now a child of the older
+    // versions' views (docs/design.md, "Revisions"), so the switch reads one.
+    test('download cost: a fresh pull reads one revision per doc; a switch /v/0 → /v/7 only the shape-changed ones', async (t) => {
       const ctx = await setup(t, kind, { version: 3 });
       const p = ctx.phone(0);
       const first = await p.pull();
