@@ -96,22 +96,6 @@ function newPerson(id, k, marker) {
   return doc;
 }
 
-/**
- * Waits (bounded) until `/medic` serves version k: the gateway caches the
- * engine's state for STATE_TTL (250 ms, crates/gateway/src/http.rs), so a
- * separate process's finish shows a moment later.
- */
-async function waitServed(gw, k) {
-  await h.waitFor(async () => (await servedVersion(gw)) === k, 5000, `/medic to serve v${k}`);
-}
-
-/** The version `/medic` serves right now. */
-async function servedVersion(gw) {
-  const res = await h.http(`${gw.url}/${h.DB}`);
-  assert.equal(res.status, 200, res.text);
-  return res.json.rewind.version;
-}
-
 // -------------------------------------------------------------------- drill
 
 class Drill {
@@ -405,7 +389,7 @@ async function finalChecks(d) {
   const v7 = `${d.gw.url}/v/7/${h.DB}`;
   const v0 = `${d.gw.url}/v/0/${h.DB}`;
   const follow = `${d.gw.url}/${h.DB}`;
-  assert.equal(await servedVersion(d.gw), 7, 'the server serves v7 at the end');
+  assert.equal(await h.servedVersion(d.gw), 7, 'the server serves v7 at the end');
 
   // The server, read through the gateway at v7.
   const all = await h.http(`${v7}/_all_docs?include_docs=true`);
@@ -533,7 +517,7 @@ for (const kind of STORES) {
           }
           await upgrade;
           d.trafficRounds = rounds;
-          await waitServed(d.gw, 7);
+          await h.waitServed(d.gw, 7);
           await d.syncAll();
         });
 
@@ -553,7 +537,7 @@ for (const kind of STORES) {
         // 3. Instant rollback to v0 (killed, re-run); online phones follow /medic and sync.
         await d.timed('rollback', async () => {
           await d.engine('rollback', 0, { instant: true });
-          await waitServed(d.gw, 0);
+          await h.waitServed(d.gw, 0);
           for (const p of d.phones) if (p.online) p.k = null;
           await d.syncAll();
           await d.assertConverged('the rollback');
@@ -574,7 +558,7 @@ for (const kind of STORES) {
         // 5. Re-upgrade to v7 (killed, re-run); everyone syncs via /medic, edits, syncs twice.
         await d.timed('re-upgrade', async () => {
           await d.engine('upgrade', 7);
-          await waitServed(d.gw, 7);
+          await h.waitServed(d.gw, 7);
           await d.syncAll();
           for (const p of d.phones) await d.editRound(p, 1, 'fixed', { create: 1, k: 7 });
           await d.syncAll();
@@ -587,10 +571,10 @@ for (const kind of STORES) {
         //    (killed, re-run), everyone syncs twice.
         await d.timed('restore', async () => {
           await d.restore();
-          assert.equal(await servedVersion(d.gw), 0, 'the backup predates the upgrade');
+          assert.equal(await h.servedVersion(d.gw), 0, 'the backup predates the upgrade');
           await d.syncAll();
           await d.engine('upgrade', 7);
-          await waitServed(d.gw, 7);
+          await h.waitServed(d.gw, 7);
           await d.syncAll();
           await d.syncAll();
         });

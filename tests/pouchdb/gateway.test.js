@@ -278,6 +278,32 @@ for (const kind of h.STORE_KINDS) {
       assert.equal(switched.docs_read, await changedBetween(3, 7), 'revisions read on switching v0 → v7');
     });
 
+    // An upgrade raises the version `/{db}` serves within one presentation
+    // context (docs/design.md, "Revisions"): a phone following it moves up
+    // like a phone switching /v/0 → /v/7. A rollback lowers it: a new
+    // epoch, each shape-changed doc as a fresh view plus one tombstone.
+    test('a phone following /{db} downloads for an upgrade exactly the shape-changed docs, and converges on the rollback', async (t) => {
+      const ctx = await setup(t, kind);
+      const p = ctx.phone(null, 'follower');
+      const at = (k) => ({ k, docs: () => p.docs() });
+      assert.equal((await p.pull()).docs_read, N, 'a fresh pull');
+      await h.upgrade(ctx.store, 7);
+      await h.waitServed(ctx.gw, 7);
+      const changed = await changedBetween(0, 7);
+      const up = await p.pull();
+      await h.assertPhoneShapes(at(7), N);
+      await h.assertNoPhoneConflicts(p);
+      assert.equal(up.docs_read, changed, 'revisions read for the upgrade');
+      await h.rollback(ctx.store, 0);
+      await h.waitServed(ctx.gw, 0);
+      const back = await p.pull();
+      await h.assertPhoneShapes(at(0), N);
+      await h.assertNoPhoneConflicts(p);
+      assert.ok(back.docs_read <= 2 * changed, `revisions read for the rollback: ${back.docs_read} for ${changed} shape-changed docs`);
+      assert.equal((await p.pull()).docs_read, 0, 'a second pull downloads nothing');
+      await assertNoConflicts(ctx, [p]);
+    });
+
     test('a phone switching v6 → v7 → v3 downloads only the docs whose shape changed', { todo: TODO.syntheticRevPerVersion }, async (t) => {
       const ctx = await setup(t, kind);
       const q = ctx.phone(6);

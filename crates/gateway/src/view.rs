@@ -226,8 +226,12 @@ const WINDOW: usize = 2;
 
 /// The epochs of a database, oldest first, the current one last (at most
 /// [`WINDOW`]): `""` before any run, then `"{version}:{run id}"` for each run
-/// that changed the version served to clients that do not choose one (an
-/// instant rollback from its start, any other run when it finishes).
+/// that lowered the version served to clients that do not choose one (an
+/// instant rollback from its start, any other run when it finishes). A run
+/// that raises it starts no epoch: the view at a version descends from the
+/// older versions' views, so phones following `/{db}` move up within a
+/// context, downloading only the documents whose shape changed; a phone
+/// that moves down needs a context of fresh ids (see [`present`]).
 pub fn epochs(state: &State) -> Vec<String> {
     let out = all_epochs(state);
     out[out.len().saturating_sub(WINDOW)..].to_vec()
@@ -236,14 +240,22 @@ pub fn epochs(state: &State) -> Vec<String> {
 /// Every epoch of the database's history, oldest first (see [`epochs`]).
 fn all_epochs(state: &State) -> Vec<String> {
     let mut out = vec![String::new()];
-    for run in &state.history {
-        out.push(format!("{}:{}", run.to, run.id));
-    }
-    if let (Some(served), Some(run)) = (state.served, &state.run) {
-        let epoch = format!("{served}:{}", run.id);
-        if out.last() != Some(&epoch) {
-            out.push(epoch);
+    let mut served = state
+        .history
+        .first()
+        .or(state.run.as_ref())
+        .map_or(state.version, |run| run.from);
+    let mut flip = |to: u32, id: &str| {
+        if to < served {
+            out.push(format!("{to}:{id}"));
         }
+        served = to;
+    };
+    for run in &state.history {
+        flip(run.to, &run.id);
+    }
+    if let (Some(to), Some(run)) = (state.served, &state.run) {
+        flip(to, &run.id);
     }
     out.dedup();
     out
@@ -1000,6 +1012,39 @@ mod tests {
                 .any(|t| history(&t.doc).contains(&held.rev));
             assert!(retired, "{} is retired", held.rev);
         }
+    }
+
+    fn run(id: &str, from: u32, to: u32) -> rewind_engine::state::Run {
+        rewind_engine::state::Run {
+            id: id.into(),
+            kind: if to > from { "upgrade" } else { "rollback" }.into(),
+            from,
+            to,
+            started: 0,
+            finished: Some(1),
+            outcome: "done".into(),
+            since: json!(0),
+            by_id: None,
+            instant: false,
+            resumed: 0,
+            counts: Default::default(),
+        }
+    }
+
+    #[test]
+    fn only_a_run_that_lowers_the_served_version_starts_an_epoch() {
+        let mut state = State::default();
+        state.version = 7;
+        state.history.push(run("r1", 0, 7));
+        assert_eq!(all_epochs(&state), [""], "an upgrade moves phones up");
+        state.history.push(run("r2", 7, 0));
+        state.history.push(run("r3", 0, 3));
+        assert_eq!(all_epochs(&state), ["", "0:r2"], "a rollback does not");
+        // An instant rollback, from its start.
+        state.run = Some(run("r4", 3, 1));
+        state.served = Some(1);
+        assert_eq!(all_epochs(&state), ["", "0:r2", "1:r4"]);
+        assert_eq!(epochs(&state), ["0:r2", "1:r4"], "the window");
     }
 
     #[test]

@@ -546,7 +546,25 @@ async function sampleIds(n, kind) {
     .map((d) => d._id);
 }
 
+/**
+ * Waits (bounded) until `/medic` serves version k: the gateway caches the
+ * engine's state for STATE_TTL (250 ms, crates/gateway/src/http.rs), so a
+ * separate process's finish shows a moment later.
+ */
+async function waitServed(gw, k) {
+  await waitFor(async () => (await servedVersion(gw)) === k, 5000, `/medic to serve v${k}`);
+}
+
+/** The version `/medic` serves right now. */
+async function servedVersion(gw) {
+  const res = await http(`${gw.url}/${DB}`);
+  assert.equal(res.status, 200, res.text);
+  return res.json.rewind.version;
+}
+
 module.exports = {
+  waitServed,
+  servedVersion,
   REPO,
   BIN,
   MIGRATIONS,
