@@ -2,25 +2,9 @@
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
 
-struct Server(Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use rewind_testkit::Gateway;
 
 fn request(
     port: u16,
@@ -102,28 +86,16 @@ fn users_see_only_their_databases_and_wrong_passwords_are_refused() {
             .status;
         assert!(status.success());
     }
-    let port = free_port();
-    let _server = Server(
-        Command::new(bin)
-            .current_dir(dir.path())
-            .arg("serve")
-            .arg("--data")
-            .arg(&data)
-            .arg("--migrations")
-            .arg(&migrations)
-            .args(["--listen", &format!("127.0.0.1:{port}")])
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let started = Instant::now();
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            started.elapsed() < Duration::from_secs(20),
-            "the gateway did not start"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let mut serve = Command::new(bin);
+    serve
+        .current_dir(dir.path())
+        .arg("serve")
+        .arg("--data")
+        .arg(&data)
+        .arg("--migrations")
+        .arg(&migrations);
+    let gateway = Gateway::spawn(serve);
+    let port = gateway.port;
     let (status, body) = request(port, "GET", "/medic", None, "");
     assert_eq!(status, 401, "{body}");
     assert!(body.contains("\"error\":\"unauthorized\""), "{body}");

@@ -2,19 +2,9 @@
 //! (views, an app server's own endpoints) pass straight through upstream.
 
 use rewind_store::Store;
-use rewind_testkit::{free_port, http_get, PouchServer};
+use rewind_testkit::{http_get, Gateway, PouchServer};
 use serde_json::json;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
-
-struct Server(Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use std::process::Command;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn views_and_unknown_endpoints_pass_through_to_couchdb() {
@@ -31,28 +21,16 @@ async fn views_and_unknown_endpoints_pass_through_to_couchdb() {
         )
         .await
         .unwrap();
-    let port = free_port();
     let migrations = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/cht");
-    let _gateway = Server(
-        Command::new(env!("CARGO_BIN_EXE_rewind"))
-            .arg("serve")
-            .arg("--couch")
-            .arg(&couch.url)
-            .arg("--migrations")
-            .arg(&migrations)
-            .args(["--listen", &format!("127.0.0.1:{port}")])
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let started = Instant::now();
-    while http_get(port, "/").is_none() {
-        assert!(
-            started.elapsed() < Duration::from_secs(20),
-            "the gateway did not start"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let mut serve = Command::new(env!("CARGO_BIN_EXE_rewind"));
+    serve
+        .arg("serve")
+        .arg("--couch")
+        .arg(&couch.url)
+        .arg("--migrations")
+        .arg(&migrations);
+    let gateway = Gateway::spawn(serve);
+    let port = gateway.port;
     let view =
         tokio::task::spawn_blocking(move || http_get(port, "/medic/_design/app/_view/by_type"))
             .await

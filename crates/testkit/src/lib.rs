@@ -213,6 +213,72 @@ impl Drop for PouchServer {
     }
 }
 
+/// A running `rewind serve`, listening on a port the system picked; killed
+/// on drop.
+pub struct Gateway {
+    /// Its port on 127.0.0.1.
+    pub port: u16,
+    child: Child,
+}
+
+impl Gateway {
+    /// Spawns `command` (a `rewind serve` invocation without `--listen`)
+    /// with `--listen 127.0.0.1:0`, and waits (up to 30 s) for the line it
+    /// prints once it listens, "… serving … on http://ADDR (…": the port is
+    /// the one this process bound, so no other server on a port picked in
+    /// advance is taken for it. Its standard error is read to the end
+    /// meanwhile (nothing blocks on a full pipe).
+    pub fn spawn(mut command: Command) -> Gateway {
+        command
+            .args(["--listen", "127.0.0.1:0"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = command.spawn().expect("start rewind serve");
+        let stderr = child.stderr.take().expect("rewind serve's stderr is piped");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            let mut said = String::new();
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if let Some(port) = served_port(&line) {
+                    let _ = tx.send(Ok(port));
+                }
+                said.push_str(&line);
+                said.push('\n');
+            }
+            let _ = tx.send(Err(said));
+        });
+        match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(Ok(port)) => Gateway { port, child },
+            Ok(Err(said)) => {
+                let _ = child.kill();
+                panic!("rewind serve exited before it listened:\n{said}")
+            }
+            Err(_) => {
+                let _ = child.kill();
+                panic!("rewind serve did not say it listens within 30 s")
+            }
+        }
+    }
+}
+
+/// The port in `rewind serve`'s "… on http://127.0.0.1:PORT (…" line.
+fn served_port(line: &str) -> Option<u16> {
+    let (_, rest) = line.split_once(" on http://")?;
+    let address = rest.split_whitespace().next()?;
+    address.rsplit_once(':')?.1.parse().ok()
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// One pouchdb-server shared by all tests of a test binary; it stops when
 /// the test process exits.
 pub fn shared_server() -> &'static PouchServer {
