@@ -240,7 +240,7 @@ pub fn plan_cmd(cli: &Cli, args: &PlanArgs) -> anyhow::Result<ExitCode> {
         if p.rewritten > 0 {
             println!(
                 "  (through rewind serve each comes as the phone's view plus small tombstones that retire\n   \
-                 what earlier epochs showed: docs/design.md, \"Known limits\", has the measured count)"
+                 the views other versions were shown: docs/design.md, \"Known limits\", has the measured count)"
             );
         }
         Ok(ExitCode::SUCCESS)

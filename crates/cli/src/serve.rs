@@ -14,13 +14,10 @@ use std::process::ExitCode;
 /// server's, with complements kept. Revision ids are derived from what they
 /// hold, so every gateway answers alike, a phone that switches version
 /// converges in one sync, and a migration never shows up on a phone as a
-/// conflict with an edit already pushed. A phone moving up a version (its
-/// app updated, `/v/3` → `/v/7`) downloads one revision per document whose
-/// shape changed; moving down is not served (docs/design.md, "Moves between
-/// versions go up"). The price is download size for phones following
-/// `/{db}`: after an upgrade each rewritten document comes as its view plus
-/// small tombstones retiring what earlier epochs showed (see `rewind plan`
-/// and docs/design.md, "Known limits").
+/// conflict with an edit already pushed. The price is download size: after
+/// an upgrade a phone receives each rewritten document as its view plus
+/// small tombstones retiring the views other versions were shown (see
+/// `rewind plan` and docs/design.md, "Known limits").
 ///
 /// Example: rewind serve --data ./data --migrations examples/cht
 #[derive(clap::Args)]

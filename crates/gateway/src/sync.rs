@@ -103,27 +103,20 @@ impl PresentCache {
 }
 
 /// How far back a pushed revision's history is searched for the stored
-/// revision its author's view was made from, besides the chain of
-/// synthetic revisions (one per version at most) it may hold.
+/// revision its author's view was made from.
 const BASE_SEARCH: usize = 10;
 
-/// How far back a history is searched for stored revisions: [`BASE_SEARCH`]
-/// past a chain of views as long as `set` has versions.
-fn search_depth(set: &MigrationSet) -> usize {
-    BASE_SEARCH + set.latest() as usize + 1
-}
-
 /// The ancestors of `leaf` that may have views to retire: the nearest
-/// [`search_depth`] revisions of its history. Of these, `view::present`
+/// [`BASE_SEARCH`] revisions of its history. Of these, `view::present`
 /// counts the first [`view::ANCESTORS`] stored ones below the leaf's
 /// anchor (a history also names synthetic revisions, which the server
 /// never stored). A revision pushed and translated at once is one: it is
 /// its translation's anchor, presented while it was.
-fn ancestor_candidates(leaf: &Value, set: &MigrationSet) -> Vec<String> {
+fn ancestor_candidates(leaf: &Value) -> Vec<String> {
     view::history(leaf)
         .into_iter()
         .skip(1)
-        .take(search_depth(set))
+        .take(BASE_SEARCH)
         .collect()
 }
 
@@ -373,7 +366,7 @@ impl Session<'_> {
         for (leaf, _) in leaves.iter().zip(&cached).filter(|(_, c)| c.is_none()) {
             let id = id_of(leaf);
             let journal = journals.get(&id).unwrap_or(&empty);
-            for rev in ancestor_candidates(leaf, self.set) {
+            for rev in ancestor_candidates(leaf) {
                 match journal.images.iter().find(|i| i.rev == rev) {
                     Some(image) => {
                         if let Ok(body) = serde_json::from_str::<Value>(&image.body) {
@@ -420,7 +413,7 @@ impl Session<'_> {
                 continue;
             }
             let journal = journals.get(&id).unwrap_or(&empty);
-            let known: Vec<(String, Value)> = ancestor_candidates(leaf, self.set)
+            let known: Vec<(String, Value)> = ancestor_candidates(leaf)
                 .into_iter()
                 .filter_map(|rev| {
                     ancestors
@@ -768,14 +761,10 @@ impl Session<'_> {
             if view::is_retirement(&doc) {
                 continue;
             }
-            let synthetic_base = match is_deleted(&doc) {
-                true => None,
-                false => view::synthetic_base(&doc, self.checksum, self.set.latest()),
-            };
-            if let Some(at) = synthetic_base {
+            if !is_deleted(&doc) && view::is_synthetic(&doc, self.checksum) {
                 let hist = view::history(&doc);
                 let id = id_of(&doc);
-                let base = hist[at].clone();
+                let base = hist.get(1).cloned().unwrap_or_default();
                 let mut asked = BTreeMap::new();
                 asked.insert(id.clone(), vec![base.clone()]);
                 let base_known = self.db.data.revs_diff(asked).await?.is_empty();
@@ -1078,16 +1067,23 @@ impl Session<'_> {
         if *index == 1 {
             return Ok(Some(view::version_of(self.set, body)));
         }
-        // Above the base, a chain of synthetic revisions (and maybe edits
-        // the phone did not push): the version whose view the nearest
-        // synthetic one presented.
-        view::presented_version(self.set, self.checksum, journal, &chain[..=*index], body)
-            .map_err(|e| GatewayError::Lens(id.to_owned(), e))
+        // The parent is a synthetic child of the base: find the version
+        // whose view it presented.
+        let presented = &chain[index - 1];
+        let rev = &chain[*index];
+        for k in 0..=self.set.latest() {
+            let seen = view::view(self.set, body, k, journal)
+                .map_err(|e| GatewayError::Lens(id.to_owned(), e))?;
+            if view::presents(presented, rev, self.checksum, &seen) {
+                return Ok(Some(k));
+            }
+        }
+        Ok(None)
     }
 
     /// For each pushed revision that is not a deletion, its **stored
     /// base**: the newest stored, undeleted revision among its ancestors
-    /// (the first [`search_depth`] of its history), as its place in the
+    /// (the first [`BASE_SEARCH`] of its history), as its place in the
     /// history and its body: what the phone's view was made from. Keyed by
     /// (document, pushed revision). Read for the whole batch at once: the
     /// two nearest ancestors first (the parent, or a synthetic parent's
@@ -1104,7 +1100,7 @@ impl Session<'_> {
             .collect();
         let mut stored: HashMap<(String, String), Value> = HashMap::new();
         let mut out = HashMap::new();
-        for places in [1..3, 3..search_depth(self.set) + 1] {
+        for places in [1..3, 3..BASE_SEARCH + 1] {
             let open: Vec<&(String, Vec<String>)> = chains
                 .iter()
                 .filter(|(id, chain)| !out.contains_key(&(id.clone(), chain[0].clone())))

@@ -6,19 +6,15 @@
 //! revision id always denotes one body:
 //!
 //! - a document every version sees alike is presented as itself;
-//! - otherwise, at every version, as a synthetic revision above the stored
-//!   leaf's anchor carrying that version's view, with the id
-//!   `{gen}-md5(anchor rev, migration-set checksum, view hash)`: derived from
-//!   the body, so it can denote nothing else, and any gateway recognises it
-//!   when a phone pushes it back. The versions that see the body alike form
-//!   runs; the view of each run is a child of the previous run's view (the
-//!   first a child of the anchor), so the view at a version descends from
-//!   every older version's view: a phone that moves up receives one
-//!   revision per document whose shape changed, and nothing to retire;
+//! - otherwise, at every version, as a synthetic child of the stored leaf
+//!   carrying that version's view, with the id `{gen+1}-md5(leaf rev,
+//!   migration-set checksum, view hash)`: derived from the body, so it can
+//!   denote nothing else, and any gateway recognises it when a phone pushes
+//!   it back;
 //! - next to it, tombstones (`{gen+1}-md5(retired synthetic rev)`) retire the
-//!   views presented in other contexts and the views of its recent
-//!   ancestors, one per chain: whatever translated copy a phone held, after
-//!   one pull it holds exactly one live leaf, the current view.
+//!   synthetic children of the leaf's other views and of its recent
+//!   ancestors' views: whatever translated copy a phone held, after one pull
+//!   it holds exactly one live leaf, the current view.
 
 use rewind_engine::journal::{body_hash, body_of, client_body_hash, Journal};
 use rewind_engine::state::State;
@@ -99,65 +95,33 @@ pub fn generation(rev: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// The synthetic revision presenting `body` at place `place` of the chain
-/// of views above `base` (place 0: a child of `base`; see [`present`]), in
+/// The synthetic child revision of `base` that presents `body` in
 /// presentation `context` (see [`contexts`]): derived from the body, so it
 /// denotes nothing else, at any version. Its first 16 hex digits depend on
 /// the base, the migrations and the body only, so a synthetic revision is
-/// recognised whatever context and place it was presented in; the other 16
-/// name the context (with no context, the id is the plain md5); its
-/// generation is the base's plus one plus its place.
-pub fn synthetic_rev(
-    base: &str,
-    checksum: &str,
-    body: &Value,
-    context: &str,
-    place: usize,
-) -> String {
-    synthetic_rev_of_hash(base, checksum, &client_body_hash(body), context, place)
-}
-
-/// [`synthetic_rev`] of a body whose [`client_body_hash`] is `hash`.
-fn synthetic_rev_of_hash(
-    base: &str,
-    checksum: &str,
-    hash: &str,
-    context: &str,
-    place: usize,
-) -> String {
-    let key = synthetic_key(base, checksum, hash);
+/// recognised whatever context it was presented in; the other 16 name the
+/// context (with no context, the id is the plain md5).
+pub fn synthetic_rev(base: &str, checksum: &str, body: &Value, context: &str) -> String {
+    let key = synthetic_key(base, checksum, body);
     let plain = format!("{:x}", md5::compute(&key));
     let tail = if context.is_empty() {
         plain[16..].to_owned()
     } else {
         format!("{:x}", md5::compute(format!("{key}\n{context}")))[..16].to_owned()
     };
-    format!(
-        "{}-{}{tail}",
-        generation(base) + 1 + place as u64,
-        &plain[..16]
-    )
+    format!("{}-{}{tail}", generation(base) + 1, &plain[..16])
 }
 
-fn synthetic_key(base: &str, checksum: &str, hash: &str) -> String {
+fn synthetic_key(base: &str, checksum: &str, body: &Value) -> String {
     // The client's hash: a phone pushes back the body as its JavaScript
     // wrote it (`34.0` comes back as `34`), and must still be recognised.
-    format!("rewind\n{base}\n{checksum}\n{hash}")
+    format!("rewind\n{base}\n{checksum}\n{}", client_body_hash(body))
 }
 
-/// True when `rev` is a synthetic revision presenting `body` above `base`,
-/// in any context, at any place of the chain of views.
+/// True when `rev` is a synthetic child of `base` presenting `body`, in any
+/// context.
 pub fn presents(rev: &str, base: &str, checksum: &str, body: &Value) -> bool {
-    presents_hash(rev, base, checksum, &client_body_hash(body))
-}
-
-/// [`presents`] for a body whose [`client_body_hash`] is `hash`.
-fn presents_hash(rev: &str, base: &str, checksum: &str, hash: &str) -> bool {
-    if generation(rev) <= generation(base) {
-        return false;
-    }
-    let place = (generation(rev) - generation(base) - 1) as usize;
-    let expected = synthetic_rev_of_hash(base, checksum, hash, "", place);
+    let expected = synthetic_rev(base, checksum, body, "");
     rev.len() == expected.len()
         && rev.get(..expected.len() - 16) == expected.get(..expected.len() - 16)
 }
@@ -226,12 +190,8 @@ const WINDOW: usize = 2;
 
 /// The epochs of a database, oldest first, the current one last (at most
 /// [`WINDOW`]): `""` before any run, then `"{version}:{run id}"` for each run
-/// that lowered the version served to clients that do not choose one (an
-/// instant rollback from its start, any other run when it finishes). A run
-/// that raises it starts no epoch: the view at a version descends from the
-/// older versions' views, so phones following `/{db}` move up within a
-/// context, downloading only the documents whose shape changed; a phone
-/// that moves down needs a context of fresh ids (see [`present`]).
+/// that changed the version served to clients that do not choose one (an
+/// instant rollback from its start, any other run when it finishes).
 pub fn epochs(state: &State) -> Vec<String> {
     let out = all_epochs(state);
     out[out.len().saturating_sub(WINDOW)..].to_vec()
@@ -240,22 +200,14 @@ pub fn epochs(state: &State) -> Vec<String> {
 /// Every epoch of the database's history, oldest first (see [`epochs`]).
 fn all_epochs(state: &State) -> Vec<String> {
     let mut out = vec![String::new()];
-    let mut served = state
-        .history
-        .first()
-        .or(state.run.as_ref())
-        .map_or(state.version, |run| run.from);
-    let mut flip = |to: u32, id: &str| {
-        if to < served {
-            out.push(format!("{to}:{id}"));
-        }
-        served = to;
-    };
     for run in &state.history {
-        flip(run.to, &run.id);
+        out.push(format!("{}:{}", run.to, run.id));
     }
-    if let (Some(to), Some(run)) = (state.served, &state.run) {
-        flip(to, &run.id);
+    if let (Some(served), Some(run)) = (state.served, &state.run) {
+        let epoch = format!("{served}:{}", run.id);
+        if out.last() != Some(&epoch) {
+            out.push(epoch);
+        }
     }
     out.dedup();
     out
@@ -285,8 +237,7 @@ pub fn copy_context(
     state: &State,
     journal: &Journal,
 ) -> CopyContext {
-    let place = generation(rev).saturating_sub(generation(base) + 1) as usize;
-    let is = |context: &str| synthetic_rev(base, checksum, body, context, place) == rev;
+    let is = |context: &str| synthetic_rev(base, checksum, body, context) == rev;
     // Current for some client: pinned or following.
     let all = all_epochs(state);
     let epochs = &all[all.len().saturating_sub(WINDOW)..];
@@ -360,52 +311,15 @@ pub fn is_retirement_rev(rev: &str) -> bool {
     hash.len() == 32 && hash.is_char_boundary(16) && retirement_mark(&hash[..16]) == hash[16..]
 }
 
-/// When `doc` (a pushed revision with `_revisions`) is a synthetic
-/// revision of this migration set, presented in any context, the place in
-/// its history of the stored revision it presents a view of (its base,
-/// below the chain of views: see [`present`]): a translation going back
-/// where it came from. `latest`: the set's latest version (a chain holds
-/// at most one view per version).
-pub fn synthetic_base(doc: &Value, checksum: &str, latest: u32) -> Option<usize> {
+/// True when `doc` (a pushed revision with `_revisions`) is a synthetic
+/// revision of this migration set, presented in any context: a
+/// translation going back where it came from.
+pub fn is_synthetic(doc: &Value, checksum: &str) -> bool {
     let hist = history(doc);
-    let rev = hist.first()?;
-    let hash = client_body_hash(doc);
-    (1..hist.len().min(latest as usize + 2))
-        .find(|&at| presents_hash(rev, &hist[at], checksum, &hash))
-}
-
-/// The version whose view a phone's edit was made from: `history` is the
-/// pushed revision's history down to its stored base (last), whose body is
-/// `base_body`; the nearest synthetic revision in between (the phone may
-/// have edited more than once) presented the view of one run of versions,
-/// told by its place in the chain, and the run's oldest version is
-/// answered. `None` when no revision in between presents a view of the
-/// base.
-pub fn presented_version(
-    set: &MigrationSet,
-    checksum: &str,
-    journal: &Journal,
-    history: &[String],
-    base_body: &Value,
-) -> Result<Option<u32>, LensError> {
-    let Some((base, above)) = history.split_last() else {
-        return Ok(None);
-    };
-    let views = BodyViews::of(set, base_body, journal)?;
-    for rev in above.iter().skip(1) {
-        let place = generation(rev).saturating_sub(generation(base) + 1) as usize;
-        let Some(run) = views.runs.get(place) else {
-            continue;
-        };
-        if presents_hash(rev, base, checksum, &run.hash) {
-            let oldest = match place {
-                0 => 0,
-                _ => views.runs[place - 1].newest + 1,
-            };
-            return Ok(Some(oldest));
-        }
+    match (hist.first(), hist.get(1)) {
+        (Some(rev), Some(parent)) => presents(rev, parent, checksum, doc),
+        _ => false,
     }
-    Ok(None)
 }
 
 /// True when `doc` is a tombstone that retired a synthetic revision.
@@ -437,9 +351,9 @@ fn with_meta(mut body: Value, history: &[String]) -> Value {
     body
 }
 
-/// A run of consecutive versions that see a body alike: the view's
-/// [`client_body_hash`], the view, and the newest version of the run.
-struct Run {
+/// A distinct view of a body: its hash, the body, and the newest version
+/// that sees it.
+struct DistinctView {
     hash: String,
     body: Value,
     newest: u32,
@@ -464,13 +378,13 @@ fn version_views(
         .collect())
 }
 
-/// A body's own client hash and its views across every version, as runs of
-/// versions that see it alike, in version order. Views that differ only in
-/// how a number is written are one view: a JavaScript client cannot tell
-/// them apart, and their synthetic ids are one id ([`synthetic_rev`]).
+/// A body's own client hash and its distinct views across every version,
+/// by hash, in version order. Views that differ only in how a number is
+/// written are one view: a JavaScript client cannot tell them apart, and
+/// their synthetic ids are one id ([`synthetic_rev`]).
 struct BodyViews {
     own: String,
-    runs: Vec<Run>,
+    all: Vec<DistinctView>,
 }
 
 impl BodyViews {
@@ -482,11 +396,11 @@ impl BodyViews {
     }
 
     fn from_versions(body: &Value, versions: Vec<(String, Value)>) -> BodyViews {
-        let mut runs: Vec<Run> = Vec::new();
+        let mut all: Vec<DistinctView> = Vec::new();
         for (k, (hash, seen)) in versions.into_iter().enumerate() {
-            match runs.last_mut() {
-                Some(last) if last.hash == hash => last.newest = k as u32,
-                _ => runs.push(Run {
+            match all.iter_mut().find(|v| v.hash == hash) {
+                Some(known) => known.newest = k as u32,
+                None => all.push(DistinctView {
                     hash,
                     body: seen,
                     newest: k as u32,
@@ -495,48 +409,13 @@ impl BodyViews {
         }
         BodyViews {
             own: client_body_hash(body),
-            runs,
+            all,
         }
     }
 
     /// True when every version sees the body as it is.
     fn alike(&self) -> bool {
-        self.runs.iter().all(|v| v.hash == self.own)
-    }
-
-    /// The place of the run that version `k` belongs to.
-    fn place_of(&self, k: u32) -> usize {
-        self.runs
-            .iter()
-            .position(|run| run.newest >= k)
-            .unwrap_or(self.runs.len().saturating_sub(1))
-    }
-
-    /// The chain of synthetic revisions presenting the runs up to `place`
-    /// above `base_history` (a stored revision's history) in `context`,
-    /// newest first, followed by `base_history`: each run's view is a
-    /// child of the one before, so the view at a version descends from
-    /// the views of every older version.
-    fn chain(
-        &self,
-        base_history: &[String],
-        checksum: &str,
-        context: &str,
-        place: usize,
-    ) -> Vec<String> {
-        let base = base_history.first().map(String::as_str).unwrap_or("");
-        let end = place.min(self.runs.len().saturating_sub(1));
-        let mut chain: Vec<String> = self
-            .runs
-            .get(..=end)
-            .unwrap_or_default()
-            .iter()
-            .enumerate()
-            .rev()
-            .map(|(at, run)| synthetic_rev_of_hash(base, checksum, &run.hash, context, at))
-            .collect();
-        chain.extend_from_slice(base_history);
-        chain
+        self.all.iter().all(|v| v.hash == self.own)
     }
 }
 
@@ -643,28 +522,32 @@ impl Context<'_> {
     }
 }
 
-/// Tombstones retiring the synthetic revisions presenting the views of
-/// `base` (a revision with `body` and history `base_history`), one per
-/// context of the window: each is a child of the chain of every view
-/// ([`BodyViews::chain`]), so it descends from whichever of them a phone
-/// holds. (An ancestor stays presented after a run replaced it, as the
-/// anchor of the run's revision, until a human revision or a change of
-/// view moves the anchor: no context can be passed over.) With
-/// `presented` (the leaf, presented in the current context), the current
-/// context retires nothing: the view presented at a version descends from
-/// the views of every older version, so a phone that moves up (its app
-/// updated) holds no tombstone for the view presented there, and receives
-/// a descendant of the view it held. (A phone that moves down finds the
-/// view it held newer than the one presented: a stateless gateway cannot
-/// make a revision both the descendant and the ancestor of another, so one
-/// direction of moves within a context is chosen, the one apps take when
-/// they update.)
+/// What a client at version `k` is presented of a leaf: the hash of its
+/// view at `k`.
+struct Kept<'a> {
+    hash: &'a str,
+    k: u32,
+}
+
+/// Tombstones retiring the synthetic children of `base` (a revision with
+/// `body` and history `base_history`) in every context of the window. (An
+/// ancestor stays presented after a run replaced it, as the anchor of the
+/// run's revision, until a human revision or a change of view moves the
+/// anchor: no context can be passed over.) For the leaf (`keep`), the
+/// view presented at `keep.k` is not retired, nor, in the current context,
+/// any view a newer version sees: a phone that moves up to that version
+/// (its app updated) must not hold a tombstone for the view presented
+/// there. (A phone can hold a tombstone for views only older versions see:
+/// moving down to one, it finds the document deleted until the leaf
+/// changes: a stateless gateway cannot present one revision id as both
+/// retired and current, so one direction of moves within a context is
+/// chosen, the one apps take when they update.)
 fn retirements(
     cx: &Context<'_>,
     id: &Value,
     base_history: &[String],
     views: &BodyViews,
-    presented: bool,
+    keep: Option<Kept<'_>>,
     out: &mut Vec<Presented>,
 ) {
     if views.alike() {
@@ -672,24 +555,27 @@ fn retirements(
         return;
     }
     let current = cx.contexts.len() - 1;
-    let top = views.runs.len() - 1;
     for (index, context) in cx.contexts.iter().enumerate() {
-        if presented && index == current {
-            continue;
+        for seen in &views.all {
+            if let (true, Some(keep)) = (index == current, &keep) {
+                if seen.hash == keep.hash || seen.newest >= keep.k {
+                    continue;
+                }
+            }
+            let synthetic = synthetic_rev(&base_history[0], cx.checksum, &seen.body, context);
+            let retired = tombstone_rev(&synthetic);
+            if out.iter().any(|p| p.rev == retired) {
+                continue;
+            }
+            let mut chain = vec![retired.clone(), synthetic];
+            chain.extend_from_slice(base_history);
+            let doc = with_meta(json!({"_id": id, "_deleted": true}), &chain);
+            out.push(Presented {
+                rev: retired,
+                doc,
+                synthetic: true,
+            });
         }
-        let chain = views.chain(base_history, cx.checksum, context, top);
-        let retired = tombstone_rev(&chain[0]);
-        if out.iter().any(|p| p.rev == retired) {
-            continue;
-        }
-        let mut with_tombstone = vec![retired.clone()];
-        with_tombstone.extend(chain);
-        let doc = with_meta(json!({"_id": id, "_deleted": true}), &with_tombstone);
-        out.push(Presented {
-            rev: retired,
-            doc,
-            synthetic: true,
-        });
     }
 }
 
@@ -716,13 +602,12 @@ pub(crate) fn is_deleted(doc: &Value) -> bool {
 /// retirements of its ancestors' views.
 ///
 /// A document every version sees alike is presented as itself. Otherwise a
-/// client at any version gets a synthetic revision carrying its view, above
-/// the views of the older versions ([`BodyViews::chain`]) and the leaf's
-/// anchor (so a phone holding an older version's view, or the leaf itself,
+/// client at any version gets a synthetic child of the leaf carrying its
+/// view (so a phone holding another version's view, or the leaf itself,
 /// always receives a descendant), together with tombstones retiring the
-/// views presented in the other contexts of the window, of the leaf and of
-/// its ancestors: a phone that moves up a version, or whose translated copy
-/// the server moved past, is left with exactly one live leaf after one pull.
+/// synthetic children of the other views of the leaf and of its ancestors:
+/// a phone that switches version, or whose translated copy the server moved
+/// past, is left with exactly one live leaf after one pull.
 pub fn present(
     cx: &Context<'_>,
     leaf: &Value,
@@ -752,6 +637,10 @@ pub fn present(
     let base = &hist[at.min(hist.len().saturating_sub(1))..];
     let id = leaf.get("_id").cloned().unwrap_or(Value::Null);
     let mut out = Vec::new();
+    let (wanted, seen) = leaf_versions
+        .get(k as usize)
+        .cloned()
+        .unwrap_or_else(|| (String::new(), Value::Null));
     let leaf_views = BodyViews::from_versions(leaf, leaf_versions);
     if deleted || leaf_views.alike() {
         out.push(Presented {
@@ -760,14 +649,19 @@ pub fn present(
             synthetic: false,
         });
     } else {
-        let place = leaf_views.place_of(k);
-        let chain = leaf_views.chain(base, checksum, cx.current(), place);
+        let synthetic = synthetic_rev(&base[0], checksum, &seen, cx.current());
+        let mut chain = vec![synthetic.clone()];
+        chain.extend_from_slice(base);
         out.push(Presented {
-            rev: chain[0].clone(),
-            doc: with_meta(body_of(&leaf_views.runs[place].body), &chain),
+            rev: synthetic,
+            doc: with_meta(body_of(&seen), &chain),
             synthetic: true,
         });
-        retirements(cx, &id, base, &leaf_views, true, &mut out);
+        let keep = Kept {
+            hash: &wanted,
+            k: k.min(set.latest()),
+        };
+        retirements(cx, &id, base, &leaf_views, Some(keep), &mut out);
     }
     // The views of the ancestors below the anchor, and of the revisions
     // above it that a gateway translated: an anchor can move down when the
@@ -776,7 +670,7 @@ pub fn present(
     // hold copies presented on one. (What a run wrote was never presented:
     // its images and complements are written with it.)
     if translated.first() == Some(&0) && !deleted {
-        retirements(cx, &id, &hist, &leaf_views, false, &mut out);
+        retirements(cx, &id, &hist, &leaf_views, None, &mut out);
     }
     let others = ancestors
         .iter()
@@ -785,7 +679,7 @@ pub fn present(
         .take(ANCESTORS);
     for (pos, body) in others {
         let views = BodyViews::of(set, body, journal)?;
-        retirements(cx, &id, &hist[pos..], &views, false, &mut out);
+        retirements(cx, &id, &hist[pos..], &views, None, &mut out);
     }
     // Copies phones pushed back that are no longer presented, on this
     // branch (`Journal::retired`).
@@ -798,13 +692,7 @@ pub fn present(
             continue;
         }
         let mut chain = vec![retired.clone(), copy.rev.clone()];
-        // A copy presented above a chain of views (its generation above
-        // its base's plus one) hangs from revisions the journal does not
-        // name: its tombstone's history stops at the copy (a phone holding
-        // it attaches the tombstone there).
-        if generation(&copy.rev) == generation(&copy.base) + 1 {
-            chain.extend_from_slice(&hist[pos..]);
-        }
+        chain.extend_from_slice(&hist[pos..]);
         out.push(Presented {
             rev: retired,
             doc: with_meta(json!({"_id": id, "_deleted": true}), &chain),
@@ -870,22 +758,6 @@ mod tests {
         present(&cx, leaf, k, ancestors).unwrap()
     }
 
-    /// `body` stored as revision `revs[0]`, with history `revs` (newest first).
-    fn stored(mut body: Value, revs: &[&str]) -> Value {
-        let history: Vec<String> = revs.iter().map(|r| r.to_string()).collect();
-        body["_rev"] = json!(revs[0]);
-        body["_revisions"] = revisions_member(&history);
-        body
-    }
-
-    /// A person stored at v0 as `1-aaaa`.
-    fn ann() -> Value {
-        stored(
-            json!({"_id": "p", "type": "person", "name": "Ann"}),
-            &["1-aaaa"],
-        )
-    }
-
     fn persons_set() -> MigrationSet {
         let file = std::path::PathBuf::from("0001-persons-to-contacts.yaml");
         let text = include_str!("../../../examples/baseline/0001-persons-to-contacts.yaml");
@@ -931,120 +803,27 @@ mod tests {
     }
 
     #[test]
-    fn the_view_at_a_version_descends_from_every_older_versions_view() {
+    fn a_phone_at_an_older_version_holds_no_tombstone_for_a_newer_versions_view() {
         // A person stored at v0, no run: v0 sees it as `person`, v1 as a
-        // contact. A phone at v0 moving up to v1 (its app updated) must
-        // receive a descendant of the view it holds, with nothing to
-        // retire it: one revision, no tombstone; a fresh phone at v0 holds
-        // nothing of v1's view.
+        // contact. A fresh phone at v0 must be able to move up to v1 (its
+        // app updated) and find the document there, not its tombstone; a
+        // phone at v1 retires the v0 view, which a phone moving up holds.
         let set = persons_set();
-        let leaf = ann();
+        let mut leaf = json!({"_id": "p", "type": "person", "name": "Ann"});
+        leaf["_rev"] = json!("1-aaaa");
+        leaf["_revisions"] = json!({"start": 1, "ids": ["aaaa"]});
         let journal = Journal::default();
-        let at = |k: u32| present_pinned(&set, &journal, &leaf, k, &[]);
-        let (at0, at1) = (at(0), at(1));
-        assert_eq!(at0.len(), 1, "v0: its view alone");
-        assert_eq!(at1.len(), 1, "v1: its view alone");
-        assert_eq!(history(&at0[0].doc), [at0[0].rev.clone(), "1-aaaa".into()]);
-        assert_eq!(
-            history(&at1[0].doc),
-            [at1[0].rev.clone(), at0[0].rev.clone(), "1-aaaa".into()],
-            "v1's view is a child of v0's"
-        );
-        assert_eq!(at1[0].doc["type"], "contact");
-        assert_eq!(at0[0].doc["type"], "person");
-        // Pushed back, each is told a synthetic revision of the stored one
-        // below its chain, and its version is told by its place.
-        for (k, presented) in [(0, &at0[0]), (1, &at1[0])] {
-            let base = synthetic_base(&presented.doc, "ck", set.latest());
-            assert_eq!(base, Some(k as usize + 1), "v{k}: its base");
-            let mut edit = presented.doc.clone();
-            edit["phone"] = json!("+1");
-            let mut hist = vec!["9-ffff".to_owned()];
-            hist.extend(history(&presented.doc));
-            let base_body = body_of(&leaf);
-            let told = presented_version(&set, "ck", &journal, &hist, &base_body).unwrap();
-            assert_eq!(told, Some(k), "v{k}: the version an edit on it was made at");
-            assert_eq!(
-                synthetic_base(&edit, "ck", set.latest()),
-                None,
-                "v{k}: an edit"
-            );
-        }
-    }
-
-    #[test]
-    fn a_retired_revision_gets_one_tombstone_per_context_above_every_view() {
-        // A person at v0 whose views a phone may hold in two contexts
-        // (following /{db} before and after a run): presented as an
-        // ancestor, each context retires the whole chain with one
-        // tombstone, a descendant of each view.
-        let set = persons_set();
-        let old = ann();
-        let edited = stored(
-            json!({"_id": "p", "type": "person", "name": "Ann B."}),
-            &["2-bbbb", "1-aaaa"],
-        );
-        let journal = Journal::default();
-        let contexts = vec!["0:r1".to_owned(), "1:r2".to_owned()];
-        let cx = Context {
-            set: &set,
-            checksum: "ck",
-            journal: &journal,
-            contexts: &contexts,
+        let revs = |k: u32| -> Vec<String> {
+            present_pinned(&set, &journal, &leaf, k, &[])
+                .into_iter()
+                .map(|p| p.rev)
+                .collect()
         };
-        let before: Vec<Presented> = (0..=1)
-            .flat_map(|k| {
-                let cx = Context {
-                    contexts: &contexts[..1],
-                    ..cx
-                };
-                present(&cx, &old, k, &[]).unwrap()
-            })
-            .collect();
-        let now = present(&cx, &edited, 1, &[("1-aaaa".into(), body_of(&old))]).unwrap();
-        let tombstones: Vec<&Presented> = now.iter().filter(|p| is_deleted(&p.doc)).collect();
-        // The ancestor's views in both contexts, the leaf's in the older
-        // one: one tombstone each, whatever the number of views.
-        assert_eq!(tombstones.len(), 3, "one per base and context: {now:?}");
-        for held in &before {
-            let retired = tombstones
-                .iter()
-                .any(|t| history(&t.doc).contains(&held.rev));
-            assert!(retired, "{} is retired", held.rev);
-        }
-    }
-
-    fn run(id: &str, from: u32, to: u32) -> rewind_engine::state::Run {
-        rewind_engine::state::Run {
-            id: id.into(),
-            kind: if to > from { "upgrade" } else { "rollback" }.into(),
-            from,
-            to,
-            started: 0,
-            finished: Some(1),
-            outcome: "done".into(),
-            since: json!(0),
-            by_id: None,
-            instant: false,
-            resumed: 0,
-            counts: Default::default(),
-        }
-    }
-
-    #[test]
-    fn only_a_run_that_lowers_the_served_version_starts_an_epoch() {
-        let mut state = State::default();
-        state.version = 7;
-        state.history.push(run("r1", 0, 7));
-        assert_eq!(all_epochs(&state), [""], "an upgrade moves phones up");
-        state.history.push(run("r2", 7, 0));
-        state.history.push(run("r3", 0, 3));
-        assert_eq!(all_epochs(&state), ["", "0:r2"], "a rollback does not");
-        // An instant rollback, from its start.
-        state.run = Some(run("r4", 3, 1));
-        state.served = Some(1);
-        assert_eq!(all_epochs(&state), ["", "0:r2", "1:r4"]);
-        assert_eq!(epochs(&state), ["0:r2", "1:r4"], "the window");
+        let (at0, at1) = (revs(0), revs(1));
+        assert_eq!(at0.len(), 1, "v0: its view alone: {at0:?}");
+        assert_eq!(at1.len(), 2, "v1: its view and a tombstone: {at1:?}");
+        assert_eq!(at1[1], tombstone_rev(&at0[0]), "v1 retires the v0 view");
+        assert!(!at0.contains(&tombstone_rev(&at1[0])), "v0 keeps v1's view");
     }
 
     #[test]
