@@ -88,13 +88,41 @@ wait_up() {
   done
   echo "bench: $1 did not answer in 30 s" >&2; return 1
 }
-# gateway NAME ARGS...: start `rewind serve ARGS --listen 127.0.0.1:PORT`; sets gw_pid, gw_url.
+# gateway NAME ARGS...: start `rewind serve ARGS --listen 127.0.0.1:0`; sets gw_pid, gw_url
+# from the address it says it serves on once it listens (the port it bound: no other
+# process's server on a port picked in advance is measured instead).
 gateway() {
   local name=$1; shift
-  local p; p=$(free_port)
-  "$rewind" serve "$@" --listen "127.0.0.1:$p" >"$tmp/$name.log" 2>&1 &
-  gw_pid=$!; pids+=("$gw_pid"); gw_url=http://127.0.0.1:$p
+  "$rewind" serve "$@" --listen 127.0.0.1:0 >"$tmp/$name.log" 2>&1 &
+  gw_pid=$!; pids+=("$gw_pid"); gw_url=
+  for _ in $(seq 1 150); do
+    gw_url=$(sed -n 's/.* on \(http:\/\/127\.0\.0\.1:[0-9]*\) (.*/\1/p' "$tmp/$name.log" | head -1)
+    [ -n "$gw_url" ] && break
+    kill -0 "$gw_pid" 2>/dev/null || break
+    sleep 0.2
+  done
+  [ -n "$gw_url" ] || { echo "bench: rewind serve ($name) did not start:" >&2; cat "$tmp/$name.log" >&2; exit 1; }
   wait_up "$gw_url/" "$gw_pid" || { cat "$tmp/$name.log" >&2; exit 1; }
+}
+# pouchdb_server DIR: start pouchdb-server on a free port with its data in DIR; sets server,
+# url. Waits for its own "has started on" line (a server answering on the port may be
+# another process's: this one then says the port is in use and exits; try another port).
+pouchdb_server() {
+  local dir=$1 port
+  mkdir -p "$dir"
+  for _ in 1 2 3 4 5; do
+    port=$(free_port)
+    (cd "$dir" && exec node "$modules/pouchdb-server/bin/pouchdb-server" --host 127.0.0.1 --port "$port" --dir "$dir" >"$dir/server.log" 2>&1) &
+    server=$!; pids+=("$server"); url=http://127.0.0.1:$port
+    for _ in $(seq 1 300); do
+      grep -q "has started on http://127.0.0.1:$port/" "$dir/server.log" 2>/dev/null && { wait_up "$url/" "$server" && return 0; }
+      grep -q "already in use" "$dir/server.log" 2>/dev/null && break
+      kill -0 "$server" 2>/dev/null || break
+      sleep 0.2
+    done
+    stop "$server"
+  done
+  echo "bench: pouchdb-server did not start:" >&2; cat "$dir/server.log" >&2; exit 1
 }
 stop() { kill "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
 hwm() { awk '/VmHWM/ {print int($2/1024)}' "/proc/$1/status"; }
@@ -166,12 +194,7 @@ rate() { echo "$1 / $2" | bc -l | xargs printf '%.0f'; }
 ratio() { echo "$1 / $2" | bc -l | xargs printf '%.2f'; }
 
 # --- pouchdb-server ---------------------------------------------------------------------
-port=$(free_port)
-mkdir -p "$tmp/couch"
-(cd "$tmp/couch" && exec node "$modules/pouchdb-server/bin/pouchdb-server" --host 127.0.0.1 --port "$port" --dir "$tmp/couch" >"$tmp/server.log" 2>&1) &
-server=$!; pids+=("$server")
-url=http://127.0.0.1:$port
-wait_up "$url/" "$server" || { cat "$tmp/server.log" >&2; exit 1; }
+pouchdb_server "$tmp/couch"
 
 # --- 1. copy ----------------------------------------------------------------------------
 echo "bench: N=$N, 1. rewind copy vs PouchDB.replicate" >&2

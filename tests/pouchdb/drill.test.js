@@ -315,7 +315,7 @@ class Drill {
       if (problems.length && process.env.DRILL_TREES) {
         // The first differing document's revision trees, on the phone and as served.
         const id = problems[0].split(':')[0];
-        const tree = (await p.db.get(id, { revs_info: true, open_revs: 'all', revs: true }));
+        const tree = await p.db.get(id, { revs_info: true, open_revs: 'all', revs: true });
         console.log('PHONE', JSON.stringify(tree.map((r) => [r.ok && r.ok._rev, r.ok && r.ok._deleted, r.ok && r.ok._revisions])));
         const sv = await h.http(`${p.url}/${id}?open_revs=all&revs=true`);
         console.log('SERVED', JSON.stringify(sv.json.map((r) => [r.ok && r.ok._rev, r.ok && r.ok._deleted, r.ok && r.ok._revisions])));
