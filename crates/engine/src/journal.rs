@@ -38,12 +38,40 @@ pub struct Image {
     pub rev: String,
     /// [`body_hash`] of what the upgrade wrote.
     pub after: String,
-    /// The body before, exactly as stored (without revision members).
+    /// The body before, exactly as stored (without revision members);
+    /// empty when `before` is set instead.
     pub body: String,
     /// The run that wrote it; `None` for a gateway's translation of a push
     /// (and in journals older than this field).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub run: Option<String>,
+    /// [`body_hash`] of the body before, when the body itself is not kept:
+    /// a rollback that restored the before-image of the upgrade below it
+    /// keeps only the hash of the body it replaced (what the upgrade wrote,
+    /// which that image's `after` names and its body recomputes), so that a
+    /// walk down through it goes on to that image and the rollback writes
+    /// a journal about as long as the upgrade's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub before: Option<String>,
+}
+
+impl Image {
+    /// The body before, when it is kept (see [`Image::before`]).
+    pub fn body_before(&self) -> Option<Value> {
+        match self.before {
+            Some(_) if self.body.is_empty() => None,
+            _ => serde_json::from_str(&self.body).ok(),
+        }
+    }
+
+    /// [`body_hash`] of the body before, from `before` or from the body;
+    /// `None` when neither can be read.
+    pub fn hash_before(&self) -> Option<String> {
+        match &self.before {
+            Some(hash) => Some(hash.clone()),
+            None => self.body_before().map(|body| body_hash(&body)),
+        }
+    }
 }
 
 /// A synthetic revision `rev` a gateway presented as a child of the stored

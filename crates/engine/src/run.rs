@@ -306,6 +306,7 @@ fn rewrite(
                 after: body_hash(&doc),
                 body: before,
                 run: Some(run.id.clone()),
+                before: None,
             });
             Ok(Some(Rewrite::new(doc, false)))
         }
@@ -314,9 +315,13 @@ fn rewrite(
             if stamped <= to {
                 return Ok(None);
             }
-            let before = body_text(&leaf);
             let rev = rev_of(&leaf);
             let leaf_hash = body_hash(&leaf);
+            // The body replaced, for the image: in full when the leaf is
+            // translated (views are computed from it), as its hash when a
+            // before-image is restored (the image below holds what it
+            // needs; see `Image::before`).
+            let mut before = None;
             let (mut doc, restored) = match restore_images(journal, &leaf, &leaf_hash, to)? {
                 // Untouched since the upgrade(s): the before-image, exactly.
                 Some((mut body, version)) => {
@@ -340,6 +345,7 @@ fn rewrite(
                 }
                 // Edited since, or created at the newer version: translate down.
                 None => {
+                    before = Some(body_text(&leaf));
                     let mut doc = leaf;
                     let mut complements = JournalComplements(journal);
                     if let Err(source) = set.translate(&mut doc, from, to, &mut complements) {
@@ -354,13 +360,18 @@ fn rewrite(
             // The rollback's revision is system-written too: recorded, so
             // that views see through it and a phone's edit of an older
             // revision wins over it.
+            let (body, hash_before) = match before {
+                Some(text) => (text, None),
+                None => (String::new(), Some(leaf_hash)),
+            };
             journal.push_image(Image {
                 from: stamped.min(from),
                 to,
                 rev,
                 after: body_hash(&doc),
-                body: before,
+                body,
                 run: Some(run.id.clone()),
+                before: hash_before,
             });
             if let Some(object) = doc.as_object_mut() {
                 object.shift_remove("_revisions");

@@ -367,9 +367,12 @@ impl Session<'_> {
             let id = id_of(leaf);
             let journal = journals.get(&id).unwrap_or(&empty);
             for rev in ancestor_candidates(leaf) {
+                // A revision a rollback replaced by its before-image is
+                // journaled by hash only: it was presented on the revision
+                // below (its views are that one's), so it is not read.
                 match journal.images.iter().find(|i| i.rev == rev) {
                     Some(image) => {
-                        if let Ok(body) = serde_json::from_str::<Value>(&image.body) {
+                        if let Some(body) = image.body_before() {
                             ancestors.insert((id.clone(), rev), body);
                         }
                     }
@@ -965,6 +968,7 @@ impl Session<'_> {
                     after: body_hash(&translated),
                     body: serde_json::to_string(&body_of(doc)).unwrap_or_default(),
                     run: None,
+                    before: None,
                 });
                 changed = true;
                 let mut body = body_of(&translated);

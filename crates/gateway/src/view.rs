@@ -462,8 +462,9 @@ fn anchor_walk(
         return Ok((0, Vec::new()));
     }
     // The chain of revisions rewind wrote, down from the leaf: (place in
-    // the history, the parent's body, whether a gateway wrote the child).
-    let mut chain: Vec<(usize, Value, bool)> = Vec::new();
+    // the history, the parent's body when journaled, whether a gateway
+    // wrote the child).
+    let mut chain: Vec<(usize, Option<Value>, bool)> = Vec::new();
     let leaf_hash = body_hash(leaf);
     let mut here = leaf_hash.clone();
     while let Some(parent) = hist.get(chain.len() + 1) {
@@ -475,11 +476,11 @@ fn anchor_walk(
         else {
             break;
         };
-        let Ok(previous) = serde_json::from_str::<Value>(&image.body) else {
+        let Some(hash) = image.hash_before() else {
             break;
         };
-        here = body_hash(&previous);
-        chain.push((chain.len() + 1, previous, image.run.is_none()));
+        here = hash;
+        chain.push((chain.len() + 1, image.body_before(), image.run.is_none()));
     }
     if chain.is_empty() {
         return Ok((0, Vec::new()));
@@ -493,6 +494,11 @@ fn anchor_walk(
     };
     let mut at = 0;
     for (place, body, _) in chain.iter().rev() {
+        // A body journaled by hash only (a rollback's restore) is passed
+        // over: the before-image below it is the one its views equal.
+        let Some(body) = body else {
+            continue;
+        };
         if body_hash(body) == leaf_hash || view_hashes(set, body, journal)? == mine {
             at = *place;
             break;
@@ -729,8 +735,7 @@ pub fn system_base<'a>(
         if let Some(base) = ancestors.iter().find(|a| **a == image.rev) {
             return Some(base);
         }
-        let previous = serde_json::from_str::<Value>(&image.body).ok()?;
-        here = body_hash(&previous);
+        here = image.hash_before()?;
         at = pos;
     }
     None
@@ -785,6 +790,7 @@ mod tests {
                 after: body_hash(&migrated),
                 body: serde_json::to_string(&body_of(&before)).unwrap(),
                 run: Some("r1".into()),
+                before: None,
             }],
             ..Journal::default()
         };
@@ -795,6 +801,31 @@ mod tests {
             let now = &present_pinned(&set, &journal, &migrated, k, &ancestors)[0];
             assert_eq!(was.rev, now.rev, "v{k}: the presented revision");
             assert_eq!(body_of(&was.doc), body_of(&now.doc), "v{k}: its body");
+        }
+        // A rollback restoring the before-image (3-cccc, byte for byte
+        // 1-aaaa's body) journals the migrated body by its hash only: the
+        // walk goes through it down to 1-aaaa, and nothing presented moves.
+        let mut rolled_back = body_of(&before);
+        rolled_back["_rev"] = json!("3-cccc");
+        rolled_back["_revisions"] = json!({"start": 3, "ids": ["cccc", "bbbb", "aaaa"]});
+        let mut after_rollback = journal.clone();
+        after_rollback.images.push(rewind_engine::journal::Image {
+            from: 1,
+            to: 0,
+            rev: "2-bbbb".into(),
+            after: body_hash(&rolled_back),
+            body: String::new(),
+            run: Some("r2".into()),
+            before: Some(body_hash(&migrated)),
+        });
+        assert_eq!(anchor(&set, &rolled_back, &after_rollback).unwrap(), 2);
+        for k in 0..=1 {
+            let was = &present_pinned(&set, &journal, &before, k, &[])[0];
+            let now = &present_pinned(&set, &after_rollback, &rolled_back, k, &ancestors)[0];
+            assert_eq!(
+                was.rev, now.rev,
+                "v{k}: the presented revision after the rollback"
+            );
         }
         // A revision nobody journaled (a human edit) is its own anchor.
         let mut edited = migrated.clone();
