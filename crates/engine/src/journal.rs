@@ -58,19 +58,24 @@ pub struct Image {
 impl Image {
     /// The body before, when it is kept (see [`Image::before`]).
     pub fn body_before(&self) -> Option<Value> {
-        match self.before {
-            Some(_) if self.body.is_empty() => None,
-            _ => serde_json::from_str(&self.body).ok(),
-        }
+        serde_json::from_str(&self.body).ok()
     }
 
-    /// [`body_hash`] of the body before, from `before` or from the body;
-    /// `None` when neither can be read.
+    /// The body before when it is kept, and its [`body_hash`] (from
+    /// `before` when only the hash is kept), reading the body once; `None`
+    /// when neither can be read.
+    pub fn read_before(&self) -> Option<(Option<Value>, String)> {
+        let body = self.body_before();
+        let hash = self
+            .before
+            .clone()
+            .or_else(|| body.as_ref().map(body_hash))?;
+        Some((body, hash))
+    }
+
+    /// [`body_hash`] of the body before (see [`Image::read_before`]).
     pub fn hash_before(&self) -> Option<String> {
-        match &self.before {
-            Some(hash) => Some(hash.clone()),
-            None => self.body_before().map(|body| body_hash(&body)),
-        }
+        self.read_before().map(|(_, hash)| hash)
     }
 }
 

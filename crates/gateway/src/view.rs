@@ -476,11 +476,11 @@ fn anchor_walk(
         else {
             break;
         };
-        let Some(hash) = image.hash_before() else {
+        let Some((previous, hash)) = image.read_before() else {
             break;
         };
         here = hash;
-        chain.push((chain.len() + 1, image.body_before(), image.run.is_none()));
+        chain.push((chain.len() + 1, previous, image.run.is_none()));
     }
     if chain.is_empty() {
         return Ok((0, Vec::new()));
