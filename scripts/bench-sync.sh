@@ -78,7 +78,8 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+# shellcheck source=scripts/pouchdb-server.sh
+. "$root/scripts/pouchdb-server.sh"
 # wait_up URL PID: until URL answers, or fail if PID died or 30 s passed.
 wait_up() {
   for _ in $(seq 1 150); do
@@ -103,26 +104,6 @@ gateway() {
   done
   [ -n "$gw_url" ] || { echo "bench: rewind serve ($name) did not start:" >&2; cat "$tmp/$name.log" >&2; exit 1; }
   wait_up "$gw_url/" "$gw_pid" || { cat "$tmp/$name.log" >&2; exit 1; }
-}
-# pouchdb_server DIR: start pouchdb-server on a free port with its data in DIR; sets server,
-# url. Waits for its own "has started on" line (a server answering on the port may be
-# another process's: this one then says the port is in use and exits; try another port).
-pouchdb_server() {
-  local dir=$1 port
-  mkdir -p "$dir"
-  for _ in 1 2 3 4 5; do
-    port=$(free_port)
-    (cd "$dir" && exec node "$modules/pouchdb-server/bin/pouchdb-server" --host 127.0.0.1 --port "$port" --dir "$dir" >"$dir/server.log" 2>&1) &
-    server=$!; pids+=("$server"); url=http://127.0.0.1:$port
-    for _ in $(seq 1 300); do
-      grep -q "has started on http://127.0.0.1:$port/" "$dir/server.log" 2>/dev/null && { wait_up "$url/" "$server" && return 0; }
-      grep -q "already in use" "$dir/server.log" 2>/dev/null && break
-      kill -0 "$server" 2>/dev/null || break
-      sleep 0.2
-    done
-    stop "$server"
-  done
-  echo "bench: pouchdb-server did not start:" >&2; cat "$dir/server.log" >&2; exit 1
 }
 stop() { kill "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
 hwm() { awk '/VmHWM/ {print int($2/1024)}' "/proc/$1/status"; }
@@ -194,7 +175,8 @@ rate() { echo "$1 / $2" | bc -l | xargs printf '%.0f'; }
 ratio() { echo "$1 / $2" | bc -l | xargs printf '%.2f'; }
 
 # --- pouchdb-server ---------------------------------------------------------------------
-pouchdb_server "$tmp/couch"
+start_pouchdb_server "$tmp/couch" || exit 1
+pids+=("$server")
 
 # --- 1. copy ----------------------------------------------------------------------------
 echo "bench: N=$N, 1. rewind copy vs PouchDB.replicate" >&2

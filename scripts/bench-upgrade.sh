@@ -33,25 +33,9 @@ rewind=$root/target/release/rewind
 tmp=$(mktemp -d -t rewind-bench.XXXXXX)
 server=
 trap 'kill $server 2>/dev/null; wait $server 2>/dev/null || true; rm -rf "$tmp"' EXIT
-# pouchdb-server on a free port; its own "has started on" line tells it is up (a server
-# answering on the port may be another process's: this one then says the port is in use
-# and exits, and another port is tried).
-for _ in 1 2 3 4 5; do
-  port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-  (cd "$tmp" && exec node "$modules/pouchdb-server/bin/pouchdb-server" --host 127.0.0.1 --port "$port" --dir "$tmp" >"$tmp/server.log" 2>&1) &
-  server=$!
-  for _ in $(seq 1 300); do
-    grep -q "has started on http://127.0.0.1:$port/" "$tmp/server.log" && break
-    grep -q "already in use" "$tmp/server.log" && break
-    kill -0 "$server" 2>/dev/null || break
-    sleep 0.2
-  done
-  grep -q "has started on http://127.0.0.1:$port/" "$tmp/server.log" && break
-  kill "$server" 2>/dev/null; wait "$server" 2>/dev/null || true; server=
-done
-[ -n "$server" ] || { echo "bench: pouchdb-server did not start:" >&2; cat "$tmp/server.log" >&2; exit 1; }
-for _ in $(seq 1 150); do curl -fs "http://127.0.0.1:$port/" >/dev/null && break; sleep 0.2; done
-url=http://127.0.0.1:$port
+# shellcheck source=scripts/pouchdb-server.sh
+. "$root/scripts/pouchdb-server.sh"
+start_pouchdb_server "$tmp" || exit 1
 
 rows=()
 declare -A secs_of cpu_of
