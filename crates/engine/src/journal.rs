@@ -8,6 +8,8 @@
 //!   revision could still have been a leaf). A rollback that
 //!   finds the document still carrying that body restores the image byte for
 //!   byte; otherwise the document was edited and is translated instead.
+//!   A rollback's own image keeps the body it replaced, or only its hash
+//!   when it restored the image below (which holds that body).
 //! - `kept`: per migration, the complement the last translation kept (from
 //!   `up` for `down`, or from `down` for `up`).
 
