@@ -280,9 +280,110 @@ pub(crate) fn assemble(id: &str, rev: &str, body: &str, extras: Extras) -> Resul
     Ok(Value::Object(out))
 }
 
+/// A new revision of a document whose body is already JSON text, written by
+/// [`crate::SqliteStore::bulk_docs_text`] as it is, without building a
+/// document and serializing it again. Built only by constructors that check
+/// it, so the store trusts it: a valid id (not `_local/`), a valid revision
+/// if any, and a body that is the text of a JSON object with no member
+/// starting with `_` (so no attachments and no deletion).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TextDoc {
+    id: String,
+    rev: Option<Rev>,
+    body: String,
+}
+
+impl TextDoc {
+    /// Checks and wraps a body already serialized; `rev` is the revision
+    /// edited (`None`: a new document). Fails with `BadRequest` for a bad or
+    /// `_local/` id, a bad revision, or a body that is not a plain object's
+    /// text.
+    pub fn new(id: String, rev: Option<&str>, body: String) -> Result<TextDoc> {
+        check_id(&id)?;
+        if id.starts_with("_local/") {
+            return Err(StoreError::bad(format!(
+                "document {id}: _local documents cannot be written as text"
+            )));
+        }
+        check_plain_body(&body).map_err(|e| StoreError::bad(format!("document {id}: {e}")))?;
+        let rev = rev.map(str::parse::<Rev>).transpose()?;
+        Ok(TextDoc { id, rev, body })
+    }
+
+    /// The document `doc` as text: its members not starting with `_`,
+    /// serialized as `bulk_docs` stores them, edited from its `_rev`.
+    /// `None` when it is not that simple: not an object, no valid `_id`, a
+    /// `_local/` id, a bad `_rev`, attachments, a deletion, or another
+    /// special member than the ones `bulk_docs` ignores; such a document is
+    /// written as a value (which reports what is wrong with it).
+    pub fn from_doc(doc: &Value) -> Option<TextDoc> {
+        let Value::Object(map) = doc else {
+            return None;
+        };
+        let (mut id, mut rev) = (None, None);
+        for (key, value) in map {
+            match (key.as_str(), value) {
+                ("_id", Value::String(s)) => id = Some(s),
+                ("_rev", Value::String(s)) => rev = Some(s.parse::<Rev>().ok()?),
+                ("_rev" | "_deleted" | "_attachments" | "_revisions", Value::Null) => {}
+                ("_deleted", Value::Bool(false)) | ("_revisions", _) => {}
+                (k, _) if IGNORED_SPECIALS.contains(&k) => {}
+                (k, _) if k.starts_with('_') => return None,
+                _ => {}
+            }
+        }
+        let id = id?;
+        if check_id(id).is_err() || id.starts_with("_local/") {
+            return None;
+        }
+        Some(TextDoc {
+            id: id.clone(),
+            rev,
+            body: body_text(map).ok()?,
+        })
+    }
+
+    /// The document id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The length of the document's JSON text with its `_id` and `_rev`
+    /// (`{"_id":…,"_rev":…,…}`), as `json_len` counts a document.
+    pub fn json_len(&self) -> u64 {
+        let mut len = 1 + 6 + serialized_len(&self.id);
+        if let Some(rev) = &self.rev {
+            len += 1 + 7 + serialized_len(&rev.to_string());
+        }
+        // The body's members after a comma, or the closing brace alone.
+        len + if self.body == "{}" {
+            1
+        } else {
+            self.body.len() as u64
+        }
+    }
+}
+
+impl From<TextDoc> for ParsedDoc {
+    fn from(doc: TextDoc) -> ParsedDoc {
+        ParsedDoc {
+            id: doc.id,
+            rev: doc.rev,
+            path: Vec::new(),
+            deleted: false,
+            body: doc.body,
+            atts: Vec::new(),
+        }
+    }
+}
+
 /// The length of a value's JSON text (as `serde_json` writes it), counted
 /// without building the text.
 pub fn json_len(value: &Value) -> u64 {
+    serialized_len(value)
+}
+
+fn serialized_len(value: &(impl serde::Serialize + ?Sized)) -> u64 {
     struct Count(u64);
     impl std::io::Write for Count {
         fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
@@ -341,6 +442,70 @@ mod tests {
             assert_eq!(
                 body_text(&map).unwrap(),
                 serde_json::to_string(&Value::Object(plain)).unwrap()
+            );
+        }
+    }
+
+    #[test]
+    fn a_text_doc_is_what_parse_doc_makes_of_a_plain_document() {
+        for text in [
+            r#"{"_id":"a","_rev":"2-ab","z":[1,2.50,1e400],"c":{"_y":1,"a":"é\n\u0001"}}"#,
+            r#"{"z":1,"_id":"a\"b","_conflicts":["1-x"],"_revisions":{"start":1,"ids":["ab"]}}"#,
+            r#"{"_id":"_design/x","_rev":null,"_deleted":false}"#,
+        ] {
+            let doc: Value = serde_json::from_str(text).unwrap();
+            let from_text = TextDoc::from_doc(&doc).expect(text);
+            let parsed = parse_doc(doc.clone(), true).unwrap();
+            assert_eq!(from_text.id(), parsed.id);
+            assert_eq!(from_text.rev, parsed.rev, "{text}");
+            assert_eq!(from_text.body, parsed.body, "{text}");
+            // Its length: the document with only `_id`, `_rev` and the body.
+            let mut only = Map::new();
+            only.insert("_id".into(), Value::from(parsed.id.clone()));
+            if let Some(rev) = &parsed.rev {
+                only.insert("_rev".into(), Value::from(rev.to_string()));
+            }
+            let Value::Object(body) = serde_json::from_str(&parsed.body).unwrap() else {
+                unreachable!()
+            };
+            only.extend(body);
+            assert_eq!(
+                from_text.json_len(),
+                json_len(&Value::Object(only)),
+                "{text}"
+            );
+            let checked = TextDoc::new(
+                parsed.id.clone(),
+                parsed.rev.map(|r| r.to_string()).as_deref(),
+                parsed.body.clone(),
+            )
+            .unwrap();
+            assert_eq!(checked, from_text);
+        }
+        // What is not that simple is left to `parse_doc` (and its errors).
+        for text in [
+            r#"{"_id":"a","_deleted":true}"#,
+            r#"{"_id":"a","_attachments":{"f":{"stub":true}}}"#,
+            r#"{"_id":"a","_foo":1}"#,
+            r#"{"_id":"a","_rev":"x"}"#,
+            r#"{"_id":"_bad"}"#,
+            r#"{"_id":"_local/a"}"#,
+            r#"{"a":1}"#,
+            "[1]",
+        ] {
+            let doc: Value = serde_json::from_str(text).unwrap();
+            assert_eq!(TextDoc::from_doc(&doc), None, "{text}");
+        }
+        for (id, rev, body) in [
+            ("a", None, r#"{"_id":"a"}"#),
+            ("a", Some("x"), "{}"),
+            ("_local/a", None, "{}"),
+            ("", None, "{}"),
+            ("a", None, "[1]"),
+        ] {
+            assert!(
+                TextDoc::new(id.into(), rev, body.into()).is_err(),
+                "{id} {body}"
             );
         }
     }

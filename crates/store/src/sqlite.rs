@@ -38,6 +38,7 @@ use rusqlite::{
 use serde_json::{Map, Value};
 use tokio::sync::watch;
 
+pub use crate::doc::TextDoc;
 use crate::doc::{self, AttIn, Extras, ParsedDoc};
 use crate::error::{Result, StoreError};
 use crate::rev::{Merge, Rev, RevTree, DEFAULT_REVS_LIMIT};
@@ -93,18 +94,6 @@ impl From<rusqlite::Error> for StoreError {
 #[derive(Clone)]
 pub struct SqliteStore {
     inner: Arc<Inner>,
-}
-
-/// A new revision whose body is already JSON text, for
-/// [`SqliteStore::bulk_docs_text`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TextDoc {
-    /// The document id.
-    pub id: String,
-    /// The revision edited (`None`: a new document).
-    pub rev: Option<String>,
-    /// A JSON object's text, with no member starting with `_`.
-    pub body: String,
 }
 
 struct Inner {
@@ -737,32 +726,11 @@ impl SqliteStore {
     /// `bulk_docs` with `new_edits=true` for bodies already serialized:
     /// the same revisions, conflicts and results as
     /// [`crate::Store::bulk_docs`] gives for `{"_id", "_rev", ...body}`,
-    /// without building a document and serializing it again. Each body must
-    /// be the text of a JSON object with no member starting with `_` (so no
-    /// attachments and no deletion); otherwise, or for a bad id or revision,
-    /// the request fails with `BadRequest` before anything is written.
+    /// without building a document and serializing it again (a [`TextDoc`]
+    /// was checked when it was made).
     pub async fn bulk_docs_text(&self, docs: Vec<TextDoc>) -> Result<Vec<BulkResult>> {
         self.check_exists().await?;
-        let mut parsed = Vec::with_capacity(docs.len());
-        for d in docs {
-            doc::check_id(&d.id)?;
-            if d.id.starts_with("_local/") {
-                return Err(StoreError::bad(format!(
-                    "document {}: _local documents cannot be written as text",
-                    d.id
-                )));
-            }
-            doc::check_plain_body(&d.body)
-                .map_err(|e| StoreError::bad(format!("document {}: {e}", d.id)))?;
-            parsed.push(Item::Doc(ParsedDoc {
-                rev: d.rev.as_deref().map(str::parse::<Rev>).transpose()?,
-                id: d.id,
-                path: Vec::new(),
-                deleted: false,
-                body: d.body,
-                atts: Vec::new(),
-            }));
-        }
+        let parsed = docs.into_iter().map(|d| Item::Doc(d.into())).collect();
         self.write_items(parsed, true).await
     }
 

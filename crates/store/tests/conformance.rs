@@ -725,3 +725,52 @@ async fn live_leaf_revs_lists_live_leaves_winner_first_in_one_request(s: &AnySto
     );
     assert!(!listed.contains_key("none"));
 }
+
+/// The embedded store's text path writes what `bulk_docs` writes: the same
+/// revision ids, bodies, conflicts (409 on a stale revision) and sequences.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bulk_docs_text_writes_what_bulk_docs_writes() {
+    let (by_value, by_text) = (common::sqlite_db(), common::sqlite_db());
+    let AnyStore::Sqlite(text_store) = &by_text.store else {
+        unreachable!()
+    };
+    let first = vec![
+        json!({"_id": "a", "z": 1, "big": 12345678901234567890u64, "f": 1.10}),
+        json!({"_id": "b", "n": {"x": [1, "é"]}}),
+    ];
+    let texts = |docs: &[Value]| -> Vec<TextDoc> {
+        docs.iter()
+            .map(|d| TextDoc::from_doc(d).expect("plain"))
+            .collect()
+    };
+    let v1 = by_value.bulk_docs(first.clone(), true).await.unwrap();
+    let t1 = text_store.bulk_docs_text(texts(&first)).await.unwrap();
+    assert_eq!(t1, v1);
+    let a_rev = v1[0].rev.clone().unwrap();
+    let stale = format!("1-{}", h('f'));
+    let second = vec![
+        json!({"_id": "a", "_rev": a_rev, "z": 2}),
+        json!({"_id": "b", "_rev": stale, "n": 0}),
+        json!({"_id": "c"}),
+    ];
+    let v2 = by_value.bulk_docs(second.clone(), true).await.unwrap();
+    let t2 = text_store.bulk_docs_text(texts(&second)).await.unwrap();
+    assert_eq!(t2, v2);
+    assert_eq!(v2[1].error.as_deref(), Some("conflict"));
+    for id in ["a", "b", "c"] {
+        let opts = GetOptions {
+            revs: true,
+            ..Default::default()
+        };
+        assert_eq!(
+            doc(&by_text, id, opts.clone()).await,
+            doc(&by_value, id, opts).await,
+            "{id}"
+        );
+    }
+    let opts = ChangesOptions::default();
+    assert_eq!(
+        by_text.changes(&opts).await.unwrap().results,
+        by_value.changes(&opts).await.unwrap().results
+    );
+}
