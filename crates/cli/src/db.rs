@@ -4,7 +4,7 @@ use crate::Cli;
 use indicatif::{ProgressBar, ProgressStyle};
 use rewind_engine::plan::plan;
 use rewind_engine::run::{run, Progress, RunOptions};
-use rewind_engine::state::{Database, State};
+use rewind_engine::state::Database;
 use rewind_engine::Project;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -213,7 +213,7 @@ pub fn plan_cmd(cli: &Cli, args: &PlanArgs) -> anyhow::Result<ExitCode> {
     let project = Project::load(cli.config.as_deref(), args.target.migrations.as_deref())?;
     let rt = runtime()?;
     rt.block_on(async {
-        let db = Database::open(&args.target.db).await?;
+        let db = Database::inspect(&args.target.db).await?;
         let p = plan(&db, &project.migrations, args.to, 1000).await?;
         if args.json {
             println!("{}", serde_json::to_string_pretty(&p)?);
@@ -250,8 +250,8 @@ pub fn plan_cmd(cli: &Cli, args: &PlanArgs) -> anyhow::Result<ExitCode> {
 pub fn status(args: &StatusArgs) -> anyhow::Result<ExitCode> {
     let rt = runtime()?;
     rt.block_on(async {
-        let db = Database::open(&args.db).await?;
-        let state = State::load(&db).await?;
+        let db = Database::inspect(&args.db).await?;
+        let state = &db.state;
         if args.json {
             println!("{}", serde_json::to_string_pretty(&state)?);
             return Ok(ExitCode::SUCCESS);

@@ -1088,6 +1088,23 @@ async fn a_changed_migration_file_is_refused_and_plan_writes_nothing(backend: Ba
         all.extend_from_slice(&args[1..]);
         run_output(rewind(db.dir(), &all))
     };
+    // plan and status on a database rewind never ran on: no companion made.
+    let plan = run(vec!["plan"]).await;
+    assert!(plan.status.success(), "{}", text(&plan));
+    assert!(text(&plan).contains("version 0 → 7"), "{}", text(&plan));
+    let status = run_output(rewind(db.dir(), &["status", "--db", &db.target])).await;
+    assert!(status.status.success(), "{}", text(&status));
+    assert!(
+        text(&status).contains("schema version 0"),
+        "{}",
+        text(&status)
+    );
+    let companion = companion_target(&db.target);
+    let made = match db.backend {
+        Backend::Embedded => Path::new(&companion).exists(),
+        Backend::Couch => db.companion().await.exists().await.unwrap(),
+    };
+    assert!(!made, "plan or status created the companion {companion}");
     let out = run(vec!["upgrade", "--to", "3"]).await;
     assert!(out.status.success(), "{}", text(&out));
 

@@ -1,7 +1,7 @@
 //! `rewind plan`: what an upgrade or rollback would do, without writing.
 
 use crate::journal::body_hash;
-use crate::state::{Database, State};
+use crate::state::Inspected;
 use crate::{EngineError, Result};
 use rewind_lens::migration::NoComplements;
 use rewind_lens::{MigrationSet, StepOutcome};
@@ -76,12 +76,12 @@ fn diff(before: &Value, after: &Value, prefix: &str, out: &mut Vec<(String, Valu
 
 /// Plans a run to `to` (default: the latest version) on `db`; writes nothing.
 pub async fn plan(
-    db: &Database,
+    db: &Inspected,
     set: &MigrationSet,
     to: Option<u32>,
     batch: usize,
 ) -> Result<Plan> {
-    let state = State::load(db).await?;
+    let state = &db.state;
     state.verify(set)?;
     let to = to.unwrap_or(set.latest());
     if to > set.latest() {

@@ -48,24 +48,73 @@ pub fn companion_target(target: &str) -> String {
     }
 }
 
+fn is_url(target: &str) -> bool {
+    target.starts_with("http://") || target.starts_with("https://")
+}
+
+/// Opens a database that must exist.
+async fn open_data(target: &str) -> Result<AnyStore> {
+    if !is_url(target) && !std::path::Path::new(target).exists() {
+        return Err(EngineError::Input {
+            what: target.to_owned(),
+            reason: "no such database file (create one with `rewind copy` or `rewind drill`)"
+                .into(),
+        });
+    }
+    let data = rewind_store::open(target).await?;
+    if !data.exists().await? {
+        return Err(EngineError::Input {
+            what: rewind_store::redact_url(target),
+            reason: "the database does not exist".into(),
+        });
+    }
+    Ok(data)
+}
+
+/// A database opened to read only (`plan`, `status`): its documents and
+/// its state as recorded.
+pub struct Inspected {
+    /// The documents.
+    pub data: AnyStore,
+    /// The state (the defaults when there is no companion yet).
+    pub state: State,
+    /// How the user named the database (credentials removed).
+    pub name: String,
+}
+
 impl Database {
+    /// Opens a database that must exist and reads its state, creating
+    /// nothing: no companion is made where there is none (the state is then
+    /// the defaults: version 0, no runs).
+    pub async fn inspect(target: &str) -> Result<Inspected> {
+        let data = open_data(target).await?;
+        let companion = companion_target(target);
+        let has_companion = if is_url(target) {
+            None
+        } else {
+            Some(std::path::Path::new(&companion).exists())
+        };
+        let state = match has_companion {
+            Some(false) => State::default(),
+            _ => {
+                let store = rewind_store::open(&companion).await?;
+                if store.exists().await? {
+                    State::load_from(&store).await?
+                } else {
+                    State::default()
+                }
+            }
+        };
+        Ok(Inspected {
+            data,
+            state,
+            name: rewind_store::redact_url(target),
+        })
+    }
+
     /// Opens a database that must exist, and its companion (created if missing).
     pub async fn open(target: &str) -> Result<Database> {
-        let is_url = target.starts_with("http://") || target.starts_with("https://");
-        if !is_url && !std::path::Path::new(target).exists() {
-            return Err(EngineError::Input {
-                what: target.to_owned(),
-                reason: "no such database file (create one with `rewind copy` or `rewind drill`)"
-                    .into(),
-            });
-        }
-        let data = rewind_store::open(target).await?;
-        if !data.exists().await? {
-            return Err(EngineError::Input {
-                what: rewind_store::redact_url(target),
-                reason: "the database does not exist".into(),
-            });
-        }
+        let data = open_data(target).await?;
         let state = rewind_store::open(&companion_target(target)).await?;
         if !state.exists().await? {
             match state.create_db().await {
@@ -229,7 +278,12 @@ impl State {
 
     /// Reads the state document (defaults when there is none).
     pub async fn load(db: &Database) -> Result<State> {
-        match db.state.get(STATE_ID, &GetOptions::default()).await {
+        State::load_from(&db.state).await
+    }
+
+    /// Reads the state document of a companion (defaults when there is none).
+    pub async fn load_from(companion: &AnyStore) -> Result<State> {
+        match companion.get(STATE_ID, &GetOptions::default()).await {
             Ok(found) => {
                 let doc = found.into_doc().unwrap_or(Value::Null);
                 serde_json::from_value(doc)
