@@ -79,3 +79,62 @@ async fn a_plain_rollback_serves_the_new_version_until_it_finishes() {
     assert!(seen.iter().all(|(served, _)| *served == latest), "{seen:?}");
     assert_eq!(state.served_version(), 0);
 }
+
+/// The embedded companion keeps one revision of each journal: after an
+/// upgrade and a rollback, every journal was written twice and holds only
+/// its leaf (the replaced body is gone).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_embedded_companion_keeps_only_the_leaf_of_each_journal() {
+    use rewind_store::{GetOptions, Store};
+    let dir = TempDir::new();
+    let target = dir.file("medic.db");
+    load_sample(&target, 300, 9).await;
+    let set = cht();
+    let db = Database::open(&target).await.unwrap();
+    assert_eq!(
+        db.state.revs_limit().await.unwrap(),
+        rewind_engine::state::COMPANION_REVS_LIMIT
+    );
+    let opts = RunOptions::default();
+    for to in [set.latest(), 0] {
+        run(&db, &set, to, &opts, &mut |_: &Progress| {})
+            .await
+            .unwrap();
+    }
+    let journals = db
+        .state
+        .all_docs(&rewind_store::AllDocsOptions {
+            start_key: Some("journal:".into()),
+            end_key: Some("journal:\u{fff0}".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .rows;
+    assert!(journals.len() > 100, "{} journals", journals.len());
+    let revs = GetOptions {
+        revs: true,
+        ..Default::default()
+    };
+    for row in journals {
+        let doc = db
+            .state
+            .get(&row.key, &revs)
+            .await
+            .unwrap()
+            .into_doc()
+            .unwrap();
+        let rev = doc["_rev"].as_str().unwrap();
+        assert!(
+            rev.starts_with("2-"),
+            "{}: written twice, at {rev}",
+            row.key
+        );
+        assert_eq!(
+            doc["_revisions"]["ids"].as_array().unwrap().len(),
+            1,
+            "{}: only the leaf kept",
+            row.key
+        );
+    }
+}

@@ -8,7 +8,7 @@ use axum::extract::{Query, Request, State as AxumState};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Router;
-use rewind_engine::state::{companion_target, Database, State};
+use rewind_engine::state::{companion_target, prepare_companion, Database, State};
 use rewind_lens::MigrationSet;
 use rewind_store::{AllDocsOptions, ChangesOptions, Seq, Store, StoreError};
 use serde_json::{json, Value};
@@ -203,12 +203,7 @@ impl Gateway {
             return Err(GatewayError::NotFound("Database does not exist.".into()));
         }
         let state = open(companion_target(&target)).await?;
-        if !state.exists().await? {
-            match state.create_db().await {
-                Ok(()) | Err(StoreError::FileExists { .. }) => {}
-                Err(e) => return Err(e.into()),
-            }
-        }
+        prepare_companion(&state).await?;
         let database = Database {
             data,
             state,
