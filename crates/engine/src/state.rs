@@ -116,20 +116,15 @@ impl Database {
     pub async fn inspect(target: &str) -> Result<Inspected> {
         let data = open_data(target).await?;
         let companion = companion_target(target);
-        let has_companion = if is_url(target) {
-            None
+        // Opening an embedded file that is not there would create it.
+        let state = if !is_url(target) && !std::path::Path::new(&companion).exists() {
+            State::default()
         } else {
-            Some(std::path::Path::new(&companion).exists())
-        };
-        let state = match has_companion {
-            Some(false) => State::default(),
-            _ => {
-                let store = rewind_store::open(&companion).await?;
-                if store.exists().await? {
-                    State::load_from(&store).await?
-                } else {
-                    State::default()
-                }
+            let store = rewind_store::open(&companion).await?;
+            if store.exists().await? {
+                State::load_from(&store).await?
+            } else {
+                State::default()
             }
         };
         Ok(Inspected {

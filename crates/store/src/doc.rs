@@ -54,6 +54,49 @@ pub(crate) fn check_id(id: &str) -> Result<()> {
     Ok(())
 }
 
+/// A document's `_id`, `_rev` and `_deleted`, as [`specials`] reads them.
+struct Specials<'a> {
+    id: Option<&'a str>,
+    rev: Option<Rev>,
+    deleted: bool,
+}
+
+/// Reads and checks the special members of a document other than
+/// `_revisions` and `_attachments` (skipped: the caller reads them); members
+/// `bulk_docs` ignores are allowed, any other special member is an error.
+fn specials(map: &Map<String, Value>) -> Result<Specials<'_>> {
+    let mut out = Specials {
+        id: None,
+        rev: None,
+        deleted: false,
+    };
+    for (k, v) in map {
+        if !k.starts_with('_') {
+            continue;
+        }
+        match k.as_str() {
+            "_id" => match v {
+                Value::String(s) => out.id = Some(s),
+                _ => return Err(StoreError::bad("_id must be a string")),
+            },
+            "_rev" => match v {
+                Value::String(s) => out.rev = Some(s.parse::<Rev>()?),
+                Value::Null => {}
+                _ => return Err(StoreError::bad("_rev must be a string")),
+            },
+            "_deleted" => match v {
+                Value::Bool(b) => out.deleted = *b,
+                Value::Null => {}
+                _ => return Err(StoreError::bad("_deleted must be true or false")),
+            },
+            "_revisions" | "_attachments" => {}
+            k if IGNORED_SPECIALS.contains(&k) => {}
+            _ => return Err(StoreError::bad(format!("bad special document member: {k}"))),
+        }
+    }
+    Ok(out)
+}
+
 /// Splits and validates one document of a `bulk_docs` request.
 pub(crate) fn parse_doc(doc: Value, new_edits: bool) -> Result<ParsedDoc> {
     let Value::Object(mut map) = doc else {
@@ -63,31 +106,8 @@ pub(crate) fn parse_doc(doc: Value, new_edits: bool) -> Result<ParsedDoc> {
     // map as it is, without building a second map.
     let revisions = map.shift_remove("_revisions");
     let atts_raw = map.shift_remove("_attachments");
-    let (mut id, mut rev, mut deleted) = (None, None, false);
-    for (k, v) in &map {
-        if !k.starts_with('_') {
-            continue;
-        }
-        match k.as_str() {
-            "_id" => match v {
-                Value::String(s) => id = Some(s.clone()),
-                _ => return Err(StoreError::bad("_id must be a string")),
-            },
-            "_rev" => match v {
-                Value::String(s) => rev = Some(s.parse::<Rev>()?),
-                Value::Null => {}
-                _ => return Err(StoreError::bad("_rev must be a string")),
-            },
-            "_deleted" => match v {
-                Value::Bool(b) => deleted = *b,
-                Value::Null => {}
-                _ => return Err(StoreError::bad("_deleted must be true or false")),
-            },
-            k if IGNORED_SPECIALS.contains(&k) => {}
-            _ => return Err(StoreError::bad(format!("bad special document member: {k}"))),
-        }
-    }
-    let id = match id {
+    let Specials { id, rev, deleted } = specials(&map)?;
+    let id = match id.map(str::to_owned) {
         Some(id) => id,
         None if new_edits => new_uuid(),
         None => {
@@ -320,24 +340,14 @@ impl TextDoc {
         let Value::Object(map) = doc else {
             return None;
         };
-        let (mut id, mut rev) = (None, None);
-        for (key, value) in map {
-            match (key.as_str(), value) {
-                ("_id", Value::String(s)) => id = Some(s),
-                ("_rev", Value::String(s)) => rev = Some(s.parse::<Rev>().ok()?),
-                ("_rev" | "_deleted" | "_attachments" | "_revisions", Value::Null) => {}
-                ("_deleted", Value::Bool(false)) | ("_revisions", _) => {}
-                (k, _) if IGNORED_SPECIALS.contains(&k) => {}
-                (k, _) if k.starts_with('_') => return None,
-                _ => {}
-            }
-        }
-        let id = id?;
-        if check_id(id).is_err() || id.starts_with("_local/") {
+        if !map.get("_attachments").is_none_or(Value::is_null) {
             return None;
         }
+        let Specials { id, rev, deleted } = specials(map).ok()?;
+        let id = id.filter(|id| !deleted && !id.starts_with("_local/"))?;
+        check_id(id).ok()?;
         Some(TextDoc {
-            id: id.clone(),
+            id: id.to_owned(),
             rev,
             body: body_text(map).ok()?,
         })
