@@ -42,13 +42,7 @@ async fn attachments_survive_upgrade_and_rollback(target: &str) {
     let mut attached = Vec::new();
     for (i, doc) in docs.iter().enumerate().filter(|(i, _)| i % 10 == 0) {
         let id = doc["_id"].as_str().unwrap();
-        let mut stored = db
-            .data
-            .get(id, &GetOptions::default())
-            .await
-            .unwrap()
-            .into_doc()
-            .unwrap();
+        let mut stored = common::doc(&db.data, id, &GetOptions::default()).await;
         let data = base64::engine::general_purpose::STANDARD.encode(format!("photo {i}"));
         stored["_attachments"] = json!({"photo.txt": {"content_type": "text/plain", "data": data}});
         db.data.put(stored).await.unwrap();
@@ -56,10 +50,7 @@ async fn attachments_survive_upgrade_and_rollback(target: &str) {
     }
     let read = |id: String| {
         let db = db.clone();
-        async move {
-            let doc = db.data.get(&id, &with_attachments()).await.unwrap();
-            parts(&doc.into_doc().unwrap())
-        }
+        async move { parts(&common::doc(&db.data, &id, &with_attachments()).await) }
     };
     let mut before = Vec::new();
     for id in &attached {

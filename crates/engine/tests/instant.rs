@@ -117,13 +117,7 @@ async fn the_embedded_companion_keeps_only_the_leaf_of_each_journal() {
         ..Default::default()
     };
     for row in journals {
-        let doc = db
-            .state
-            .get(&row.key, &revs)
-            .await
-            .unwrap()
-            .into_doc()
-            .unwrap();
+        let doc = common::doc(&db.state, &row.key, &revs).await;
         let rev = doc["_rev"].as_str().unwrap();
         assert!(
             rev.starts_with("2-"),

@@ -65,13 +65,7 @@ async fn an_upgrade_finishes_while_another_writer_rewrites_journals() {
         "the other writer never rewrote a journal: the test tested nothing"
     );
     for id in &ids {
-        let doc = db
-            .data
-            .get(id, &GetOptions::default())
-            .await
-            .unwrap()
-            .into_doc()
-            .unwrap();
+        let doc = common::doc(&db.data, id, &GetOptions::default()).await;
         // Already in the latest shape: translating it from its stamp's
         // version to the latest changes nothing.
         let from = set.stamp_of(&doc).unwrap_or(0);

@@ -15,3 +15,13 @@ pub fn cht() -> MigrationSet {
     }
     MigrationSet::parse_files(&files, DEFAULT_STAMP).unwrap()
 }
+
+/// Document `id` of `store` as `get` answers it with `opts`.
+pub async fn doc(
+    store: &rewind_store::AnyStore,
+    id: &str,
+    opts: &rewind_store::GetOptions,
+) -> serde_json::Value {
+    use rewind_store::Store;
+    store.get(id, opts).await.unwrap().into_doc().unwrap()
+}
