@@ -282,6 +282,20 @@ fn context_name(epoch: &str, adoption: &str) -> String {
     }
 }
 
+/// The only version presented in a context, when it names an epoch after a
+/// run (`"{version}:{run id}"`, see [`epochs`]): the contexts of such
+/// epochs are used by clients following `/{db}` only (pinned clients use
+/// [`PINNED`]'s), and `/{db}` serves one version for a whole epoch, the one
+/// its name begins with. `None` for the pinned epoch's contexts, where
+/// every version is presented.
+fn context_version(context: &str) -> Option<u32> {
+    let (version, _) = context.split_once(':')?;
+    if version.is_empty() || !version.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    version.parse().ok()
+}
+
 /// The tombstone that retires the synthetic revision `synthetic`: the
 /// first half names the revision it retires, the second half is a mark
 /// derived from the first ([`is_retirement_rev`] tells one from its id
@@ -351,12 +365,19 @@ fn with_meta(mut body: Value, history: &[String]) -> Value {
     body
 }
 
-/// A distinct view of a body: its hash, the body, and the newest version
-/// that sees it.
+/// A distinct view of a body: its hash, the body, and the versions that
+/// see it (ascending).
 struct DistinctView {
     hash: String,
     body: Value,
-    newest: u32,
+    versions: Vec<u32>,
+}
+
+impl DistinctView {
+    /// The newest version that sees it.
+    fn newest(&self) -> u32 {
+        self.versions.last().copied().unwrap_or(0)
+    }
 }
 
 /// Every version's view of a body, in version order, each with its
@@ -399,11 +420,11 @@ impl BodyViews {
         let mut all: Vec<DistinctView> = Vec::new();
         for (k, (hash, seen)) in versions.into_iter().enumerate() {
             match all.iter_mut().find(|v| v.hash == hash) {
-                Some(known) => known.newest = k as u32,
+                Some(known) => known.versions.push(k as u32),
                 None => all.push(DistinctView {
                     hash,
                     body: seen,
-                    newest: k as u32,
+                    versions: vec![k as u32],
                 }),
             }
         }
@@ -562,9 +583,15 @@ fn retirements(
     }
     let current = cx.contexts.len() - 1;
     for (index, context) in cx.contexts.iter().enumerate() {
+        let presented_at = context_version(context);
         for seen in &views.all {
+            // In an epoch's context only that epoch's version was ever
+            // presented: no phone holds another view's id there.
+            if presented_at.is_some_and(|v| !seen.versions.contains(&v)) {
+                continue;
+            }
             if let (true, Some(keep)) = (index == current, &keep) {
-                if seen.hash == keep.hash || seen.newest >= keep.k {
+                if seen.hash == keep.hash || seen.newest() >= keep.k {
                     continue;
                 }
             }
@@ -855,6 +882,68 @@ mod tests {
         assert_eq!(at1.len(), 2, "v1: its view and a tombstone: {at1:?}");
         assert_eq!(at1[1], tombstone_rev(&at0[0]), "v1 retires the v0 view");
         assert!(!at0.contains(&tombstone_rev(&at1[0])), "v0 keeps v1's view");
+    }
+
+    #[test]
+    fn an_epochs_context_retires_only_the_view_of_the_version_it_served() {
+        // A person at v0 (1-aaaa), no journal: v0 and v1 see it differently.
+        // After run r1 to v1 a phone following `/{db}` gets the v1 view,
+        // tombstones for both pinned views (a phone may come from `/v/0` or
+        // `/v/1`), and none for the v0 view in r1's epoch: `/{db}` served
+        // only v1 there. After a run r2 back to v0, r1's epoch retires its
+        // v1 view only.
+        let set = persons_set();
+        let mut leaf = json!({"_id": "p", "type": "person", "name": "Ann"});
+        leaf["_rev"] = json!("1-aaaa");
+        leaf["_revisions"] = json!({"start": 1, "ids": ["aaaa"]});
+        let journal = Journal::default();
+        let present_following = |epochs: &[&str], k: u32| -> Vec<String> {
+            let epochs: Vec<String> = epochs.iter().map(|e| e.to_string()).collect();
+            let contexts = contexts(&epochs, &journal, false);
+            let cx = Context {
+                set: &set,
+                checksum: "ck",
+                journal: &journal,
+                contexts: &contexts,
+            };
+            present(&cx, &leaf, k, &[])
+                .unwrap()
+                .into_iter()
+                .map(|p| p.rev)
+                .collect()
+        };
+        let view_in = |k: u32, context: &str| {
+            let seen = view(&set, &leaf, k, &journal).unwrap();
+            synthetic_rev("1-aaaa", "ck", &seen, context)
+        };
+        let up = present_following(&["", "1:r1"], 1);
+        assert_eq!(up[0], view_in(1, "1:r1"), "the v1 view in r1's epoch");
+        let mut retired = up[1..].to_vec();
+        retired.sort();
+        let mut expected = vec![
+            tombstone_rev(&view_in(0, "")),
+            tombstone_rev(&view_in(1, "")),
+        ];
+        expected.sort();
+        assert_eq!(retired, expected, "after r1: the pinned views only");
+        let down = present_following(&["1:r1", "0:r2"], 0);
+        assert_eq!(down[0], view_in(0, "0:r2"), "the v0 view in r2's epoch");
+        assert!(
+            down.contains(&tombstone_rev(&view_in(1, "1:r1"))),
+            "r1's v1 view retired"
+        );
+        assert!(
+            !down.contains(&tombstone_rev(&view_in(0, "1:r1"))),
+            "r1 never served v0"
+        );
+        assert_eq!(
+            down.len(),
+            4,
+            "the view, r1's v1 view, the two pinned views: {down:?}"
+        );
+        assert_eq!(context_version("1:r1 adopted ab12"), Some(1));
+        assert_eq!(context_version("adopted ab12"), None);
+        assert_eq!(context_version(PINNED), None);
     }
 
     #[test]
