@@ -84,7 +84,7 @@ async fn open_data(target: &str) -> Result<AnyStore> {
     if !is_url(target) && !std::path::Path::new(target).exists() {
         return Err(EngineError::Input {
             what: target.to_owned(),
-            reason: "no such database file (create one with `rewind copy` or `rewind drill`)"
+            reason: "no such database file (make one with `rewind sample --db FILE`, `rewind copy` or `rewind drill`)"
                 .into(),
         });
     }
