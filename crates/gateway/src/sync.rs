@@ -138,6 +138,22 @@ fn live_revs(rows: Vec<rewind_store::AllDocsRow>) -> HashMap<String, String> {
         .collect()
 }
 
+/// Removes from a `_revs_diff` answer the revisions `presented_of` presents
+/// (and the documents left with none missing).
+fn drop_presented(
+    missing: &mut BTreeMap<String, rewind_store::RevsDiffEntry>,
+    presented_of: &HashMap<String, Vec<Presented>>,
+) {
+    missing.retain(|id, entry| {
+        if let Some(presented) = presented_of.get(id) {
+            entry
+                .missing
+                .retain(|rev| !presented.iter().any(|p| p.rev == *rev));
+        }
+        !entry.missing.is_empty()
+    });
+}
+
 /// `ids` sorted, each once (a `_bulk_get` names a document once per revision).
 fn unique(ids: &[String]) -> Vec<String> {
     let mut out = ids.to_vec();
@@ -724,21 +740,16 @@ impl Session<'_> {
             entry.missing.retain(|rev| !view::is_retirement_rev(rev));
             !entry.missing.is_empty()
         });
+        // Presented revisions are not missing. First those the cache holds
+        // for documents unchanged since (two reads without bodies): a phone's
+        // first push offers back every revision it just pulled, which would
+        // otherwise cost the server a second pull.
         let ids: Vec<String> = missing.keys().cloned().collect();
-        // A deleted leaf presents itself (stored, so not missing) and
-        // retirements (never missing): the live leaves are enough.
-        let mut presented_of = self.presented_live_of(&ids).await?;
-        for id in ids {
-            let presented = presented_of.remove(&id).unwrap_or_default();
-            if let Some(entry) = missing.get_mut(&id) {
-                entry
-                    .missing
-                    .retain(|rev| !presented.iter().any(|p| p.rev == *rev));
-                if entry.missing.is_empty() {
-                    missing.remove(&id);
-                }
-            }
-        }
+        drop_presented(&mut missing, &self.cached_winners(&ids).await?);
+        // Then the others' live leaves: a deleted leaf presents itself
+        // (stored, so not missing) and retirements (never missing).
+        let ids: Vec<String> = missing.keys().cloned().collect();
+        drop_presented(&mut missing, &self.presented_live_of(&ids).await?);
         Ok(missing)
     }
 
