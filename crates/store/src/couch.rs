@@ -763,6 +763,15 @@ impl crate::Store for CouchStore {
                         error: "not_found".into(),
                         reason: "missing".into(),
                     })
+                } else if d.as_object().is_some_and(|o| o.is_empty()) {
+                    // pouchdb-server answers `{}` for a missing document asked
+                    // for without a revision.
+                    BulkGetItem::Error(DocError {
+                        id: id.to_owned(),
+                        rev: "undefined".into(),
+                        error: "not_found".into(),
+                        reason: "missing".into(),
+                    })
                 } else {
                     return Err(bad(&format!("unexpected item {d}")));
                 };

@@ -498,6 +498,8 @@ async fn bulk_get_and_all_docs_answer_like_couchdb(s: &AnyStore) {
                 BulkGetRequest::new("b", Some(&r1)),
                 BulkGetRequest::new("a", None),
                 BulkGetRequest::new("nope", Some(&r1)),
+                BulkGetRequest::new("nope2", None),
+                BulkGetRequest::new("c", None),
             ],
             BulkGetOptions {
                 revs: true,
@@ -507,7 +509,7 @@ async fn bulk_get_and_all_docs_answer_like_couchdb(s: &AnyStore) {
         )
         .await
         .unwrap();
-    assert_eq!(got.len(), 3);
+    assert_eq!(got.len(), 5);
     let BulkGetItem::Ok(latest) = &got[0].docs[0] else {
         panic!("{got:?}")
     };
@@ -525,6 +527,14 @@ async fn bulk_get_and_all_docs_answer_like_couchdb(s: &AnyStore) {
         panic!("{got:?}")
     };
     assert_eq!((e.id.as_str(), e.error.as_str()), ("nope", "not_found"));
+    // Without a revision: the winner, and a missing or deleted document is
+    // not found (pouchdb-server answers `{}` where CouchDB answers an error).
+    for (i, id) in [(3, "nope2"), (4, "c")] {
+        let BulkGetItem::Error(e) = &got[i].docs[0] else {
+            panic!("{id}: {got:?}")
+        };
+        assert_eq!((e.id.as_str(), e.error.as_str()), (id, "not_found"));
+    }
 
     let all = s
         .all_docs(&AllDocsOptions {
