@@ -76,11 +76,23 @@ impl PresentKey {
 impl PresentCache {
     const GENERATION: usize = 10_000;
 
+    /// The presentations held for `key`. One found in the old generation
+    /// moves to the new one while that has room (a phone's `_bulk_get` and
+    /// first push ask again for what its changes feed was presented: what
+    /// is used stays); a full new generation is not turned over by a read,
+    /// which would drop the old one, entries about to be read included.
     fn get(&self, key: &PresentKey) -> Option<Vec<Presented>> {
-        let cache = self.0.lock().ok()?;
+        let mut cache = self.0.lock().ok()?;
         let full = key.full();
-        let found = cache.new.presented.get(&full);
-        found.or_else(|| cache.old.presented.get(&full)).cloned()
+        if let Some(found) = cache.new.presented.get(&full) {
+            return Some(found.clone());
+        }
+        if cache.new.presented.len() >= Self::GENERATION {
+            return cache.old.presented.get(&full).cloned();
+        }
+        let found = cache.old.presented.remove(&full)?;
+        cache.insert(full, &key.leaf, found.clone());
+        Some(found)
     }
 
     /// True when presentations of the leaf `leaf_part` (a
@@ -93,12 +105,20 @@ impl PresentCache {
 
     fn put(&self, key: &PresentKey, value: Vec<Presented>) {
         if let Ok(mut cache) = self.0.lock() {
-            if cache.new.presented.len() >= Self::GENERATION {
-                cache.old = std::mem::take(&mut cache.new);
-            }
-            cache.new.presented.insert(key.full(), value);
-            cache.new.leaves.insert(key.leaf.clone());
+            cache.insert(key.full(), &key.leaf, value);
         }
+    }
+}
+
+impl CacheGenerations {
+    /// Adds to the new generation; a full one becomes the old generation
+    /// (the old one is dropped).
+    fn insert(&mut self, full: String, leaf: &str, value: Vec<Presented>) {
+        if self.new.presented.len() >= PresentCache::GENERATION {
+            self.old = std::mem::take(&mut self.new);
+        }
+        self.new.presented.insert(full, value);
+        self.new.leaves.insert(leaf.to_owned());
     }
 }
 
@@ -1448,8 +1468,24 @@ mod tests {
             ..key(n - 1)
         };
         assert!(cache.get(&other).is_none());
-        let cache = cache.0.lock().unwrap();
-        let entries = cache.new.presented.len() + cache.old.presented.len();
-        assert!(entries <= 2 * PresentCache::GENERATION);
+        {
+            let cache = cache.0.lock().unwrap();
+            let entries = cache.new.presented.len() + cache.old.presented.len();
+            assert!(entries <= 2 * PresentCache::GENERATION);
+        }
+        // An entry of the old generation used again moves to the new one:
+        // it outlives the entries put with it.
+        let cache = PresentCache::default();
+        let generation = PresentCache::GENERATION;
+        for i in 0..=generation {
+            cache.put(&key(i), Vec::new());
+        }
+        let held = |i: usize| cache.get(&key(i)).is_some();
+        assert!(held(0), "in the old generation");
+        for i in generation + 1..=2 * generation {
+            cache.put(&key(i), Vec::new());
+        }
+        assert!(held(0), "the entry used again is held");
+        assert!(!held(1), "an entry put with it and not used since is gone");
     }
 }
