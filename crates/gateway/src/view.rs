@@ -796,6 +796,14 @@ mod tests {
         MigrationSet::parse_files(&[(file, text.to_owned())], "rewind").unwrap()
     }
 
+    /// A person stored at v0 as revision 1-aaaa: v0 and v1 see it differently.
+    fn person_at_v0() -> Value {
+        json!({
+            "_id": "p", "type": "person", "name": "Ann",
+            "_rev": "1-aaaa", "_revisions": {"start": 1, "ids": ["aaaa"]}
+        })
+    }
+
     #[test]
     fn a_migration_changes_no_presented_revision_id() {
         // A person at v0 (1-aaaa), migrated by run r1 to v1 (2-bbbb): the
@@ -867,9 +875,7 @@ mod tests {
         // app updated) and find the document there, not its tombstone; a
         // phone at v1 retires the v0 view, which a phone moving up holds.
         let set = persons_set();
-        let mut leaf = json!({"_id": "p", "type": "person", "name": "Ann"});
-        leaf["_rev"] = json!("1-aaaa");
-        leaf["_revisions"] = json!({"start": 1, "ids": ["aaaa"]});
+        let leaf = person_at_v0();
         let journal = Journal::default();
         let revs = |k: u32| -> Vec<String> {
             present_pinned(&set, &journal, &leaf, k, &[])
@@ -893,9 +899,7 @@ mod tests {
         // only v1 there. After a run r2 back to v0, r1's epoch retires its
         // v1 view only.
         let set = persons_set();
-        let mut leaf = json!({"_id": "p", "type": "person", "name": "Ann"});
-        leaf["_rev"] = json!("1-aaaa");
-        leaf["_revisions"] = json!({"start": 1, "ids": ["aaaa"]});
+        let leaf = person_at_v0();
         let journal = Journal::default();
         let present_following = |epochs: &[&str], k: u32| -> Vec<String> {
             let epochs: Vec<String> = epochs.iter().map(|e| e.to_string()).collect();
