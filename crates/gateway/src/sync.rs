@@ -763,12 +763,20 @@ impl Session<'_> {
             entry.missing.retain(|rev| !view::is_retirement_rev(rev));
             !entry.missing.is_empty()
         });
-        // Presented revisions are not missing. First those the cache holds
-        // for documents unchanged since (two reads without bodies): a phone's
-        // first push offers back every revision it just pulled, which would
-        // otherwise cost the server a second pull.
+        // Presented revisions are not missing. First the views of the
+        // documents' winners, read with their journals in two `_bulk_get`
+        // (the presentations come from the cache when it holds them): a
+        // phone's first push offers back every revision it pulled, most of
+        // them views of a winner.
         let ids: Vec<String> = missing.keys().cloned().collect();
-        drop_presented(&mut missing, &self.cached_winners(&ids).await?);
+        let winners = ids
+            .iter()
+            .map(|id| BulkGetRequest::new(id.clone(), None))
+            .collect();
+        drop_presented(
+            &mut missing,
+            &self.present_by_id(self.read_leaves(winners), &ids).await?,
+        );
         // Then the others' live leaves: a deleted leaf presents itself
         // (stored, so not missing) and retirements (never missing).
         let ids: Vec<String> = missing.keys().cloned().collect();
