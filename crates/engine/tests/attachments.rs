@@ -4,14 +4,14 @@
 //! plain documents (which the embedded store writes as text).
 
 use base64::Engine as _;
-use rewind_engine::run::{run, Progress, RunOptions};
+use rewind_engine::run::RunOptions;
 use rewind_engine::state::Database;
 use rewind_store::{GetOptions, Store};
 use rewind_testkit::{load_sample, shared_server, TempDir};
 use serde_json::{json, Value};
 
 mod common;
-use common::cht;
+use common::{cht, run_to};
 
 fn with_attachments() -> GetOptions {
     GetOptions {
@@ -61,9 +61,7 @@ async fn attachments_survive_upgrade_and_rollback(target: &str) {
         batch: 64,
         ..RunOptions::default()
     };
-    run(&db, &set, set.latest(), &opts, &mut |_: &Progress| {})
-        .await
-        .unwrap();
+    run_to(&db, &set, set.latest(), &opts).await;
     let mut migrated = 0;
     for (id, (body, atts)) in attached.iter().zip(&before) {
         let (now, now_atts) = read(id.clone()).await;
@@ -72,9 +70,7 @@ async fn attachments_survive_upgrade_and_rollback(target: &str) {
         migrated += usize::from(&now != body);
     }
     assert!(migrated > 5, "only {migrated} attached documents migrated");
-    run(&db, &set, 0, &opts, &mut |_: &Progress| {})
-        .await
-        .unwrap();
+    run_to(&db, &set, 0, &opts).await;
     for (id, expected) in attached.iter().zip(&before) {
         assert_eq!(
             &read(id.clone()).await,

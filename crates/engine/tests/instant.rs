@@ -7,7 +7,7 @@ use rewind_engine::state::{Database, State};
 use rewind_testkit::{load_sample, TempDir};
 
 mod common;
-use common::cht;
+use common::{cht, run_to};
 
 async fn rollback_observing_served(instant: bool) -> (Vec<(u32, u32)>, State) {
     let dir = TempDir::new();
@@ -19,9 +19,7 @@ async fn rollback_observing_served(instant: bool) -> (Vec<(u32, u32)>, State) {
         batch: 100,
         ..RunOptions::default()
     };
-    run(&db, &set, set.latest(), &opts, &mut |_: &Progress| {})
-        .await
-        .unwrap();
+    run_to(&db, &set, set.latest(), &opts).await;
     // What a gateway would read while the rollback runs: (served version,
     // storage version), sampled at every progress report.
     let observer = Database::open(&target).await.unwrap();
@@ -97,9 +95,7 @@ async fn the_embedded_companion_keeps_only_the_leaf_of_each_journal() {
     );
     let opts = RunOptions::default();
     for to in [set.latest(), 0] {
-        run(&db, &set, to, &opts, &mut |_: &Progress| {})
-            .await
-            .unwrap();
+        run_to(&db, &set, to, &opts).await;
     }
     let journals = db
         .state

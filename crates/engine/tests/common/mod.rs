@@ -25,3 +25,23 @@ pub async fn doc(
     use rewind_store::Store;
     store.get(id, opts).await.unwrap().into_doc().unwrap()
 }
+
+/// Runs `db` to version `to` with `opts`, without progress reports; the run
+/// must succeed.
+#[allow(dead_code)] // each test binary compiles this module; not all run.
+pub async fn run_to(
+    db: &rewind_engine::state::Database,
+    set: &MigrationSet,
+    to: u32,
+    opts: &rewind_engine::run::RunOptions,
+) -> rewind_engine::state::Run {
+    rewind_engine::run::run(
+        db,
+        set,
+        to,
+        opts,
+        &mut |_: &rewind_engine::run::Progress| {},
+    )
+    .await
+    .unwrap()
+}
