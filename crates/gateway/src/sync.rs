@@ -232,11 +232,7 @@ impl Session<'_> {
             .iter()
             .map(|id| BulkGetRequest::new(journal_id(id), None))
             .collect();
-        let opts = BulkGetOptions {
-            revs: false,
-            latest: false,
-            attachments: false,
-        };
+        let opts = BulkGetOptions::default();
         let mut out = HashMap::new();
         for result in self.db.state.bulk_get(wanted, opts).await? {
             for item in result.docs {
@@ -423,14 +419,7 @@ impl Session<'_> {
             let got = self
                 .db
                 .data
-                .bulk_get(
-                    wanted,
-                    BulkGetOptions {
-                        revs: false,
-                        latest: false,
-                        attachments: false,
-                    },
-                )
+                .bulk_get(wanted, BulkGetOptions::default())
                 .await?;
             for result in got {
                 for item in result.docs {
@@ -1164,11 +1153,7 @@ impl Session<'_> {
             if wanted.is_empty() {
                 break;
             }
-            let opts = BulkGetOptions {
-                revs: false,
-                latest: false,
-                attachments: false,
-            };
+            let opts = BulkGetOptions::default();
             for result in self.db.data.bulk_get(wanted, opts).await? {
                 for item in result.docs {
                     if let BulkGetItem::Ok(doc) = item {
