@@ -1100,13 +1100,30 @@ async fn a_changed_migration_file_is_refused_and_plan_writes_nothing(backend: Ba
         text(&status)
     );
     let companion = companion_target(&db.target);
-    let made = match db.backend {
-        Backend::Embedded => Path::new(&companion).exists(),
-        Backend::Couch => db.companion().await.exists().await.unwrap(),
+    let made = || async {
+        match db.backend {
+            Backend::Embedded => {
+                assert!(
+                    !Path::new(&companion).exists(),
+                    "a companion file beside the store"
+                );
+                rewind_store::SqliteStore::open(&db.target)
+                    .unwrap()
+                    .has_companion()
+                    .await
+                    .unwrap()
+            }
+            Backend::Couch => db.companion().await.exists().await.unwrap(),
+        }
     };
-    assert!(!made, "plan or status created the companion {companion}");
+    assert!(
+        !made().await,
+        "plan or status created the companion {companion}"
+    );
     let out = run(vec!["upgrade", "--to", "3"]).await;
     assert!(out.status.success(), "{}", text(&out));
+    // Embedded, the state and journal are tables in the store's own file.
+    assert!(made().await, "upgrade left no companion");
 
     // plan writes nothing: not the documents, not the companion.
     let data_before = read_all(&db.store).await;

@@ -894,7 +894,9 @@ async fn run_with_lease(
             }
             Ok::<_, EngineError>(Some(done.written))
         };
-        let (next, done) = tokio::join!(next, write);
+        // The write first: its transaction starts on a blocking thread
+        // before `next` translates (synchronously, on this task's thread).
+        let (done, next) = tokio::join!(write, next);
         if let Some(written) = done? {
             written_here.extend(written);
             run = after;

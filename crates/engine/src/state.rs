@@ -1,7 +1,8 @@
 //! Where a database's rewind state lives, and the lease that keeps two runs apart.
 //!
 //! State lives next to the data, in a companion database: `<db>-rewind` on
-//! CouchDB, and a companion file `<file>-rewind` beside an embedded store. It
+//! CouchDB; in an embedded store, tables inside the store's own file
+//! (`rewind_`-prefixed, addressed as `<file>-rewind`). It
 //! holds one `state` document (current version, applied migrations with
 //! their checksums, the run in progress with its checkpoint, the last runs,
 //! the lease) and one `journal:<doc id>` document per migrated document
@@ -58,7 +59,8 @@ pub struct Database {
     pub name: String,
 }
 
-/// The companion of a target: `<url>-rewind` or `<path>-rewind`.
+/// The companion of a target: `<url>-rewind`, or `<path>-rewind` (which
+/// [`rewind_store::open`] opens as the companion's tables inside `<path>`).
 pub fn companion_target(target: &str) -> String {
     if target.starts_with("http://") || target.starts_with("https://") {
         let (base, query) = match target.split_once('?') {
@@ -71,7 +73,7 @@ pub fn companion_target(target: &str) -> String {
             None => format!("{base}-rewind"),
         }
     } else {
-        format!("{target}-rewind")
+        format!("{target}{}", rewind_store::COMPANION_SUFFIX)
     }
 }
 
@@ -116,8 +118,14 @@ impl Database {
     pub async fn inspect(target: &str) -> Result<Inspected> {
         let data = open_data(target).await?;
         let companion = companion_target(target);
-        // Opening an embedded file that is not there would create it.
-        let state = if !is_url(target) && !std::path::Path::new(&companion).exists() {
+        // Opening an embedded companion that is not there would create its tables.
+        let absent = match &data {
+            AnyStore::Sqlite(file) => {
+                !std::path::Path::new(&companion).exists() && !file.has_companion().await?
+            }
+            AnyStore::Couch(_) => false,
+        };
+        let state = if absent {
             State::default()
         } else {
             let store = rewind_store::open(&companion).await?;

@@ -18,6 +18,9 @@ pub(crate) struct ParsedDoc {
     /// The body without special members, serialized exactly as given.
     pub body: String,
     pub atts: Vec<(String, AttIn)>,
+    /// With `new_edits=true`, the new revision when its parent is `rev`,
+    /// computed by whoever made the document (off the writer's lock).
+    pub child: Option<Rev>,
 }
 
 /// One attachment as written.
@@ -147,6 +150,7 @@ pub(crate) fn parse_doc(doc: Value, new_edits: bool) -> Result<ParsedDoc> {
         deleted,
         body,
         atts,
+        child: None,
     })
 }
 
@@ -311,6 +315,9 @@ pub struct TextDoc {
     id: String,
     rev: Option<Rev>,
     body: String,
+    /// The revision this edit of `rev` makes (hashed when the document is
+    /// made, on the caller's thread rather than in the write transaction).
+    child: Rev,
 }
 
 impl TextDoc {
@@ -327,7 +334,7 @@ impl TextDoc {
         }
         check_plain_body(&body).map_err(|e| StoreError::bad(format!("document {id}: {e}")))?;
         let rev = rev.map(str::parse::<Rev>).transpose()?;
-        Ok(TextDoc { id, rev, body })
+        Ok(TextDoc::checked(id, rev, body))
     }
 
     /// The document `doc` as text: its members not starting with `_`,
@@ -346,11 +353,17 @@ impl TextDoc {
         let Specials { id, rev, deleted } = specials(map).ok()?;
         let id = id.filter(|id| !deleted && !id.starts_with("_local/"))?;
         check_id(id).ok()?;
-        Some(TextDoc {
-            id: id.to_owned(),
+        Some(TextDoc::checked(id.to_owned(), rev, body_text(map).ok()?))
+    }
+
+    fn checked(id: String, rev: Option<Rev>, body: String) -> TextDoc {
+        let child = Rev::child_of(rev.as_ref(), false, &body, "");
+        TextDoc {
+            id,
             rev,
-            body: body_text(map).ok()?,
-        })
+            body,
+            child,
+        }
     }
 
     /// The document id.
@@ -383,6 +396,7 @@ impl From<TextDoc> for ParsedDoc {
             deleted: false,
             body: doc.body,
             atts: Vec::new(),
+            child: Some(doc.child),
         }
     }
 }

@@ -151,18 +151,34 @@ pub enum AnyStore {
     Couch(CouchStore),
 }
 
+/// What a database's companion (the engine's state and journal) is named
+/// after it: `<db>-rewind` on CouchDB, `<file>-rewind` for an embedded store.
+pub const COMPANION_SUFFIX: &str = "-rewind";
+
 /// Opens a database: an `http://` or `https://` URL is a CouchDB database
 /// (user:password in the URL for basic auth; the server must answer like
 /// CouchDB, the database need not exist yet), anything else is the path of an
 /// embedded store, created if missing.
+///
+/// A path `<file>-rewind` names the companion of the embedded store `<file>`:
+/// its tables inside that file ([`SqliteStore::open_companion`]). A file
+/// actually at that path (a companion kept beside its store, as rewind did
+/// before 2026-11-27) is opened as it is.
 pub async fn open(target: &str) -> Result<AnyStore> {
     if target.starts_with("http://") || target.starts_with("https://") {
         Ok(AnyStore::Couch(CouchStore::open(target).await?))
     } else {
         let path = target.to_owned();
-        let store = tokio::task::spawn_blocking(move || SqliteStore::open(path))
-            .await
-            .map_err(|e| StoreError::Internal(format!("open task failed: {e}")))??;
+        let companion_of = target
+            .strip_suffix(COMPANION_SUFFIX)
+            .filter(|base| !base.is_empty() && !std::path::Path::new(target).exists())
+            .map(str::to_owned);
+        let store = tokio::task::spawn_blocking(move || match companion_of {
+            Some(base) => SqliteStore::open_companion(base),
+            None => SqliteStore::open(path),
+        })
+        .await
+        .map_err(|e| StoreError::Internal(format!("open task failed: {e}")))??;
         Ok(AnyStore::Sqlite(store))
     }
 }

@@ -32,9 +32,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use rusqlite::{
-    params, Connection, OpenFlags, OptionalExtension, Transaction, TransactionBehavior,
-};
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension, TransactionBehavior};
 use serde_json::{Map, Value};
 use tokio::sync::watch;
 
@@ -74,6 +72,100 @@ CREATE TABLE IF NOT EXISTS blobs (digest TEXT PRIMARY KEY, data BLOB NOT NULL) W
 CREATE TABLE IF NOT EXISTS local (id TEXT PRIMARY KEY, rev INTEGER NOT NULL, body TEXT NOT NULL) WITHOUT ROWID;
 ";
 
+/// Which of a file's two sets of tables a handle reads and writes: the
+/// database's own, or its companion's. The companion (the engine's state and
+/// journal, `<file>-rewind` to [`crate::open`]) lives in the same file as
+/// the data, in tables named with the prefix `rewind_`, so a copy or a
+/// backup of the one file carries everything a rollback needs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Tables {
+    /// `meta`, `docs`, `revs`, `blobs`, `local`.
+    Data,
+    /// `rewind_meta`, `rewind_docs`, ...: the same schema under the prefix.
+    Companion,
+}
+
+/// The table names every statement of this module uses (the schema's).
+const TABLE_NAMES: [&str; 5] = ["meta", "docs", "revs", "blobs", "local"];
+/// The prefix of the companion's tables.
+const COMPANION_PREFIX: &str = "rewind_";
+
+impl Tables {
+    /// `sql` (written with the data tables' names) for this set of tables.
+    /// The companion's statements are made once each and kept for the
+    /// process's life (a fixed set: every statement is a literal here).
+    fn sql(self, sql: &'static str) -> &'static str {
+        match self {
+            Tables::Data => sql,
+            Tables::Companion => {
+                static MADE: Mutex<BTreeMap<&'static str, &'static str>> =
+                    Mutex::new(BTreeMap::new());
+                let mut made = MADE.lock().unwrap_or_else(|e| e.into_inner());
+                made.entry(sql)
+                    .or_insert_with(|| Box::leak(prefix_tables(sql, COMPANION_PREFIX).into()))
+            }
+        }
+    }
+
+    /// The table whose presence says this set of tables exists in a file.
+    fn meta_table(self) -> &'static str {
+        match self {
+            Tables::Data => "meta",
+            Tables::Companion => "rewind_meta",
+        }
+    }
+}
+
+/// `sql` with every table name of [`TABLE_NAMES`] outside string literals
+/// prefixed with `prefix`.
+fn prefix_tables(sql: &str, prefix: &str) -> String {
+    let mut out = String::with_capacity(sql.len() + 4 * prefix.len());
+    let mut word = String::new();
+    let mut quoted = false;
+    let flush = |word: &mut String, out: &mut String| {
+        if TABLE_NAMES.contains(&word.as_str()) {
+            out.push_str(prefix);
+        }
+        out.push_str(word);
+        word.clear();
+    };
+    for ch in sql.chars() {
+        if !quoted && (ch.is_ascii_alphanumeric() || ch == '_') {
+            word.push(ch);
+            continue;
+        }
+        flush(&mut word, &mut out);
+        if ch == '\'' {
+            quoted = !quoted;
+        }
+        out.push(ch);
+    }
+    flush(&mut word, &mut out);
+    out
+}
+
+/// A connection (or a transaction on it) seen through one set of tables:
+/// every statement goes through [`Tables::sql`], so no statement of this
+/// module can name the other set's tables by mistake.
+struct Db<'c> {
+    conn: &'c Connection,
+    tables: Tables,
+}
+
+impl<'c> Db<'c> {
+    fn prepare_cached(&self, sql: &'static str) -> rusqlite::Result<rusqlite::CachedStatement<'c>> {
+        self.conn.prepare_cached(self.tables.sql(sql))
+    }
+
+    fn execute(&self, sql: &'static str, params: impl rusqlite::Params) -> rusqlite::Result<usize> {
+        self.prepare_cached(sql)?.execute(params)
+    }
+
+    fn execute_batch(&self, sql: &'static str) -> rusqlite::Result<()> {
+        self.conn.execute_batch(self.tables.sql(sql))
+    }
+}
+
 /// The last committed sequence: the highest in `docs`, or `seq_floor` after a
 /// `delete_db` emptied it. Cheap: `max(seq)` is one step of the seq index.
 const LAST_SEQ_SQL: &str = "SELECT max(coalesce((SELECT max(seq) FROM docs), 0), \
@@ -100,7 +192,10 @@ struct Inner {
     path: PathBuf,
     name: String,
     uuid: String,
-    writer: Mutex<Connection>,
+    /// The set of tables this handle reads and writes.
+    tables: Tables,
+    /// The file's writer connection in this process (see [`shared_writer`]).
+    writer: Arc<Mutex<Connection>>,
     readers: Mutex<Vec<Connection>>,
     /// Cache of the file's `exists` flag, refreshed whenever meta is read.
     exists: AtomicBool,
@@ -122,7 +217,7 @@ struct Counters {
     exists: bool,
 }
 
-fn read_counters(c: &Connection) -> Result<Counters> {
+fn read_counters(c: &Db<'_>) -> Result<Counters> {
     let mut k = Counters {
         last_seq: 0,
         doc_count: 0,
@@ -150,7 +245,7 @@ fn read_counters(c: &Connection) -> Result<Counters> {
     Ok(k)
 }
 
-fn last_seq(c: &Connection) -> Result<u64> {
+fn last_seq(c: &Db<'_>) -> Result<u64> {
     let s: i64 = c
         .prepare_cached(LAST_SEQ_SQL)?
         .query_row([], |r| r.get(0))?;
@@ -165,7 +260,7 @@ enum Since {
 }
 
 impl Since {
-    fn resolve(&self, c: &Connection) -> Result<u64> {
+    fn resolve(&self, c: &Db<'_>) -> Result<u64> {
         match self {
             Since::Seq(s) => Ok(*s),
             Since::Now => last_seq(c),
@@ -210,6 +305,10 @@ const WRITER_CACHE_KIB: i64 = 16 * 1024;
 /// larger WAL, pages rewritten by several commits are copied once.
 const WAL_AUTOCHECKPOINT_PAGES: i64 = 10_000;
 
+/// Prepared statements the writer connection keeps: those of both sets of
+/// tables (rusqlite keeps 16 by default).
+const WRITER_STATEMENTS: usize = 64;
+
 /// Settings of the writer connection only.
 fn configure_writer(conn: &Connection) -> rusqlite::Result<()> {
     conn.pragma_update(None, "cache_size", -WRITER_CACHE_KIB)?;
@@ -246,31 +345,86 @@ fn check_schema(conn: &Connection) -> std::result::Result<(), String> {
 
 /// Creates the schema unless another process got there first. The immediate
 /// transaction serializes creators: the second finds the tables and only
-/// checks them.
-fn create_schema(conn: &mut Connection) -> Result<std::result::Result<(), String>> {
+/// checks them. `data_exists`: whether the database itself exists once
+/// created (not when the file is made to hold a companion).
+fn create_schema(
+    conn: &mut Connection,
+    data_exists: bool,
+) -> Result<std::result::Result<(), String>> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let objects: i64 = tx.query_row("SELECT count(*) FROM sqlite_master", [], |r| r.get(0))?;
     if objects != 0 {
         return Ok(check_schema(&tx));
     }
-    tx.execute_batch(SCHEMA)?;
     tx.pragma_update(None, "application_id", APPLICATION_ID)?;
     tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+    create_tables(&tx, Tables::Data, data_exists)?;
+    tx.commit()?;
+    Ok(Ok(()))
+}
+
+/// Creates one set of tables and its `meta` entries (in the caller's transaction).
+fn create_tables(tx: &Connection, tables: Tables, exists: bool) -> Result<()> {
+    let db = Db { conn: tx, tables };
+    db.execute_batch(SCHEMA)?;
     let meta = [
         ("uuid", doc::new_uuid()),
         ("revs_limit", DEFAULT_REVS_LIMIT.to_string()),
         ("doc_count", "0".into()),
         ("del_count", "0".into()),
-        ("exists", "1".into()),
+        ("exists", if exists { "1" } else { "0" }.into()),
     ];
     for (k, v) in meta {
-        tx.execute(
+        db.execute(
             "INSERT OR IGNORE INTO meta (key, value) VALUES (?1, ?2)",
             params![k, v],
         )?;
     }
+    Ok(())
+}
+
+/// Whether a set of tables is in the file.
+fn has_tables(conn: &Connection, tables: Tables) -> rusqlite::Result<bool> {
+    conn.query_row(
+        "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = ?1",
+        [tables.meta_table()],
+        |r| r.get::<_, i64>(0),
+    )
+    .map(|n| n > 0)
+}
+
+/// Creates the companion's tables in a store's file unless they are there
+/// (another process may be creating them: the immediate transaction
+/// serializes creators). A new companion exists (as a database) at once.
+fn create_companion_tables(conn: &mut Connection) -> Result<()> {
+    if has_tables(conn, Tables::Companion)? {
+        return Ok(());
+    }
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    if !has_tables(&tx, Tables::Companion)? {
+        create_tables(&tx, Tables::Companion, true)?;
+    }
     tx.commit()?;
-    Ok(Ok(()))
+    Ok(())
+}
+
+/// The writer connection of a file, one per file in this process, shared by
+/// its handles: a database's handle and its companion's write the same file.
+/// Sharing it serializes their transactions without SQLite's busy handler
+/// (which sleeps) and keeps one page cache, which a commit by another
+/// connection would otherwise empty.
+fn shared_writer(path: &Path, conn: Connection) -> Arc<Mutex<Connection>> {
+    type Writers = BTreeMap<PathBuf, std::sync::Weak<Mutex<Connection>>>;
+    static WRITERS: Mutex<Writers> = Mutex::new(BTreeMap::new());
+    let key = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    let mut writers = WRITERS.lock().unwrap_or_else(|e| e.into_inner());
+    writers.retain(|_, writer| writer.strong_count() > 0);
+    if let Some(writer) = writers.get(&key).and_then(std::sync::Weak::upgrade) {
+        return writer;
+    }
+    let writer = Arc::new(Mutex::new(conn));
+    writers.insert(key, Arc::downgrade(&writer));
+    writer
 }
 
 impl SqliteStore {
@@ -282,7 +436,19 @@ impl SqliteStore {
     /// and nothing is written to it. Blocking; call it from a blocking context
     /// or through [`crate::open`].
     pub fn open(path: impl AsRef<Path>) -> Result<SqliteStore> {
-        let path = path.as_ref().to_path_buf();
+        Self::open_tables(path.as_ref(), Tables::Data)
+    }
+
+    /// Opens the companion of the store at `path`: its tables in the same
+    /// file ([`Tables::Companion`]), created if missing. A missing or empty
+    /// file is created as a store whose own database does not exist yet
+    /// (`create_db` makes it). Errors as [`SqliteStore::open`]. Blocking.
+    pub fn open_companion(path: impl AsRef<Path>) -> Result<SqliteStore> {
+        Self::open_tables(path.as_ref(), Tables::Companion)
+    }
+
+    fn open_tables(path: &Path, tables: Tables) -> Result<SqliteStore> {
+        let path = path.to_path_buf();
         let ps = path_str(&path);
         let not_store = |reason: String| StoreError::NotAStore {
             path: ps.clone(),
@@ -320,34 +486,54 @@ impl SqliteStore {
         configure(&conn).map_err(|e| not_store(e.to_string()))?;
         configure_writer(&conn).map_err(|e| not_store(e.to_string()))?;
         if create {
-            create_schema(&mut conn)
+            create_schema(&mut conn, tables == Tables::Data)
                 .map_err(|e| not_store(format!("cannot create the schema: {e}")))?
                 .map_err(&not_store)?;
         }
-        let uuid: String = conn
-            .query_row("SELECT value FROM meta WHERE key = 'uuid'", [], |r| {
-                r.get(0)
-            })
-            .optional()
+        if tables == Tables::Companion {
+            create_companion_tables(&mut conn)
+                .map_err(|e| not_store(format!("cannot create the companion's tables: {e}")))?;
+        }
+        let db = Db {
+            conn: &conn,
+            tables,
+        };
+        let uuid: String = db
+            .prepare_cached("SELECT value FROM meta WHERE key = 'uuid'")
+            .and_then(|mut st| st.query_row([], |r| r.get(0)).optional())
             .map_err(|e| not_store(e.to_string()))?
             .ok_or_else(|| not_store("meta entry \"uuid\" is missing".into()))?;
-        let k = read_counters(&conn).map_err(|e| not_store(e.to_string()))?;
-        let name = path
+        let k = read_counters(&db).map_err(|e| not_store(e.to_string()))?;
+        let stem = path
             .file_stem()
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_else(|| ps.clone());
+        let name = match tables {
+            Tables::Data => stem,
+            Tables::Companion => format!("{stem}{}", crate::COMPANION_SUFFIX),
+        };
+        conn.set_prepared_statement_cache_capacity(WRITER_STATEMENTS);
+        let writer = shared_writer(&path, conn);
         Ok(SqliteStore {
             inner: Arc::new(Inner {
                 path,
                 name,
                 uuid,
-                writer: Mutex::new(conn),
+                tables,
+                writer,
                 readers: Mutex::new(Vec::new()),
                 exists: AtomicBool::new(k.exists),
                 seq: watch::Sender::new(k.last_seq),
                 polling: AtomicBool::new(false),
             }),
         })
+    }
+
+    /// Whether the file holds a companion (its tables), without creating
+    /// one: for readers that must write nothing (`rewind plan`, `status`).
+    pub async fn has_companion(&self) -> Result<bool> {
+        self.read_raw(|c| Ok(has_tables(c.conn, Tables::Companion)?))
+            .await
     }
 
     /// The file this store lives in.
@@ -397,7 +583,7 @@ impl SqliteStore {
     /// Fails with `NotFound` if the database is deleted. Trusts the cache
     /// when it says the database exists; otherwise asks the file (another
     /// process may have created it again).
-    fn ensure_exists(&self, c: &Connection) -> Result<()> {
+    fn ensure_exists(&self, c: &Db<'_>) -> Result<()> {
         if self.inner.exists.load(Ordering::Acquire) {
             return Ok(());
         }
@@ -423,7 +609,7 @@ impl SqliteStore {
     async fn read<T, F>(&self, f: F) -> Result<T>
     where
         T: Send + 'static,
-        F: FnOnce(&Connection) -> Result<T> + Send + 'static,
+        F: FnOnce(&Db<'_>) -> Result<T> + Send + 'static,
     {
         let this = self.clone();
         self.read_raw(move |c| {
@@ -437,7 +623,7 @@ impl SqliteStore {
     async fn read_raw<T, F>(&self, f: F) -> Result<T>
     where
         T: Send + 'static,
-        F: FnOnce(&Connection) -> Result<T> + Send + 'static,
+        F: FnOnce(&Db<'_>) -> Result<T> + Send + 'static,
     {
         let this = self.clone();
         let run = move || -> Result<T> {
@@ -455,7 +641,10 @@ impl SqliteStore {
             };
             let out = (|| {
                 let tx = conn.unchecked_transaction()?;
-                f(&tx)
+                f(&Db {
+                    conn: &tx,
+                    tables: this.inner.tables,
+                })
             })();
             this.inner.readers.lock().expect("reader pool").push(conn);
             out
@@ -476,7 +665,7 @@ impl SqliteStore {
     async fn write<T, F>(&self, f: F) -> Result<T>
     where
         T: Send + 'static,
-        F: FnOnce(&Transaction<'_>, &mut Counters) -> Result<T> + Send + 'static,
+        F: FnOnce(&Db<'_>, &mut Counters) -> Result<T> + Send + 'static,
     {
         let this = self.clone();
         let run = move || -> Result<T> {
@@ -486,9 +675,13 @@ impl SqliteStore {
                 .lock()
                 .map_err(|_| StoreError::Internal("writer lock poisoned".into()))?;
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let read = read_counters(&tx)?;
+            let db = Db {
+                conn: &tx,
+                tables: this.inner.tables,
+            };
+            let read = read_counters(&db)?;
             let mut k = read;
-            match f(&tx, &mut k) {
+            match f(&db, &mut k) {
                 Ok(out) => {
                     tx.commit()?; // durable from here: acknowledged only after this
                     this.publish(&k);
@@ -737,7 +930,7 @@ impl SqliteStore {
     /// Lists every `_local/` document (ids with their `_local/` prefix), for copies.
     pub async fn local_docs(&self) -> Result<Vec<Value>> {
         self.read(|c| {
-            let mut st = c.prepare("SELECT id, rev, body FROM local ORDER BY id")?;
+            let mut st = c.prepare_cached("SELECT id, rev, body FROM local ORDER BY id")?;
             let rows = st.query_map([], |r| {
                 Ok((
                     r.get::<_, String>(0)?,
@@ -1000,12 +1193,13 @@ impl crate::Store for SqliteStore {
                 }
             } else {
                 let (lo, hi) = if opts.descending { (&opts.end_key, &opts.start_key) } else { (&opts.start_key, &opts.end_key) };
-                let sql = format!(
+                let mut st = c.prepare_cached(if opts.descending {
                     "SELECT id, tree FROM docs WHERE deleted = 0 AND (?1 IS NULL OR id >= ?1) AND (?2 IS NULL OR id <= ?2) \
-                     ORDER BY id {} LIMIT ?3 OFFSET ?4",
-                    if opts.descending { "DESC" } else { "ASC" }
-                );
-                let mut st = c.prepare_cached(&sql)?;
+                     ORDER BY id DESC LIMIT ?3 OFFSET ?4"
+                } else {
+                    "SELECT id, tree FROM docs WHERE deleted = 0 AND (?1 IS NULL OR id >= ?1) AND (?2 IS NULL OR id <= ?2) \
+                     ORDER BY id ASC LIMIT ?3 OFFSET ?4"
+                })?;
                 let limit = opts.limit.map_or(-1, |l| l as i64);
                 let found: Vec<(String, String)> = st
                     .query_map(params![lo, hi, limit, opts.skip as i64], |r| Ok((r.get(0)?, r.get(1)?)))?
@@ -1033,11 +1227,11 @@ impl crate::Store for SqliteStore {
         let opts = opts.clone();
         self.read(move |c| {
             let since = since.resolve(c)?;
-            let sql = format!(
-                "SELECT id, seq, tree FROM docs WHERE seq > ?1 ORDER BY seq {} LIMIT ?2",
-                if opts.descending { "DESC" } else { "ASC" }
-            );
-            let mut st = c.prepare_cached(&sql)?;
+            let mut st = c.prepare_cached(if opts.descending {
+                "SELECT id, seq, tree FROM docs WHERE seq > ?1 ORDER BY seq DESC LIMIT ?2"
+            } else {
+                "SELECT id, seq, tree FROM docs WHERE seq > ?1 ORDER BY seq ASC LIMIT ?2"
+            })?;
             let limit = opts.limit.map_or(-1, |l| l as i64);
             let found: Vec<(String, i64, String)> = st
                 .query_map(params![since as i64, limit], |r| {
@@ -1126,7 +1320,8 @@ impl crate::Store for SqliteStore {
                 return Err(this.missing_db());
             }
             let cur: Option<i64> = tx
-                .query_row("SELECT rev FROM local WHERE id = ?1", [&id], |r| r.get(0))
+                .prepare_cached("SELECT rev FROM local WHERE id = ?1")?
+                .query_row([&id], |r| r.get(0))
                 .optional()?;
             let cur = cur.ok_or_else(|| StoreError::missing(format!("document {id}")))?;
             if rev.is_some_and(|r| r != format!("0-{cur}")) {
@@ -1253,7 +1448,7 @@ fn local_doc(id: &str, rev: i64, body: &str) -> Result<Value> {
 
 /// Writes a `_local/` document: `_rev` must name the current one (`0-N`), or be
 /// absent for a new document. Returns the new `0-N+1`.
-fn put_local_tx(tx: &Transaction<'_>, id: &str, body: Value) -> Result<String> {
+fn put_local_tx(tx: &Db<'_>, id: &str, body: Value) -> Result<String> {
     let Value::Object(mut m) = body else {
         return Err(StoreError::bad(format!(
             "document {id}: must be a JSON object"
@@ -1292,7 +1487,7 @@ fn put_local_tx(tx: &Transaction<'_>, id: &str, body: Value) -> Result<String> {
     Ok(format!("0-{next}"))
 }
 
-fn load_doc(c: &Connection, id: &str) -> Result<Option<(RevTree, u64)>> {
+fn load_doc(c: &Db<'_>, id: &str) -> Result<Option<(RevTree, u64)>> {
     let row: Option<(String, i64)> = c
         .prepare_cached("SELECT tree, seq FROM docs WHERE id = ?1")?
         .query_row([id], |r| Ok((r.get(0)?, r.get(1)?)))
@@ -1301,7 +1496,7 @@ fn load_doc(c: &Connection, id: &str) -> Result<Option<(RevTree, u64)>> {
         .transpose()
 }
 
-fn load_rev(c: &Connection, id: &str, rev: &Rev) -> Result<Option<(String, Option<String>)>> {
+fn load_rev(c: &Db<'_>, id: &str, rev: &Rev) -> Result<Option<(String, Option<String>)>> {
     Ok(
         c.prepare_cached("SELECT body, atts FROM revs WHERE id = ?1 AND rev = ?2")?
             .query_row(params![id, rev.to_string()], |r| Ok((r.get(0)?, r.get(1)?)))
@@ -1312,7 +1507,7 @@ fn load_rev(c: &Connection, id: &str, rev: &Rev) -> Result<Option<(String, Optio
 /// The document at tree node `idx`, or `None` if its body is not stored
 /// (an ancestor known only by id).
 fn build_doc(
-    c: &Connection,
+    c: &Db<'_>,
     id: &str,
     tree: &RevTree,
     idx: usize,
@@ -1326,7 +1521,7 @@ fn build_doc(
 
 /// The document at tree node `idx`, from its stored body and attachment list.
 fn doc_at(
-    c: &Connection,
+    c: &Db<'_>,
     id: &str,
     tree: &RevTree,
     idx: usize,
@@ -1386,7 +1581,7 @@ fn doc_at(
 /// (`winner`: the winner's revision, body and attachment list, when the
 /// caller read them already).
 fn change_row(
-    c: &Connection,
+    c: &Db<'_>,
     id: String,
     seq: i64,
     tree: &str,
@@ -1422,7 +1617,7 @@ fn change_row(
 
 /// Appends the `open_revs` answer for one requested revision.
 fn open_rev(
-    c: &Connection,
+    c: &Db<'_>,
     id: &str,
     tree: &RevTree,
     rev: &Rev,
@@ -1451,7 +1646,7 @@ fn open_rev(
 /// Stubs come from `parent_atts` (new edits) or from any revision of the
 /// document or the blob table (replication).
 fn store_atts(
-    tx: &Transaction<'_>,
+    tx: &Db<'_>,
     d: &ParsedDoc,
     pos: u64,
     parent_atts: Option<&Map<String, Value>>,
@@ -1521,12 +1716,7 @@ fn store_atts(
     ))
 }
 
-fn find_att_meta(
-    tx: &Transaction<'_>,
-    id: &str,
-    name: &str,
-    digest: Option<&str>,
-) -> Result<Option<Value>> {
+fn find_att_meta(tx: &Db<'_>, id: &str, name: &str, digest: Option<&str>) -> Result<Option<Value>> {
     let mut st = tx.prepare_cached("SELECT atts FROM revs WHERE id = ?1 AND atts IS NOT NULL")?;
     let rows: Vec<String> = st
         .query_map([id], |r| r.get(0))?
@@ -1545,12 +1735,7 @@ fn find_att_meta(
 
 /// Writes one document inside the batch transaction. Returns the new revision
 /// (`None` when a replicated revision was already known).
-fn write_doc(
-    tx: &Transaction<'_>,
-    st: &mut State,
-    d: ParsedDoc,
-    new_edits: bool,
-) -> Result<Option<String>> {
+fn write_doc(tx: &Db<'_>, st: &mut State, d: ParsedDoc, new_edits: bool) -> Result<Option<String>> {
     let existing = load_doc(tx, &d.id)?;
     let was = existing.as_ref().map(|(t, _)| t.nodes[t.winner()].deleted);
     let mut tree = existing.map(|(t, _)| t).unwrap_or_default();
@@ -1584,7 +1769,10 @@ fn write_doc(
         };
         let pos = parent_rev.as_ref().map_or(1, |p| p.pos + 1);
         let (atts, digests) = store_atts(tx, &d, pos, parent_atts.as_ref(), true)?;
-        let rev = Rev::child_of(parent_rev.as_ref(), d.deleted, &d.body, &digests);
+        let rev = match d.child {
+            Some(child) if parent_rev == d.rev => child,
+            _ => Rev::child_of(parent_rev.as_ref(), d.deleted, &d.body, &digests),
+        };
         tree.push(rev.clone(), parent, d.deleted);
         (rev, atts)
     } else {
@@ -1628,4 +1816,34 @@ fn write_doc(
         st.doc_delta += 1;
     }
     Ok(Some(rev_s))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_companions_statements_name_only_its_tables() {
+        assert_eq!(
+            prefix_tables(
+                "SELECT d.id FROM docs d JOIN revs r ON r.id = d.id WHERE d.id IN \
+                 (SELECT key FROM meta WHERE key = 'docs local')",
+                "rewind_"
+            ),
+            "SELECT d.id FROM rewind_docs d JOIN rewind_revs r ON r.id = d.id WHERE d.id IN \
+             (SELECT key FROM rewind_meta WHERE key = 'docs local')"
+        );
+        assert_eq!(
+            prefix_tables("DELETE FROM blobs; DELETE FROM local;", "rewind_"),
+            "DELETE FROM rewind_blobs; DELETE FROM rewind_local;"
+        );
+        // Every statement of the schema, made for the companion, names no data table.
+        let made = Tables::Companion.sql(SCHEMA);
+        for name in TABLE_NAMES {
+            assert!(!made.contains(&format!("EXISTS {name} ")), "{made}");
+            assert!(made.contains(&format!("EXISTS rewind_{name} ")), "{made}");
+        }
+        assert!(std::ptr::eq(Tables::Companion.sql(SCHEMA), made));
+        assert!(std::ptr::eq(Tables::Data.sql(SCHEMA), SCHEMA));
+    }
 }
