@@ -892,12 +892,10 @@ fn run_args_in_batches(db: &Db, cmd: &str, batch: usize, extra: &[&str]) -> Vec<
 }
 
 fn crash_docs(backend: Backend) -> u64 {
-    // Enough for 20 kills to land before a (pipelined) run finishes.
-    if backend == Backend::Embedded {
-        6000
-    } else {
-        3000
-    }
+    // Enough for the kills (20 in CI, more in a soak) to land before a
+    // (pipelined) run finishes.
+    let per_kill = if backend == Backend::Embedded { 300 } else { 150 };
+    per_kill * crash_kills().max(20) as u64
 }
 
 async fn kill_9_during_upgrade_migrates_every_document_exactly_once(backend: Backend) {
