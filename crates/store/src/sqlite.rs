@@ -10,12 +10,17 @@
 //! attachment data by digest; `local` holds `_local/` documents (no history,
 //! not in the feed); `meta` holds the uuid, `revs_limit`, document counts and
 //! `seq_floor` (the last sequence before a `delete_db`, so sequences never go back).
+//! The same five tables prefixed `rewind_` hold the database's companion
+//! (the engine's state and journal, [`Tables::Companion`]), a second
+//! database in the same file.
 //!
 //! Durability: WAL mode with `synchronous=FULL`. Every `bulk_docs` call is one
 //! transaction on the handle's writer connection, so a crash (SIGKILL, power
 //! loss) keeps every batch that was acknowledged and none of a batch that was
 //! not: a revision is never half written. Readers use their own connections
-//! and see the last committed snapshot; they never block the writer.
+//! and see the last committed snapshot; they never block the writer. A
+//! thread per file copies committed WAL frames into the database file
+//! beside the writer (`spawn_checkpointer`).
 //!
 //! Several handles and several processes may write one file at once (`rewind
 //! serve` and `rewind upgrade` do). Every write transaction starts with `BEGIN
@@ -305,6 +310,10 @@ const WRITER_CACHE_KIB: i64 = 16 * 1024;
 /// larger WAL, pages rewritten by several commits are copied once.
 const WAL_AUTOCHECKPOINT_PAGES: i64 = 10_000;
 
+/// Bytes a WAL file is cut back to when it starts over (SQLite leaves it at
+/// its largest: 250 MB after a run over 1M documents).
+const WAL_SIZE_LIMIT: i64 = 64 * 1024 * 1024;
+
 /// Prepared statements the writer connection keeps: those of both sets of
 /// tables (rusqlite keeps 16 by default).
 const WRITER_STATEMENTS: usize = 64;
@@ -313,6 +322,7 @@ const WRITER_STATEMENTS: usize = 64;
 fn configure_writer(conn: &Connection) -> rusqlite::Result<()> {
     conn.pragma_update(None, "cache_size", -WRITER_CACHE_KIB)?;
     conn.pragma_update(None, "wal_autocheckpoint", WAL_AUTOCHECKPOINT_PAGES)?;
+    conn.pragma_update(None, "journal_size_limit", WAL_SIZE_LIMIT)?;
     Ok(())
 }
 
