@@ -894,7 +894,11 @@ fn run_args_in_batches(db: &Db, cmd: &str, batch: usize, extra: &[&str]) -> Vec<
 fn crash_docs(backend: Backend) -> u64 {
     // Enough for the kills (20 in CI, more in a soak) to land before a
     // (pipelined) run finishes.
-    let per_kill = if backend == Backend::Embedded { 300 } else { 150 };
+    let per_kill = if backend == Backend::Embedded {
+        300
+    } else {
+        150
+    };
     per_kill * crash_kills().max(20) as u64
 }
 
