@@ -1051,10 +1051,11 @@ async fn bulk_get(session: &Session<'_>, call: &Call) -> Result<Response, Gatewa
         asked.push((id, item.get("rev").and_then(Value::as_str)));
     }
     // Each document's presentations, read no further than the asked
-    // revisions need: those of its winner, from the cache, when it is
-    // unchanged since (what a changes feed just presented); else those of
-    // its live leaves; else (a deleted leaf's revision, or one the document
-    // moved past) those of every leaf.
+    // revisions need: those that presented the asked revision, from the
+    // cache (what a changes feed just presented); those of its winner, from
+    // the cache, when it is unchanged since; else those of its live leaves;
+    // else (a deleted leaf's revision, or one the document moved past)
+    // those of every leaf.
     let unfound = |presented_of: &HashMap<String, Vec<Presented>>, some_rev: bool| {
         asked
             .iter()
@@ -1068,8 +1069,13 @@ async fn bulk_get(session: &Session<'_>, call: &Call) -> Result<Response, Gatewa
             .map(|(id, _)| (*id).to_owned())
             .collect::<Vec<String>>()
     };
-    let ids: Vec<String> = asked.iter().map(|(id, _)| (*id).to_owned()).collect();
-    let mut presented_of = session.cached_winners(&ids).await?;
+    // First the revisions the cache presented (no read), then the winners
+    // it holds, checked as unchanged.
+    let mut presented_of = session.cached_revisions(&asked);
+    let cached = session
+        .cached_winners(&unfound(&presented_of, true))
+        .await?;
+    presented_of.extend(cached);
     let live = session
         .presented_live_of(&unfound(&presented_of, true))
         .await?;

@@ -53,12 +53,14 @@ struct CacheGenerations {
     old: Generation,
 }
 
-/// Presentations by key, and which keys a leaf has without its journal's
-/// revision (see [`PresentKey`]).
+/// Presentations by key, which keys a leaf has without its journal's
+/// revision (see [`PresentKey`]), and the key that presented each revision
+/// (by [`Session::revision_key`]).
 #[derive(Default)]
 struct Generation {
     presented: HashMap<String, Vec<Presented>>,
     leaves: std::collections::HashSet<String>,
+    revisions: HashMap<String, String>,
 }
 
 /// A [`PresentCache`] key: the leaf's part, and the journal's revision.
@@ -83,16 +85,24 @@ impl PresentCache {
     /// which would drop the old one, entries about to be read included.
     fn get(&self, key: &PresentKey) -> Option<Vec<Presented>> {
         let mut cache = self.0.lock().ok()?;
-        let full = key.full();
-        if let Some(found) = cache.new.presented.get(&full) {
-            return Some(found.clone());
-        }
-        if cache.new.presented.len() >= Self::GENERATION {
-            return cache.old.presented.get(&full).cloned();
-        }
-        let found = cache.old.presented.remove(&full)?;
-        cache.insert(full, &key.leaf, found.clone());
-        Some(found)
+        cache.get(key.full(), &key.leaf)
+    }
+
+    /// The presentations that presented a revision, by its
+    /// [`Session::revision_key`] (as [`PresentCache::get`] finds them).
+    fn get_revision(&self, revision_key: &str) -> Option<Vec<Presented>> {
+        let mut cache = self.0.lock().ok()?;
+        let full = cache
+            .new
+            .revisions
+            .get(revision_key)
+            .or_else(|| cache.old.revisions.get(revision_key))?
+            .clone();
+        let leaf = full
+            .rsplit_once('\n')
+            .map_or(full.as_str(), |(leaf, _)| leaf)
+            .to_owned();
+        cache.get(full, &leaf)
     }
 
     /// True when presentations of the leaf `leaf_part` (a
@@ -103,14 +113,34 @@ impl PresentCache {
             .is_ok_and(|c| c.new.leaves.contains(leaf_part) || c.old.leaves.contains(leaf_part))
     }
 
-    fn put(&self, key: &PresentKey, value: Vec<Presented>) {
+    /// Holds `value` under `key`, and under each of `revision_keys` (the
+    /// [`Session::revision_key`] of each revision it presents).
+    fn put(&self, key: &PresentKey, value: Vec<Presented>, revision_keys: Vec<String>) {
         if let Ok(mut cache) = self.0.lock() {
-            cache.insert(key.full(), &key.leaf, value);
+            let full = key.full();
+            cache.insert(full.clone(), &key.leaf, value);
+            for revision in revision_keys {
+                cache.new.revisions.insert(revision, full.clone());
+            }
         }
     }
 }
 
 impl CacheGenerations {
+    /// See [`PresentCache::get`]: `full` is a [`PresentKey::full`], `leaf`
+    /// its leaf part.
+    fn get(&mut self, full: String, leaf: &str) -> Option<Vec<Presented>> {
+        if let Some(found) = self.new.presented.get(&full) {
+            return Some(found.clone());
+        }
+        if self.new.presented.len() >= PresentCache::GENERATION {
+            return self.old.presented.get(&full).cloned();
+        }
+        let found = self.old.presented.remove(&full)?;
+        self.insert(full, leaf, found.clone());
+        Some(found)
+    }
+
     /// Adds to the new generation; a full one becomes the old generation
     /// (the old one is dropped).
     fn insert(&mut self, full: String, leaf: &str, value: Vec<Presented>) {
@@ -265,6 +295,44 @@ impl Session<'_> {
             ),
             journal_rev: journal_rev.to_owned(),
         }
+    }
+
+    /// The key of a presented revision in [`PresentCache`]: the revision
+    /// in the context it was presented in (a presented revision id denotes
+    /// one body, and one history in one context).
+    fn revision_key(&self, epochs: &[String], id: &str, rev: &str) -> String {
+        format!(
+            "{}\n{id}\n{}\n{}\n{}\n{rev}",
+            self.db.name,
+            self.k,
+            self.pinned,
+            epochs.last().map(String::as_str).unwrap_or("")
+        )
+    }
+
+    /// For each asked `(id, revision)`, the presentations that presented
+    /// that revision, when [`PresentCache`] holds them: what a `_bulk_get`
+    /// after a changes feed asks for, answered without reading anything.
+    /// A revision id denotes one body, so the answer is the one the feed's
+    /// moment would have had; a leaf written since (which `latest` would
+    /// give) comes with the next changes page, as if the request had come
+    /// a moment earlier.
+    pub fn cached_revisions(
+        &self,
+        asked: &[(&str, Option<&str>)],
+    ) -> HashMap<String, Vec<Presented>> {
+        let epochs = view::epochs(self.state);
+        let mut out = HashMap::new();
+        for (id, rev) in asked {
+            let Some(rev) = rev else { continue };
+            if let Some(presented) = self
+                .cache
+                .get_revision(&self.revision_key(&epochs, id, rev))
+            {
+                out.insert((*id).to_owned(), presented);
+            }
+        }
+        out
     }
 
     /// The rows `_all_docs` answers for `opts`.
@@ -461,7 +529,11 @@ impl Session<'_> {
             };
             let presented = view::present(&cx, leaf, self.k, &known)
                 .map_err(|e| GatewayError::Lens(id.clone(), e))?;
-            self.cache.put(key, presented.clone());
+            let revisions = presented
+                .iter()
+                .map(|p| self.revision_key(&epochs, &id, &p.rev))
+                .collect();
+            self.cache.put(key, presented.clone(), revisions);
             for p in presented {
                 if seen.insert((id.clone(), p.rev.clone())) {
                     out.push(p);
@@ -1446,7 +1518,7 @@ mod tests {
             journal_rev: "1-j".into(),
         };
         for i in 0..n {
-            cache.put(&key(i), Vec::new());
+            cache.put(&key(i), Vec::new(), Vec::new());
         }
         let held = |i: usize| cache.get(&key(i)).is_some();
         // The last generation and a half are held; the oldest are gone.
@@ -1471,14 +1543,45 @@ mod tests {
         let cache = PresentCache::default();
         let generation = PresentCache::GENERATION;
         for i in 0..=generation {
-            cache.put(&key(i), Vec::new());
+            cache.put(&key(i), Vec::new(), Vec::new());
         }
         let held = |i: usize| cache.get(&key(i)).is_some();
         assert!(held(0), "in the old generation");
         for i in generation + 1..=2 * generation {
-            cache.put(&key(i), Vec::new());
+            cache.put(&key(i), Vec::new(), Vec::new());
         }
         assert!(held(0), "the entry used again is held");
         assert!(!held(1), "an entry put with it and not used since is gone");
+    }
+
+    #[test]
+    fn the_present_cache_finds_presentations_by_the_revisions_they_present() {
+        let cache = PresentCache::default();
+        let presented = |rev: &str| Presented {
+            rev: rev.into(),
+            doc: serde_json::json!({"_id": "a", "_rev": rev}),
+            synthetic: true,
+        };
+        let key = |leaf: &str| PresentKey {
+            leaf: leaf.into(),
+            journal_rev: "1-j".into(),
+        };
+        cache.put(
+            &key("leaf a"),
+            vec![presented("2-view"), presented("3-gone")],
+            vec!["ctx a 2-view".into(), "ctx a 3-gone".into()],
+        );
+        for revision in ["ctx a 2-view", "ctx a 3-gone"] {
+            let found = cache.get_revision(revision).expect("held");
+            assert_eq!(found.len(), 2);
+            assert_eq!(found[0].rev, "2-view");
+        }
+        assert!(cache.get_revision("ctx a 9-other").is_none());
+        assert!(cache.get_revision("other ctx a 2-view").is_none());
+        // Gone with its generation.
+        for i in 0..2 * PresentCache::GENERATION {
+            cache.put(&key(&i.to_string()), Vec::new(), Vec::new());
+        }
+        assert!(cache.get_revision("ctx a 2-view").is_none());
     }
 }
