@@ -824,11 +824,23 @@ impl Session<'_> {
             entry.missing.retain(|rev| !view::is_retirement_rev(rev));
             !entry.missing.is_empty()
         });
-        // Presented revisions are not missing. First the views of the
+        // Presented revisions are not missing. First those the cache knows
+        // it presented in this context (no read: a phone's first push offers
+        // back every revision it pulled, and a revision presented once stays
+        // in the presented tree, retired or not). Then the views of the
         // documents' winners, read with their journals in two `_bulk_get`
-        // (the presentations come from the cache when it holds them): a
-        // phone's first push offers back every revision it pulled, most of
-        // them views of a winner.
+        // (the presentations come from the cache when it holds them).
+        let offered: Vec<(&str, Option<&str>)> = missing
+            .iter()
+            .flat_map(|(id, entry)| {
+                entry
+                    .missing
+                    .iter()
+                    .map(move |rev| (id.as_str(), Some(rev.as_str())))
+            })
+            .collect();
+        let cached = self.cached_revisions(&offered);
+        drop_presented(&mut missing, &cached);
         let ids: Vec<String> = missing.keys().cloned().collect();
         let winners = ids
             .iter()
