@@ -11,7 +11,7 @@
 
 use crate::{EngineError, Result};
 use rewind_lens::MigrationSet;
-use rewind_store::{AnyStore, GetOptions, Store, StoreError};
+use rewind_store::{AnyStore, GetOptions, Store, StoreError, COMPANION_SUFFIX};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -69,11 +69,11 @@ pub fn companion_target(target: &str) -> String {
         };
         let base = base.trim_end_matches('/');
         match query {
-            Some(q) => format!("{base}-rewind?{q}"),
-            None => format!("{base}-rewind"),
+            Some(q) => format!("{base}{COMPANION_SUFFIX}?{q}"),
+            None => format!("{base}{COMPANION_SUFFIX}"),
         }
     } else {
-        format!("{target}{}", rewind_store::COMPANION_SUFFIX)
+        format!("{target}{COMPANION_SUFFIX}")
     }
 }
 
