@@ -1,4 +1,3 @@
-use indicatif::{ProgressBar, ProgressStyle};
 use rewind_store::Store;
 use std::process::ExitCode;
 
@@ -9,7 +8,11 @@ use std::process::ExitCode;
 /// SRC and DST are CouchDB database URLs (http://admin:pass@127.0.0.1:5984/medic)
 /// or embedded store files (created if missing). Interrupted, it resumes
 /// where it stopped when run again. This is how to rehearse on a copy of
-/// production: `rewind copy http://.../medic ./rehearsal/medic.db`.
+/// production: `rewind copy --with-companion http://.../medic ./rehearsal/medic.db`.
+///
+/// A database's companion (rewind's state and journal: `<db>-rewind` on
+/// CouchDB, tables inside an embedded file) is a database of its own: copy
+/// it with `--with-companion`, or alone as `rewind copy SRC-rewind DST-rewind`.
 #[derive(clap::Args)]
 pub struct Args {
     /// The database to copy from (only read).
@@ -18,39 +21,66 @@ pub struct Args {
     /// The database to copy into (created if missing).
     #[arg(value_name = "DST")]
     dst: String,
+    /// Also copy SRC's companion (its schema version, runs and journal, what
+    /// a rollback needs) into DST's, when SRC has one.
+    #[arg(long)]
+    with_companion: bool,
 }
 
 pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
-    rt.block_on(async {
+    crate::db::runtime()?.block_on(async {
         let src = rewind_store::open(&args.src).await?;
         if !src.exists().await? {
-            anyhow::bail!("{}: the database does not exist", rewind_store::redact_url(&args.src));
+            anyhow::bail!(
+                "{}: the database does not exist",
+                rewind_store::redact_url(&args.src)
+            );
         }
-        let dst = rewind_store::open(&args.dst).await?;
-        if !dst.exists().await? {
-            dst.create_db().await?;
+        let companion = if args.with_companion {
+            rewind_engine::state::existing_companion(&args.src, &src).await?
+        } else {
+            None
+        };
+        copy_one(&src, &args.src, &args.dst).await?;
+        if let Some(companion) = companion {
+            let dst = rewind_engine::state::companion_target(&args.dst);
+            copy_one(
+                &companion,
+                &rewind_engine::state::companion_target(&args.src),
+                &dst,
+            )
+            .await?;
+        } else if args.with_companion {
+            println!(
+                "{} has no companion (rewind never ran on it): nothing more to copy",
+                rewind_store::redact_url(&args.src)
+            );
         }
-        let total = src.info().await?.doc_count;
-        let bar = ProgressBar::new(total);
-        bar.set_style(
-            ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} docs  {per_sec}  ETA {eta}")
-                .unwrap_or_else(|_| ProgressStyle::default_bar()),
-        );
-        if !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
-            bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
-        }
-        let started = std::time::Instant::now();
-        let report = rewind_store::copy(&src, &dst, |p| bar.set_position(p.docs_seen)).await?;
-        bar.finish_and_clear();
-        let secs = started.elapsed().as_secs_f64().max(0.001);
-        println!(
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+/// Copies the open database `src` (named `src_name`) into `dst_name`, with
+/// a progress bar and a one-line report.
+async fn copy_one(
+    src: &rewind_store::AnyStore,
+    src_name: &str,
+    dst_name: &str,
+) -> anyhow::Result<()> {
+    let dst = rewind_store::open(dst_name).await?;
+    if !dst.exists().await? {
+        dst.create_db().await?;
+    }
+    let bar = crate::db::progress_bar();
+    bar.set_length(src.info().await?.doc_count);
+    let started = std::time::Instant::now();
+    let report = rewind_store::copy(src, &dst, |p| bar.set_position(p.docs_seen)).await?;
+    bar.finish_and_clear();
+    let secs = started.elapsed().as_secs_f64().max(0.001);
+    println!(
             "copy {} → {}: {} documents, {} revisions copied, {} local documents, in {:.1} s ({:.0} docs/s){}",
-            rewind_store::redact_url(&args.src),
-            rewind_store::redact_url(&args.dst),
+            rewind_store::redact_url(src_name),
+            rewind_store::redact_url(dst_name),
             report.docs_seen,
             report.revs_copied,
             report.local_copied,
@@ -62,6 +92,5 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
                 String::new()
             }
         );
-        Ok(ExitCode::SUCCESS)
-    })
+    Ok(())
 }

@@ -224,3 +224,89 @@ fn the_drill_with_kill_sigkills_the_engine_and_holds() {
 fn the_drill_with_five_phones_and_kill_holds() {
     drill_with_kill_holds("5", "700");
 }
+
+/// `rewind copy --with-companion`: the copy keeps the schema version and
+/// the journal, so it can be rolled back exactly like the original; a copy
+/// without it starts with no state (version 0) and says nothing is lost
+/// only when there was nothing to copy.
+#[test]
+fn a_copy_with_its_companion_rolls_back_like_the_original() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = |name: &str| dir.path().join(name).display().to_string();
+    let migrations = examples().display().to_string();
+    stdout_of_success(rewind().args(["sample", "--docs", "300", "--db", &db("a.db")]));
+    let fresh = stdout_of_success(rewind().args([
+        "copy",
+        "--with-companion",
+        &db("a.db"),
+        &db("fresh.db"),
+    ]));
+    assert!(fresh.contains("has no companion"), "{fresh}");
+    stdout_of_success(rewind().args(["copy", &db("a.db"), &db("original.db")]));
+    stdout_of_success(rewind().args(["upgrade", "--db", &db("a.db"), "--migrations", &migrations]));
+
+    let copied =
+        stdout_of_success(rewind().args(["copy", "--with-companion", &db("a.db"), &db("b.db")]));
+    assert!(
+        copied.contains(&format!("{} → {}", db("a.db-rewind"), db("b.db-rewind"))),
+        "{copied}"
+    );
+    assert!(
+        !dir.path().join("b.db-rewind").exists(),
+        "the companion made a file"
+    );
+    let status = |name: &str| stdout_of_success(rewind().args(["status", "--db", &db(name)]));
+    assert!(
+        status("b.db").contains("schema version 7"),
+        "{}",
+        status("b.db")
+    );
+    stdout_of_success(rewind().args(["copy", &db("a.db"), &db("c.db")]));
+    assert!(
+        status("c.db").contains("schema version 0"),
+        "{}",
+        status("c.db")
+    );
+
+    // The copy rolls back to the original bodies, byte for byte.
+    stdout_of_success(rewind().args([
+        "rollback",
+        "--db",
+        &db("b.db"),
+        "--to",
+        "0",
+        "--migrations",
+        &migrations,
+    ]));
+    let bodies = |name: &str| {
+        let path = db(name);
+        tokio::runtime::Runtime::new()
+            .unwrap()
+            .block_on(async move {
+                let store = rewind_store::open(&path).await.unwrap();
+                let all = rewind_store::Store::all_docs(
+                    &store,
+                    &rewind_store::AllDocsOptions {
+                        include_docs: true,
+                        ..Default::default()
+                    },
+                )
+                .await
+                .unwrap();
+                all.rows
+                    .into_iter()
+                    .map(|row| {
+                        let mut doc = row.doc.unwrap();
+                        doc.as_object_mut().unwrap().shift_remove("_rev");
+                        doc.to_string()
+                    })
+                    .collect::<Vec<String>>()
+            })
+    };
+    let (rolled, original) = (bodies("b.db"), bodies("original.db"));
+    assert_eq!(rolled.len(), 300);
+    assert!(
+        rolled == original,
+        "the copy's rollback differs from the original bodies"
+    );
+}

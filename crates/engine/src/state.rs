@@ -77,6 +77,20 @@ pub fn companion_target(target: &str) -> String {
     }
 }
 
+/// The companion of the database `target` (opened as `data`), if it has
+/// one; creates nothing (opening an embedded companion that is not there
+/// would create its tables in the store's file).
+pub async fn existing_companion(target: &str, data: &AnyStore) -> Result<Option<AnyStore>> {
+    let companion = companion_target(target);
+    if let AnyStore::Sqlite(file) = data {
+        if !std::path::Path::new(&companion).exists() && !file.has_companion().await? {
+            return Ok(None);
+        }
+    }
+    let store = rewind_store::open(&companion).await?;
+    Ok(store.exists().await?.then_some(store))
+}
+
 fn is_url(target: &str) -> bool {
     target.starts_with("http://") || target.starts_with("https://")
 }
@@ -117,23 +131,9 @@ impl Database {
     /// the defaults: version 0, no runs).
     pub async fn inspect(target: &str) -> Result<Inspected> {
         let data = open_data(target).await?;
-        let companion = companion_target(target);
-        // Opening an embedded companion that is not there would create its tables.
-        let absent = match &data {
-            AnyStore::Sqlite(file) => {
-                !std::path::Path::new(&companion).exists() && !file.has_companion().await?
-            }
-            AnyStore::Couch(_) => false,
-        };
-        let state = if absent {
-            State::default()
-        } else {
-            let store = rewind_store::open(&companion).await?;
-            if store.exists().await? {
-                State::load_from(&store).await?
-            } else {
-                State::default()
-            }
+        let state = match existing_companion(target, &data).await? {
+            Some(store) => State::load_from(&store).await?,
+            None => State::default(),
         };
         Ok(Inspected {
             data,
