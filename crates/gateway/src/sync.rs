@@ -286,23 +286,19 @@ impl Session<'_> {
         journal_rev: &str,
     ) -> PresentKey {
         PresentKey {
-            leaf: format!(
-                "{}\n{id}\n{leaf_rev}\n{}\n{}\n{}",
-                self.db.name,
-                self.k,
-                self.pinned,
-                epochs.last().map(String::as_str).unwrap_or("")
-            ),
+            leaf: self.revision_key(epochs, id, leaf_rev),
             journal_rev: journal_rev.to_owned(),
         }
     }
 
-    /// The key of a presented revision in [`PresentCache`]: the revision
-    /// in the context it was presented in (a presented revision id denotes
-    /// one body, and one history in one context).
+    /// A revision of a document in the context this session presents in
+    /// (database, version, pinned or not, epoch): the leaf part of a
+    /// [`PresentKey`] for a stored leaf's revision, and the key of a
+    /// presented revision in [`PresentCache`] (a presented revision id
+    /// denotes one body, and one history in one context).
     fn revision_key(&self, epochs: &[String], id: &str, rev: &str) -> String {
         format!(
-            "{}\n{id}\n{}\n{}\n{}\n{rev}",
+            "{}\n{}\n{}\n{}\n{id}\n{rev}",
             self.db.name,
             self.k,
             self.pinned,
