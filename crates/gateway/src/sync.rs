@@ -60,10 +60,11 @@ struct CacheGenerations {
 struct Generation {
     presented: HashMap<String, Vec<Presented>>,
     leaves: std::collections::HashSet<String>,
-    revisions: HashMap<String, String>,
+    revisions: HashMap<String, PresentKey>,
 }
 
 /// A [`PresentCache`] key: the leaf's part, and the journal's revision.
+#[derive(Clone)]
 struct PresentKey {
     leaf: String,
     journal_rev: String,
@@ -92,17 +93,13 @@ impl PresentCache {
     /// [`Session::revision_key`] (as [`PresentCache::get`] finds them).
     fn get_revision(&self, revision_key: &str) -> Option<Vec<Presented>> {
         let mut cache = self.0.lock().ok()?;
-        let full = cache
+        let key = cache
             .new
             .revisions
             .get(revision_key)
             .or_else(|| cache.old.revisions.get(revision_key))?
             .clone();
-        let leaf = full
-            .rsplit_once('\n')
-            .map_or(full.as_str(), |(leaf, _)| leaf)
-            .to_owned();
-        cache.get(full, &leaf)
+        cache.get(key.full(), &key.leaf)
     }
 
     /// True when presentations of the leaf `leaf_part` (a
@@ -117,10 +114,9 @@ impl PresentCache {
     /// [`Session::revision_key`] of each revision it presents).
     fn put(&self, key: &PresentKey, value: Vec<Presented>, revision_keys: Vec<String>) {
         if let Ok(mut cache) = self.0.lock() {
-            let full = key.full();
-            cache.insert(full.clone(), &key.leaf, value);
+            cache.insert(key.full(), &key.leaf, value);
             for revision in revision_keys {
-                cache.new.revisions.insert(revision, full.clone());
+                cache.new.revisions.insert(revision, key.clone());
             }
         }
     }

@@ -114,10 +114,7 @@ impl Tables {
 
     /// The table whose presence says this set of tables exists in a file.
     fn meta_table(self) -> &'static str {
-        match self {
-            Tables::Data => "meta",
-            Tables::Companion => "rewind_meta",
-        }
+        self.sql("meta")
     }
 }
 
