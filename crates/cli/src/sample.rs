@@ -1,4 +1,3 @@
-use indicatif::ProgressBar;
 use std::io::{BufWriter, Write};
 use std::process::ExitCode;
 
@@ -24,16 +23,10 @@ pub struct Args {
 
 pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
     if let Some(target) = &args.db {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()?;
-        return rt.block_on(async {
+        return crate::db::runtime()?.block_on(async {
             let store = rewind_store::open(target).await?;
-            let bar = ProgressBar::new(args.docs);
-            if !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
-                bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
-            }
+            let bar = crate::db::progress_bar();
+            bar.set_length(args.docs);
             let started = std::time::Instant::now();
             let n = rewind_engine::load::load(
                 &store,
