@@ -208,11 +208,19 @@ fn canonical(value: &Value, numbers: Numbers, out: &mut Vec<u8>) {
             out.push(b']');
         }
         Value::Number(n) if numbers == Numbers::AsJavaScript => {
-            let text = n.to_string();
+            let text = n.as_str();
+            if is_plain_integer(text) {
+                // A double holds it exactly and writes it back alike.
+                out.extend_from_slice(text.as_bytes());
+                return;
+            }
             match text.parse::<f64>() {
                 // JSON.stringify writes -0 as 0.
                 Ok(0.0) => out.push(b'0'),
-                Ok(f) if f.is_finite() => out.extend_from_slice(format!("{f}").as_bytes()),
+                Ok(f) if f.is_finite() => {
+                    use std::io::Write;
+                    let _ = write!(out, "{f}");
+                }
                 _ => out.extend_from_slice(text.as_bytes()),
             }
         }
@@ -220,6 +228,16 @@ fn canonical(value: &Value, numbers: Numbers, out: &mut Vec<u8>) {
             let _ = serde_json::to_writer(&mut *out, other);
         }
     }
+}
+
+/// True for an integer's text of at most 15 digits, not `-0`: a double
+/// holds it exactly and formats it as written, so it is its own value's text.
+fn is_plain_integer(text: &str) -> bool {
+    let digits = text.strip_prefix('-').unwrap_or(text);
+    !digits.is_empty()
+        && digits.len() <= 15
+        && digits.bytes().all(|b| b.is_ascii_digit())
+        && text != "-0"
 }
 
 /// A hash of a document's body that ignores key order and revision members
@@ -401,6 +419,35 @@ mod tests {
         }
         reordered["b"][0] = Value::from(2);
         assert_ne!(body_hash(&doc), body_hash(&reordered));
+    }
+
+    #[test]
+    fn integers_are_written_as_their_double_formats_them() {
+        // The fast path for integers must write what the double's
+        // formatting writes: synthetic ids phones hold derive from it.
+        for text in [
+            "0",
+            "-0",
+            "7",
+            "-15",
+            "100",
+            "999999999999999",
+            "-999999999999999",
+            "1000000000000000",
+            "123456789012345678",
+            "12345678901234567890",
+        ] {
+            let n: serde_json::Number = serde_json::from_str(text).unwrap();
+            let mut fast = Vec::new();
+            canonical(&Value::Number(n), Numbers::AsJavaScript, &mut fast);
+            let f: f64 = text.parse().unwrap();
+            let slow = if f == 0.0 {
+                "0".to_owned()
+            } else {
+                format!("{f}")
+            };
+            assert_eq!(String::from_utf8(fast).unwrap(), slow, "{text}");
+        }
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! HTTP: parsing CouchDB requests, dispatching them, answering CouchDB-style.
 
+use crate::ahead::ReadAhead;
 use crate::sync::{is_deleted, winner, PresentCache, Session};
 use crate::view::Presented;
 use crate::GatewayError;
@@ -60,6 +61,7 @@ struct Inner {
     users: Vec<rewind_engine::User>,
     databases: Vec<String>,
     cache: PresentCache,
+    ahead: ReadAhead,
     backend: Backend,
     set: MigrationSet,
     checksum: String,
@@ -92,6 +94,7 @@ impl Gateway {
                 users: config.users,
                 databases: config.databases,
                 cache: PresentCache::default(),
+                ahead: ReadAhead::default(),
                 backend: config.backend,
                 checksum: config.migrations.checksum(),
                 set: config.migrations,
@@ -744,7 +747,15 @@ async fn database_route(
             write_one(&session, doc).await
         }
         (["_changes"], &Method::GET) | (["_changes"], &Method::POST) => {
-            changes(&session, call).await
+            let feed = FeedContext {
+                gateway: gateway.clone(),
+                database: database.clone(),
+                state: state.clone(),
+                k,
+                pinned: asked_k.is_some(),
+                credentials: format!("{db}\n{}", call.credentials().unwrap_or_default()),
+            };
+            changes(&feed, &session, call).await
         }
         (["_bulk_get"], &Method::POST) => bulk_get(&session, call).await,
         (["_bulk_docs"], &Method::POST) => bulk_docs(&session, call).await,
@@ -870,7 +881,122 @@ fn parse_since(text: Option<&String>) -> Seq {
     }
 }
 
-async fn changes(session: &Session<'_>, call: &Call) -> Result<Response, GatewayError> {
+/// Everything a changes page's answer depends on besides its options, owned,
+/// so that pages can be read ahead of the client (`ahead`).
+#[derive(Clone)]
+struct FeedContext {
+    gateway: Gateway,
+    database: Database,
+    state: State,
+    k: u32,
+    pinned: bool,
+    /// The database and the client's credentials: pages read with one
+    /// user's credentials are never another's answer.
+    credentials: String,
+}
+
+impl FeedContext {
+    fn session(&self) -> Session<'_> {
+        Session {
+            db: &self.database,
+            set: &self.gateway.inner.set,
+            checksum: &self.gateway.inner.checksum,
+            k: self.k,
+            pinned: self.pinned,
+            state: &self.state,
+            cache: &self.gateway.inner.cache,
+        }
+    }
+
+    /// The feed a page belongs to: everything that shapes its answer but
+    /// where it starts.
+    fn feed(&self, opts: &ChangesOptions) -> String {
+        let state = serde_json::to_string(&self.state).unwrap_or_default();
+        let digest = md5::compute(format!(
+            "{}\n{}\n{}\n{state}\n{:?}\n{}\n{}\n{}",
+            self.credentials,
+            self.k,
+            self.pinned,
+            opts.limit,
+            opts.style_all_docs,
+            opts.include_docs,
+            opts.descending
+        ));
+        format!("{digest:x}")
+    }
+}
+
+/// A page of a normal (or longpoll) feed: read ahead when it was, else read
+/// now; either way the pages after it are read ahead (`ahead`) when the
+/// client pages through the feed (`limit`, ascending).
+async fn feed_page(
+    cx: &FeedContext,
+    session: &Session<'_>,
+    opts: &ChangesOptions,
+) -> Result<rewind_store::Changes, GatewayError> {
+    let Some(limit) = opts.limit.filter(|&l| l > 0 && !opts.descending) else {
+        return session.changes(opts).await;
+    };
+    let feed = cx.feed(opts);
+    if let Some(answer) = cx.gateway.inner.ahead.take(&feed, &opts.since.to_string()) {
+        if let Some(page) = answer.await {
+            client_moved(cx, &feed, opts, limit, &page);
+            return Ok((*page).clone());
+        }
+    }
+    session
+        .changes_then(opts, |page| client_moved(cx, &feed, opts, limit, page))
+        .await
+}
+
+/// Where the page after `page` starts, when there may be one.
+fn next_since(page: &rewind_store::Changes, limit: usize) -> Option<String> {
+    (page.results.len() >= limit).then(|| page.last_seq.to_string())
+}
+
+/// The client was answered `page`: the pages after it are read ahead.
+fn client_moved(
+    cx: &FeedContext,
+    feed: &str,
+    opts: &ChangesOptions,
+    limit: usize,
+    page: &rewind_store::Changes,
+) {
+    if let Some(next) = next_since(page, limit) {
+        cx.gateway.inner.ahead.client_at(feed, next);
+        read_ahead(cx, feed, opts, limit);
+    }
+}
+
+/// Starts reading the pages of `feed` the client will ask for next, each
+/// in a task of its own (see `ahead`).
+fn read_ahead(cx: &FeedContext, feed: &str, opts: &ChangesOptions, limit: usize) {
+    while let Some(reserved) = cx.gateway.inner.ahead.reserve(feed) {
+        let (cx, feed) = (cx.clone(), feed.to_owned());
+        let mut opts = opts.clone();
+        opts.since = parse_since(Some(&reserved.since));
+        tokio::spawn(async move {
+            let since = reserved.since.clone();
+            let page = cx
+                .session()
+                .changes_then(&opts, |page| {
+                    cx.gateway
+                        .inner
+                        .ahead
+                        .read(&feed, &since, next_since(page, limit));
+                    read_ahead(&cx, &feed, &opts, limit);
+                })
+                .await;
+            reserved.finish(page.ok());
+        });
+    }
+}
+
+async fn changes(
+    cx: &FeedContext,
+    session: &Session<'_>,
+    call: &Call,
+) -> Result<Response, GatewayError> {
     let body = if call.method == Method::POST && !call.body.is_empty() {
         Some(call.json_body()?)
     } else {
@@ -903,14 +1029,14 @@ async fn changes(session: &Session<'_>, call: &Call) -> Result<Response, Gateway
     let timeout = call.number("timeout")?.map(Duration::from_millis);
     match feed {
         "normal" => {
-            let changes = session.changes(&opts).await?;
+            let changes = feed_page(cx, session, &opts).await?;
             Ok(json_response(
                 200,
                 &serde_json::to_value(changes).unwrap_or_default(),
             ))
         }
         "longpoll" => {
-            let first = session.changes(&opts).await?;
+            let first = feed_page(cx, session, &opts).await?;
             if !first.results.is_empty() {
                 return Ok(json_response(
                     200,

@@ -4,9 +4,13 @@
 //! Invariant: the gateway keeps no state of its own. Everything it answers
 //! is a function of the store (documents, journal, version state) and the
 //! migration set, so two instances answer byte for byte the same and either
-//! can be restarted at any time. See `view` for how revisions are presented
-//! across versions and `sync` for how pushed revisions are stored.
+//! can be restarted at any time. (What it holds in memory, presentations
+//! and changes pages read ahead, are answers it already gave or would give a
+//! moment earlier: see `sync::PresentCache` and `ahead`.) See `view` for how
+//! revisions are presented across versions and `sync` for how pushed
+//! revisions are stored.
 
+mod ahead;
 mod http;
 pub mod sync;
 pub mod view;

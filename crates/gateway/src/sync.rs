@@ -491,18 +491,8 @@ impl Session<'_> {
                 }
             }
         }
-        let mut out = Vec::new();
-        let mut seen: std::collections::HashSet<(String, String)> = Default::default();
-        for ((leaf, key), cached) in leaves.iter().zip(&keys).zip(cached) {
+        let present = |leaf: &Value| -> Result<Vec<Presented>, GatewayError> {
             let id = id_of(leaf);
-            if let Some(presented) = cached {
-                for p in presented {
-                    if seen.insert((id.clone(), p.rev.clone())) {
-                        out.push(p);
-                    }
-                }
-                continue;
-            }
             let journal = journals.get(&id).unwrap_or(&empty);
             let known: Vec<(String, Value)> = ancestor_candidates(leaf)
                 .into_iter()
@@ -519,13 +509,24 @@ impl Session<'_> {
                 journal,
                 contexts: &contexts,
             };
-            let presented = view::present(&cx, leaf, self.k, &known)
-                .map_err(|e| GatewayError::Lens(id.clone(), e))?;
-            let revisions = presented
-                .iter()
-                .map(|p| self.revision_key(&epochs, &id, &p.rev))
-                .collect();
-            self.cache.put(key, presented.clone(), revisions);
+            view::present(&cx, leaf, self.k, &known).map_err(|e| GatewayError::Lens(id, e))
+        };
+        let mut out = Vec::new();
+        let mut seen: std::collections::HashSet<(String, String)> = Default::default();
+        for ((leaf, key), cached) in leaves.iter().zip(&keys).zip(cached) {
+            let id = id_of(leaf);
+            let presented = match cached {
+                Some(presented) => presented,
+                None => {
+                    let presented = present(leaf)?;
+                    let revisions = presented
+                        .iter()
+                        .map(|p| self.revision_key(&epochs, &id, &p.rev))
+                        .collect();
+                    self.cache.put(key, presented.clone(), revisions);
+                    presented
+                }
+            };
             for p in presented {
                 if seen.insert((id.clone(), p.rev.clone())) {
                     out.push(p);
@@ -562,12 +563,24 @@ impl Session<'_> {
 
     /// A normal changes feed, with each leaf's presented revisions.
     pub async fn changes(&self, opts: &ChangesOptions) -> Result<Changes, GatewayError> {
+        self.changes_then(opts, |_| {}).await
+    }
+
+    /// [`Session::changes`], calling `read` with the store's page as soon as
+    /// it is read, before its documents are presented (its `last_seq` is
+    /// where the next page starts: `ahead` starts reading it then).
+    pub async fn changes_then(
+        &self,
+        opts: &ChangesOptions,
+        read: impl FnOnce(&Changes),
+    ) -> Result<Changes, GatewayError> {
         let mut inner = opts.clone();
         inner.include_docs = false;
         // The feed names every leaf of each listed document (deleted ones
         // included): they are read in one request, not listed per document.
         inner.style_all_docs = true;
         let mut changes = self.db.data.changes(&inner).await?;
+        read(&changes);
         // Documents whose every leaf's presentations the cache holds (another
         // phone pulled them just now) are answered from it once their
         // journals' revisions (one light read) match; the others are read.

@@ -102,7 +102,14 @@ pub fn generation(rev: &str) -> u64 {
 /// recognised whatever context it was presented in; the other 16 name the
 /// context (with no context, the id is the plain md5).
 pub fn synthetic_rev(base: &str, checksum: &str, body: &Value, context: &str) -> String {
-    let key = synthetic_key(base, checksum, body);
+    synthetic_rev_of(base, checksum, &client_body_hash(body), context)
+}
+
+/// [`synthetic_rev`] of a body known by its [`client_body_hash`] (the
+/// client's hash: a phone pushes back the body as its JavaScript wrote it,
+/// `34.0` coming back as `34`, and must still be recognised).
+fn synthetic_rev_of(base: &str, checksum: &str, body_hash: &str, context: &str) -> String {
+    let key = format!("rewind\n{base}\n{checksum}\n{body_hash}");
     let plain = format!("{:x}", md5::compute(&key));
     let tail = if context.is_empty() {
         plain[16..].to_owned()
@@ -110,12 +117,6 @@ pub fn synthetic_rev(base: &str, checksum: &str, body: &Value, context: &str) ->
         format!("{:x}", md5::compute(format!("{key}\n{context}")))[..16].to_owned()
     };
     format!("{}-{}{tail}", generation(base) + 1, &plain[..16])
-}
-
-fn synthetic_key(base: &str, checksum: &str, body: &Value) -> String {
-    // The client's hash: a phone pushes back the body as its JavaScript
-    // wrote it (`34.0` comes back as `34`), and must still be recognised.
-    format!("rewind\n{base}\n{checksum}\n{}", client_body_hash(body))
 }
 
 /// True when `rev` is a synthetic child of `base` presenting `body`, in any
@@ -237,7 +238,8 @@ pub fn copy_context(
     state: &State,
     journal: &Journal,
 ) -> CopyContext {
-    let is = |context: &str| synthetic_rev(base, checksum, body, context) == rev;
+    let hash = client_body_hash(body);
+    let is = |context: &str| synthetic_rev_of(base, checksum, &hash, context) == rev;
     // Current for some client: pinned or following.
     let all = all_epochs(state);
     let epochs = &all[all.len().saturating_sub(WINDOW)..];
@@ -365,11 +367,10 @@ fn with_meta(mut body: Value, history: &[String]) -> Value {
     body
 }
 
-/// A distinct view of a body: its hash, the body, and the versions that
-/// see it (ascending).
+/// A distinct view of a body: its [`client_body_hash`] (what its synthetic
+/// ids derive from) and the versions that see it (ascending).
 struct DistinctView {
     hash: String,
-    body: Value,
     versions: Vec<u32>,
 }
 
@@ -380,23 +381,37 @@ impl DistinctView {
     }
 }
 
-/// Every version's view of a body, in version order, each with its
-/// [`client_body_hash`]: one walk through the migrations
-/// (`MigrationSet::translate_all`), element `k` equal to [`view`] at `k`.
+/// Every version's view of a body as its [`client_body_hash`], in version
+/// order (element `k` is the hash of [`view`] at `k`), and the view at
+/// `keep` itself when asked: one walk through the migrations
+/// (`MigrationSet::visit_all`) that copies no other view.
 fn version_views(
     set: &MigrationSet,
     body: &Value,
     journal: &Journal,
-) -> Result<Vec<(String, Value)>, LensError> {
-    let all = if !MigrationSet::is_migratable(body) || is_deleted(body) {
-        vec![body.clone(); set.latest() as usize + 1]
-    } else {
-        set.translate_all(body, version_of(set, body), &mut ReadOnly(journal))?
-    };
-    Ok(all
-        .into_iter()
-        .map(|seen| (client_body_hash(&seen), seen))
-        .collect())
+    keep: Option<u32>,
+) -> Result<(Vec<String>, Option<Value>), LensError> {
+    let versions = set.latest() as usize + 1;
+    if !MigrationSet::is_migratable(body) || is_deleted(body) {
+        let kept = keep
+            .filter(|&k| (k as usize) < versions)
+            .map(|_| body.clone());
+        return Ok((vec![client_body_hash(body); versions], kept));
+    }
+    let mut hashes = vec![String::new(); versions];
+    let mut kept = None;
+    set.visit_all(
+        body,
+        version_of(set, body),
+        &mut ReadOnly(journal),
+        |k, seen| {
+            hashes[k as usize] = client_body_hash(seen);
+            if keep == Some(k) {
+                kept = Some(seen.clone());
+            }
+        },
+    )?;
+    Ok((hashes, kept))
 }
 
 /// A body's own client hash and its distinct views across every version,
@@ -410,20 +425,17 @@ struct BodyViews {
 
 impl BodyViews {
     fn of(set: &MigrationSet, body: &Value, journal: &Journal) -> Result<BodyViews, LensError> {
-        Ok(BodyViews::from_versions(
-            body,
-            version_views(set, body, journal)?,
-        ))
+        let (hashes, _) = version_views(set, body, journal, None)?;
+        Ok(BodyViews::from_hashes(body, hashes))
     }
 
-    fn from_versions(body: &Value, versions: Vec<(String, Value)>) -> BodyViews {
+    fn from_hashes(body: &Value, hashes: Vec<String>) -> BodyViews {
         let mut all: Vec<DistinctView> = Vec::new();
-        for (k, (hash, seen)) in versions.into_iter().enumerate() {
+        for (k, hash) in hashes.into_iter().enumerate() {
             match all.iter_mut().find(|v| v.hash == hash) {
                 Some(known) => known.versions.push(k as u32),
                 None => all.push(DistinctView {
                     hash,
-                    body: seen,
                     versions: vec![k as u32],
                 }),
             }
@@ -438,18 +450,6 @@ impl BodyViews {
     fn alike(&self) -> bool {
         self.all.iter().all(|v| v.hash == self.own)
     }
-}
-
-/// Every version's view of a body, as [`client_body_hash`]es in version order.
-fn view_hashes(
-    set: &MigrationSet,
-    body: &Value,
-    journal: &Journal,
-) -> Result<Vec<String>, LensError> {
-    Ok(version_views(set, body, journal)?
-        .into_iter()
-        .map(|(hash, _)| hash)
-        .collect())
 }
 
 /// The **anchor** of a stored leaf: the revision its presentations derive
@@ -471,12 +471,12 @@ pub fn anchor(set: &MigrationSet, leaf: &Value, journal: &Journal) -> Result<usi
 /// the revisions a gateway wrote (translations of pushes, whose images
 /// name no run): their views, equal to their parents' with today's
 /// complements, may have differed when they were leaves, so they may have
-/// been presented. `leaf_views`: the leaf's [`version_views`], when known.
+/// been presented. `leaf_views`: the leaf's [`version_views`] hashes, when known.
 fn anchor_walk(
     set: &MigrationSet,
     leaf: &Value,
     journal: &Journal,
-    leaf_views: Option<&[(String, Value)]>,
+    leaf_views: Option<&[String]>,
 ) -> Result<(usize, Vec<usize>), LensError> {
     let hist = history(leaf);
     if is_deleted(leaf) || journal.images.is_empty() {
@@ -509,9 +509,13 @@ fn anchor_walk(
     // The lowest revision of the chain every version sees as it sees the
     // leaf (views in between may differ today only because the journal's
     // complements changed: a rollback drops them).
-    let mine: Vec<String> = match leaf_views {
-        Some(views) => views.iter().map(|(hash, _)| hash.clone()).collect(),
-        None => view_hashes(set, leaf, journal)?,
+    let computed;
+    let mine: &[String] = match leaf_views {
+        Some(views) => views,
+        None => {
+            computed = version_views(set, leaf, journal, None)?.0;
+            &computed
+        }
     };
     let mut at = 0;
     for (place, body, _) in chain.iter().rev() {
@@ -520,7 +524,7 @@ fn anchor_walk(
         let Some(body) = body else {
             continue;
         };
-        if body_hash(body) == leaf_hash || view_hashes(set, body, journal)? == mine {
+        if body_hash(body) == leaf_hash || version_views(set, body, journal, None)?.0 == mine {
             at = *place;
             break;
         }
@@ -595,7 +599,7 @@ fn retirements(
                     continue;
                 }
             }
-            let synthetic = synthetic_rev(&base_history[0], cx.checksum, &seen.body, context);
+            let synthetic = synthetic_rev_of(&base_history[0], cx.checksum, &seen.hash, context);
             let retired = tombstone_rev(&synthetic);
             if out.iter().any(|p| p.rev == retired) {
                 continue;
@@ -661,20 +665,18 @@ pub fn present(
     }
     let deleted = is_deleted(leaf);
     // Every version's view of the leaf, computed once for all below.
-    let leaf_versions = if deleted {
-        Vec::new()
+    let (leaf_hashes, seen) = if deleted {
+        (Vec::new(), None)
     } else {
-        version_views(set, leaf, journal)?
+        version_views(set, leaf, journal, Some(k))?
     };
-    let (at, translated) = anchor_walk(set, leaf, journal, Some(&leaf_versions))?;
+    let (at, translated) = anchor_walk(set, leaf, journal, Some(&leaf_hashes))?;
     let base = &hist[at.min(hist.len().saturating_sub(1))..];
     let id = leaf.get("_id").cloned().unwrap_or(Value::Null);
     let mut out = Vec::new();
-    let (wanted, seen) = leaf_versions
-        .get(k as usize)
-        .cloned()
-        .unwrap_or_else(|| (String::new(), Value::Null));
-    let leaf_views = BodyViews::from_versions(leaf, leaf_versions);
+    let wanted = leaf_hashes.get(k as usize).cloned().unwrap_or_default();
+    let seen = seen.unwrap_or(Value::Null);
+    let leaf_views = BodyViews::from_hashes(leaf, leaf_hashes);
     if deleted || leaf_views.alike() {
         out.push(Presented {
             rev,
@@ -682,7 +684,7 @@ pub fn present(
             synthetic: false,
         });
     } else {
-        let synthetic = synthetic_rev(&base[0], checksum, &seen, cx.current());
+        let synthetic = synthetic_rev_of(&base[0], checksum, &wanted, cx.current());
         let mut chain = vec![synthetic.clone()];
         chain.extend_from_slice(base);
         out.push(Presented {

@@ -825,6 +825,25 @@ impl MigrationSet {
         from: u32,
         complements: &mut dyn Complements,
     ) -> Result<Vec<Value>> {
+        let mut out = vec![Value::Null; self.latest() as usize + 1];
+        self.visit_all(doc, from, complements, |k, seen| {
+            out[k as usize] = seen.clone()
+        })?;
+        Ok(out)
+    }
+
+    /// Calls `seen(k, view)` with the document's view at every version `k`
+    /// (element `k` of [`MigrationSet::translate_all`]), `from` first, then
+    /// down to 0, then up to the latest, without copying the document for
+    /// each version: what needs only to look at the views (hashing them)
+    /// copies nothing.
+    pub fn visit_all(
+        &self,
+        doc: &Value,
+        from: u32,
+        complements: &mut dyn Complements,
+        mut seen: impl FnMut(u32, &Value),
+    ) -> Result<()> {
         if from > self.latest() {
             return Err(LensError::NoSuchVersion {
                 asked: from,
@@ -833,16 +852,19 @@ impl MigrationSet {
         }
         // `translate` ends a walk down by lowering a stamp left above the
         // target; the walk carries the document as the steps leave it and
-        // each version gets that fix on its own copy.
-        let settled = |mut at: Value, k: u32| {
-            if self.stamp_of(&at).is_some_and(|s| s > k) {
-                self.set_stamp(&mut at, Some(k), None);
+        // a view that needs that fix gets it on a copy of its own.
+        let mut settled = |at: &Value, k: u32| {
+            if self.stamp_of(at).is_some_and(|s| s > k) {
+                let mut fixed = at.clone();
+                self.set_stamp(&mut fixed, Some(k), None);
+                seen(k, &fixed);
+            } else {
+                seen(k, at);
             }
-            at
         };
-        let mut out = vec![Value::Null; self.latest() as usize + 1];
-        out[from as usize] = settled(doc.clone(), from);
-        let mut down = doc.clone();
+        settled(doc, from);
+        // Each walk works on a copy of its own, made only when it moves.
+        let mut down = if from > 0 { doc.clone() } else { Value::Null };
         for version in (1..=from).rev() {
             let kept = complements.get(version);
             // The walks' copies are dropped on an error: no backup.
@@ -851,9 +873,14 @@ impl MigrationSet {
             {
                 complements.put(version, done);
             }
-            out[version as usize - 1] = settled(down.clone(), version - 1);
+            settled(&down, version - 1);
         }
-        let mut up = doc.clone();
+        drop(down);
+        let mut up = if from < self.latest() {
+            doc.clone()
+        } else {
+            Value::Null
+        };
         for version in from + 1..=self.latest() {
             let kept = complements.get(version);
             if let StepOutcome::Applied(done) =
@@ -861,9 +888,9 @@ impl MigrationSet {
             {
                 complements.put(version, done);
             }
-            out[version as usize] = up.clone();
+            seen(version, &up);
         }
-        Ok(out)
+        Ok(())
     }
 
     /// A checksum of the whole set: changes when any file or the stamp name changes.

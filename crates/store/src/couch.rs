@@ -724,7 +724,7 @@ impl crate::Store for CouchStore {
         flag(&mut q, "latest", opts.latest);
         flag(&mut q, "attachments", opts.attachments);
         let url = self.endpoint(&["_bulk_get"], &q);
-        let v = self
+        let mut v = self
             .call(
                 Method::POST,
                 url,
@@ -733,24 +733,26 @@ impl crate::Store for CouchStore {
             )
             .await?;
         let bad = |what: &str| StoreError::Internal(format!("_bulk_get answer: {what}"));
+        // The documents are taken out of the answer, not copied.
         let results = v
-            .get("results")
-            .and_then(Value::as_array)
+            .get_mut("results")
+            .and_then(Value::as_array_mut)
             .ok_or_else(|| bad("no results"))?;
         let mut out = Vec::with_capacity(results.len());
-        for r in results {
+        for r in results.iter_mut() {
             let id = r
                 .get("id")
                 .and_then(Value::as_str)
-                .ok_or_else(|| bad("a result without id"))?;
+                .ok_or_else(|| bad("a result without id"))?
+                .to_owned();
             let docs = r
-                .get("docs")
-                .and_then(Value::as_array)
+                .get_mut("docs")
+                .and_then(Value::as_array_mut)
                 .ok_or_else(|| bad("no docs"))?;
             let mut items = Vec::with_capacity(docs.len());
-            for d in docs {
-                let item = if let Some(doc) = d.get("ok") {
-                    BulkGetItem::Ok(doc.clone())
+            for d in docs.iter_mut() {
+                let item = if let Some(doc) = d.get_mut("ok") {
+                    BulkGetItem::Ok(doc.take())
                 } else if let Some(e) = d.get("error") {
                     BulkGetItem::Error(
                         serde_json::from_value(e.clone()).map_err(|e| bad(&e.to_string()))?,
@@ -777,10 +779,7 @@ impl crate::Store for CouchStore {
                 };
                 items.push(item);
             }
-            out.push(BulkGetResult {
-                id: id.to_owned(),
-                docs: items,
-            });
+            out.push(BulkGetResult { id, docs: items });
         }
         Ok(out)
     }
