@@ -310,3 +310,40 @@ fn a_copy_with_its_companion_rolls_back_like_the_original() {
         "the copy's rollback differs from the original bodies"
     );
 }
+
+/// After a command exits, the `.db` file alone holds every commit (its
+/// write-ahead log emptied into it): a plain `cp` of the file, without the
+/// `-wal` beside it, is a complete copy.
+#[test]
+fn a_plain_copy_of_the_file_after_a_command_is_complete() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = |name: &str| dir.path().join(name);
+    let db = |name: &str| path(name).display().to_string();
+    let migrations = examples().display().to_string();
+    let wal_is_empty = |name: &str| {
+        let wal = path(&format!("{name}-wal"));
+        !wal.exists() || std::fs::metadata(&wal).unwrap().len() == 0
+    };
+    stdout_of_success(rewind().args(["sample", "--docs", "3000", "--db", &db("a.db")]));
+    assert!(wal_is_empty("a.db"), "rewind sample left a write-ahead log");
+    stdout_of_success(rewind().args(["upgrade", "--db", &db("a.db"), "--migrations", &migrations]));
+    assert!(
+        wal_is_empty("a.db"),
+        "rewind upgrade left a write-ahead log"
+    );
+
+    std::fs::create_dir(path("copy")).unwrap();
+    std::fs::copy(path("a.db"), path("copy/a.db")).unwrap();
+    let status = stdout_of_success(rewind().args(["status", "--db", &db("copy/a.db")]));
+    assert!(status.contains("schema version 7"), "{status}");
+    let rolled = stdout_of_success(rewind().args([
+        "rollback",
+        "--db",
+        &db("copy/a.db"),
+        "--to",
+        "0",
+        "--migrations",
+        &migrations,
+    ]));
+    assert!(rolled.contains("3000"), "{rolled}");
+}

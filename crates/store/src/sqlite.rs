@@ -421,8 +421,6 @@ fn create_companion_tables(conn: &mut Connection) -> Result<()> {
 /// (which sleeps) and keeps one page cache, which a commit by another
 /// connection would otherwise empty.
 fn shared_writer(path: &Path, conn: Connection) -> Arc<Writer> {
-    type Writers = BTreeMap<PathBuf, std::sync::Weak<Writer>>;
-    static WRITERS: Mutex<Writers> = Mutex::new(BTreeMap::new());
     let key = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
     let mut writers = WRITERS.lock().unwrap_or_else(|e| e.into_inner());
     writers.retain(|_, writer| writer.strong_count() > 0);
@@ -433,8 +431,56 @@ fn shared_writer(path: &Path, conn: Connection) -> Arc<Writer> {
         conn: Mutex::new(conn),
         checkpoints: spawn_checkpointer(path),
     });
-    writers.insert(key, Arc::downgrade(&writer));
+    writers.insert(key.clone(), Arc::downgrade(&writer));
+    WRITTEN
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(key);
     writer
+}
+
+/// The writer of each file open in this process, by canonical path.
+static WRITERS: Mutex<BTreeMap<PathBuf, std::sync::Weak<Writer>>> = Mutex::new(BTreeMap::new());
+/// Every file this process opened a writer on (see [`settle_all`]).
+static WRITTEN: Mutex<std::collections::BTreeSet<PathBuf>> =
+    Mutex::new(std::collections::BTreeSet::new());
+
+/// Copies the whole write-ahead log of every store file this process
+/// opened for writing into the file itself and empties it
+/// (`PRAGMA wal_checkpoint(TRUNCATE)`), so that the `.db` file alone holds
+/// every commit: a command calls it before it exits, and a plain copy of the
+/// file is then complete. Best effort: a file another process is reading
+/// keeps its log (waiting at most two seconds per file for its readers);
+/// SQLite reads the log too, so nothing is lost either way. Call it when no
+/// transaction of this process is in flight. Blocking.
+pub fn settle_all() {
+    let written: Vec<PathBuf> = WRITTEN
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .cloned()
+        .collect();
+    for path in written {
+        let Ok(conn) = Connection::open_with_flags(
+            &path,
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        ) else {
+            continue;
+        };
+        let _ = conn.busy_timeout(std::time::Duration::from_millis(500));
+        // A checkpoint already running (the checkpointer thread's) makes
+        // this one give up at once: it is tried again until it ends.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        while conn
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+                r.get::<_, i64>(0)
+            })
+            .is_ok_and(|busy| busy != 0)
+            && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
 }
 
 /// A file's writer connection, and the thread that checkpoints its WAL.
