@@ -53,14 +53,20 @@ struct CacheGenerations {
     old: Generation,
 }
 
-/// Presentations by key, which keys a leaf has without its journal's
-/// revision (see [`PresentKey`]), and the key that presented each revision
-/// (by [`Session::revision_key`]).
+/// Presentations by key (with the [`Session::revision_key`]s of the
+/// revisions each presents), which keys a leaf has without its journal's
+/// revision (see [`PresentKey`]), and the key that presented each revision.
 #[derive(Default)]
 struct Generation {
-    presented: HashMap<String, Vec<Presented>>,
+    presented: HashMap<String, CacheEntry>,
     leaves: std::collections::HashSet<String>,
     revisions: HashMap<String, PresentKey>,
+}
+
+/// A leaf's presentations, and the keys of the revisions they present.
+struct CacheEntry {
+    presented: Vec<Presented>,
+    revision_keys: Vec<String>,
 }
 
 /// A [`PresentCache`] key: the leaf's part, and the journal's revision.
@@ -80,17 +86,21 @@ impl PresentCache {
     const GENERATION: usize = 10_000;
 
     /// The presentations held for `key`. One found in the old generation
-    /// moves to the new one while that has room (a phone's `_bulk_get` and
-    /// first push ask again for what its changes feed was presented: what
-    /// is used stays); a full new generation is not turned over by a read,
-    /// which would drop the old one, entries about to be read included.
+    /// moves to the new one while that has room (another phone's changes
+    /// feed asks for the same document: what is used by many stays); a
+    /// full new generation is not turned over by a read, which would drop
+    /// the old one, entries about to be read included.
     fn get(&self, key: &PresentKey) -> Option<Vec<Presented>> {
         let mut cache = self.0.lock().ok()?;
-        cache.get(key.full(), &key.leaf)
+        cache.get(key, true)
     }
 
     /// The presentations that presented a revision, by its
-    /// [`Session::revision_key`] (as [`PresentCache::get`] finds them).
+    /// [`Session::revision_key`] (as [`PresentCache::get`] finds them, but
+    /// moving nothing: a phone's `_bulk_get` and first push ask once for
+    /// what its changes feed was presented, and moving those entries, up to
+    /// ten pages of them when a generation turns over while the phone's
+    /// batches wait, turned the cache over early).
     fn get_revision(&self, revision_key: &str) -> Option<Vec<Presented>> {
         let mut cache = self.0.lock().ok()?;
         let key = cache
@@ -99,7 +109,7 @@ impl PresentCache {
             .get(revision_key)
             .or_else(|| cache.old.revisions.get(revision_key))?
             .clone();
-        cache.get(key.full(), &key.leaf)
+        cache.get(&key, false)
     }
 
     /// True when presentations of the leaf `leaf_part` (a
@@ -114,37 +124,46 @@ impl PresentCache {
     /// [`Session::revision_key`] of each revision it presents).
     fn put(&self, key: &PresentKey, value: Vec<Presented>, revision_keys: Vec<String>) {
         if let Ok(mut cache) = self.0.lock() {
-            cache.insert(key.full(), &key.leaf, value);
-            for revision in revision_keys {
-                cache.new.revisions.insert(revision, key.clone());
-            }
+            cache.insert(
+                key,
+                CacheEntry {
+                    presented: value,
+                    revision_keys,
+                },
+            );
         }
     }
 }
 
 impl CacheGenerations {
-    /// See [`PresentCache::get`]: `full` is a [`PresentKey::full`], `leaf`
-    /// its leaf part.
-    fn get(&mut self, full: String, leaf: &str) -> Option<Vec<Presented>> {
+    /// See [`PresentCache::get`]; `promote`: an entry found in the old
+    /// generation moves to the new one, revisions and all, while that has
+    /// room.
+    fn get(&mut self, key: &PresentKey, promote: bool) -> Option<Vec<Presented>> {
+        let full = key.full();
         if let Some(found) = self.new.presented.get(&full) {
-            return Some(found.clone());
+            return Some(found.presented.clone());
         }
-        if self.new.presented.len() >= PresentCache::GENERATION {
-            return self.old.presented.get(&full).cloned();
+        if !promote || self.new.presented.len() >= PresentCache::GENERATION {
+            return self.old.presented.get(&full).map(|e| e.presented.clone());
         }
         let found = self.old.presented.remove(&full)?;
-        self.insert(full, leaf, found.clone());
-        Some(found)
+        let presented = found.presented.clone();
+        self.insert(key, found);
+        Some(presented)
     }
 
-    /// Adds to the new generation; a full one becomes the old generation
-    /// (the old one is dropped).
-    fn insert(&mut self, full: String, leaf: &str, value: Vec<Presented>) {
+    /// Adds to the new generation, with its revisions; a full one becomes
+    /// the old generation (the old one is dropped).
+    fn insert(&mut self, key: &PresentKey, entry: CacheEntry) {
         if self.new.presented.len() >= PresentCache::GENERATION {
             self.old = std::mem::take(&mut self.new);
         }
-        self.new.presented.insert(full, value);
-        self.new.leaves.insert(leaf.to_owned());
+        for revision in &entry.revision_keys {
+            self.new.revisions.insert(revision.clone(), key.clone());
+        }
+        self.new.presented.insert(key.full(), entry);
+        self.new.leaves.insert(key.leaf.clone());
     }
 }
 
@@ -1569,6 +1588,35 @@ mod tests {
         }
         assert!(held(0), "the entry used again is held");
         assert!(!held(1), "an entry put with it and not used since is gone");
+    }
+
+    #[test]
+    fn an_entry_moved_to_the_new_generation_is_still_found_by_its_revisions() {
+        let cache = PresentCache::default();
+        let key = |i: usize| PresentKey {
+            leaf: i.to_string(),
+            journal_rev: "1-j".into(),
+        };
+        let generation = PresentCache::GENERATION;
+        for i in 0..=generation {
+            cache.put(&key(i), Vec::new(), vec![format!("revision of {i}")]);
+        }
+        // Found by its revision: it stays where it is.
+        assert!(cache.get_revision("revision of 0").is_some());
+        assert!(cache
+            .0
+            .lock()
+            .unwrap()
+            .old
+            .presented
+            .contains_key(&key(0).full()));
+        // Used again by its key: it moves, and its revision with it.
+        assert!(cache.get(&key(0)).is_some());
+        for i in generation + 1..2 * generation {
+            cache.put(&key(i), Vec::new(), vec![format!("revision of {i}")]);
+        }
+        assert!(cache.get_revision("revision of 0").is_some());
+        assert!(cache.get_revision("revision of 1").is_none());
     }
 
     #[test]
