@@ -51,6 +51,9 @@
 #   Late on 2026-11-26 (N=20000): (c)/(a) = 2.39×, server CPU 2.14× (journals read with
 #   `_bulk_get`); 2b reads 4.6 revisions per document (an epoch's context retires only the
 #   views of the version it served); 4a 2.0 s, 4b 13.2 s.
+#   2026-11-27, N=20000: (c)/(a) = 1.56-1.71x in the morning (the phone's _bulk_get answered from
+#   the cache's revision index), 1.29x in the evening (changes pages read ahead, views hashed
+#   without a copy per version), server CPU 1.05x; 4a 2.0 s, 4b 5.8 s.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
