@@ -25,8 +25,11 @@ use std::time::{Duration, Instant};
 
 /// Pages read ahead of the last one a client was answered.
 pub(crate) const AHEAD: usize = 2;
-/// Pages held at most, all feeds together.
-const PAGES: usize = 64;
+/// Pages held at most, all feeds together: enough for a hundred phones
+/// pulling at once ([`AHEAD`] each, and the one each is being answered). A
+/// page holds its rows (ids and revisions, bodies only with `include_docs`),
+/// not its presentations (those are in the presentation cache).
+const PAGES: usize = 256;
 /// How long a page read ahead may be served.
 const FRESH: Duration = Duration::from_secs(5);
 
