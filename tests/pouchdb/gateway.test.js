@@ -560,6 +560,52 @@ for (const kind of h.STORE_KINDS) {
       }
     });
 
+    // The gateway reads the pages of a feed ahead of the phone paging
+    // through it (crates/gateway/src/ahead.rs): a page read before an edit
+    // is the feed's answer of a moment earlier, and the edit comes on a
+    // later page, so paging to the end always ends on it.
+    test('a document edited while a phone pages through the feed ends the feed edited', async (t) => {
+      const ctx = await setup(t, kind, { version: 3 });
+      const base = `${ctx.gw.url}/v/0/${h.DB}`;
+      const page = async (url, since) => {
+        const res = await h.http(`${url}/_changes?style=all_docs&limit=10&since=${encodeURIComponent(JSON.stringify(since))}`);
+        assert.equal(res.status, 200, res.text);
+        return res.json;
+      };
+      const first = await page(base, 0);
+      assert.equal(first.results.length, 10);
+      // The second page's documents, read in another context (another
+      // feed: /v/0's pages read ahead stay unread).
+      const second = await page(`${ctx.gw.url}/v/7/${h.DB}`, first.last_seq);
+      const id = second.results[0].id;
+      await h.sleep(300);
+      const doc = (await h.http(`${base}/${encodeURIComponent(id)}`)).json;
+      doc.edit_note = 'edited while a phone paged';
+      const put = await h.http(`${base}/${encodeURIComponent(id)}`, { method: 'PUT', body: doc });
+      assert.equal(put.status, 201, put.text);
+      // Page on from where the phone was, to the end.
+      let since = first.last_seq;
+      let last;
+      let stale = false;
+      for (let i = 0; i < 100; i++) {
+        const next = await page(base, since);
+        for (const row of next.results) {
+          if (row.id !== id) continue;
+          if (last !== undefined) stale = true;
+          last = row;
+        }
+        if (next.results.length < 10) break;
+        since = next.last_seq;
+      }
+      t.diagnostic(`the document came on a page read before the edit too: ${stale}`);
+      assert.ok(last, `${id} is in the feed`);
+      // The feed's last word on the document is the edit.
+      const leaves = (await h.http(`${base}/${encodeURIComponent(id)}?open_revs=${encodeURIComponent(JSON.stringify(last.changes.map((c) => c.rev)))}`)).json;
+      const live = leaves.filter((l) => l.ok && !l.ok._deleted).map((l) => l.ok);
+      assert.equal(live.length, 1, JSON.stringify(leaves));
+      assert.equal(live[0].edit_note, 'edited while a phone paged');
+    });
+
     test('two gateways over the same store answer byte-identically', async (t) => {
       const ctx = await setup(t, kind, { version: 7 });
       // Some history: an edit at v0, a rollback to 3.
