@@ -423,7 +423,6 @@ fn create_companion_tables(conn: &mut Connection) -> Result<()> {
 fn shared_writer(path: &Path, conn: Connection) -> Arc<Writer> {
     let key = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
     let mut writers = WRITERS.lock().unwrap_or_else(|e| e.into_inner());
-    writers.retain(|_, writer| writer.strong_count() > 0);
     if let Some(writer) = writers.get(&key).and_then(std::sync::Weak::upgrade) {
         return writer;
     }
@@ -431,19 +430,22 @@ fn shared_writer(path: &Path, conn: Connection) -> Arc<Writer> {
         conn: Mutex::new(conn),
         checkpoints: spawn_checkpointer(path),
     });
-    writers.insert(key.clone(), Arc::downgrade(&writer));
-    WRITTEN
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .insert(key);
+    writers.insert(key, Arc::downgrade(&writer));
     writer
 }
 
-/// The writer of each file open in this process, by canonical path.
+/// The writer of each file this process opened for writing, by canonical
+/// path: live while a handle holds it. A file's entry stays after its
+/// writer is gone (one per file): [`settle_all`] settles every file written.
 static WRITERS: Mutex<BTreeMap<PathBuf, std::sync::Weak<Writer>>> = Mutex::new(BTreeMap::new());
-/// Every file this process opened a writer on (see [`settle_all`]).
-static WRITTEN: Mutex<std::collections::BTreeSet<PathBuf>> =
-    Mutex::new(std::collections::BTreeSet::new());
+
+/// A connection of its own to `path`, beside the writer, for checkpoints.
+fn checkpoint_connection(path: &Path) -> rusqlite::Result<Connection> {
+    Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+}
 
 /// Copies the whole write-ahead log of every store file this process
 /// opened for writing into the file itself and empties it
@@ -454,17 +456,14 @@ static WRITTEN: Mutex<std::collections::BTreeSet<PathBuf>> =
 /// SQLite reads the log too, so nothing is lost either way. Call it when no
 /// transaction of this process is in flight. Blocking.
 pub fn settle_all() {
-    let written: Vec<PathBuf> = WRITTEN
+    let written: Vec<PathBuf> = WRITERS
         .lock()
         .unwrap_or_else(|e| e.into_inner())
-        .iter()
+        .keys()
         .cloned()
         .collect();
     for path in written {
-        let Ok(conn) = Connection::open_with_flags(
-            &path,
-            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-        ) else {
+        let Ok(conn) = checkpoint_connection(&path) else {
             continue;
         };
         let _ = conn.busy_timeout(std::time::Duration::from_millis(500));
@@ -509,11 +508,7 @@ impl Writer {
 /// still run, and find the frames already copied. The thread ends when its
 /// writer is dropped.
 fn spawn_checkpointer(path: &Path) -> Option<std::sync::mpsc::SyncSender<()>> {
-    let conn = Connection::open_with_flags(
-        path,
-        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-    )
-    .ok()?;
+    let conn = checkpoint_connection(path).ok()?;
     let (wake, woken) = std::sync::mpsc::sync_channel::<()>(1);
     std::thread::Builder::new()
         .name("rewind-wal".into())
