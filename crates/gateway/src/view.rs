@@ -382,36 +382,58 @@ impl DistinctView {
 }
 
 /// Every version's view of a body as its [`client_body_hash`], in version
-/// order (element `k` is the hash of [`view`] at `k`), and the view at
-/// `keep` itself when asked: one walk through the migrations
-/// (`MigrationSet::visit_all`) that copies no other view.
+/// order (element `k` is the hash of [`view`] at `k`), the body's own hash,
+/// and the view at `keep` itself when asked.
+struct VersionViews {
+    hashes: Vec<String>,
+    own: String,
+    kept: Option<Value>,
+}
+
+/// [`VersionViews`] of `body`: one walk through the migrations
+/// (`MigrationSet::visit_all`) that copies no view but the one kept, and
+/// hashes the body once (it is its own view at its version, unless its
+/// stamp is lowered there).
 fn version_views(
     set: &MigrationSet,
     body: &Value,
     journal: &Journal,
     keep: Option<u32>,
-) -> Result<(Vec<String>, Option<Value>), LensError> {
+) -> Result<VersionViews, LensError> {
     let versions = set.latest() as usize + 1;
     if !MigrationSet::is_migratable(body) || is_deleted(body) {
-        let kept = keep
-            .filter(|&k| (k as usize) < versions)
-            .map(|_| body.clone());
-        return Ok((vec![client_body_hash(body); versions], kept));
+        let own = client_body_hash(body);
+        return Ok(VersionViews {
+            hashes: vec![own.clone(); versions],
+            own,
+            kept: keep
+                .filter(|&k| (k as usize) < versions)
+                .map(|_| body.clone()),
+        });
     }
     let mut hashes = vec![String::new(); versions];
+    let mut own = None;
     let mut kept = None;
     set.visit_all(
         body,
         version_of(set, body),
         &mut ReadOnly(journal),
         |k, seen| {
-            hashes[k as usize] = client_body_hash(seen);
+            let hash = client_body_hash(seen);
+            if std::ptr::eq(seen, body) {
+                own = Some(hash.clone());
+            }
+            hashes[k as usize] = hash;
             if keep == Some(k) {
                 kept = Some(seen.clone());
             }
         },
     )?;
-    Ok((hashes, kept))
+    Ok(VersionViews {
+        hashes,
+        own: own.unwrap_or_else(|| client_body_hash(body)),
+        kept,
+    })
 }
 
 /// A body's own client hash and its distinct views across every version,
@@ -425,11 +447,11 @@ struct BodyViews {
 
 impl BodyViews {
     fn of(set: &MigrationSet, body: &Value, journal: &Journal) -> Result<BodyViews, LensError> {
-        let (hashes, _) = version_views(set, body, journal, None)?;
-        Ok(BodyViews::from_hashes(body, hashes))
+        let views = version_views(set, body, journal, None)?;
+        Ok(BodyViews::from_hashes(views.own, views.hashes))
     }
 
-    fn from_hashes(body: &Value, hashes: Vec<String>) -> BodyViews {
+    fn from_hashes(own: String, hashes: Vec<String>) -> BodyViews {
         let mut all: Vec<DistinctView> = Vec::new();
         for (k, hash) in hashes.into_iter().enumerate() {
             match all.iter_mut().find(|v| v.hash == hash) {
@@ -440,10 +462,7 @@ impl BodyViews {
                 }),
             }
         }
-        BodyViews {
-            own: client_body_hash(body),
-            all,
-        }
+        BodyViews { own, all }
     }
 
     /// True when every version sees the body as it is.
@@ -513,7 +532,7 @@ fn anchor_walk(
     let mine: &[String] = match leaf_views {
         Some(views) => views,
         None => {
-            computed = version_views(set, leaf, journal, None)?.0;
+            computed = version_views(set, leaf, journal, None)?.hashes;
             &computed
         }
     };
@@ -524,7 +543,7 @@ fn anchor_walk(
         let Some(body) = body else {
             continue;
         };
-        if body_hash(body) == leaf_hash || version_views(set, body, journal, None)?.0 == mine {
+        if body_hash(body) == leaf_hash || version_views(set, body, journal, None)?.hashes == mine {
             at = *place;
             break;
         }
@@ -665,18 +684,23 @@ pub fn present(
     }
     let deleted = is_deleted(leaf);
     // Every version's view of the leaf, computed once for all below.
-    let (leaf_hashes, seen) = if deleted {
-        (Vec::new(), None)
+    // (A deleted leaf is presented as itself: it has no views.)
+    let views = if deleted {
+        VersionViews {
+            hashes: Vec::new(),
+            own: String::new(),
+            kept: None,
+        }
     } else {
         version_views(set, leaf, journal, Some(k))?
     };
-    let (at, translated) = anchor_walk(set, leaf, journal, Some(&leaf_hashes))?;
+    let (at, translated) = anchor_walk(set, leaf, journal, Some(&views.hashes))?;
     let base = &hist[at.min(hist.len().saturating_sub(1))..];
     let id = leaf.get("_id").cloned().unwrap_or(Value::Null);
     let mut out = Vec::new();
-    let wanted = leaf_hashes.get(k as usize).cloned().unwrap_or_default();
-    let seen = seen.unwrap_or(Value::Null);
-    let leaf_views = BodyViews::from_hashes(leaf, leaf_hashes);
+    let wanted = views.hashes.get(k as usize).cloned().unwrap_or_default();
+    let seen = views.kept.unwrap_or(Value::Null);
+    let leaf_views = BodyViews::from_hashes(views.own, views.hashes);
     if deleted || leaf_views.alike() {
         out.push(Presented {
             rev,

@@ -836,7 +836,8 @@ impl MigrationSet {
     /// (element `k` of [`MigrationSet::translate_all`]), `from` first, then
     /// down to 0, then up to the latest, without copying the document for
     /// each version: what needs only to look at the views (hashing them)
-    /// copies nothing.
+    /// copies nothing. The view at `from` is `doc` itself (the same
+    /// reference) unless its stamp had to be lowered.
     pub fn visit_all(
         &self,
         doc: &Value,
