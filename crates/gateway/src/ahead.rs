@@ -33,14 +33,16 @@ const PAGES: usize = 256;
 /// How long a page read ahead may be served.
 const FRESH: Duration = Duration::from_secs(5);
 
-/// A page read ahead: its answer (`None` if reading it failed: the client's
-/// request then reads it itself), and where the page after it starts, once
-/// the store's part of it is read (`Some(None)`: it is the feed's last).
+/// A page's answer, to be awaited by the request that takes it (`None` if
+/// reading it failed: the request then reads the page itself).
 type Answer = Shared<BoxFuture<'static, Option<Arc<Changes>>>>;
 
+/// A page read ahead.
 struct Page {
     made: Instant,
     answer: Answer,
+    /// Where the page after it starts, once the store's part of it is read
+    /// (`Some(None)`: it is the feed's last).
     next: Option<Option<String>>,
     /// A client was handed it: it is kept (until it is stale) only to say
     /// where the next page starts, so that it is not read again.

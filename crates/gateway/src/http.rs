@@ -243,6 +243,25 @@ impl Gateway {
         }
     }
 
+    /// A session with this gateway's migrations and presentation cache.
+    fn session<'a>(
+        &'a self,
+        database: &'a Database,
+        state: &'a State,
+        k: u32,
+        pinned: bool,
+    ) -> Session<'a> {
+        Session {
+            db: database,
+            set: &self.inner.set,
+            checksum: &self.inner.checksum,
+            k,
+            pinned,
+            state,
+            cache: &self.inner.cache,
+        }
+    }
+
     async fn state(&self, db: &str, database: &Database) -> Result<State, GatewayError> {
         if let Some((at, state)) = self.inner.states.lock().map_err(poisoned)?.get(db) {
             if at.elapsed() < STATE_TTL {
@@ -706,15 +725,7 @@ async fn database_route(
             gateway.inner.set.latest()
         )));
     }
-    let session = Session {
-        db: &database,
-        set: &gateway.inner.set,
-        checksum: &gateway.inner.checksum,
-        k,
-        pinned: asked_k.is_some(),
-        state: &state,
-        cache: &gateway.inner.cache,
-    };
+    let session = gateway.session(&database, &state, k, asked_k.is_some());
     match (rest, &call.method) {
         ([], &Method::GET) | ([], &Method::HEAD) => {
             let info = database.data.info().await?;
@@ -897,15 +908,8 @@ struct FeedContext {
 
 impl FeedContext {
     fn session(&self) -> Session<'_> {
-        Session {
-            db: &self.database,
-            set: &self.gateway.inner.set,
-            checksum: &self.gateway.inner.checksum,
-            k: self.k,
-            pinned: self.pinned,
-            state: &self.state,
-            cache: &self.gateway.inner.cache,
-        }
+        self.gateway
+            .session(&self.database, &self.state, self.k, self.pinned)
     }
 
     /// The feed a page belongs to: everything that shapes its answer but
