@@ -81,12 +81,17 @@ impl Image {
     }
 }
 
-/// A synthetic revision `rev` a gateway presented as a child of the stored
-/// revision `base`, retired since (see [`Journal::retired`]).
+/// A synthetic revision `rev` a gateway presented as a descendant of the
+/// stored revision `base`, retired since (see [`Journal::retired`]).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct RetiredCopy {
     pub rev: String,
     pub base: String,
+    /// The synthetic revisions between `rev` and `base` (its parent first):
+    /// the lower rungs of the ladder it was presented on. Empty when `rev`
+    /// is a child of `base`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub between: Vec<String>,
     /// Presented in a state the server lost (a restore): the first such
     /// copy moved the document's presentation context.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]

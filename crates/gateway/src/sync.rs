@@ -168,20 +168,26 @@ impl CacheGenerations {
 }
 
 /// How far back a pushed revision's history is searched for the stored
-/// revision its author's view was made from.
+/// revision its author's view was made from, besides the rungs of a
+/// ladder (one per version at most: [`base_search`]).
 const BASE_SEARCH: usize = 10;
 
+/// [`BASE_SEARCH`] and the most rungs a ladder of `set` can have.
+fn base_search(set: &MigrationSet) -> usize {
+    BASE_SEARCH + set.latest() as usize + 1
+}
+
 /// The ancestors of `leaf` that may have views to retire: the nearest
-/// [`BASE_SEARCH`] revisions of its history. Of these, `view::present`
+/// [`base_search`] revisions of its history. Of these, `view::present`
 /// counts the first [`view::ANCESTORS`] stored ones below the leaf's
 /// anchor (a history also names synthetic revisions, which the server
 /// never stored). A revision pushed and translated at once is one: it is
 /// its translation's anchor, presented while it was.
-fn ancestor_candidates(leaf: &Value) -> Vec<String> {
+fn ancestor_candidates(set: &MigrationSet, leaf: &Value) -> Vec<String> {
     view::history(leaf)
         .into_iter()
         .skip(1)
-        .take(BASE_SEARCH)
+        .take(base_search(set))
         .collect()
 }
 
@@ -480,7 +486,7 @@ impl Session<'_> {
         for (leaf, _) in leaves.iter().zip(&cached).filter(|(_, c)| c.is_none()) {
             let id = id_of(leaf);
             let journal = journals.get(&id).unwrap_or(&empty);
-            for rev in ancestor_candidates(leaf) {
+            for rev in ancestor_candidates(self.set, leaf) {
                 // A revision a rollback replaced by its before-image is
                 // journaled by hash only: it was presented on the revision
                 // below (its views are that one's), so it is not read.
@@ -513,7 +519,7 @@ impl Session<'_> {
         let present = |leaf: &Value| -> Result<Vec<Presented>, GatewayError> {
             let id = id_of(leaf);
             let journal = journals.get(&id).unwrap_or(&empty);
-            let known: Vec<(String, Value)> = ancestor_candidates(leaf)
+            let known: Vec<(String, Value)> = ancestor_candidates(self.set, leaf)
                 .into_iter()
                 .filter_map(|rev| {
                     ancestors
@@ -906,7 +912,15 @@ impl Session<'_> {
             if !is_deleted(&doc) && view::is_synthetic(&doc, self.checksum) {
                 let hist = view::history(&doc);
                 let id = id_of(&doc);
-                let base = hist.get(1).cloned().unwrap_or_default();
+                // Its base: the first revision of its history below the
+                // rungs of the ladder it was presented on (synthetic ids,
+                // never stored).
+                let rungs = hist[1..]
+                    .iter()
+                    .take_while(|rev| view::is_synthetic_rev(rev))
+                    .count();
+                let base = hist.get(1 + rungs).cloned().unwrap_or_default();
+                let between = hist[1..1 + rungs].to_vec();
                 let mut asked = BTreeMap::new();
                 asked.insert(id.clone(), vec![base.clone()]);
                 let base_known = self.db.data.revs_diff(asked).await?.is_empty();
@@ -925,8 +939,14 @@ impl Session<'_> {
                     .await?
                     .remove(&id)
                     .unwrap_or_default();
-                let context =
-                    view::copy_context(&hist[0], &base, self.checksum, &doc, self.state, &journal);
+                let context = view::copy_context(
+                    &hist[0],
+                    &hist[1],
+                    self.checksum,
+                    &doc,
+                    self.state,
+                    &journal,
+                );
                 let (mut base_is_anchor, mut base_is_live) = (false, false);
                 for leaf in self.leaves(&id).await?.iter().filter(|l| !is_deleted(l)) {
                     let at = view::anchor(self.set, leaf, &journal)
@@ -961,6 +981,7 @@ impl Session<'_> {
                 journal.retired.push(rewind_engine::journal::RetiredCopy {
                     rev: hist[0].clone(),
                     base: base.clone(),
+                    between,
                     lost,
                 });
                 self.save_journal(&id, &mut journal).await?;
@@ -1210,23 +1231,22 @@ impl Session<'_> {
         if *index == 1 {
             return Ok(Some(view::version_of(self.set, body)));
         }
-        // The parent is a synthetic child of the base: find the version
-        // whose view it presented.
-        let presented = &chain[index - 1];
-        let rev = &chain[*index];
-        for k in 0..=self.set.latest() {
-            let seen = view::view(self.set, body, k, journal)
-                .map_err(|e| GatewayError::Lens(id.to_owned(), e))?;
-            if view::presents(presented, rev, self.checksum, &seen) {
-                return Ok(Some(k));
-            }
-        }
-        Ok(None)
+        // The parent is a rung of a ladder on the base: the version whose
+        // view it presented.
+        view::presented_version(
+            self.set,
+            self.checksum,
+            &chain[*index],
+            body,
+            journal,
+            &chain[1..*index],
+        )
+        .map_err(|e| GatewayError::Lens(id.to_owned(), e))
     }
 
     /// For each pushed revision that is not a deletion, its **stored
     /// base**: the newest stored, undeleted revision among its ancestors
-    /// (the first [`BASE_SEARCH`] of its history), as its place in the
+    /// (the first [`base_search`] of its history), as its place in the
     /// history and its body: what the phone's view was made from. Keyed by
     /// (document, pushed revision). Read for the whole batch at once: the
     /// two nearest ancestors first (the parent, or a synthetic parent's
@@ -1243,7 +1263,7 @@ impl Session<'_> {
             .collect();
         let mut stored: HashMap<(String, String), Value> = HashMap::new();
         let mut out = HashMap::new();
-        for places in [1..3, 3..BASE_SEARCH + 1] {
+        for places in [1..3, 3..base_search(self.set) + 1] {
             let open: Vec<&(String, Vec<String>)> = chains
                 .iter()
                 .filter(|(id, chain)| !out.contains_key(&(id.clone(), chain[0].clone())))

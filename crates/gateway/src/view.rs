@@ -6,15 +6,17 @@
 //! revision id always denotes one body:
 //!
 //! - a document every version sees alike is presented as itself;
-//! - otherwise, at every version, as a synthetic child of the stored leaf
-//!   carrying that version's view, with the id `{gen+1}-md5(leaf rev,
-//!   migration-set checksum, view hash)`: derived from the body, so it can
-//!   denote nothing else, and any gateway recognises it when a phone pushes
-//!   it back;
-//! - next to it, tombstones (`{gen+1}-md5(retired synthetic rev)`) retire the
-//!   synthetic children of the leaf's other views and of its recent
-//!   ancestors' views: whatever translated copy a phone held, after one pull
-//!   it holds exactly one live leaf, the current view.
+//! - otherwise, at every version, as a synthetic descendant of the leaf's
+//!   anchor carrying that version's view, on a ladder (`BodyViews`): each
+//!   rung (versions that see it alike) a child of the rung below, so a
+//!   phone moving up receives a descendant of what it holds; the id
+//!   `{gen}-md5(parent rev, migration-set checksum, view hash)…` is derived
+//!   from the body and its parent, so it can denote nothing else, and any
+//!   gateway recognises it when a phone pushes it back;
+//! - next to it, tombstones (`{gen+1}-md5(retired synthetic rev)`) retire
+//!   what a phone may hold from another context, from an older anchor or
+//!   from recent ancestors: whatever translated copy a phone held, after
+//!   one pull it holds exactly one live leaf, the current view.
 
 use rewind_engine::journal::{body_hash, body_of, client_body_hash, Journal};
 use rewind_engine::state::State;
@@ -107,7 +109,11 @@ pub fn synthetic_rev(base: &str, checksum: &str, body: &Value, context: &str) ->
 
 /// [`synthetic_rev`] of a body known by its [`client_body_hash`] (the
 /// client's hash: a phone pushes back the body as its JavaScript wrote it,
-/// `34.0` coming back as `34`, and must still be recognised).
+/// `34.0` coming back as `34`, and must still be recognised). The id is
+/// `{gen}-{head}{context}{mark}`: 16 hex of md5(base, checksum, hash), 16
+/// naming the context, and 8 derived from those ([`is_synthetic_rev`]), so
+/// that the rungs of a ladder are told from the revisions below them by
+/// their ids alone, whatever context they were presented in.
 fn synthetic_rev_of(base: &str, checksum: &str, body_hash: &str, context: &str) -> String {
     let key = format!("rewind\n{base}\n{checksum}\n{body_hash}");
     let plain = format!("{:x}", md5::compute(&key));
@@ -116,15 +122,70 @@ fn synthetic_rev_of(base: &str, checksum: &str, body_hash: &str, context: &str) 
     } else {
         format!("{:x}", md5::compute(format!("{key}\n{context}")))[..16].to_owned()
     };
-    format!("{}-{}{tail}", generation(base) + 1, &plain[..16])
+    let named = format!("{}{tail}", &plain[..16]);
+    format!("{}-{named}{}", generation(base) + 1, SYNTHETIC.mark(&named))
+}
+
+/// A kind of revision id rewind derives whose last digits are a mark
+/// derived from the ones before: told from any other id by the id alone.
+struct MarkedId {
+    /// What the mark's digest starts with.
+    kind: &'static str,
+    /// Hex digits before the mark.
+    head: usize,
+    /// Hex digits of the mark.
+    mark: usize,
+}
+
+/// Synthetic revisions ([`synthetic_rev`]).
+const SYNTHETIC: MarkedId = MarkedId {
+    kind: "rewind-rung",
+    head: 32,
+    mark: 8,
+};
+
+/// Tombstones retiring a synthetic revision ([`tombstone_rev`]).
+const RETIREMENT: MarkedId = MarkedId {
+    kind: "rewind-retirement",
+    head: 16,
+    mark: 16,
+};
+
+impl MarkedId {
+    fn mark(&self, head: &str) -> String {
+        format!("{:x}", md5::compute(format!("{}\n{head}", self.kind)))[..self.mark].to_owned()
+    }
+
+    /// True when the id part of `rev` is a head and its mark.
+    fn is(&self, rev: &str) -> bool {
+        let Some((_, hash)) = rev.split_once('-') else {
+            return false;
+        };
+        hash.len() == self.head + self.mark
+            && hash.is_char_boundary(self.head)
+            && self.mark(&hash[..self.head]) == hash[self.head..]
+    }
+}
+
+/// True when `rev` is the id of a synthetic revision a gateway presented
+/// ([`synthetic_rev`]), told from the id alone (with a chance of 2^-32 for
+/// any other revision id).
+pub fn is_synthetic_rev(rev: &str) -> bool {
+    SYNTHETIC.is(rev)
 }
 
 /// True when `rev` is a synthetic child of `base` presenting `body`, in any
 /// context.
 pub fn presents(rev: &str, base: &str, checksum: &str, body: &Value) -> bool {
-    let expected = synthetic_rev(base, checksum, body, "");
-    rev.len() == expected.len()
-        && rev.get(..expected.len() - 16) == expected.get(..expected.len() - 16)
+    presents_hash(rev, base, checksum, &client_body_hash(body))
+}
+
+/// [`presents`] for a body known by its [`client_body_hash`]: the
+/// generation and the head of the id, which name no context, match.
+fn presents_hash(rev: &str, base: &str, checksum: &str, body_hash: &str) -> bool {
+    let expected = synthetic_rev_of(base, checksum, body_hash, "");
+    let head = expected.len() - 24;
+    rev.len() == expected.len() && rev.get(..head) == expected.get(..head)
 }
 
 /// The presentation contexts of a document for a client at a pinned URL
@@ -215,7 +276,7 @@ fn all_epochs(state: &State) -> Vec<String> {
 }
 
 /// Where a pushed-back synthetic copy (a revision presenting `body` as a
-/// synthetic child of `base`) was presented: see [`copy_context`].
+/// synthetic child of its parent) was presented: see [`copy_context`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CopyContext {
     /// In a context of the window (the current one, the previous epoch or
@@ -228,18 +289,19 @@ pub enum CopyContext {
     Unknown,
 }
 
-/// The context a synthetic copy `rev` of `base` presenting `body` was
+/// The context a synthetic copy `rev` presenting `body` as a child of
+/// `parent` (its stored base, or the rung below it on a ladder) was
 /// presented in, given the database's state and the document's journal.
 pub fn copy_context(
     rev: &str,
-    base: &str,
+    parent: &str,
     checksum: &str,
     body: &Value,
     state: &State,
     journal: &Journal,
 ) -> CopyContext {
     let hash = client_body_hash(body);
-    let is = |context: &str| synthetic_rev_of(base, checksum, &hash, context) == rev;
+    let is = |context: &str| synthetic_rev_of(parent, checksum, &hash, context) == rev;
     // Current for some client: pinned or following.
     let all = all_epochs(state);
     let epochs = &all[all.len().saturating_sub(WINDOW)..];
@@ -308,12 +370,8 @@ pub fn tombstone_rev(synthetic: &str) -> String {
     format!(
         "{}-{head}{}",
         generation(synthetic) + 1,
-        retirement_mark(head)
+        RETIREMENT.mark(head)
     )
-}
-
-fn retirement_mark(head: &str) -> String {
-    format!("{:x}", md5::compute(format!("rewind-retirement\n{head}")))[..16].to_owned()
 }
 
 /// True when `rev` is the id of a tombstone rewind wrote or presented to
@@ -321,10 +379,7 @@ fn retirement_mark(head: &str) -> String {
 /// was given as a leaf and offers them again whenever the document
 /// changes; `_revs_diff` tells it the server needs none of them.
 pub fn is_retirement_rev(rev: &str) -> bool {
-    let Some((_, hash)) = rev.split_once('-') else {
-        return false;
-    };
-    hash.len() == 32 && hash.is_char_boundary(16) && retirement_mark(&hash[..16]) == hash[16..]
+    RETIREMENT.is(rev)
 }
 
 /// True when `doc` (a pushed revision with `_revisions`) is a synthetic
@@ -367,18 +422,13 @@ fn with_meta(mut body: Value, history: &[String]) -> Value {
     body
 }
 
-/// A distinct view of a body: its [`client_body_hash`] (what its synthetic
-/// ids derive from) and the versions that see it (ascending).
-struct DistinctView {
+/// A rung of a body's **ladder**: a run of consecutive versions that see
+/// the body alike, with the [`client_body_hash`] of that view (what its
+/// synthetic id derives from).
+#[derive(Clone)]
+struct Rung {
     hash: String,
     versions: Vec<u32>,
-}
-
-impl DistinctView {
-    /// The newest version that sees it.
-    fn newest(&self) -> u32 {
-        self.versions.last().copied().unwrap_or(0)
-    }
 }
 
 /// Every version's view of a body as its [`client_body_hash`], in version
@@ -436,39 +486,148 @@ fn version_views(
     })
 }
 
-/// A body's own client hash and its distinct views across every version,
-/// by hash, in version order. Views that differ only in how a number is
-/// written are one view: a JavaScript client cannot tell them apart, and
-/// their synthetic ids are one id ([`synthetic_rev`]).
+/// A body's own client hash and its views from version 0 up, consecutive
+/// versions that see it alike grouped in one **rung**. Views that differ
+/// only in how a number is written are one view: a JavaScript client
+/// cannot tell them apart, and their synthetic ids are one id
+/// ([`synthetic_rev`]).
+///
+/// The rungs from the body's own version up (its **foot**) form a
+/// **ladder**: each is presented as a synthetic child of the one below,
+/// the foot as a child of the base, so a phone moving up to a newer
+/// version receives a descendant of the rung it holds and downloads one
+/// revision, and only where the shape changed. The rungs below the foot
+/// are each presented as a child of the base: their views depend on the
+/// journal's complements, which later writes change, and a change of one
+/// would change the id of every rung chained above it, leaving phones
+/// with copies no retirement names.
+#[derive(Clone)]
 struct BodyViews {
     own: String,
-    all: Vec<DistinctView>,
+    rungs: Vec<Rung>,
+    foot: usize,
 }
 
 impl BodyViews {
     fn of(set: &MigrationSet, body: &Value, journal: &Journal) -> Result<BodyViews, LensError> {
         let views = version_views(set, body, journal, None)?;
-        Ok(BodyViews::from_hashes(views.own, views.hashes))
+        Ok(BodyViews::from_hashes(
+            views.own,
+            views.hashes,
+            version_of(set, body),
+        ))
     }
 
-    fn from_hashes(own: String, hashes: Vec<String>) -> BodyViews {
-        let mut all: Vec<DistinctView> = Vec::new();
+    /// The views of a body at `version` from their hashes, in version order.
+    fn from_hashes(own: String, hashes: Vec<String>, version: u32) -> BodyViews {
+        let mut rungs: Vec<Rung> = Vec::new();
         for (k, hash) in hashes.into_iter().enumerate() {
-            match all.iter_mut().find(|v| v.hash == hash) {
-                Some(known) => known.versions.push(k as u32),
-                None => all.push(DistinctView {
+            match rungs.last_mut() {
+                Some(last) if last.hash == hash => last.versions.push(k as u32),
+                _ => rungs.push(Rung {
                     hash,
                     versions: vec![k as u32],
                 }),
             }
         }
-        BodyViews { own, all }
+        let mut views = BodyViews {
+            own,
+            rungs,
+            foot: 0,
+        };
+        views.foot = views.rung_of(version);
+        views
     }
 
     /// True when every version sees the body as it is.
     fn alike(&self) -> bool {
-        self.all.iter().all(|v| v.hash == self.own)
+        self.rungs.iter().all(|v| v.hash == self.own)
     }
+
+    /// The rung version `k` is on (the newest for a version beyond it).
+    fn rung_of(&self, k: u32) -> usize {
+        self.rungs
+            .iter()
+            .position(|r| r.versions.contains(&k))
+            .unwrap_or(self.rungs.len().saturating_sub(1))
+    }
+
+    /// The synthetic revision presenting each rung on `base` in `context`
+    /// (element `i` presents rung `i`): on the ladder, a child of the rung
+    /// below; the foot and the rungs below it, a child of `base`. A ladder
+    /// rung's id names every rung below it down to the foot, so it denotes
+    /// one history as well as one body.
+    fn presentations(&self, base: &str, checksum: &str, context: &str) -> Vec<String> {
+        let mut out: Vec<String> = Vec::with_capacity(self.rungs.len());
+        for (i, rung) in self.rungs.iter().enumerate() {
+            let parent = match i > self.foot {
+                true => out[i - 1].as_str(),
+                false => base,
+            };
+            out.push(synthetic_rev_of(parent, checksum, &rung.hash, context));
+        }
+        out
+    }
+
+    /// The `_revisions` history of rung `i`'s presentation (`ids`: the
+    /// [`BodyViews::presentations`]) on a base with history `base_history`.
+    fn history(&self, ids: &[String], i: usize, base_history: &[String]) -> Vec<String> {
+        let below = if i >= self.foot { self.foot } else { i };
+        let mut chain: Vec<String> = ids[below..=i].iter().rev().cloned().collect();
+        chain.extend_from_slice(base_history);
+        chain
+    }
+
+    /// The rungs whose presentations a tombstone must retire for a phone
+    /// to be left with one live leaf: each rung below the foot (a branch of
+    /// its own) and the ladder's top (every ladder rung is its ancestor).
+    /// Where rung `presented` is presented (the leaf's own views, in the
+    /// current context), only the rungs below the foot and below it: a
+    /// phone moving up holds one of those; the ladder below it is its
+    /// history.
+    fn retired(&self, presented: Option<usize>) -> Vec<usize> {
+        match presented {
+            Some(r) => (0..self.foot.min(r)).collect(),
+            None => (0..self.foot).chain([self.rungs.len() - 1]).collect(),
+        }
+    }
+}
+
+/// The version a phone's copy presented, from the synthetic revisions
+/// between it and its stored base: `path` lists them from the copy down to
+/// the base's child (top first), `base` is the stored revision and `body`
+/// its body. `None` when `path` presents no rung of `base`'s views. Of a
+/// rung's versions, the oldest.
+pub fn presented_version(
+    set: &MigrationSet,
+    checksum: &str,
+    base: &str,
+    body: &Value,
+    journal: &Journal,
+    path: &[String],
+) -> Result<Option<u32>, LensError> {
+    let views = BodyViews::of(set, body, journal)?;
+    let oldest = |i: usize| views.rungs.get(i).and_then(|r| r.versions.first().copied());
+    // A rung below the foot: a child of the base.
+    if let [copy] = path {
+        for (i, rung) in views.rungs.iter().enumerate().take(views.foot) {
+            if presents_hash(copy, base, checksum, &rung.hash) {
+                return Ok(oldest(i));
+            }
+        }
+    }
+    // A ladder rung: the foot and the rungs above it, up to the copy.
+    let mut parent = base;
+    for (step, rev) in path.iter().rev().enumerate() {
+        match views.rungs.get(views.foot + step) {
+            Some(rung) if presents_hash(rev, parent, checksum, &rung.hash) => parent = rev,
+            _ => return Ok(None),
+        }
+    }
+    Ok(match path.len() {
+        0 => None,
+        n => oldest(views.foot + n - 1),
+    })
 }
 
 /// The **anchor** of a stored leaf: the revision its presentations derive
@@ -490,16 +649,17 @@ pub fn anchor(set: &MigrationSet, leaf: &Value, journal: &Journal) -> Result<usi
 /// the revisions a gateway wrote (translations of pushes, whose images
 /// name no run): their views, equal to their parents' with today's
 /// complements, may have differed when they were leaves, so they may have
-/// been presented. `leaf_views`: the leaf's [`version_views`] hashes, when known.
+/// been presented, and the anchor's version. `leaf_views`: the leaf's
+/// [`version_views`] hashes, when known.
 fn anchor_walk(
     set: &MigrationSet,
     leaf: &Value,
     journal: &Journal,
     leaf_views: Option<&[String]>,
-) -> Result<(usize, Vec<usize>), LensError> {
+) -> Result<(usize, Vec<usize>, u32), LensError> {
     let hist = history(leaf);
     if is_deleted(leaf) || journal.images.is_empty() {
-        return Ok((0, Vec::new()));
+        return Ok((0, Vec::new(), version_of(set, leaf)));
     }
     // The chain of revisions rewind wrote, down from the leaf: (place in
     // the history, the parent's body when journaled, whether a gateway
@@ -523,7 +683,7 @@ fn anchor_walk(
         chain.push((chain.len() + 1, previous, image.run.is_none()));
     }
     if chain.is_empty() {
-        return Ok((0, Vec::new()));
+        return Ok((0, Vec::new(), version_of(set, leaf)));
     }
     // The lowest revision of the chain every version sees as it sees the
     // leaf (views in between may differ today only because the journal's
@@ -537,6 +697,7 @@ fn anchor_walk(
         }
     };
     let mut at = 0;
+    let mut version = version_of(set, leaf);
     for (place, body, _) in chain.iter().rev() {
         // A body journaled by hash only (a rollback's restore) is passed
         // over: the before-image below it is the one its views equal.
@@ -545,6 +706,7 @@ fn anchor_walk(
         };
         if body_hash(body) == leaf_hash || version_views(set, body, journal, None)?.hashes == mine {
             at = *place;
+            version = version_of(set, body);
             break;
         }
     }
@@ -553,7 +715,7 @@ fn anchor_walk(
         .filter(|(place, _, by_gateway)| *by_gateway && *place <= at)
         .map(|(place, _, _)| place - 1)
         .collect();
-    Ok((at, translated))
+    Ok((at, translated, version))
 }
 
 /// What presenting a document needs besides its revision: the migrations,
@@ -572,32 +734,25 @@ impl Context<'_> {
     }
 }
 
-/// What a client at version `k` is presented of a leaf: the hash of its
-/// view at `k`.
-struct Kept<'a> {
-    hash: &'a str,
-    k: u32,
-}
-
-/// Tombstones retiring the synthetic children of `base` (a revision with
-/// `body` and history `base_history`) in every context of the window. (An
-/// ancestor stays presented after a run replaced it, as the anchor of the
-/// run's revision, until a human revision or a change of view moves the
-/// anchor: no context can be passed over.) For the leaf (`keep`), the
-/// view presented at `keep.k` is not retired, nor, in the current context,
-/// any view a newer version sees: a phone that moves up to that version
-/// (its app updated) must not hold a tombstone for the view presented
-/// there. (A phone can hold a tombstone for views only older versions see:
-/// moving down to one, it finds the document deleted until the leaf
-/// changes: a stateless gateway cannot present one revision id as both
-/// retired and current, so one direction of moves within a context is
-/// chosen, the one apps take when they update.)
+/// Tombstones retiring the presentations of the rungs of `base` (a
+/// revision whose views are `views`, with history `base_history`) in every
+/// context of the window: those [`BodyViews::retired`] names (in the
+/// context of an epoch after a run, the rung of the version it served
+/// only), and for the leaf's own rungs (`presented`: the rung presented in
+/// the current context) fewer there. Moves go up the ladder: a phone holding a lower
+/// rung receives the rung of its new version as a descendant and needs no
+/// tombstone; a phone moving down finds the rung it holds above the one
+/// presented, and keeps its shape until the document or the context
+/// changes (a stateless gateway cannot serve both directions: a phone
+/// fresh at the lower version receives the same answer). A rung in
+/// `leaf_history` needs none either: what is presented descends from it.
 fn retirements(
     cx: &Context<'_>,
     id: &Value,
     base_history: &[String],
     views: &BodyViews,
-    keep: Option<Kept<'_>>,
+    presented: Option<usize>,
+    leaf_history: &[String],
     out: &mut Vec<Presented>,
 ) {
     if views.alike() {
@@ -606,25 +761,26 @@ fn retirements(
     }
     let current = cx.contexts.len() - 1;
     for (index, context) in cx.contexts.iter().enumerate() {
-        let presented_at = context_version(context);
-        for seen in &views.all {
-            // In an epoch's context only that epoch's version was ever
-            // presented: no phone holds another view's id there.
-            if presented_at.is_some_and(|v| !seen.versions.contains(&v)) {
+        let ids = views.presentations(&base_history[0], cx.checksum, context);
+        // In an epoch's context only that epoch's version was presented.
+        let rungs = match (
+            index == current && presented.is_some(),
+            context_version(context),
+        ) {
+            (true, _) => views.retired(presented),
+            (false, Some(v)) => vec![views.rung_of(v)],
+            (false, None) => views.retired(None),
+        };
+        for i in rungs {
+            if leaf_history.contains(&ids[i]) {
                 continue;
             }
-            if let (true, Some(keep)) = (index == current, &keep) {
-                if seen.hash == keep.hash || seen.newest() >= keep.k {
-                    continue;
-                }
-            }
-            let synthetic = synthetic_rev_of(&base_history[0], cx.checksum, &seen.hash, context);
-            let retired = tombstone_rev(&synthetic);
+            let retired = tombstone_rev(&ids[i]);
             if out.iter().any(|p| p.rev == retired) {
                 continue;
             }
-            let mut chain = vec![retired.clone(), synthetic];
-            chain.extend_from_slice(base_history);
+            let mut chain = vec![retired.clone()];
+            chain.extend(views.history(&ids, i, base_history));
             let doc = with_meta(json!({"_id": id, "_deleted": true}), &chain);
             out.push(Presented {
                 rev: retired,
@@ -694,13 +850,15 @@ pub fn present(
     } else {
         version_views(set, leaf, journal, Some(k))?
     };
-    let (at, translated) = anchor_walk(set, leaf, journal, Some(&views.hashes))?;
+    let (at, translated, anchor_version) = anchor_walk(set, leaf, journal, Some(&views.hashes))?;
     let base = &hist[at.min(hist.len().saturating_sub(1))..];
     let id = leaf.get("_id").cloned().unwrap_or(Value::Null);
     let mut out = Vec::new();
-    let wanted = views.hashes.get(k as usize).cloned().unwrap_or_default();
     let seen = views.kept.unwrap_or(Value::Null);
-    let leaf_views = BodyViews::from_hashes(views.own, views.hashes);
+    // The ladder's foot is the anchor's version: the anchor's views are
+    // the leaf's, and it is from the anchor's body that the ladder is
+    // computed again when a later leaf retires it.
+    let leaf_views = BodyViews::from_hashes(views.own, views.hashes, anchor_version);
     if deleted || leaf_views.alike() {
         out.push(Presented {
             rev,
@@ -708,19 +866,15 @@ pub fn present(
             synthetic: false,
         });
     } else {
-        let synthetic = synthetic_rev_of(&base[0], checksum, &wanted, cx.current());
-        let mut chain = vec![synthetic.clone()];
-        chain.extend_from_slice(base);
+        let ids = leaf_views.presentations(&base[0], checksum, cx.current());
+        let rung = leaf_views.rung_of(k);
+        let chain = leaf_views.history(&ids, rung, base);
         out.push(Presented {
-            rev: synthetic,
+            rev: chain[0].clone(),
             doc: with_meta(body_of(&seen), &chain),
             synthetic: true,
         });
-        let keep = Kept {
-            hash: &wanted,
-            k: k.min(set.latest()),
-        };
-        retirements(cx, &id, base, &leaf_views, Some(keep), &mut out);
+        retirements(cx, &id, base, &leaf_views, Some(rung), &hist, &mut out);
     }
     // The views of the ancestors below the anchor, and of the revisions
     // above it that a gateway translated: an anchor can move down when the
@@ -729,7 +883,10 @@ pub fn present(
     // hold copies presented on one. (What a run wrote was never presented:
     // its images and complements are written with it.)
     if translated.first() == Some(&0) && !deleted {
-        retirements(cx, &id, &hist, &leaf_views, None, &mut out);
+        // Presented on the leaf itself, its foot is the leaf's version.
+        let mut on_leaf = leaf_views.clone();
+        on_leaf.foot = on_leaf.rung_of(version_of(set, leaf));
+        retirements(cx, &id, &hist, &on_leaf, None, &hist, &mut out);
     }
     let others = ancestors
         .iter()
@@ -738,7 +895,7 @@ pub fn present(
         .take(ANCESTORS);
     for (pos, body) in others {
         let views = BodyViews::of(set, body, journal)?;
-        retirements(cx, &id, &hist[pos..], &views, None, &mut out);
+        retirements(cx, &id, &hist[pos..], &views, None, &hist, &mut out);
     }
     // Copies phones pushed back that are no longer presented, on this
     // branch (`Journal::retired`).
@@ -751,6 +908,7 @@ pub fn present(
             continue;
         }
         let mut chain = vec![retired.clone(), copy.rev.clone()];
+        chain.extend_from_slice(&copy.between);
         chain.extend_from_slice(&hist[pos..]);
         out.push(Presented {
             rev: retired,
@@ -895,85 +1053,83 @@ mod tests {
     }
 
     #[test]
-    fn a_phone_at_an_older_version_holds_no_tombstone_for_a_newer_versions_view() {
+    fn a_phone_moving_up_receives_a_descendant_of_the_rung_it_holds() {
         // A person stored at v0, no run: v0 sees it as `person`, v1 as a
-        // contact. A fresh phone at v0 must be able to move up to v1 (its
-        // app updated) and find the document there, not its tombstone; a
-        // phone at v1 retires the v0 view, which a phone moving up holds.
+        // contact. The v1 view is presented on the rung above the v0 view,
+        // as its child: a phone at v0 moving up to v1 (its app updated)
+        // downloads that one revision and holds one live leaf; a fresh
+        // phone at either version downloads one revision.
         let set = persons_set();
         let leaf = person_at_v0();
         let journal = Journal::default();
-        let revs = |k: u32| -> Vec<String> {
-            present_pinned(&set, &journal, &leaf, k, &[])
-                .into_iter()
-                .map(|p| p.rev)
-                .collect()
-        };
-        let (at0, at1) = (revs(0), revs(1));
-        assert_eq!(at0.len(), 1, "v0: its view alone: {at0:?}");
-        assert_eq!(at1.len(), 2, "v1: its view and a tombstone: {at1:?}");
-        assert_eq!(at1[1], tombstone_rev(&at0[0]), "v1 retires the v0 view");
-        assert!(!at0.contains(&tombstone_rev(&at1[0])), "v0 keeps v1's view");
+        let at = |k: u32| present_pinned(&set, &journal, &leaf, k, &[]);
+        let (at0, at1) = (at(0), at(1));
+        assert_eq!(at0.len(), 1, "v0: its view alone");
+        assert_eq!(at1.len(), 1, "v1: its view alone");
+        assert_eq!(history(&at0[0].doc), [at0[0].rev.clone(), "1-aaaa".into()]);
+        assert_eq!(
+            history(&at1[0].doc),
+            [at1[0].rev.clone(), at0[0].rev.clone(), "1-aaaa".into()],
+            "v1's rung descends from v0's"
+        );
+        assert!(presents(
+            &at1[0].rev,
+            &at0[0].rev,
+            "ck",
+            &body_of(&at1[0].doc)
+        ));
+        // The version a phone's edit on the v1 rung was made at.
+        let path = [at1[0].rev.clone(), at0[0].rev.clone()];
+        let version = presented_version(&set, "ck", "1-aaaa", &body_of(&leaf), &journal, &path);
+        assert_eq!(version.unwrap(), Some(1));
+        let version =
+            presented_version(&set, "ck", "1-aaaa", &body_of(&leaf), &journal, &path[1..]);
+        assert_eq!(version.unwrap(), Some(0));
+        let forged = [
+            at1[0].rev.clone(),
+            "2-0123456789abcdef0123456789abcdef".into(),
+        ];
+        let version = presented_version(&set, "ck", "1-aaaa", &body_of(&leaf), &journal, &forged);
+        assert_eq!(version.unwrap(), None, "not a ladder of 1-aaaa");
     }
 
     #[test]
-    fn an_epochs_context_retires_only_the_view_of_the_version_it_served() {
+    fn a_new_epoch_presents_fresh_ids_and_retires_the_ladder_before_with_one_tombstone() {
         // A person at v0 (1-aaaa), no journal: v0 and v1 see it differently.
-        // After run r1 to v1 a phone following `/{db}` gets the v1 view,
-        // tombstones for both pinned views (a phone may come from `/v/0` or
-        // `/v/1`), and none for the v0 view in r1's epoch: `/{db}` served
-        // only v1 there. After a run r2 back to v0, r1's epoch retires its
-        // v1 view only.
+        // After run r1 a phone following `/{db}` gets, at either version,
+        // the rung of r1's epoch and one tombstone on the top of the pinned
+        // ladder (the epoch before r1: a phone may hold either rung of it).
         let set = persons_set();
         let leaf = person_at_v0();
         let journal = Journal::default();
-        let present_following = |epochs: &[&str], k: u32| -> Vec<String> {
-            let epochs: Vec<String> = epochs.iter().map(|e| e.to_string()).collect();
-            let contexts = contexts(&epochs, &journal, false);
-            let cx = Context {
-                set: &set,
-                checksum: "ck",
-                journal: &journal,
-                contexts: &contexts,
-            };
-            present(&cx, &leaf, k, &[])
+        let epochs = ["".to_owned(), "1:r1".to_owned()];
+        let contexts = contexts(&epochs, &journal, false);
+        let cx = Context {
+            set: &set,
+            checksum: "ck",
+            journal: &journal,
+            contexts: &contexts,
+        };
+        let seen = |k: u32| view(&set, &leaf, k, &journal).unwrap();
+        let pinned0 = synthetic_rev("1-aaaa", "ck", &seen(0), PINNED);
+        let pinned1 = synthetic_rev(&pinned0, "ck", &seen(1), PINNED);
+        for k in 0..=1 {
+            let revs: Vec<String> = present(&cx, &leaf, k, &[])
                 .unwrap()
                 .into_iter()
                 .map(|p| p.rev)
-                .collect()
-        };
-        let view_in = |k: u32, context: &str| {
-            let seen = view(&set, &leaf, k, &journal).unwrap();
-            synthetic_rev("1-aaaa", "ck", &seen, context)
-        };
-        let up = present_following(&["", "1:r1"], 1);
-        assert_eq!(up[0], view_in(1, "1:r1"), "the v1 view in r1's epoch");
-        let mut retired = up[1..].to_vec();
-        retired.sort();
-        let mut expected = vec![
-            tombstone_rev(&view_in(0, "")),
-            tombstone_rev(&view_in(1, "")),
-        ];
-        expected.sort();
-        assert_eq!(retired, expected, "after r1: the pinned views only");
-        let down = present_following(&["1:r1", "0:r2"], 0);
-        assert_eq!(down[0], view_in(0, "0:r2"), "the v0 view in r2's epoch");
-        assert!(
-            down.contains(&tombstone_rev(&view_in(1, "1:r1"))),
-            "r1's v1 view retired"
-        );
-        assert!(
-            !down.contains(&tombstone_rev(&view_in(0, "1:r1"))),
-            "r1 never served v0"
-        );
-        assert_eq!(
-            down.len(),
-            4,
-            "the view, r1's v1 view, the two pinned views: {down:?}"
-        );
-        assert_eq!(context_version("1:r1 adopted ab12"), Some(1));
-        assert_eq!(context_version("adopted ab12"), None);
-        assert_eq!(context_version(PINNED), None);
+                .collect();
+            assert_eq!(revs.len(), 2, "v{k}: the view and one tombstone: {revs:?}");
+            assert_eq!(
+                revs[1],
+                tombstone_rev(&pinned1),
+                "v{k}: the pinned ladder's top"
+            );
+            let pinned = if k == 0 { &pinned0 } else { &pinned1 };
+            assert_ne!(&revs[0], pinned, "v{k}: a fresh id");
+            assert!(is_synthetic_rev(&revs[0]) && is_synthetic_rev(pinned));
+            assert!(!is_synthetic_rev(&revs[1]) && !is_synthetic_rev("2-0123456789abcdef"));
+        }
     }
 
     #[test]
