@@ -946,10 +946,7 @@ async fn run_with_lease(
         })
         .collect();
     state.run = None;
-    state.history.push(run.clone());
-    if state.history.len() > 20 {
-        state.history.remove(0);
-    }
+    state.record(run.clone());
     state.save(db).await?;
     Ok(run)
 }

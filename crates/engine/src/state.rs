@@ -243,6 +243,9 @@ pub struct Lease {
     pub expires: u64,
 }
 
+/// How many finished runs the state's history keeps (see [`State::record`]).
+pub const HISTORY: usize = 20;
+
 /// The state document.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct State {
@@ -299,6 +302,25 @@ impl State {
     /// The version served to clients that do not choose one.
     pub fn served_version(&self) -> u32 {
         self.served.unwrap_or(self.version)
+    }
+
+    /// Adds a finished run to the history, which keeps [`HISTORY`] runs:
+    /// the newest, and always the two newest runs that lowered the version:
+    /// a gateway names its presentation epochs after those
+    /// (`rewind_gateway::view::epochs`), so they must outlive any number
+    /// of upgrades.
+    pub fn record(&mut self, run: Run) {
+        self.history.push(run);
+        while self.history.len() > HISTORY {
+            let lowering: Vec<usize> = (0..self.history.len())
+                .filter(|&i| self.history[i].to < self.history[i].from)
+                .collect();
+            let kept = &lowering[lowering.len().saturating_sub(2)..];
+            let Some(oldest) = (0..self.history.len()).find(|i| !kept.contains(i)) else {
+                break;
+            };
+            self.history.remove(oldest);
+        }
     }
 
     /// Reads the state document (defaults when there is none).
@@ -401,5 +423,44 @@ impl State {
     pub async fn release(&mut self, db: &Database) -> Result<()> {
         self.lease = None;
         self.save(db).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(id: usize, from: u32, to: u32) -> Run {
+        Run {
+            id: format!("r{id}"),
+            kind: if to < from { "rollback" } else { "upgrade" }.into(),
+            from,
+            to,
+            started: 0,
+            finished: Some(0),
+            outcome: "done".into(),
+            since: Value::from(0),
+            by_id: None,
+            instant: false,
+            resumed: 0,
+            counts: Counts::default(),
+        }
+    }
+
+    #[test]
+    fn the_history_keeps_the_last_runs_and_the_two_newest_rollbacks() {
+        let mut state = State::default();
+        state.record(run(0, 3, 1));
+        state.record(run(1, 1, 0));
+        state.record(run(2, 0, 2));
+        state.record(run(3, 2, 1));
+        for i in 4..40 {
+            state.record(run(i, 1, 2));
+        }
+        let ids: Vec<&str> = state.history.iter().map(|r| r.id.as_str()).collect();
+        assert_eq!(ids.len(), HISTORY, "{ids:?}");
+        assert_eq!(&ids[..2], ["r1", "r3"], "the two newest rollbacks stay");
+        assert_eq!(ids[2], "r22");
+        assert_eq!(ids.last(), Some(&"r39"));
     }
 }

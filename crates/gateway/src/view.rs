@@ -252,8 +252,12 @@ const WINDOW: usize = 2;
 
 /// The epochs of a database, oldest first, the current one last (at most
 /// [`WINDOW`]): `""` before any run, then `"{version}:{run id}"` for each run
-/// that changed the version served to clients that do not choose one (an
-/// instant rollback from its start, any other run when it finishes).
+/// that **lowered** the version served to clients that do not choose one
+/// (an instant rollback from its start, any other run when it finishes).
+/// A run that raises it starts none: a phone following `/{db}` moves up
+/// the ladder of each document (see [`present`]) and downloads exactly
+/// the documents whose shape changed; one that lowers it would find the
+/// rungs it holds above the ones presented.
 pub fn epochs(state: &State) -> Vec<String> {
     let out = all_epochs(state);
     out[out.len().saturating_sub(WINDOW)..].to_vec()
@@ -262,12 +266,12 @@ pub fn epochs(state: &State) -> Vec<String> {
 /// Every epoch of the database's history, oldest first (see [`epochs`]).
 fn all_epochs(state: &State) -> Vec<String> {
     let mut out = vec![String::new()];
-    for run in &state.history {
+    for run in state.history.iter().filter(|run| run.to < run.from) {
         out.push(format!("{}:{}", run.to, run.id));
     }
     if let (Some(served), Some(run)) = (state.served, &state.run) {
         let epoch = format!("{served}:{}", run.id);
-        if out.last() != Some(&epoch) {
+        if served < run.from && out.last() != Some(&epoch) {
             out.push(epoch);
         }
     }
@@ -425,7 +429,6 @@ fn with_meta(mut body: Value, history: &[String]) -> Value {
 /// A rung of a body's **ladder**: a run of consecutive versions that see
 /// the body alike, with the [`client_body_hash`] of that view (what its
 /// synthetic id derives from).
-#[derive(Clone)]
 struct Rung {
     hash: String,
     versions: Vec<u32>,
@@ -501,7 +504,6 @@ fn version_views(
 /// journal's complements, which later writes change, and a change of one
 /// would change the id of every rung chained above it, leaving phones
 /// with copies no retirement names.
-#[derive(Clone)]
 struct BodyViews {
     own: String,
     rungs: Vec<Rung>,
@@ -635,36 +637,38 @@ pub fn presented_version(
 /// down from the leaf, a revision rewind wrote on its parent (a journal
 /// image names the parent and the revision's body hash, and holds the
 /// parent's exact body) that every version sees as it sees the parent is
-/// passed over: a migration, a rollback's before-image, a re-upgrade and a
-/// gateway's translation of a push change no version's view (the lens
-/// laws), so they change no presented revision id either. A phone at any
-/// version holding an edit it has not pushed yet receives nothing to
-/// conflict with while a run rewrites storage, and downloads nothing for
-/// it. The walk stops at a human revision or at a change of some view.
+/// passed over: a migration, a rollback's before-image and a re-upgrade
+/// change no version's view (the lens laws), so they change no presented
+/// revision id either. A phone at any version holding an edit it has not
+/// pushed yet receives nothing to conflict with while a run rewrites
+/// storage, and downloads nothing for it. The walk stops at a human
+/// revision, at a gateway's translation of a push (see [`anchor_walk`]),
+/// or at a change of some view.
 pub fn anchor(set: &MigrationSet, leaf: &Value, journal: &Journal) -> Result<usize, LensError> {
     Ok(anchor_walk(set, leaf, journal, None)?.0)
 }
 
-/// [`anchor`], and the places in the leaf's history above the anchor of
-/// the revisions a gateway wrote (translations of pushes, whose images
-/// name no run): their views, equal to their parents' with today's
-/// complements, may have differed when they were leaves, so they may have
-/// been presented, and the anchor's version. `leaf_views`: the leaf's
+/// [`anchor`], and the anchor's version. `leaf_views`: the leaf's
 /// [`version_views`] hashes, when known.
 fn anchor_walk(
     set: &MigrationSet,
     leaf: &Value,
     journal: &Journal,
     leaf_views: Option<&[String]>,
-) -> Result<(usize, Vec<usize>, u32), LensError> {
+) -> Result<(usize, u32), LensError> {
     let hist = history(leaf);
     if is_deleted(leaf) || journal.images.is_empty() {
-        return Ok((0, Vec::new(), version_of(set, leaf)));
+        return Ok((0, version_of(set, leaf)));
     }
-    // The chain of revisions rewind wrote, down from the leaf: (place in
-    // the history, the parent's body when journaled, whether a gateway
-    // wrote the child).
-    let mut chain: Vec<(usize, Option<Value>, bool)> = Vec::new();
+    // The chain of revisions a run wrote, down from the leaf: (place in
+    // the history, the parent's body when journaled). It stops at a
+    // revision a gateway wrote (the translation of a push): below it is
+    // the phone's own revision, which is never the anchor. Its views may
+    // equal the translation's only once the journal's complements have
+    // grown (a later run completes what the translation lacked), and an
+    // anchor moving down onto it would present again the ids retired on
+    // phones while it was an ancestor.
+    let mut chain: Vec<(usize, Option<Value>)> = Vec::new();
     let leaf_hash = body_hash(leaf);
     let mut here = leaf_hash.clone();
     while let Some(parent) = hist.get(chain.len() + 1) {
@@ -676,14 +680,15 @@ fn anchor_walk(
         else {
             break;
         };
-        let Some((previous, hash)) = image.read_before() else {
+        let (Some((previous, hash)), Some(_)) = (image.read_before(), &image.run) else {
             break;
         };
         here = hash;
-        chain.push((chain.len() + 1, previous, image.run.is_none()));
+        chain.push((chain.len() + 1, previous));
     }
+    let mut version = version_of(set, leaf);
     if chain.is_empty() {
-        return Ok((0, Vec::new(), version_of(set, leaf)));
+        return Ok((0, version));
     }
     // The lowest revision of the chain every version sees as it sees the
     // leaf (views in between may differ today only because the journal's
@@ -697,8 +702,7 @@ fn anchor_walk(
         }
     };
     let mut at = 0;
-    let mut version = version_of(set, leaf);
-    for (place, body, _) in chain.iter().rev() {
+    for (place, body) in chain.iter().rev() {
         // A body journaled by hash only (a rollback's restore) is passed
         // over: the before-image below it is the one its views equal.
         let Some(body) = body else {
@@ -710,12 +714,7 @@ fn anchor_walk(
             break;
         }
     }
-    let translated = chain
-        .iter()
-        .filter(|(place, _, by_gateway)| *by_gateway && *place <= at)
-        .map(|(place, _, _)| place - 1)
-        .collect();
-    Ok((at, translated, version))
+    Ok((at, version))
 }
 
 /// What presenting a document needs besides its revision: the migrations,
@@ -850,7 +849,7 @@ pub fn present(
     } else {
         version_views(set, leaf, journal, Some(k))?
     };
-    let (at, translated, anchor_version) = anchor_walk(set, leaf, journal, Some(&views.hashes))?;
+    let (at, anchor_version) = anchor_walk(set, leaf, journal, Some(&views.hashes))?;
     let base = &hist[at.min(hist.len().saturating_sub(1))..];
     let id = leaf.get("_id").cloned().unwrap_or(Value::Null);
     let mut out = Vec::new();
@@ -876,22 +875,11 @@ pub fn present(
         });
         retirements(cx, &id, base, &leaf_views, Some(rung), &hist, &mut out);
     }
-    // The views of the ancestors below the anchor, and of the revisions
-    // above it that a gateway translated: an anchor can move down when the
-    // journal's complements grow (a translation whose view differed from
-    // its parent's for lack of a complement no longer does), so phones may
-    // hold copies presented on one. (What a run wrote was never presented:
-    // its images and complements are written with it.)
-    if translated.first() == Some(&0) && !deleted {
-        // Presented on the leaf itself, its foot is the leaf's version.
-        let mut on_leaf = leaf_views.clone();
-        on_leaf.foot = on_leaf.rung_of(version_of(set, leaf));
-        retirements(cx, &id, &hist, &on_leaf, None, &hist, &mut out);
-    }
+    // The rungs of the ancestors below the anchor.
     let others = ancestors
         .iter()
         .filter_map(|(rev, body)| Some((hist.iter().position(|r| r == rev)?, body)))
-        .filter(|(pos, _)| *pos > at || (*pos > 0 && translated.contains(pos)))
+        .filter(|(pos, _)| *pos > at)
         .take(ANCESTORS);
     for (pos, body) in others {
         let views = BodyViews::of(set, body, journal)?;
@@ -1094,16 +1082,40 @@ mod tests {
     }
 
     #[test]
-    fn a_new_epoch_presents_fresh_ids_and_retires_the_ladder_before_with_one_tombstone() {
-        // A person at v0 (1-aaaa), no journal: v0 and v1 see it differently.
-        // After run r1 a phone following `/{db}` gets, at either version,
-        // the rung of r1's epoch and one tombstone on the top of the pinned
-        // ladder (the epoch before r1: a phone may hold either rung of it).
+    fn a_rollback_starts_an_epoch_whose_ids_are_fresh_and_one_tombstone_retires_the_ladder_before()
+    {
+        // Runs that raise the served version start no epoch: a phone
+        // following `/{db}` moves up the ladder. A rollback starts one.
+        let run = |id: &str, from: u32, to: u32| rewind_engine::state::Run {
+            id: id.into(),
+            kind: "run".into(),
+            from,
+            to,
+            started: 0,
+            finished: Some(0),
+            outcome: "done".into(),
+            since: Value::from(0),
+            by_id: None,
+            instant: false,
+            resumed: 0,
+            counts: Default::default(),
+        };
+        let mut state = State::default();
+        state.record(run("r1", 0, 1));
+        assert_eq!(epochs(&state), [""], "an upgrade starts no epoch");
+        state.record(run("r2", 1, 0));
+        assert_eq!(epochs(&state), ["", "0:r2"], "a rollback starts one");
+        state.record(run("r3", 0, 1));
+        assert_eq!(epochs(&state), ["", "0:r2"], "a re-upgrade starts none");
+        // A person at v0 (1-aaaa), no journal: v0 and v1 see it
+        // differently. In r2's epoch a phone following `/{db}` gets, at
+        // either version, the rung of r2's epoch and one tombstone on the
+        // top of the pinned ladder (the epoch before r2, where `/{db}`
+        // served both versions: a phone may hold either rung of it).
         let set = persons_set();
         let leaf = person_at_v0();
         let journal = Journal::default();
-        let epochs = ["".to_owned(), "1:r1".to_owned()];
-        let contexts = contexts(&epochs, &journal, false);
+        let contexts = contexts(&epochs(&state), &journal, false);
         let cx = Context {
             set: &set,
             checksum: "ck",
