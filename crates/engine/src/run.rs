@@ -800,22 +800,16 @@ async fn run_with_lease(
             };
             // A first pass in id order over the documents there are, then
             // the feed from the sequence it started at.
+            let started = now_ms();
+            let id = format!("{started:x}-{}", std::process::id());
             Run {
-                id: format!("{:x}-{}", now_ms(), std::process::id()),
                 kind: kind.name().into(),
-                from: state.version,
-                to,
-                started: now_ms(),
-                finished: None,
-                outcome: "running".into(),
-                since: Value::from(0),
                 by_id: Some(ByIdPass {
                     after: String::new(),
                     since: info.update_seq.clone(),
                 }),
                 instant: kind == Kind::Rollback && opts.instant,
-                resumed: 0,
-                counts: Counts::default(),
+                ..Run::new(id, state.version, to, started)
             }
         }
     };
@@ -1412,18 +1406,8 @@ mod tests {
 
     fn sample_run(kind: Kind, from: u32, to: u32) -> Run {
         Run {
-            id: "test-run".into(),
             kind: kind.name().into(),
-            from,
-            to,
-            started: 0,
-            finished: None,
-            outcome: "running".into(),
-            since: Value::from(0),
-            by_id: None,
-            instant: false,
-            resumed: 0,
-            counts: Counts::default(),
+            ..Run::new("test-run", from, to, 0)
         }
     }
 

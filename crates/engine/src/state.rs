@@ -224,6 +224,28 @@ pub struct Run {
     pub counts: Counts,
 }
 
+impl Run {
+    /// A run `id` from version `from` to `to`, started at `started`
+    /// (milliseconds since the epoch): running, at the start of the feed,
+    /// nothing counted yet; its kind is told by the direction.
+    pub fn new(id: impl Into<String>, from: u32, to: u32, started: u64) -> Run {
+        Run {
+            id: id.into(),
+            kind: if to < from { "rollback" } else { "upgrade" }.into(),
+            from,
+            to,
+            started,
+            finished: None,
+            outcome: "running".into(),
+            since: Value::from(0),
+            by_id: None,
+            instant: false,
+            resumed: 0,
+            counts: Counts::default(),
+        }
+    }
+}
+
 /// The checkpoint of a run's id-ordered first pass.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct ByIdPass {
@@ -431,20 +453,7 @@ mod tests {
     use super::*;
 
     fn run(id: usize, from: u32, to: u32) -> Run {
-        Run {
-            id: format!("r{id}"),
-            kind: if to < from { "rollback" } else { "upgrade" }.into(),
-            from,
-            to,
-            started: 0,
-            finished: Some(0),
-            outcome: "done".into(),
-            since: Value::from(0),
-            by_id: None,
-            instant: false,
-            resumed: 0,
-            counts: Counts::default(),
-        }
+        Run::new(format!("r{id}"), from, to, 0)
     }
 
     #[test]

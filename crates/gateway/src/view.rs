@@ -1086,20 +1086,7 @@ mod tests {
     {
         // Runs that raise the served version start no epoch: a phone
         // following `/{db}` moves up the ladder. A rollback starts one.
-        let run = |id: &str, from: u32, to: u32| rewind_engine::state::Run {
-            id: id.into(),
-            kind: "run".into(),
-            from,
-            to,
-            started: 0,
-            finished: Some(0),
-            outcome: "done".into(),
-            since: Value::from(0),
-            by_id: None,
-            instant: false,
-            resumed: 0,
-            counts: Default::default(),
-        };
+        let run = |id: &str, from: u32, to: u32| rewind_engine::state::Run::new(id, from, to, 0);
         let mut state = State::default();
         state.record(run("r1", 0, 1));
         assert_eq!(epochs(&state), [""], "an upgrade starts no epoch");
