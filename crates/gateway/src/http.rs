@@ -1068,7 +1068,7 @@ async fn changes(
                 &json!({"results": [], "last_seq": first.last_seq}),
             ))
         }
-        "continuous" => continuous(session, opts, heartbeat, timeout).await,
+        "continuous" => continuous(cx, opts, heartbeat, timeout).await,
         other => Err(GatewayError::BadRequest(format!(
             "feed `{other}` is not supported: use normal, longpoll or continuous"
         ))),
@@ -1076,31 +1076,20 @@ async fn changes(
 }
 
 async fn continuous(
-    session: &Session<'_>,
+    cx: &FeedContext,
     mut opts: ChangesOptions,
     heartbeat: Option<Duration>,
     timeout: Option<Duration>,
 ) -> Result<Response, GatewayError> {
     // Collect lines until the feed has waited `timeout` with nothing new, or
-    // `limit` rows went out; heartbeats keep idle connections open.
+    // `limit` rows went out; heartbeats keep idle connections open. The
+    // feed's task owns its context, and presents through the gateway's
+    // cache like any other request.
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(16);
-    let db = session.db.clone();
-    let state = session.state.clone();
-    let set = session.set.clone();
-    let checksum = session.checksum.to_owned();
-    let k = session.k;
-    let pinned = session.pinned;
-    let cache = Arc::new(PresentCache::default());
+    let cx = cx.clone();
     tokio::spawn(async move {
-        let session = Session {
-            db: &db,
-            set: &set,
-            checksum: &checksum,
-            k,
-            pinned,
-            state: &state,
-            cache: &cache,
-        };
+        let session = cx.session();
+        let db = &cx.database;
         let started = Instant::now();
         let mut sent = 0usize;
         loop {

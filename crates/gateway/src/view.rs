@@ -1002,6 +1002,12 @@ mod tests {
             ..Journal::default()
         };
         assert_eq!(anchor(&set, &migrated, &journal).unwrap(), 1);
+        // The same revision written by a gateway (the translation of a
+        // push: its image names no run) is its own anchor: the walk stops
+        // there, and never moves down onto the phone's revision.
+        let mut translated = journal.clone();
+        translated.images[0].run = None;
+        assert_eq!(anchor(&set, &migrated, &translated).unwrap(), 0);
         let ancestors = [("1-aaaa".to_owned(), body_of(&before))];
         for k in 0..=1 {
             let was = &present_pinned(&set, &journal, &before, k, &[])[0];
@@ -1129,6 +1135,32 @@ mod tests {
             assert!(is_synthetic_rev(&revs[0]) && is_synthetic_rev(pinned));
             assert!(!is_synthetic_rev(&revs[1]) && !is_synthetic_rev("2-0123456789abcdef"));
         }
+    }
+
+    #[test]
+    fn the_rungs_below_the_anchors_version_are_children_of_the_anchor() {
+        // A contact stored at v1 (1-cccc, stamped): v0 sees it as a person.
+        // Its foot is v1's rung: v0's rung is a child of the anchor beside
+        // it, not below it (its view reads complements later writes
+        // replace). A phone at v0 moving up gets the v1 rung and a
+        // tombstone for the v0 rung it holds.
+        let set = persons_set();
+        let leaf = json!({
+            "_id": "p", "type": "contact", "contact_type": "person", "name": "Ann", "rewind": 1,
+            "_rev": "1-cccc", "_revisions": {"start": 1, "ids": ["cccc"]}
+        });
+        let journal = Journal::default();
+        let at = |k: u32| present_pinned(&set, &journal, &leaf, k, &[]);
+        let (at0, at1) = (at(0), at(1));
+        assert_eq!(history(&at0[0].doc), [at0[0].rev.clone(), "1-cccc".into()]);
+        assert_eq!(history(&at1[0].doc), [at1[0].rev.clone(), "1-cccc".into()]);
+        assert_eq!(at0.len(), 1, "v0: its rung alone");
+        let retired: Vec<&str> = at1[1..].iter().map(|p| p.rev.as_str()).collect();
+        assert_eq!(
+            retired,
+            [tombstone_rev(&at0[0].rev)],
+            "v1 retires the v0 rung"
+        );
     }
 
     #[test]
