@@ -181,8 +181,8 @@ fn base_search(set: &MigrationSet) -> usize {
 /// [`base_search`] revisions of its history. Of these, `view::present`
 /// counts the first [`view::ANCESTORS`] stored ones below the leaf's
 /// anchor (a history also names synthetic revisions, which the server
-/// never stored). A revision pushed and translated at once is one: it is
-/// its translation's anchor, presented while it was.
+/// never stored). A revision pushed and translated at once is one: a pull
+/// between the gateway's two writes presented it as a leaf.
 fn ancestor_candidates(set: &MigrationSet, leaf: &Value) -> Vec<String> {
     view::history(leaf)
         .into_iter()
