@@ -790,8 +790,8 @@ fn retirements(
     }
 }
 
-/// How many stored ancestors below a leaf's anchor have the synthetic
-/// children of their views retired (a phone's translated copy may be that
+/// How many stored ancestors below a leaf's anchor have the presentations
+/// of their rungs retired (a phone's translated copy may be that
 /// many revisions behind). A copy further behind heals in two syncs: the
 /// phone pushes it back, the gateway retires it on the server, the next
 /// pull brings the tombstone. Every ancestor multiplies what each pull
@@ -810,15 +810,16 @@ pub(crate) fn is_deleted(doc: &Value) -> bool {
 /// client at version `k`, with `ancestors` (`(rev, body)` of stored
 /// revisions of its history, where known; the first [`ANCESTORS`] below
 /// its [`anchor`] count). A deleted leaf is presented as itself, with the
-/// retirements of its ancestors' views.
+/// retirements of its ancestors' rungs.
 ///
 /// A document every version sees alike is presented as itself. Otherwise a
-/// client at any version gets a synthetic child of the leaf carrying its
-/// view (so a phone holding another version's view, or the leaf itself,
-/// always receives a descendant), together with tombstones retiring the
-/// synthetic children of the other views of the leaf and of its ancestors:
-/// a phone that switches version, or whose translated copy the server moved
-/// past, is left with exactly one live leaf after one pull.
+/// client at any version gets the rung of its version on the ladder of the
+/// leaf's anchor ([`BodyViews`]), a synthetic descendant carrying its view
+/// (so a phone holding the leaf itself, or a lower rung of the ladder,
+/// receives a descendant), together with tombstones retiring what a phone
+/// may hold besides ([`retirements`]): a phone that moves up a version, or
+/// whose translated copy the server moved past, is left with exactly one
+/// live leaf after one pull.
 pub fn present(
     cx: &Context<'_>,
     leaf: &Value,
