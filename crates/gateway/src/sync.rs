@@ -41,7 +41,7 @@ pub struct Session<'a> {
 /// version): each a pure function of its key, so caching them changes no
 /// answer, only how fast it comes. What a changes page presents is asked
 /// for by the `_bulk_get` that follows it, seconds later: two generations
-/// of at most [`PresentCache::GENERATION`] entries each keep the recent
+/// of at most `PresentCache::GENERATION` entries each keep the recent
 /// ones and bound the memory (a presentation holds a few documents).
 #[derive(Default)]
 pub struct PresentCache(std::sync::Mutex<CacheGenerations>);

@@ -251,7 +251,7 @@ pub const PINNED: &str = "";
 const WINDOW: usize = 2;
 
 /// The epochs of a database, oldest first, the current one last (at most
-/// [`WINDOW`]): `""` before any run, then `"{version}:{run id}"` for each run
+/// `WINDOW`): `""` before any run, then `"{version}:{run id}"` for each run
 /// that **lowered** the version served to clients that do not choose one
 /// (an instant rollback from its start, any other run when it finishes).
 /// A run that raises it starts none: a phone following `/{db}` moves up
@@ -642,7 +642,7 @@ pub fn presented_version(
 /// revision id either. A phone at any version holding an edit it has not
 /// pushed yet receives nothing to conflict with while a run rewrites
 /// storage, and downloads nothing for it. The walk stops at a human
-/// revision, at a gateway's translation of a push (see [`anchor_walk`]),
+/// revision, at a gateway's translation of a push (see `anchor_walk`),
 /// or at a change of some view.
 pub fn anchor(set: &MigrationSet, leaf: &Value, journal: &Journal) -> Result<usize, LensError> {
     Ok(anchor_walk(set, leaf, journal, None)?.0)
@@ -814,10 +814,10 @@ pub(crate) fn is_deleted(doc: &Value) -> bool {
 ///
 /// A document every version sees alike is presented as itself. Otherwise a
 /// client at any version gets the rung of its version on the ladder of the
-/// leaf's anchor ([`BodyViews`]), a synthetic descendant carrying its view
+/// leaf's anchor (`BodyViews`), a synthetic descendant carrying its view
 /// (so a phone holding the leaf itself, or a lower rung of the ladder,
 /// receives a descendant), together with tombstones retiring what a phone
-/// may hold besides ([`retirements`]): a phone that moves up a version, or
+/// may hold besides (`retirements`): a phone that moves up a version, or
 /// whose translated copy the server moved past, is left with exactly one
 /// live leaf after one pull.
 pub fn present(
