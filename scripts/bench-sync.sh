@@ -54,6 +54,9 @@
 #   2026-11-27, N=20000: (c)/(a) = 1.56-1.71x in the morning (the phone's _bulk_get answered from
 #   the cache's revision index), 1.29x in the evening (changes pages read ahead, views hashed
 #   without a copy per version), server CPU 1.05x; 4a 2.0 s, 4b 5.8 s.
+#   Later on 2026-11-27, with ladders (docs/design.md, "Revisions"): 2b reads one revision per
+#   document (1.44-1.53x; it read 2.0 while every run started an epoch, 4.6 before ladders);
+#   (c)/(a) 1.29-1.35x; 4b/4a 3.4-3.6x.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
