@@ -308,6 +308,25 @@ for (const kind of h.STORE_KINDS) {
       assert.equal(up.docs_read, changed, 'revisions read for the upgrade');
     });
 
+    // Within an epoch `/{db}` serves every version upgrades move it up to,
+    // so a second rollback must retire the whole ladder a phone followed
+    // in the first rollback's epoch, not only its first rung.
+    test('a phone following /{db} through upgrade, rollback, re-upgrade and a second rollback converges each time', async (t) => {
+      const ctx = await setup(t, kind);
+      const p = ctx.phone(null, 'follower');
+      const at = (k) => ({ k, docs: () => p.docs() });
+      await p.pull();
+      for (const [verb, k] of [['upgrade', 7], ['rollback', 0], ['upgrade', 7], ['rollback', 0]]) {
+        await h[verb](ctx.store, k);
+        await h.waitServed(ctx.gw, k);
+        await p.pull();
+        await h.assertPhoneShapes(at(k), N);
+        await h.assertNoPhoneConflicts(p);
+      }
+      assert.equal((await p.pull()).docs_read, 0, 'a second pull downloads nothing');
+      await assertNoConflicts(ctx, [p]);
+    });
+
     test('a phone switching v6 → v7 downloads only the docs whose shape changed, one revision each', async (t) => {
       const ctx = await setup(t, kind);
       const q = ctx.phone(6);

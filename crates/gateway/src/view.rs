@@ -350,20 +350,6 @@ fn context_name(epoch: &str, adoption: &str) -> String {
     }
 }
 
-/// The only version presented in a context, when it names an epoch after a
-/// run (`"{version}:{run id}"`, see [`epochs`]): the contexts of such
-/// epochs are used by clients following `/{db}` only (pinned clients use
-/// [`PINNED`]'s), and `/{db}` serves one version for a whole epoch, the one
-/// its name begins with. `None` for the pinned epoch's contexts, where
-/// every version is presented.
-fn context_version(context: &str) -> Option<u32> {
-    let (version, _) = context.split_once(':')?;
-    if version.is_empty() || !version.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    version.parse().ok()
-}
-
 /// The tombstone that retires the synthetic revision `synthetic`: the
 /// first half names the revision it retires, the second half is a mark
 /// derived from the first ([`is_retirement_rev`] tells one from its id
@@ -735,10 +721,9 @@ impl Context<'_> {
 
 /// Tombstones retiring the presentations of the rungs of `base` (a
 /// revision whose views are `views`, with history `base_history`) in every
-/// context of the window: those [`BodyViews::retired`] names (in the
-/// context of an epoch after a run, the rung of the version it served
-/// only), and for the leaf's own rungs (`presented`: the rung presented in
-/// the current context) fewer there. Moves go up the ladder: a phone holding a lower
+/// context of the window: those [`BodyViews::retired`] names, and for the
+/// leaf's own rungs (`presented`: the rung presented in the current
+/// context) fewer there. Moves go up the ladder: a phone holding a lower
 /// rung receives the rung of its new version as a descendant and needs no
 /// tombstone; a phone moving down finds the rung it holds above the one
 /// presented, and keeps its shape until the document or the context
@@ -761,15 +746,9 @@ fn retirements(
     let current = cx.contexts.len() - 1;
     for (index, context) in cx.contexts.iter().enumerate() {
         let ids = views.presentations(&base_history[0], cx.checksum, context);
-        // In an epoch's context only that epoch's version was presented.
-        let rungs = match (
-            index == current && presented.is_some(),
-            context_version(context),
-        ) {
-            (true, _) => views.retired(presented),
-            (false, Some(v)) => vec![views.rung_of(v)],
-            (false, None) => views.retired(None),
-        };
+        // (An epoch's context presented every version `/{db}` served in
+        // it: the one it began at, and those upgrades moved it up to.)
+        let rungs = views.retired(presented.filter(|_| index == current));
         for i in rungs {
             if leaf_history.contains(&ids[i]) {
                 continue;
@@ -1136,6 +1115,43 @@ mod tests {
             assert!(is_synthetic_rev(&revs[0]) && is_synthetic_rev(pinned));
             assert!(!is_synthetic_rev(&revs[1]) && !is_synthetic_rev("2-0123456789abcdef"));
         }
+    }
+
+    #[test]
+    fn an_epoch_retires_every_rung_phones_followed_in_it() {
+        // Rollback r2 starts epoch "0:r2"; re-upgrade r3 moves phones
+        // following `/{db}` up to the v1 rung of that epoch; rollback r4
+        // starts "0:r4". There a phone following `/{db}` gets a tombstone
+        // retiring r2's whole ladder (its top), not only the rung of the
+        // version r2's epoch began at.
+        let run = |id: &str, from: u32, to: u32| rewind_engine::state::Run::new(id, from, to, 0);
+        let mut state = State::default();
+        for (id, from, to) in [("r1", 0, 1), ("r2", 1, 0), ("r3", 0, 1), ("r4", 1, 0)] {
+            state.record(run(id, from, to));
+        }
+        assert_eq!(epochs(&state), ["0:r2", "0:r4"]);
+        let set = persons_set();
+        let leaf = person_at_v0();
+        let journal = Journal::default();
+        let contexts = contexts(&epochs(&state), &journal, false);
+        let cx = Context {
+            set: &set,
+            checksum: "ck",
+            journal: &journal,
+            contexts: &contexts,
+        };
+        let seen = |k: u32| view(&set, &leaf, k, &journal).unwrap();
+        let r2_rung0 = synthetic_rev("1-aaaa", "ck", &seen(0), "0:r2");
+        let r2_rung1 = synthetic_rev(&r2_rung0, "ck", &seen(1), "0:r2");
+        let revs: Vec<String> = present(&cx, &leaf, 0, &[])
+            .unwrap()
+            .into_iter()
+            .map(|p| p.rev)
+            .collect();
+        assert!(
+            revs.contains(&tombstone_rev(&r2_rung1)),
+            "r2's ladder retired from its top: {revs:?}"
+        );
     }
 
     #[test]
