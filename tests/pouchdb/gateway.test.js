@@ -308,9 +308,9 @@ for (const kind of h.STORE_KINDS) {
       assert.equal(up.docs_read, changed, 'revisions read for the upgrade');
     });
 
-    // Within an epoch `/{db}` serves every version upgrades move it up to,
-    // so a second rollback must retire the whole ladder a phone followed
-    // in the first rollback's epoch, not only its first rung.
+    // After a rollback every run starts an epoch (docs/design.md,
+    // "Revisions"): the re-upgrade's epoch serves v7, and the second
+    // rollback retires the rung a phone followed there.
     test('a phone following /{db} through upgrade, rollback, re-upgrade and a second rollback converges each time', async (t) => {
       const ctx = await setup(t, kind);
       const p = ctx.phone(null, 'follower');

@@ -251,13 +251,17 @@ pub const PINNED: &str = "";
 const WINDOW: usize = 2;
 
 /// The epochs of a database, oldest first, the current one last (at most
-/// `WINDOW`): `""` before any run, then `"{version}:{run id}"` for each run
-/// that **lowered** the version served to clients that do not choose one
-/// (an instant rollback from its start, any other run when it finishes).
-/// A run that raises it starts none: a phone following `/{db}` moves up
-/// the ladder of each document (see [`present`]) and downloads exactly
-/// the documents whose shape changed; one that lowers it would find the
-/// rungs it holds above the ones presented.
+/// [`WINDOW`]): `""` before any run, then `"{version}:{run id}"` for each run
+/// that changed the version served to clients that do not choose one (an
+/// instant rollback from its start, any other run when it finishes) —
+/// except upgrades before the first rollback. Those move a phone following
+/// `/{db}` up each document's ladder (see [`present`]) within the first
+/// epoch: it downloads exactly the documents whose shape changed. After a
+/// rollback every run starts an epoch: a rollback's translation of an
+/// edited document can move its anchor up (its views differ from the
+/// edit's until a re-upgrade completes the complements), the re-upgrade
+/// moves it back down, and only a new context keeps the ids presented then
+/// from being ids phones were given tombstones for meanwhile.
 pub fn epochs(state: &State) -> Vec<String> {
     let out = all_epochs(state);
     out[out.len().saturating_sub(WINDOW)..].to_vec()
@@ -266,17 +270,36 @@ pub fn epochs(state: &State) -> Vec<String> {
 /// Every epoch of the database's history, oldest first (see [`epochs`]).
 fn all_epochs(state: &State) -> Vec<String> {
     let mut out = vec![String::new()];
-    for run in state.history.iter().filter(|run| run.to < run.from) {
-        out.push(format!("{}:{}", run.to, run.id));
+    let mut rolled_back = false;
+    for run in &state.history {
+        rolled_back |= run.to < run.from;
+        if rolled_back {
+            out.push(format!("{}:{}", run.to, run.id));
+        }
     }
     if let (Some(served), Some(run)) = (state.served, &state.run) {
         let epoch = format!("{served}:{}", run.id);
-        if served < run.from && out.last() != Some(&epoch) {
+        if (rolled_back || served < run.from) && out.last() != Some(&epoch) {
             out.push(epoch);
         }
     }
     out.dedup();
     out
+}
+
+/// The only version presented in a context, when it names an epoch after a
+/// run (`"{version}:{run id}"`, see [`epochs`]): the contexts of such
+/// epochs are used by clients following `/{db}` only (pinned clients use
+/// [`PINNED`]'s), and `/{db}` serves one version for a whole epoch, the one
+/// its name begins with (every run after the first rollback starts one).
+/// `None` for the first epoch's contexts, where every version may have
+/// been presented.
+fn context_version(context: &str) -> Option<u32> {
+    let (version, _) = context.split_once(':')?;
+    if version.is_empty() || !version.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    version.parse().ok()
 }
 
 /// Where a pushed-back synthetic copy (a revision presenting `body` as a
@@ -721,9 +744,10 @@ impl Context<'_> {
 
 /// Tombstones retiring the presentations of the rungs of `base` (a
 /// revision whose views are `views`, with history `base_history`) in every
-/// context of the window: those [`BodyViews::retired`] names, and for the
-/// leaf's own rungs (`presented`: the rung presented in the current
-/// context) fewer there. Moves go up the ladder: a phone holding a lower
+/// context of the window: those [`BodyViews::retired`] names (in the
+/// context of an epoch after a run, the rung of the version it served
+/// only), and for the leaf's own rungs (`presented`: the rung presented in
+/// the current context) fewer there. Moves go up the ladder: a phone holding a lower
 /// rung receives the rung of its new version as a descendant and needs no
 /// tombstone; a phone moving down finds the rung it holds above the one
 /// presented, and keeps its shape until the document or the context
@@ -746,9 +770,13 @@ fn retirements(
     let current = cx.contexts.len() - 1;
     for (index, context) in cx.contexts.iter().enumerate() {
         let ids = views.presentations(&base_history[0], cx.checksum, context);
-        // (An epoch's context presented every version `/{db}` served in
-        // it: the one it began at, and those upgrades moved it up to.)
-        let rungs = views.retired(presented.filter(|_| index == current));
+        // In the context of an epoch after a run only that epoch's version
+        // was presented.
+        let rungs = match (index == current, presented, context_version(context)) {
+            (true, Some(_), _) => views.retired(presented),
+            (_, _, Some(v)) => vec![views.rung_of(v)],
+            _ => views.retired(None),
+        };
         for i in rungs {
             if leaf_history.contains(&ids[i]) {
                 continue;
@@ -1078,8 +1106,14 @@ mod tests {
         assert_eq!(epochs(&state), [""], "an upgrade starts no epoch");
         state.record(run("r2", 1, 0));
         assert_eq!(epochs(&state), ["", "0:r2"], "a rollback starts one");
+        let before_reupgrade = state.clone();
         state.record(run("r3", 0, 1));
-        assert_eq!(epochs(&state), ["", "0:r2"], "a re-upgrade starts none");
+        assert_eq!(
+            epochs(&state),
+            ["0:r2", "1:r3"],
+            "after a rollback every run starts one"
+        );
+        let state = before_reupgrade;
         // A person at v0 (1-aaaa), no journal: v0 and v1 see it
         // differently. In r2's epoch a phone following `/{db}` gets, at
         // either version, the rung of r2's epoch and one tombstone on the
@@ -1118,18 +1152,17 @@ mod tests {
     }
 
     #[test]
-    fn an_epoch_retires_every_rung_phones_followed_in_it() {
-        // Rollback r2 starts epoch "0:r2"; re-upgrade r3 moves phones
-        // following `/{db}` up to the v1 rung of that epoch; rollback r4
-        // starts "0:r4". There a phone following `/{db}` gets a tombstone
-        // retiring r2's whole ladder (its top), not only the rung of the
-        // version r2's epoch began at.
+    fn after_a_rollback_each_run_is_an_epoch_that_retires_the_rung_it_served() {
+        // Rollback r2 starts epoch "0:r2"; re-upgrade r3 starts "1:r3" (a
+        // phone following `/{db}` gets the v1 rung there); rollback r4
+        // starts "0:r4", where a phone following `/{db}` gets a tombstone
+        // retiring the v1 rung of r3's epoch.
         let run = |id: &str, from: u32, to: u32| rewind_engine::state::Run::new(id, from, to, 0);
         let mut state = State::default();
         for (id, from, to) in [("r1", 0, 1), ("r2", 1, 0), ("r3", 0, 1), ("r4", 1, 0)] {
             state.record(run(id, from, to));
         }
-        assert_eq!(epochs(&state), ["0:r2", "0:r4"]);
+        assert_eq!(epochs(&state), ["1:r3", "0:r4"]);
         let set = persons_set();
         let leaf = person_at_v0();
         let journal = Journal::default();
@@ -1141,16 +1174,16 @@ mod tests {
             contexts: &contexts,
         };
         let seen = |k: u32| view(&set, &leaf, k, &journal).unwrap();
-        let r2_rung0 = synthetic_rev("1-aaaa", "ck", &seen(0), "0:r2");
-        let r2_rung1 = synthetic_rev(&r2_rung0, "ck", &seen(1), "0:r2");
+        let r3_rung0 = synthetic_rev("1-aaaa", "ck", &seen(0), "1:r3");
+        let r3_rung1 = synthetic_rev(&r3_rung0, "ck", &seen(1), "1:r3");
         let revs: Vec<String> = present(&cx, &leaf, 0, &[])
             .unwrap()
             .into_iter()
             .map(|p| p.rev)
             .collect();
         assert!(
-            revs.contains(&tombstone_rev(&r2_rung1)),
-            "r2's ladder retired from its top: {revs:?}"
+            revs.contains(&tombstone_rev(&r3_rung1)),
+            "r3's v1 rung retired: {revs:?}"
         );
     }
 
