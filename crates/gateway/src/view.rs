@@ -984,6 +984,40 @@ mod tests {
         })
     }
 
+    /// A state whose history is `runs` (id, from, to), oldest first.
+    fn state_after(runs: &[(&str, u32, u32)]) -> State {
+        let mut state = State::default();
+        for (id, from, to) in runs {
+            state.record(rewind_engine::state::Run::new(*id, *from, *to, 0));
+        }
+        state
+    }
+
+    /// The revisions [`person_at_v0`] is presented with at `k` to a client
+    /// following `/{db}` in `state`, and the ids of its two rungs in
+    /// `context`.
+    fn person_following(state: &State, k: u32, context: &str) -> (Vec<String>, [String; 2]) {
+        let set = persons_set();
+        let leaf = person_at_v0();
+        let journal = Journal::default();
+        let contexts = contexts(&epochs(state), &journal, false);
+        let cx = Context {
+            set: &set,
+            checksum: "ck",
+            journal: &journal,
+            contexts: &contexts,
+        };
+        let seen = |k: u32| view(&set, &leaf, k, &journal).unwrap();
+        let rung0 = synthetic_rev("1-aaaa", "ck", &seen(0), context);
+        let rung1 = synthetic_rev(&rung0, "ck", &seen(1), context);
+        let revs = present(&cx, &leaf, k, &[])
+            .unwrap()
+            .into_iter()
+            .map(|p| p.rev)
+            .collect();
+        (revs, [rung0, rung1])
+    }
+
     #[test]
     fn a_migration_changes_no_presented_revision_id() {
         // A person at v0 (1-aaaa), migrated by run r1 to v1 (2-bbbb): the
@@ -1100,53 +1134,30 @@ mod tests {
     {
         // Runs that raise the served version start no epoch: a phone
         // following `/{db}` moves up the ladder. A rollback starts one.
-        let run = |id: &str, from: u32, to: u32| rewind_engine::state::Run::new(id, from, to, 0);
-        let mut state = State::default();
-        state.record(run("r1", 0, 1));
-        assert_eq!(epochs(&state), [""], "an upgrade starts no epoch");
-        state.record(run("r2", 1, 0));
+        assert_eq!(epochs(&state_after(&[("r1", 0, 1)])), [""]);
+        let state = state_after(&[("r1", 0, 1), ("r2", 1, 0)]);
         assert_eq!(epochs(&state), ["", "0:r2"], "a rollback starts one");
-        let before_reupgrade = state.clone();
-        state.record(run("r3", 0, 1));
+        let after = state_after(&[("r1", 0, 1), ("r2", 1, 0), ("r3", 0, 1)]);
         assert_eq!(
-            epochs(&state),
+            epochs(&after),
             ["0:r2", "1:r3"],
             "after a rollback every run starts one"
         );
-        let state = before_reupgrade;
         // A person at v0 (1-aaaa), no journal: v0 and v1 see it
         // differently. In r2's epoch a phone following `/{db}` gets, at
         // either version, the rung of r2's epoch and one tombstone on the
         // top of the pinned ladder (the epoch before r2, where `/{db}`
         // served both versions: a phone may hold either rung of it).
-        let set = persons_set();
-        let leaf = person_at_v0();
-        let journal = Journal::default();
-        let contexts = contexts(&epochs(&state), &journal, false);
-        let cx = Context {
-            set: &set,
-            checksum: "ck",
-            journal: &journal,
-            contexts: &contexts,
-        };
-        let seen = |k: u32| view(&set, &leaf, k, &journal).unwrap();
-        let pinned0 = synthetic_rev("1-aaaa", "ck", &seen(0), PINNED);
-        let pinned1 = synthetic_rev(&pinned0, "ck", &seen(1), PINNED);
         for k in 0..=1 {
-            let revs: Vec<String> = present(&cx, &leaf, k, &[])
-                .unwrap()
-                .into_iter()
-                .map(|p| p.rev)
-                .collect();
+            let (revs, pinned) = person_following(&state, k, PINNED);
             assert_eq!(revs.len(), 2, "v{k}: the view and one tombstone: {revs:?}");
             assert_eq!(
                 revs[1],
-                tombstone_rev(&pinned1),
+                tombstone_rev(&pinned[1]),
                 "v{k}: the pinned ladder's top"
             );
-            let pinned = if k == 0 { &pinned0 } else { &pinned1 };
-            assert_ne!(&revs[0], pinned, "v{k}: a fresh id");
-            assert!(is_synthetic_rev(&revs[0]) && is_synthetic_rev(pinned));
+            assert_ne!(revs[0], pinned[k as usize], "v{k}: a fresh id");
+            assert!(is_synthetic_rev(&revs[0]) && is_synthetic_rev(&pinned[0]));
             assert!(!is_synthetic_rev(&revs[1]) && !is_synthetic_rev("2-0123456789abcdef"));
         }
     }
@@ -1157,32 +1168,11 @@ mod tests {
         // phone following `/{db}` gets the v1 rung there); rollback r4
         // starts "0:r4", where a phone following `/{db}` gets a tombstone
         // retiring the v1 rung of r3's epoch.
-        let run = |id: &str, from: u32, to: u32| rewind_engine::state::Run::new(id, from, to, 0);
-        let mut state = State::default();
-        for (id, from, to) in [("r1", 0, 1), ("r2", 1, 0), ("r3", 0, 1), ("r4", 1, 0)] {
-            state.record(run(id, from, to));
-        }
+        let state = state_after(&[("r1", 0, 1), ("r2", 1, 0), ("r3", 0, 1), ("r4", 1, 0)]);
         assert_eq!(epochs(&state), ["1:r3", "0:r4"]);
-        let set = persons_set();
-        let leaf = person_at_v0();
-        let journal = Journal::default();
-        let contexts = contexts(&epochs(&state), &journal, false);
-        let cx = Context {
-            set: &set,
-            checksum: "ck",
-            journal: &journal,
-            contexts: &contexts,
-        };
-        let seen = |k: u32| view(&set, &leaf, k, &journal).unwrap();
-        let r3_rung0 = synthetic_rev("1-aaaa", "ck", &seen(0), "1:r3");
-        let r3_rung1 = synthetic_rev(&r3_rung0, "ck", &seen(1), "1:r3");
-        let revs: Vec<String> = present(&cx, &leaf, 0, &[])
-            .unwrap()
-            .into_iter()
-            .map(|p| p.rev)
-            .collect();
+        let (revs, r3) = person_following(&state, 0, "1:r3");
         assert!(
-            revs.contains(&tombstone_rev(&r3_rung1)),
+            revs.contains(&tombstone_rev(&r3[1])),
             "r3's v1 rung retired: {revs:?}"
         );
     }
