@@ -328,9 +328,9 @@ impl State {
 
     /// Adds a finished run to the history, which keeps [`HISTORY`] runs:
     /// the newest, and always the two newest runs that lowered the version:
-    /// a gateway names its presentation epochs after those
-    /// (`rewind_gateway::view::epochs`), so they must outlive any number
-    /// of upgrades.
+    /// whether a rollback ever happened decides which runs start a
+    /// gateway's presentation epochs (`rewind_gateway::view::epochs`), so
+    /// it must outlive any number of upgrades.
     pub fn record(&mut self, run: Run) {
         self.history.push(run);
         while self.history.len() > HISTORY {
