@@ -184,7 +184,9 @@ pub fn presents(rev: &str, base: &str, checksum: &str, body: &Value) -> bool {
 /// generation and the head of the id, which name no context, match.
 fn presents_hash(rev: &str, base: &str, checksum: &str, body_hash: &str) -> bool {
     let expected = synthetic_rev_of(base, checksum, body_hash, "");
-    let head = expected.len() - 24;
+    // The generation and the first 16 hex digits: before the context's 16
+    // and the mark.
+    let head = expected.len() - 16 - SYNTHETIC.mark;
     rev.len() == expected.len() && rev.get(..head) == expected.get(..head)
 }
 
@@ -769,7 +771,6 @@ fn retirements(
     }
     let current = cx.contexts.len() - 1;
     for (index, context) in cx.contexts.iter().enumerate() {
-        let ids = views.presentations(&base_history[0], cx.checksum, context);
         // In the context of an epoch after a run only that epoch's version
         // was presented.
         let rungs = match (index == current, presented, context_version(context)) {
@@ -777,6 +778,13 @@ fn retirements(
             (_, _, Some(v)) => vec![views.rung_of(v)],
             _ => views.retired(None),
         };
+        if rungs.is_empty() {
+            // The leaf's own rungs in the current context, none below both
+            // the foot and the rung presented (the common case, a foot at
+            // version 0): nothing to retire, no ids to compute.
+            continue;
+        }
+        let ids = views.presentations(&base_history[0], cx.checksum, context);
         for i in rungs {
             if leaf_history.contains(&ids[i]) {
                 continue;
