@@ -16,7 +16,9 @@ const KEEP: usize = 5;
 /// What the drill did, to check against.
 pub(crate) struct Expectations {
     originals: HashMap<String, Value>,
-    last_marker: HashMap<String, String>,
+    /// Every edit's marker, per document: `(field, value)`. Each edit sets
+    /// a field of its own, so an edit lost under a later one is still seen.
+    markers: HashMap<String, Vec<(String, String)>>,
     pub(crate) deleted: HashSet<String>,
     pub(crate) edits: u64,
 }
@@ -32,25 +34,34 @@ impl Expectations {
                         .map(|id| (id.to_owned(), d.clone()))
                 })
                 .collect(),
-            last_marker: HashMap::new(),
+            markers: HashMap::new(),
             deleted: HashSet::new(),
             edits: 0,
         }
     }
 
-    pub(crate) fn edit(&mut self, id: &str, marker: &str, _phone: usize, _version: u32) {
-        self.last_marker.insert(id.to_owned(), marker.to_owned());
+    /// The field the next edit sets its marker in (`drill_{phone}_{n}`).
+    pub(crate) fn next_field(&self, phone: &str) -> String {
+        format!("drill_{phone}_{}", self.edits + 1)
+    }
+
+    /// Records that an edit set `field` to `marker` in document `id`.
+    pub(crate) fn edit(&mut self, id: &str, field: &str, marker: &str) {
+        self.markers
+            .entry(id.to_owned())
+            .or_default()
+            .push((field.to_owned(), marker.to_owned()));
         self.edits += 1;
     }
 
     pub(crate) fn delete(&mut self, id: &str) {
         self.deleted.insert(id.to_owned());
-        self.last_marker.remove(id);
+        self.markers.remove(id);
         self.edits += 1;
     }
 
     fn touched(&self, id: &str) -> bool {
-        self.last_marker.contains_key(id) || self.deleted.contains(id)
+        self.markers.contains_key(id) || self.deleted.contains(id)
     }
 }
 
@@ -263,24 +274,18 @@ pub(crate) async fn final_checks(
         let docs = all_leaves(store).await?;
         let by_id: HashMap<&str, &DocLeaves> = docs.iter().map(|d| (d.id.as_str(), d)).collect();
         // 1. No lost edit.
-        for (id, marker) in &drill.expect().last_marker {
-            lost_checked += 1;
-            match by_id.get(id.as_str()) {
-                Some(d)
-                    if !d.deleted
-                        && d.body.get("drill_note").and_then(Value::as_str) == Some(marker) => {}
-                Some(d) => lost.push(cx(
-                    id,
-                    place,
-                    format!("drill_note = {marker}"),
-                    text(&d.body),
-                )),
-                None => lost.push(cx(
-                    id,
-                    place,
-                    format!("drill_note = {marker}"),
-                    "the document is missing",
-                )),
+        for (id, markers) in &drill.expect().markers {
+            lost_checked += markers.len() as u64;
+            let doc = by_id.get(id.as_str());
+            for (field, marker) in markers {
+                let want = || format!("{field} = {marker}");
+                match doc {
+                    Some(d)
+                        if !d.deleted
+                            && d.body.get(field).and_then(Value::as_str) == Some(marker) => {}
+                    Some(d) => lost.push(cx(id, place, want(), text(&d.body))),
+                    None => lost.push(cx(id, place, want(), "the document is missing")),
+                }
             }
         }
         for id in &drill.expect().deleted {

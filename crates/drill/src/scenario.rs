@@ -243,9 +243,13 @@ impl Drill {
             if !device.online {
                 continue;
             }
+            // Push first, as a phone app that uploads its edits before it
+            // downloads (and tests/pouchdb's phones): after a restore the
+            // server receives the phones' histories before it presents
+            // anything to them.
             let report = device
                 .phone
-                .sync()
+                .sync_push_first()
                 .await
                 .map_err(err)
                 .map_err(step_error(step))?;
@@ -285,16 +289,17 @@ impl Drill {
                     device.phone.name,
                     self.rng.next() % 1_000_000
                 );
-                let m = marker.clone();
+                let field = self.expect.next_field(&device.phone.name);
+                let (f, m) = (field.clone(), marker.clone());
                 device
                     .phone
                     .edit(&id, move |doc| {
-                        doc["drill_note"] = Value::from(m);
+                        doc[f.as_str()] = Value::from(m);
                     })
                     .await
                     .map_err(err)
                     .map_err(step_error(step))?;
-                self.expect.edit(&id, &marker, i, version);
+                self.expect.edit(&id, &field, &marker);
             }
             // A document created on the phone, in its version's shape.
             let id = format!(
@@ -304,20 +309,22 @@ impl Drill {
                 self.rng.next() % 1_000_000
             );
             let marker = format!("{}-{step}-created", device.phone.name);
-            let doc = if version >= 7.min(self.latest) && self.latest >= 7 {
-                json!({"_id": id, "type": "contact", "contact_type": "person", "first_name": "Drill", "last_name": "Person", "drill_note": marker})
+            let field = self.expect.next_field(&device.phone.name);
+            let mut doc = if version >= 7.min(self.latest) && self.latest >= 7 {
+                json!({"_id": id, "type": "contact", "contact_type": "person", "first_name": "Drill", "last_name": "Person"})
             } else if version >= 1 {
-                json!({"_id": id, "type": "contact", "contact_type": "person", "name": "Drill Person", "drill_note": marker})
+                json!({"_id": id, "type": "contact", "contact_type": "person", "name": "Drill Person"})
             } else {
-                json!({"_id": id, "type": "person", "name": "Drill Person", "drill_note": marker})
+                json!({"_id": id, "type": "person", "name": "Drill Person"})
             };
+            doc[field.as_str()] = Value::from(marker.clone());
             device
                 .phone
                 .create(doc)
                 .await
                 .map_err(err)
                 .map_err(step_error(step))?;
-            self.expect.edit(&id, &marker, i, version);
+            self.expect.edit(&id, &field, &marker);
         }
         Ok(())
     }
@@ -355,71 +362,33 @@ impl Drill {
 
     /// Runs the engine to `to`; with `kill`, as a child process killed at random points first.
     async fn engine_to(&mut self, step: &str, to: u32, instant: bool) -> Result<u64, DrillError> {
-        if self.opts.kill {
-            let bin = self
-                .opts
-                .rewind_bin
-                .clone()
-                .ok_or_else(|| step_error(step)("--kill needs the rewind binary".into()))?;
-            let verb = if to > self.served().await? {
-                "upgrade"
-            } else {
-                "rollback"
-            };
-            for _ in 0..3 {
-                let mut child = std::process::Command::new(&bin)
-                    .arg(verb)
-                    .arg("--db")
-                    .arg(self.db_path())
-                    .arg("--migrations")
-                    .arg(&self.migrations_dir)
-                    .args(["--to", &to.to_string(), "--batch", "25"])
-                    .stdout(std::process::Stdio::null())
-                    .stderr(std::process::Stdio::null())
-                    .spawn()
-                    .map_err(err)
-                    .map_err(step_error(step))?;
-                // Short: the engine migrates the drill's documents in tens of
-                // milliseconds (with 20–320 ms no SIGKILL landed any more).
-                let delay = 2 + self.rng.below(40);
-                tokio::time::sleep(Duration::from_millis(delay)).await;
-                if child
-                    .try_wait()
-                    .map_err(err)
-                    .map_err(step_error(step))?
-                    .is_none()
-                {
-                    let _ = child.kill(); // SIGKILL
-                    self.kills += 1;
-                }
-                let _ = child.wait();
-            }
-        }
-        let db = self
-            .gateway
-            .open_database(DB)
-            .await
-            .map_err(err)
-            .map_err(step_error(step))?;
-        let opts = RunOptions {
-            batch: 100,
-            instant,
-            ..RunOptions::default()
+        let job = self.engine_job(to, instant).await?;
+        let (written, kills) = job.run().await.map_err(step_error(step))?;
+        self.kills += kills;
+        Ok(written)
+    }
+
+    /// What running the engine to `to` takes (the random kill delays
+    /// drawn now), to run while phones keep syncing.
+    async fn engine_job(&mut self, to: u32, instant: bool) -> Result<EngineJob, DrillError> {
+        let rollback = to < self.served().await?;
+        let kill_delays = match self.opts.kill {
+            // Short: the engine migrates the drill's documents in tens of
+            // milliseconds (with 20–320 ms no SIGKILL landed any more).
+            true => (0..3).map(|_| 2 + self.rng.below(40)).collect(),
+            false => Vec::new(),
         };
-        let state = rewind_engine::state::State::load(&db)
-            .await
-            .map_err(err)
-            .map_err(step_error(step))?;
-        if state.version == to && state.run.is_none() {
-            return Ok(0);
-        }
-        // A killed run may have left its lease to a dead process: the lease
-        // names the pid, and a dead holder is taken over.
-        let run = engine_run(&db, &self.set, to, &opts, &mut |_| {})
-            .await
-            .map_err(err)
-            .map_err(step_error(step))?;
-        Ok(run.counts.written)
+        Ok(EngineJob {
+            bin: self.opts.rewind_bin.clone(),
+            db_path: self.db_path(),
+            migrations_dir: self.migrations_dir.clone(),
+            gateway: self.gateway.clone(),
+            set: self.set.clone(),
+            to,
+            rollback,
+            instant,
+            kill_delays,
+        })
     }
 
     fn record(&mut self, name: &str, started: Instant, docs: u64, downloaded: Vec<u64>) {
@@ -448,6 +417,71 @@ impl Drill {
         for (x, y) in a.iter_mut().zip(b) {
             *x += y;
         }
+    }
+}
+
+/// One engine run to `to`: first, for each of `kill_delays`, `rewind
+/// upgrade`/`rollback` as a child process killed with SIGKILL after that
+/// many milliseconds (unless it finished), then a run in this process to
+/// the end. Owns what it needs, so phones can sync while it runs.
+struct EngineJob {
+    bin: Option<PathBuf>,
+    db_path: PathBuf,
+    migrations_dir: PathBuf,
+    gateway: Gateway,
+    set: MigrationSet,
+    to: u32,
+    rollback: bool,
+    instant: bool,
+    kill_delays: Vec<u64>,
+}
+
+impl EngineJob {
+    /// Runs it; returns (documents the last run wrote, processes killed).
+    async fn run(self) -> Result<(u64, u32), String> {
+        let mut kills = 0;
+        if !self.kill_delays.is_empty() {
+            let bin = self.bin.as_ref().ok_or("--kill needs the rewind binary")?;
+            let verb = if self.rollback { "rollback" } else { "upgrade" };
+            for delay in &self.kill_delays {
+                let mut command = std::process::Command::new(bin);
+                command
+                    .arg(verb)
+                    .arg("--db")
+                    .arg(&self.db_path)
+                    .arg("--migrations")
+                    .arg(&self.migrations_dir)
+                    .args(["--to", &self.to.to_string(), "--batch", "25"])
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::null());
+                if self.instant {
+                    command.arg("--instant");
+                }
+                let mut child = command.spawn().map_err(err)?;
+                tokio::time::sleep(Duration::from_millis(*delay)).await;
+                if child.try_wait().map_err(err)?.is_none() {
+                    let _ = child.kill(); // SIGKILL
+                    kills += 1;
+                }
+                let _ = child.wait();
+            }
+        }
+        let db = self.gateway.open_database(DB).await.map_err(err)?;
+        let state = rewind_engine::state::State::load(&db).await.map_err(err)?;
+        if state.version == self.to && state.run.is_none() {
+            return Ok((0, kills));
+        }
+        // A killed run may have left its lease to a dead process: the lease
+        // names the pid, and a dead holder is taken over.
+        let opts = RunOptions {
+            batch: 100,
+            instant: self.instant,
+            ..RunOptions::default()
+        };
+        let run = engine_run(&db, &self.set, self.to, &opts, &mut |_| {})
+            .await
+            .map_err(err)?;
+        Ok((run.counts.written, kills))
     }
 }
 
@@ -688,33 +722,13 @@ pub async fn run(opts: DrillOptions) -> Result<DrillReport, DrillError> {
     // 1. Upgrade while v0 phones keep syncing and editing.
     let started = Instant::now();
     let mut bytes = vec![0; devices];
-    let engine = {
-        let gateway = drill.gateway.clone();
-        let set = drill.set.clone();
-        let kill = opts.kill;
-        tokio::spawn(async move {
-            if kill {
-                return Ok(0);
-            }
-            let db = gateway.open_database(DB).await.map_err(err)?;
-            let run = engine_run(
-                &db,
-                &set,
-                latest,
-                &RunOptions {
-                    batch: 100,
-                    ..RunOptions::default()
-                },
-                &mut |_| {},
-            )
-            .await
-            .map_err(err)?;
-            Ok::<u64, String>(run.counts.written)
-        })
-    };
+    // The engine runs (killed and resumed, with `--kill`) while the phones
+    // edit and sync: edits at v0 land before, during and after each
+    // document's migration.
+    let engine = tokio::spawn(drill.engine_job(latest, false).await?.run());
     let mut rounds = 0;
     while rounds < 2 || !engine.is_finished() {
-        drill.edit_round("upgrade-traffic", 2, false).await?;
+        drill.edit_round("upgrade-traffic", 1, false).await?;
         let (_, b) = drill.sync_all("sync during upgrade").await?;
         Drill::add(&mut bytes, &b);
         rounds += 1;
@@ -722,12 +736,13 @@ pub async fn run(opts: DrillOptions) -> Result<DrillReport, DrillError> {
             break;
         }
     }
-    let mut written = engine
+    let (written, kills) = engine
         .await
         .map_err(err)
         .map_err(step_error("upgrade"))?
         .map_err(step_error("upgrade"))?;
-    written += drill.engine("upgrade", latest, false).await?;
+    drill.kills += kills;
+    drill.gateway.forget_states();
     drill.record(
         &format!("upgrade v0 → v{latest} while phones sync and edit"),
         started,

@@ -303,6 +303,17 @@ impl Phone {
         sync(&self.local, &remote, &opts).await
     }
 
+    /// Pushes then pulls: a phone that uploads its edits before it
+    /// downloads (PouchDB's `sync` runs both directions at once, so either
+    /// may finish first; see [`Phone::sync`]).
+    pub async fn sync_push_first(&self) -> Result<SyncReport> {
+        let remote = self.remote().await?;
+        let opts = self.replicate_options().await?;
+        let push = replicate(&self.local, &remote, &opts).await?;
+        let pull = replicate(&remote, &self.local, &opts).await?;
+        Ok(SyncReport { pull, push })
+    }
+
     /// Pushes only (local → remote), like `PouchDB.replicate.to` run once:
     /// a phone uploading its edits at its own version before it moves to
     /// another.
