@@ -7,6 +7,7 @@
 const { describe, test } = require('node:test');
 const assert = require('node:assert/strict');
 const h = require('./lib/harness');
+const zlib = require('node:zlib');
 
 const N = 60;
 
@@ -756,6 +757,80 @@ for (const kind of h.STORE_KINDS) {
       for (const id of ['bad-rev', 'bad-rev2', 'bad-rev3']) {
         assert.equal((await h.http(`${base}/${id}`)).status, 404, `${id} was not created`);
       }
+    });
+
+    test('HTTP: CORS for browser PouchDB, gzip both ways (from 1 KiB), oversized documents refused with 413', async (t) => {
+      const ctx = await setup(t, kind, { version: 3, docs: 20 });
+      const base = `${ctx.gw.url}/v/0/${h.DB}`;
+      const origin = 'http://app.example:8080';
+      // A browser's preflight before a credentialed POST.
+      const pre = await fetch(`${base}/_bulk_docs`, {
+        method: 'OPTIONS',
+        headers: {
+          origin,
+          'access-control-request-method': 'POST',
+          'access-control-request-headers': 'content-type,authorization,x-rewind-version',
+        },
+      });
+      assert.ok(pre.status === 200 || pre.status === 204, `preflight status ${pre.status}`);
+      assert.equal(pre.headers.get('access-control-allow-origin'), origin);
+      assert.equal(pre.headers.get('access-control-allow-credentials'), 'true');
+      assert.match(pre.headers.get('access-control-allow-methods') || '', /POST/);
+      assert.match(pre.headers.get('access-control-allow-headers') || '', /x-rewind-version/i);
+      const get = await fetch(`${base}/_all_docs`, { headers: { origin } });
+      assert.equal(get.status, 200);
+      assert.equal(get.headers.get('access-control-allow-origin'), origin);
+
+      // gzip: asked for and over 1 KiB, the answer is compressed and
+      // decompresses to what an uncompressed request gets; a small answer
+      // is not compressed.
+      const raw = (url, headers = {}) =>
+        new Promise((resolve, reject) => {
+          const req = require('node:http').get(url, { headers }, (res) => {
+            const chunks = [];
+            res.on('data', (c) => chunks.push(c));
+            res.on('end', () => resolve({ status: res.statusCode, headers: res.headers, body: Buffer.concat(chunks) }));
+          });
+          req.on('error', reject);
+        });
+      const zipped = await raw(`${base}/_all_docs?include_docs=true`, { 'accept-encoding': 'gzip' });
+      assert.equal(zipped.status, 200);
+      assert.equal(zipped.headers['content-encoding'], 'gzip');
+      const plain = await raw(`${base}/_all_docs?include_docs=true`);
+      assert.equal(plain.headers['content-encoding'], undefined);
+      assert.ok(zipped.body.length < plain.body.length / 2, `gzip ${zipped.body.length} of ${plain.body.length} bytes`);
+      assert.deepEqual(JSON.parse(zlib.gunzipSync(zipped.body)), JSON.parse(plain.body));
+      assert.equal(JSON.parse(plain.body).rows.length, 20);
+      const small = await raw(`${ctx.gw.url}/`, { 'accept-encoding': 'gzip' });
+      assert.equal(small.status, 200);
+      assert.equal(small.headers['content-encoding'], undefined, 'GET / (under 1 KiB) is not compressed');
+      // A gzipped request body is read.
+      const doc = newPerson('gzipped-person', 0, 'Gil', 'Zipper');
+      const put = await fetch(`${base}/_bulk_docs`, {
+        method: 'POST',
+        headers: { 'content-type': 'application/json', 'content-encoding': 'gzip' },
+        body: zlib.gzipSync(JSON.stringify({ docs: [doc] })),
+      });
+      assert.equal(put.status, 201, await put.text());
+      const stored = await h.http(`${base}/gzipped-person`);
+      assert.equal(stored.status, 200, stored.text);
+      assert.equal(stored.json.name, doc.name);
+
+      // A document over CouchDB's default max_document_size (8 MiB): 413,
+      // CouchDB-style, nothing written.
+      const before = (await h.http(`${ctx.gw.url}/${h.DB}`)).json;
+      const big = { ...newPerson('too-big', 0, 'Big', 'Doc'), notes: 'x'.repeat(9 << 20) };
+      for (const [what, res] of [
+        ['PUT', await h.http(`${base}/too-big`, { method: 'PUT', body: big })],
+        ['_bulk_docs', await h.http(`${base}/_bulk_docs`, { method: 'POST', body: { docs: [big] } })],
+      ]) {
+        assert.equal(res.status, 413, `${what}: ${res.text.slice(0, 200)}`);
+        assert.equal(res.json.error, 'too_large', what);
+        assert.equal(typeof res.json.reason, 'string', what);
+      }
+      assert.equal((await h.http(`${base}/too-big`)).status, 404, 'the oversized document was not written');
+      const after = (await h.http(`${ctx.gw.url}/${h.DB}`)).json;
+      assert.equal(after.doc_count, before.doc_count);
     });
 
     test('server admin endpoints are refused with 403', async (t) => {

@@ -352,9 +352,23 @@ pub fn router(gateway: Gateway) -> Router {
     Router::new()
         .fallback(dispatch)
         .with_state(gateway)
-        .layer(tower_http::compression::CompressionLayer::new().gzip(true))
+        .layer(
+            tower_http::compression::CompressionLayer::new()
+                .gzip(true)
+                .compress_when(compress_when()),
+        )
         .layer(tower_http::decompression::RequestDecompressionLayer::new().gzip(true))
         .layer(cors)
+}
+
+/// Responses worth compressing: tower-http's defaults (no images, gRPC or
+/// event streams), from 1 KiB up, as CouchDB front ends and pouchdb-server
+/// compress. Below that gzip saves no bytes, and each compressed response
+/// allocates and clears a deflate state of a few hundred kilobytes (a pull
+/// makes several small requests per batch: checkpoints, `_revs_diff`).
+fn compress_when() -> impl tower_http::compression::Predicate {
+    use tower_http::compression::predicate::{DefaultPredicate, Predicate, SizeAbove};
+    DefaultPredicate::new().and(SizeAbove::new(1024))
 }
 
 fn json_response(status: u16, value: &Value) -> Response {
