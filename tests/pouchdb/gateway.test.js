@@ -833,6 +833,72 @@ for (const kind of h.STORE_KINDS) {
       assert.equal(after.doc_count, before.doc_count);
     });
 
+    test('_changes: normal with since, limit and seq_interval; longpoll and continuous wait, heartbeat, and wake on a write', async (t) => {
+      const ctx = await setup(t, kind, { version: 3, docs: 20 });
+      const base = `${ctx.gw.url}/v/0/${h.DB}`;
+      const all = await h.http(`${base}/_changes?style=all_docs`);
+      assert.equal(all.status, 200, all.text);
+      assert.equal(all.json.results.length, 20);
+      const empty = await h.http(`${base}/_changes?since=${encodeURIComponent(JSON.stringify(all.json.last_seq))}`);
+      assert.equal(empty.json.results.length, 0, 'nothing after last_seq');
+      // seq_interval=2: every second row and the last carry a seq.
+      const thin = await h.http(`${base}/_changes?limit=5&seq_interval=2`);
+      assert.equal(thin.status, 200, thin.text);
+      assert.deepEqual(
+        thin.json.results.map((r) => r.seq !== null),
+        [false, true, false, true, true],
+      );
+      assert.notEqual(thin.json.last_seq, null);
+      const pageTwo = await h.http(`${base}/_changes?limit=5&since=${encodeURIComponent(JSON.stringify(thin.json.last_seq))}`);
+      assert.deepEqual(
+        pageTwo.json.results.map((r) => r.id),
+        all.json.results.slice(5, 10).map((r) => r.id),
+        'the next page starts after the last_seq of a thinned page',
+      );
+      assert.equal((await h.http(`${base}/_changes?seq_interval=0`)).status, 400);
+      assert.equal((await h.http(`${base}/_changes?feed=eventsource-ish`)).status, 400);
+
+      const now = encodeURIComponent(JSON.stringify(all.json.last_seq));
+      const put = (id) => h.http(`${base}/${id}`, { method: 'PUT', body: newPerson(id, 0, 'Feed', 'Watcher') });
+      // longpoll: an idle feed answers no rows once its timeout passes...
+      const idle = await h.http(`${base}/_changes?feed=longpoll&since=${now}&timeout=300`);
+      assert.equal(idle.status, 200, idle.text);
+      assert.deepEqual(idle.json.results, []);
+      // ...and a write wakes it (PouchDB's live replication: heartbeat=10000).
+      const waiting = h.http(`${base}/_changes?feed=longpoll&since=${now}&heartbeat=10000`);
+      await h.sleep(200);
+      assert.equal((await put('woken-by-longpoll')).status, 201);
+      const woken = await waiting;
+      assert.deepEqual(woken.json.results.map((r) => r.id), ['woken-by-longpoll']);
+
+      // continuous: rows as lines, then last_seq; an idle feed sends
+      // heartbeats (empty lines) until its timeout.
+      const lines = (text) => text.split('\n');
+      const three = await h.http(`${base}/_changes?feed=continuous&limit=3`);
+      const rows = lines(three.text).filter((l) => l.trim()).map((l) => JSON.parse(l));
+      assert.equal(rows.length, 4, three.text);
+      assert.deepEqual(rows.slice(0, 3).map((r) => r.id), all.json.results.slice(0, 3).map((r) => r.id));
+      assert.ok('last_seq' in rows[3], three.text);
+      const since = encodeURIComponent(JSON.stringify(woken.json.last_seq));
+      const quiet = await h.http(`${base}/_changes?feed=continuous&since=${since}&heartbeat=100&timeout=500`);
+      assert.ok(lines(quiet.text).some((l) => l === ''), `heartbeats: ${JSON.stringify(quiet.text)}`);
+      assert.ok('last_seq' in JSON.parse(lines(quiet.text).filter((l) => l.trim()).pop()), quiet.text);
+      // A write reaches an open continuous feed as a line.
+      const res = await fetch(`${base}/_changes?feed=continuous&since=${since}&heartbeat=200&timeout=5000`);
+      const reader = res.body.getReader();
+      await h.sleep(200);
+      assert.equal((await put('seen-by-continuous')).status, 201);
+      let text = '';
+      const deadline = Date.now() + 5000;
+      while (!text.includes('seen-by-continuous') && Date.now() < deadline) {
+        const { value, done } = await reader.read();
+        if (done) break;
+        text += Buffer.from(value).toString();
+      }
+      await reader.cancel();
+      assert.match(text, /seen-by-continuous/);
+    });
+
     test('server admin endpoints are refused with 403', async (t) => {
       const ctx = await setup(t, kind, { docs: 5 });
       for (const path of ['/_config', '/_config/admins/eve', '/_node/_local/_config', '/_node/nonode@nohost/_stats', '/v/0/_config']) {

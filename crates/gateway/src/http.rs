@@ -1045,21 +1045,24 @@ async fn changes(
         .unwrap_or("normal");
     let heartbeat = call.number("heartbeat")?.map(Duration::from_millis);
     let timeout = call.number("timeout")?.map(Duration::from_millis);
-    match feed {
-        "normal" => {
-            let changes = feed_page(cx, session, &opts).await?;
-            Ok(json_response(
-                200,
-                &serde_json::to_value(changes).unwrap_or_default(),
+    let seq_interval = match call.number("seq_interval")? {
+        Some(0) => {
+            return Err(GatewayError::BadRequest(
+                "query parameter `seq_interval` must be a positive number".into(),
             ))
         }
+        other => other.unwrap_or(1) as usize,
+    };
+    let answer = |mut changes: rewind_store::Changes| {
+        thin_seqs(&mut changes.results, seq_interval);
+        json_response(200, &serde_json::to_value(changes).unwrap_or_default())
+    };
+    match feed {
+        "normal" => Ok(answer(feed_page(cx, session, &opts).await?)),
         "longpoll" => {
             let first = feed_page(cx, session, &opts).await?;
             if !first.results.is_empty() {
-                return Ok(json_response(
-                    200,
-                    &serde_json::to_value(first).unwrap_or_default(),
-                ));
+                return Ok(answer(first));
             }
             let wait = timeout
                 .or(heartbeat)
@@ -1071,21 +1074,32 @@ async fn changes(
                 .wait_for_change(&first.last_seq, wait)
                 .await?
             {
-                let changes = session.changes(&opts).await?;
-                return Ok(json_response(
-                    200,
-                    &serde_json::to_value(changes).unwrap_or_default(),
-                ));
+                return Ok(answer(session.changes(&opts).await?));
             }
             Ok(json_response(
                 200,
                 &json!({"results": [], "last_seq": first.last_seq}),
             ))
         }
-        "continuous" => continuous(cx, opts, heartbeat, timeout).await,
+        "continuous" => continuous(cx, opts, heartbeat, timeout, seq_interval).await,
         other => Err(GatewayError::BadRequest(format!(
             "feed `{other}` is not supported: use normal, longpoll or continuous"
         ))),
+    }
+}
+
+/// CouchDB's `seq_interval=N`: of a batch of rows, only every `N`th and
+/// the last carry their `seq` (the others `null`); a client checkpoints at
+/// those. `1` leaves every row's.
+fn thin_seqs(rows: &mut [rewind_store::ChangeRow], interval: usize) {
+    if interval <= 1 {
+        return;
+    }
+    let last = rows.len().saturating_sub(1);
+    for (i, row) in rows.iter_mut().enumerate() {
+        if (i + 1) % interval != 0 && i != last {
+            row.seq = Value::Null;
+        }
     }
 }
 
@@ -1094,6 +1108,7 @@ async fn continuous(
     mut opts: ChangesOptions,
     heartbeat: Option<Duration>,
     timeout: Option<Duration>,
+    seq_interval: usize,
 ) -> Result<Response, GatewayError> {
     // Collect lines until the feed has waited `timeout` with nothing new, or
     // `limit` rows went out; heartbeats keep idle connections open. The
@@ -1107,7 +1122,7 @@ async fn continuous(
         let started = Instant::now();
         let mut sent = 0usize;
         loop {
-            let changes = match session.changes(&opts).await {
+            let mut changes = match session.changes(&opts).await {
                 Ok(c) => c,
                 Err(e) => {
                     let (_, error, reason) = e.couch();
@@ -1119,6 +1134,7 @@ async fn continuous(
                     return;
                 }
             };
+            thin_seqs(&mut changes.results, seq_interval);
             for row in &changes.results {
                 let line = serde_json::to_string(row).unwrap_or_default() + "\n";
                 if tx.send(Ok(Bytes::from(line))).await.is_err() {
@@ -1157,9 +1173,11 @@ async fn continuous(
             }
         }
     });
-    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|item| (item, rx))
-    });
+    // A receiver answers `None` again when polled after its end (the gzip
+    // layer does poll again; `stream::unfold` panicked there, killing
+    // every compressed continuous feed at its end).
+    let mut rx = rx;
+    let stream = futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx));
     let mut response = Response::new(Body::from_stream(stream));
     response.headers_mut().insert(
         header::CONTENT_TYPE,
