@@ -899,6 +899,26 @@ for (const kind of h.STORE_KINDS) {
       assert.match(text, /seen-by-continuous/);
     });
 
+    test('PUT /{db} creates (201), then answers 412 file_exists; DELETE /{db} then GET is 404; PUT makes it again', async (t) => {
+      const ctx = await setup(t, kind, { docs: 5 });
+      const db = `${ctx.gw.url}/made_by_put`;
+      const status = async (method) => {
+        const res = await h.http(db, { method });
+        assert.equal(typeof res.json, 'object', `${method}: ${res.text}`);
+        return [res.status, res.json.error];
+      };
+      // Twice, so the second PUT meets a database the gateway has open.
+      assert.deepEqual(await status('PUT'), [201, undefined]);
+      assert.deepEqual(await status('GET'), [200, undefined]);
+      assert.deepEqual(await status('PUT'), [412, 'file_exists']);
+      assert.deepEqual(await status('DELETE'), [200, undefined]);
+      assert.deepEqual(await status('GET'), [404, 'not_found']);
+      assert.deepEqual(await status('DELETE'), [404, 'not_found']);
+      assert.deepEqual(await status('PUT'), [201, undefined]);
+      assert.deepEqual(await status('PUT'), [412, 'file_exists']);
+      assert.deepEqual(await status('DELETE'), [200, undefined]);
+    });
+
     test('server admin endpoints are refused with 403', async (t) => {
       const ctx = await setup(t, kind, { docs: 5 });
       for (const path of ['/_config', '/_config/admins/eve', '/_node/_local/_config', '/_node/nonode@nohost/_stats', '/v/0/_config']) {

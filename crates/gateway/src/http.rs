@@ -164,12 +164,19 @@ impl Gateway {
         create: bool,
     ) -> Result<Database, GatewayError> {
         let key = format!("{db}\n{}", auth.unwrap_or(""));
-        if let Some(found) = self.inner.dbs.lock().map_err(poisoned)?.get(&key) {
-            return Ok(found.clone());
+        // (Creating asks the store whether it exists, open or not.)
+        if !create {
+            if let Some(found) = self.inner.dbs.lock().map_err(poisoned)?.get(&key) {
+                return Ok(found.clone());
+            }
         }
         let target = self.target(db, auth);
+        // An embedded file is made by opening it: whether it was there
+        // decides `PUT /{db}`'s answer (a deleted database's file stays,
+        // marked deleted, and is made usable again).
+        let had_file = std::path::Path::new(&target).exists();
         if let Backend::Embedded(_) = self.inner.backend {
-            if !create && !std::path::Path::new(&target).exists() {
+            if !create && !had_file {
                 return Err(GatewayError::NotFound("Database does not exist.".into()));
             }
         }
@@ -189,12 +196,11 @@ impl Gateway {
             }
         };
         let data = open(target.clone()).await?;
-        if create {
+        let embedded = matches!(self.inner.backend, Backend::Embedded(_));
+        if create && (had_file || !embedded) {
             match data.create_db().await {
                 Ok(()) => {}
-                Err(StoreError::FileExists { .. })
-                    if matches!(self.inner.backend, Backend::Embedded(_)) =>
-                {
+                Err(StoreError::FileExists { .. }) if embedded => {
                     return Err(StoreError::FileExists {
                         what: db.to_owned(),
                     }
@@ -202,7 +208,7 @@ impl Gateway {
                 }
                 Err(e) => return Err(e.into()),
             }
-        } else if !data.exists().await? {
+        } else if !create && !data.exists().await? {
             return Err(GatewayError::NotFound("Database does not exist.".into()));
         }
         let state = open(companion_target(&target)).await?;
