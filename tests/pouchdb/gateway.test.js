@@ -8,6 +8,7 @@ const { describe, test } = require('node:test');
 const assert = require('node:assert/strict');
 const h = require('./lib/harness');
 const zlib = require('node:zlib');
+const { PouchDB } = h;
 
 const N = 60;
 
@@ -558,6 +559,41 @@ for (const kind of h.STORE_KINDS) {
       assert.equal(res.status, 200);
       assert.equal(res.text, text.toString());
       await assertNoConflicts(ctx, [a, b]);
+    });
+
+    test('attachments through the document URL (PouchDB remote putAttachment, getAttachment, removeAttachment) at v0, seen at v7', async (t) => {
+      const ctx = await setup(t, kind, { version: 3, docs: 20 });
+      const v0 = new PouchDB(`${ctx.gw.url}/v/0/${h.DB}`, { skip_setup: true });
+      const v7 = new PouchDB(`${ctx.gw.url}/v/7/${h.DB}`, { skip_setup: true });
+      const [person] = await h.sampleIds(20, 'person');
+      const card = Buffer.from('photo of the patient card');
+      const put = await v0.putAttachment(person, 'card.txt', (await v0.get(person))._rev, card, 'text/plain');
+      assert.equal(put.ok, true);
+      // A new document made by its first attachment.
+      await v0.putAttachment('made-by-attachment', 'a.bin', Buffer.from([0, 1, 2, 250, 255]), 'application/octet-stream');
+      const got = await v7.getAttachment(person, 'card.txt');
+      assert.equal(Buffer.from(got).toString(), card.toString());
+      const atV7 = await v7.get(person, { attachments: true });
+      assert.ok(atV7.first_name, 'v7 presents the v7 shape');
+      assert.equal(Buffer.from(atV7._attachments['card.txt'].data, 'base64').toString(), card.toString(), 'attachments=true inlines the data');
+      assert.equal((await v0.get(person)).name !== undefined, true, 'v0 presents the v0 shape');
+      assert.deepEqual([...Buffer.from(await v0.getAttachment('made-by-attachment', 'a.bin'))], [0, 1, 2, 250, 255]);
+      // A second attachment keeps the first; removing one keeps the other.
+      await v0.putAttachment(person, 'b.txt', (await v0.get(person))._rev, Buffer.from('second'), 'text/plain');
+      const removed = await v7.removeAttachment(person, 'card.txt', (await v7.get(person))._rev);
+      assert.equal(removed.ok, true);
+      await assert.rejects(v0.getAttachment(person, 'card.txt'), { status: 404 });
+      assert.equal(Buffer.from(await v0.getAttachment(person, 'b.txt')).toString(), 'second');
+      // A stale revision is a conflict, and changes nothing.
+      await assert.rejects(v0.putAttachment(person, 'c.txt', put.rev, Buffer.from('late'), 'text/plain'), { status: 409 });
+      await assert.rejects(v0.getAttachment(person, 'c.txt'), { status: 404 });
+      // Phones at both versions pull it all, without a conflict.
+      const phones = [ctx.phone(0), ctx.phone(7)];
+      await Promise.all(phones.map((p) => p.pull()));
+      for (const p of phones) {
+        assert.equal(Buffer.from(await p.db.getAttachment(person, 'b.txt')).toString(), 'second', `v${p.k}`);
+      }
+      await assertNoConflicts(ctx, phones);
     });
 
     test('checkpoints survive a gateway restart', async (t) => {

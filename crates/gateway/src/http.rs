@@ -307,28 +307,16 @@ fn basic_credentials(header: &str) -> Option<(String, String)> {
     Some((user.to_owned(), pass.to_owned()))
 }
 
+/// Base64 (standard alphabet) as HTTP credentials and JSON attachments carry it.
 fn decode_base64(s: &str) -> Option<Vec<u8>> {
-    let mut out = Vec::new();
-    let mut buffer = 0u32;
-    let mut bits = 0;
-    for c in s.bytes() {
-        let v = match c {
-            b'A'..=b'Z' => c - b'A',
-            b'a'..=b'z' => c - b'a' + 26,
-            b'0'..=b'9' => c - b'0' + 52,
-            b'+' | b'-' => 62,
-            b'/' | b'_' => 63,
-            b'=' => break,
-            _ => return None,
-        };
-        buffer = (buffer << 6) | u32::from(v);
-        bits += 6;
-        if bits >= 8 {
-            bits -= 8;
-            out.push((buffer >> bits) as u8);
-        }
-    }
-    Some(out)
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.decode(s).ok()
+}
+
+/// See [`decode_base64`].
+fn encode_base64(bytes: &[u8]) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(bytes)
 }
 
 /// The router: every request goes through one dispatcher (CouchDB paths
@@ -835,8 +823,11 @@ async fn database_route(
             .await
         }
         ([id], method) => document(&session, id, method, call).await,
-        ([id, attachment @ ..], &Method::GET) => {
+        ([id, attachment @ ..], &Method::GET) | ([id, attachment @ ..], &Method::HEAD) => {
             attachment_get(&session, id, &attachment.join("/")).await
+        }
+        ([id, attachment @ ..], &Method::PUT) | ([id, attachment @ ..], &Method::DELETE) => {
+            attachment_write(&session, id, &attachment.join("/"), call).await
         }
         _ => Err(GatewayError::NotFound("no such endpoint".into())),
     }
@@ -1525,6 +1516,9 @@ async fn document(
                     o.shift_remove("_revisions");
                 }
             }
+            if call.flag("attachments") {
+                inline_attachments(session, id, &mut doc).await?;
+            }
             if call.flag("conflicts") {
                 let presented = session.presented_leaves(id).await?;
                 let current = doc
@@ -1604,6 +1598,101 @@ async fn attachment_get(
         response.headers_mut().insert(header::CONTENT_TYPE, v);
     }
     Ok(response)
+}
+
+/// `PUT /{db}/{id}/{name}?rev=` (the request body is the attachment, its
+/// `Content-Type` the attachment's) and `DELETE /{db}/{id}/{name}?rev=`: a
+/// new revision of the document as presented at the client's version,
+/// written like any edit at that version (translated, journaled). Its
+/// other attachments go inline, from the stored document. A new document
+/// needs no `rev`; otherwise it must name the live revision presented
+/// (`If-Match` also works), or the answer is 409.
+async fn attachment_write(
+    session: &Session<'_>,
+    id: &str,
+    name: &str,
+    call: &Call,
+) -> Result<Response, GatewayError> {
+    let rev = call.query.get("rev").cloned().or_else(|| {
+        call.headers
+            .get(header::IF_MATCH)
+            .and_then(|v| v.to_str().ok())
+            .map(|v| v.trim_matches('"').to_owned())
+    });
+    let mut doc = match &rev {
+        Some(rev) => session
+            .get(id, Some(rev))
+            .await?
+            .filter(|d| !is_deleted(d))
+            .ok_or_else(|| GatewayError::Conflict(id.to_owned()))?,
+        None if call.method == Method::DELETE => return Err(GatewayError::Conflict(id.to_owned())),
+        None => json!({ "_id": id }),
+    };
+    if let Some(o) = doc.as_object_mut() {
+        o.shift_remove("_revisions");
+    }
+    inline_attachments(session, id, &mut doc).await?;
+    let mut attachments = doc
+        .get("_attachments")
+        .and_then(Value::as_object)
+        .cloned()
+        .unwrap_or_default();
+    if call.method == Method::DELETE {
+        if attachments.shift_remove(name).is_none() {
+            return Err(GatewayError::NotFound(format!(
+                "Document is missing attachment {name}"
+            )));
+        }
+    } else {
+        let content_type = call
+            .headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("application/octet-stream");
+        attachments.insert(
+            name.to_owned(),
+            json!({"content_type": content_type, "data": encode_base64(&call.body)}),
+        );
+    }
+    if let Some(o) = doc.as_object_mut() {
+        match attachments.is_empty() {
+            true => o.shift_remove("_attachments"),
+            false => o.insert("_attachments".into(), Value::Object(attachments)),
+        };
+    }
+    write_one(session, doc).await
+}
+
+/// Replaces `doc`'s attachment stubs (a presented document's) by the
+/// attachments with their data, from the stored document `id`: migrations
+/// and translations never touch attachments, so every version presents
+/// the stored ones.
+async fn inline_attachments(
+    session: &Session<'_>,
+    id: &str,
+    doc: &mut Value,
+) -> Result<(), GatewayError> {
+    let Some(attachments) = doc.get_mut("_attachments").and_then(Value::as_object_mut) else {
+        return Ok(());
+    };
+    if attachments.values().all(|a| a.get("data").is_some()) {
+        return Ok(());
+    }
+    let opts = rewind_store::GetOptions {
+        attachments: true,
+        ..rewind_store::GetOptions::default()
+    };
+    let stored = session.db.data.get(id, &opts).await?.into_doc();
+    let inline = stored
+        .as_ref()
+        .and_then(|d| d.get("_attachments"))
+        .and_then(Value::as_object);
+    for (key, att) in attachments.iter_mut() {
+        if let Some(full) = inline.and_then(|i| i.get(key)) {
+            *att = full.clone();
+        }
+    }
+    Ok(())
 }
 
 /// Serves the gateway on `listener` (bound by the caller, who can then say

@@ -1548,11 +1548,25 @@ fn strip_revisions(mut doc: Value) -> Value {
     doc
 }
 
-/// Replaces inline attachments by stubs (the child revision refers to its parent's).
+/// Replaces inline attachments by stubs (the child revision refers to its
+/// parent's). A stub names its attachment by digest (CouchDB and
+/// pouchdb-server look it up so): one sent inline without a digest gets
+/// the digest of its data.
 fn stub_attachments(doc: &mut Value) {
+    use base64::Engine;
     if let Some(atts) = doc.get_mut("_attachments").and_then(Value::as_object_mut) {
         for att in atts.values_mut() {
             if let Some(att) = att.as_object_mut() {
+                let data = att
+                    .get("data")
+                    .and_then(Value::as_str)
+                    .and_then(|d| base64::engine::general_purpose::STANDARD.decode(d).ok());
+                if let (Some(data), false) = (&data, att.contains_key("digest")) {
+                    att.insert(
+                        "digest".into(),
+                        Value::from(rewind_store::attachment_digest(data)),
+                    );
+                }
                 att.shift_remove("data");
                 att.shift_remove("follows");
                 att.insert("stub".into(), Value::from(true));

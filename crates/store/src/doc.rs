@@ -234,7 +234,7 @@ fn parse_att(id: &str, name: &str, a: Value) -> Result<AttIn> {
 }
 
 /// CouchDB's attachment digest: `md5-` + base64 of the md5 of the data.
-pub(crate) fn digest(data: &[u8]) -> String {
+pub fn digest(data: &[u8]) -> String {
     format!(
         "md5-{}",
         base64::engine::general_purpose::STANDARD.encode(md5::compute(data).0)
