@@ -952,7 +952,12 @@ for (const kind of h.STORE_KINDS) {
       assert.deepEqual(await status('DELETE'), [404, 'not_found']);
       assert.deepEqual(await status('PUT'), [201, undefined]);
       assert.deepEqual(await status('PUT'), [412, 'file_exists']);
+      const allDbs = async () => (await h.http(`${ctx.gw.url}/_all_dbs`)).json;
+      // (In front of CouchDB `_all_dbs` names the databases the gateway was given.)
+      if (kind === 'embedded') assert.ok((await allDbs()).includes('made_by_put'), 'listed once made');
       assert.deepEqual(await status('DELETE'), [200, undefined]);
+      if (kind === 'embedded') assert.ok(!(await allDbs()).includes('made_by_put'), 'not listed once deleted');
+      assert.deepEqual(await status('GET'), [404, 'not_found']);
     });
 
     test('server admin endpoints are refused with 403', async (t) => {

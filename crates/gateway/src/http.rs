@@ -648,7 +648,17 @@ async fn route(gateway: &Gateway, call: Call) -> Result<Response, GatewayError> 
                 .collect();
             Ok(json_response(200, &json!({"uuids": uuids})))
         }
-        ["_all_dbs"] => Ok(json_response(200, &json!(gateway.database_names()))),
+        ["_all_dbs"] => {
+            // (A deleted embedded database's file stays, marked deleted.)
+            let mut names = Vec::new();
+            for db in gateway.database_names() {
+                let credentials = call.credentials();
+                if gateway.database(&db, credentials.as_deref(), false).await.is_ok() {
+                    names.push(db);
+                }
+            }
+            Ok(json_response(200, &json!(names)))
+        }
         [first, ..] if ADMIN_ENDPOINTS.contains(first) || (*first == "_users" && call.method != Method::GET) => {
             Err(GatewayError::Forbidden(format!(
                 "`/{first}` is a server admin endpoint; the rewind gateway does not serve it to users"
