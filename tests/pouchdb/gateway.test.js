@@ -816,6 +816,12 @@ for (const kind of h.STORE_KINDS) {
       const get = await fetch(`${base}/_all_docs`, { headers: { origin } });
       assert.equal(get.status, 200);
       assert.equal(get.headers.get('access-control-allow-origin'), origin);
+      // HEAD answers as GET would, without the body.
+      for (const [path, status] of [['/_all_docs', 200], ['/_changes', 200], ['', 200], ['/no-such-doc', 404]]) {
+        const head = await fetch(`${base}${path}`, { method: 'HEAD' });
+        assert.equal(head.status, status, `HEAD ${path}`);
+        assert.equal((await head.arrayBuffer()).byteLength, 0, `HEAD ${path}: no body`);
+      }
 
       // gzip: asked for and over 1 KiB, the answer is compressed and
       // decompresses to what an uncompressed request gets; a small answer

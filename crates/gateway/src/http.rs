@@ -385,7 +385,11 @@ fn error_response(error: &GatewayError) -> Response {
 
 /// A parsed request.
 struct Call {
+    /// The method; a `HEAD` is answered as the `GET` it asks about (the
+    /// server sends the headers only).
     method: Method,
+    /// True for a `HEAD` (passed through as one).
+    head: bool,
     /// Path segments after the version prefix, percent-decoded.
     path: Vec<String>,
     /// The version asked for by prefix or header.
@@ -466,8 +470,10 @@ async fn parse(request: Request) -> Result<Call, GatewayError> {
     let body = axum::body::to_bytes(body, MAX_BODY).await.map_err(|_| {
         GatewayError::TooLarge(format!("the request body is larger than {MAX_BODY} bytes"))
     })?;
+    let head = parts.method == Method::HEAD;
     Ok(Call {
-        method: parts.method,
+        method: if head { Method::GET } else { parts.method },
+        head,
         path,
         version,
         query,
@@ -745,7 +751,7 @@ async fn database_route(
     }
     let session = gateway.session(&database, &state, k, asked_k.is_some());
     match (rest, &call.method) {
-        ([], &Method::GET) | ([], &Method::HEAD) => {
+        ([], &Method::GET) => {
             let info = database.data.info().await?;
             Ok(json_response(
                 200,
@@ -833,7 +839,7 @@ async fn database_route(
             .await
         }
         ([id], method) => document(&session, id, method, call).await,
-        ([id, attachment @ ..], &Method::GET) | ([id, attachment @ ..], &Method::HEAD) => {
+        ([id, attachment @ ..], &Method::GET) => {
             attachment_get(&session, id, &attachment.join("/")).await
         }
         ([id, attachment @ ..], &Method::PUT) | ([id, attachment @ ..], &Method::DELETE) => {
@@ -865,9 +871,11 @@ async fn pass_through(
         })
         .clone();
     let url = format!("{}{}", root.trim_end_matches('/'), call.upstream);
-    let mut request = client
-        .request(call.method.clone(), &url)
-        .body(call.body.clone());
+    let method = match call.head {
+        true => Method::HEAD,
+        false => call.method.clone(),
+    };
+    let mut request = client.request(method, &url).body(call.body.clone());
     for name in [
         header::AUTHORIZATION,
         header::COOKIE,
@@ -1488,7 +1496,7 @@ async fn document(
     call: &Call,
 ) -> Result<Response, GatewayError> {
     match *method {
-        Method::GET | Method::HEAD => {
+        Method::GET => {
             if let Some(open_revs) = call.query.get("open_revs") {
                 let presented = session.presented_leaves(id).await?;
                 let wanted: Vec<String> = if open_revs == "all" {
