@@ -57,6 +57,8 @@
 #   Later on 2026-11-27, with ladders (docs/design.md, "Revisions"): 2b reads one revision per
 #   document (1.44-1.53x; it read 2.0 while every run started an epoch, 4.6 before ladders);
 #   (c)/(a) 1.29-1.35x; 4b/4a 3.4-3.6x.
+#   2026-11-27, second session (gzip from 1 KiB, HEAD, attachment endpoints): (c)/(a) 1.27x,
+#   (b)/(a) 1.34x, (d)/(a) 0.55x, 4b/4a 2.92x, 50 live clients 181 MB; copy 1.38x replicate.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
