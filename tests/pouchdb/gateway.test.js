@@ -858,6 +858,11 @@ for (const kind of h.STORE_KINDS) {
       assert.equal(stored.status, 200, stored.text);
       assert.equal(stored.json.name, doc.name);
 
+      // _revs_diff names no stored revision a v0 client was never given.
+      const [migrated] = await h.sampleIds(20, 'person');
+      const diff = await h.http(`${base}/_revs_diff`, { method: 'POST', body: { [migrated]: ['99-aaaa'] } });
+      assert.deepEqual(diff.json, { [migrated]: { missing: ['99-aaaa'] } });
+
       // A document over CouchDB's default max_document_size (8 MiB): 413,
       // CouchDB-style, nothing written.
       const before = (await h.http(`${ctx.gw.url}/${h.DB}`)).json;

@@ -884,6 +884,12 @@ impl Session<'_> {
         // (stored, so not missing) and retirements (never missing).
         let ids: Vec<String> = missing.keys().cloned().collect();
         drop_presented(&mut missing, &self.presented_live_of(&ids).await?);
+        // The store's `possible_ancestors` are stored revisions, which a
+        // client at another version was never given (a translation, a
+        // migration): named to it, they would be ids it cannot resolve.
+        for entry in missing.values_mut() {
+            entry.possible_ancestors.clear();
+        }
         Ok(missing)
     }
 
