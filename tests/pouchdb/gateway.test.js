@@ -587,13 +587,35 @@ for (const kind of h.STORE_KINDS) {
       // A stale revision is a conflict, and changes nothing.
       await assert.rejects(v0.putAttachment(person, 'c.txt', put.rev, Buffer.from('late'), 'text/plain'), { status: 409 });
       await assert.rejects(v0.getAttachment(person, 'c.txt'), { status: 404 });
+      // A revision's attachment, not the winner's: two conflicting leaves
+      // (a type no migration touches, so presented as stored).
+      const b64 = (text) => Buffer.from(text).toString('base64');
+      const leaves = ['left', 'right'].map((text, i) => ({
+        _id: 'two-leaves',
+        _rev: `1-${'ab'[i].repeat(32)}`,
+        type: 'note',
+        _attachments: { 'a.txt': { content_type: 'text/plain', data: b64(text) } },
+      }));
+      const stored = await h.http(`${ctx.gw.url}/${h.DB}/_bulk_docs`, { method: 'POST', body: { docs: leaves, new_edits: false } });
+      assert.equal(stored.status, 201, stored.text);
+      const at0 = `${ctx.gw.url}/v/0/${h.DB}/two-leaves`;
+      const att = (query) => h.http(`${at0}/a.txt${query}`);
+      const digest = (text) => `md5-${require('node:crypto').createHash('md5').update(text).digest('base64')}`;
+      const textOf = (doc) => (doc._attachments['a.txt'].digest === digest('left') ? 'left' : 'right');
+      assert.equal((await att('')).text, textOf((await h.http(at0)).json), 'the presented winner');
+      const presented = (await h.http(`${at0}?open_revs=all`)).json.filter((r) => r.ok && !r.ok._deleted).map((r) => r.ok);
+      assert.equal(presented.length, 2, 'two live leaves');
+      for (const leaf of presented) assert.equal((await att(`?rev=${leaf._rev}`)).text, textOf(leaf), leaf._rev);
+      assert.equal((await att(`?rev=${leaves[0]._rev}`)).text, 'left', 'a stored revision');
+      assert.equal((await att('?rev=1-cccc')).status, 404);
+
       // Phones at both versions pull it all, without a conflict.
       const phones = [ctx.phone(0), ctx.phone(7)];
       await Promise.all(phones.map((p) => p.pull()));
       for (const p of phones) {
         assert.equal(Buffer.from(await p.db.getAttachment(person, 'b.txt')).toString(), 'second', `v${p.k}`);
       }
-      await assertNoConflicts(ctx, phones);
+      await assertNoConflicts(ctx, phones, ['two-leaves']);
     });
 
     test('checkpoints survive a gateway restart', async (t) => {

@@ -840,7 +840,8 @@ async fn database_route(
         }
         ([id], method) => document(&session, id, method, call).await,
         ([id, attachment @ ..], &Method::GET) => {
-            attachment_get(&session, id, &attachment.join("/")).await
+            let rev = call.query.get("rev").map(String::as_str);
+            attachment_get(&session, id, &attachment.join("/"), rev).await
         }
         ([id, attachment @ ..], &Method::PUT) | ([id, attachment @ ..], &Method::DELETE) => {
             attachment_write(&session, id, &attachment.join("/"), call).await
@@ -1584,26 +1585,67 @@ async fn document(
     }
 }
 
+/// `GET /{db}/{id}/{name}`: the attachment of the presented winner, or
+/// with `rev` of that revision as presented (PouchDB fetches each
+/// attachment of a revision it pulls so). Attachments are never
+/// translated, so a presented stub names a stored attachment by its
+/// digest: the stored winner's, else a conflicting leaf's; one no leaf
+/// holds any more is `not_found`, never another revision's data.
 async fn attachment_get(
     session: &Session<'_>,
     id: &str,
     name: &str,
+    rev: Option<&str>,
 ) -> Result<Response, GatewayError> {
+    let missing = || GatewayError::NotFound(format!("Document is missing attachment {name}"));
+    let digest_of = |doc: &Value| {
+        doc.get("_attachments")
+            .and_then(|a| a.get(name))
+            .and_then(|a| a.get("digest"))
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+    };
+    let presented = session
+        .get(id, rev)
+        .await?
+        .filter(|doc| rev.is_some() || !is_deleted(doc))
+        .ok_or_else(missing)?;
+    let wanted = digest_of(&presented).ok_or_else(missing)?;
     let opts = rewind_store::GetOptions {
         attachments: true,
         ..rewind_store::GetOptions::default()
     };
-    let doc = session
+    let winner = session
         .db
         .data
         .get(id, &opts)
         .await?
         .into_doc()
         .unwrap_or(Value::Null);
+    let doc = if digest_of(&winner).as_ref() == Some(&wanted) {
+        winner
+    } else {
+        let all = rewind_store::GetOptions {
+            open_revs: Some(rewind_store::OpenRevs::All),
+            ..opts
+        };
+        let leaves = match session.db.data.get(id, &all).await? {
+            rewind_store::GetResult::Revs(revs) => revs,
+            rewind_store::GetResult::Doc(_) => Vec::new(),
+        };
+        leaves
+            .into_iter()
+            .filter_map(|r| match r {
+                rewind_store::OpenRev::Ok(doc) => Some(doc),
+                rewind_store::OpenRev::Missing(_) => None,
+            })
+            .find(|leaf| digest_of(leaf).as_ref() == Some(&wanted))
+            .ok_or_else(missing)?
+    };
     let att = doc
         .get("_attachments")
         .and_then(|a| a.get(name))
-        .ok_or_else(|| GatewayError::NotFound(format!("Document is missing attachment {name}")))?;
+        .ok_or_else(missing)?;
     let data = att.get("data").and_then(Value::as_str).unwrap_or("");
     let bytes = decode_base64(data)
         .ok_or_else(|| GatewayError::Internal("attachment data is not base64".into()))?;
