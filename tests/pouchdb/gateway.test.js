@@ -605,7 +605,11 @@ for (const kind of h.STORE_KINDS) {
       assert.equal((await att('')).text, textOf((await h.http(at0)).json), 'the presented winner');
       const presented = (await h.http(`${at0}?open_revs=all`)).json.filter((r) => r.ok && !r.ok._deleted).map((r) => r.ok);
       assert.equal(presented.length, 2, 'two live leaves');
-      for (const leaf of presented) assert.equal((await att(`?rev=${leaf._rev}`)).text, textOf(leaf), leaf._rev);
+      for (const leaf of presented) {
+        assert.equal((await att(`?rev=${leaf._rev}`)).text, textOf(leaf), leaf._rev);
+        const inline = (await h.http(`${at0}?rev=${leaf._rev}&attachments=true`)).json;
+        assert.equal(Buffer.from(inline._attachments['a.txt'].data, 'base64').toString(), textOf(leaf), `${leaf._rev} inline`);
+      }
       assert.equal((await att(`?rev=${leaves[0]._rev}`)).text, 'left', 'a stored revision');
       assert.equal((await att('?rev=1-cccc')).status, 404);
 

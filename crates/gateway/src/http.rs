@@ -1598,53 +1598,16 @@ async fn attachment_get(
     rev: Option<&str>,
 ) -> Result<Response, GatewayError> {
     let missing = || GatewayError::NotFound(format!("Document is missing attachment {name}"));
-    let digest_of = |doc: &Value| {
-        doc.get("_attachments")
-            .and_then(|a| a.get(name))
-            .and_then(|a| a.get("digest"))
-            .and_then(Value::as_str)
-            .map(str::to_owned)
-    };
-    let presented = session
+    let mut doc = session
         .get(id, rev)
         .await?
         .filter(|doc| rev.is_some() || !is_deleted(doc))
         .ok_or_else(missing)?;
-    let wanted = digest_of(&presented).ok_or_else(missing)?;
-    let opts = rewind_store::GetOptions {
-        attachments: true,
-        ..rewind_store::GetOptions::default()
-    };
-    let winner = session
-        .db
-        .data
-        .get(id, &opts)
-        .await?
-        .into_doc()
-        .unwrap_or(Value::Null);
-    let doc = if digest_of(&winner).as_ref() == Some(&wanted) {
-        winner
-    } else {
-        let all = rewind_store::GetOptions {
-            open_revs: Some(rewind_store::OpenRevs::All),
-            ..opts
-        };
-        let leaves = match session.db.data.get(id, &all).await? {
-            rewind_store::GetResult::Revs(revs) => revs,
-            rewind_store::GetResult::Doc(_) => Vec::new(),
-        };
-        leaves
-            .into_iter()
-            .filter_map(|r| match r {
-                rewind_store::OpenRev::Ok(doc) => Some(doc),
-                rewind_store::OpenRev::Missing(_) => None,
-            })
-            .find(|leaf| digest_of(leaf).as_ref() == Some(&wanted))
-            .ok_or_else(missing)?
-    };
+    inline_attachments(session, id, &mut doc).await?;
     let att = doc
         .get("_attachments")
         .and_then(|a| a.get(name))
+        .filter(|a| a.get("data").is_some())
         .ok_or_else(missing)?;
     let data = att.get("data").and_then(Value::as_str).unwrap_or("");
     let bytes = decode_base64(data)
@@ -1725,8 +1688,11 @@ async fn attachment_write(
 
 /// Replaces `doc`'s attachment stubs (a presented document's) by the
 /// attachments with their data, from the stored document `id`: migrations
-/// and translations never touch attachments, so every version presents
-/// the stored ones.
+/// and translations never touch attachments, so a stub names a stored
+/// attachment by its digest, found in the stored winner or else in another
+/// leaf (a conflicted document's leaves may hold different attachments
+/// under one name). A stub without a digest takes the winner's of its
+/// name; one found nowhere stays a stub.
 async fn inline_attachments(
     session: &Session<'_>,
     id: &str,
@@ -1735,20 +1701,72 @@ async fn inline_attachments(
     let Some(attachments) = doc.get_mut("_attachments").and_then(Value::as_object_mut) else {
         return Ok(());
     };
-    if attachments.values().all(|a| a.get("data").is_some()) {
+    let digest_of = |a: &Value| a.get("digest").and_then(Value::as_str).map(str::to_owned);
+    let stubs: Vec<(String, Option<String>)> = attachments
+        .iter()
+        .filter(|(_, a)| a.get("data").is_none())
+        .map(|(name, a)| (name.clone(), digest_of(a)))
+        .collect();
+    if stubs.is_empty() {
         return Ok(());
     }
     let opts = rewind_store::GetOptions {
         attachments: true,
         ..rewind_store::GetOptions::default()
     };
-    let stored = session.db.data.get(id, &opts).await?.into_doc();
-    let inline = stored
-        .as_ref()
-        .and_then(|d| d.get("_attachments"))
-        .and_then(Value::as_object);
-    for (key, att) in attachments.iter_mut() {
-        if let Some(full) = inline.and_then(|i| i.get(key)) {
+    // The stored attachments (with data) by digest, the winner's first.
+    let attachments_of = |stored: &Value| {
+        stored
+            .get("_attachments")
+            .and_then(Value::as_object)
+            .cloned()
+            .unwrap_or_default()
+    };
+    let index = |stored: &[Value]| {
+        let mut by_digest: HashMap<String, Value> = HashMap::new();
+        for att in stored
+            .iter()
+            .flat_map(|doc| attachments_of(doc).into_values())
+        {
+            if let Some(digest) = digest_of(&att) {
+                by_digest.entry(digest).or_insert(att);
+            }
+        }
+        by_digest
+    };
+    let mut stored: Vec<Value> = session
+        .db
+        .data
+        .get(id, &opts)
+        .await
+        .ok()
+        .and_then(|r| r.into_doc())
+        .into_iter()
+        .collect();
+    let by_name = stored.first().map(attachments_of).unwrap_or_default();
+    let mut by_digest = index(&stored);
+    let unfound = stubs
+        .iter()
+        .any(|(_, d)| d.as_ref().is_some_and(|d| !by_digest.contains_key(d)));
+    if unfound {
+        let all = rewind_store::GetOptions {
+            open_revs: Some(rewind_store::OpenRevs::All),
+            ..opts
+        };
+        if let rewind_store::GetResult::Revs(leaves) = session.db.data.get(id, &all).await? {
+            stored.extend(leaves.into_iter().filter_map(|leaf| match leaf {
+                rewind_store::OpenRev::Ok(leaf) => Some(leaf),
+                rewind_store::OpenRev::Missing(_) => None,
+            }));
+            by_digest = index(&stored);
+        }
+    }
+    for (name, digest) in stubs {
+        let full = match &digest {
+            Some(digest) => by_digest.get(digest),
+            None => by_name.get(&name),
+        };
+        if let (Some(full), Some(att)) = (full, attachments.get_mut(&name)) {
             *att = full.clone();
         }
     }
