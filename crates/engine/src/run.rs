@@ -1047,6 +1047,8 @@ async fn read_page(
     ahead: &mut Option<ReadAhead>,
     written: Option<u64>,
 ) -> Result<Option<(Page, Cursor)>> {
+    // Whether this read is the first of the feed after the first pass.
+    let mut first_feed_page = false;
     let since = match cursor {
         Cursor::Ids { after, seq } => {
             let page = match ahead.take() {
@@ -1083,19 +1085,21 @@ async fn read_page(
                 }
                 // The first pass is over: the feed from where it began
                 // brings what changed meanwhile, unless only the run wrote.
-                None if written.is_none() => {
-                    // Decided once the batch in flight is written (its
-                    // writes count): an empty page, the same cursor.
-                    let page = Page {
-                        rows: Vec::new(),
-                        journals: None,
+                None => {
+                    let Some(written) = written else {
+                        // Decided once the batch in flight is written (its
+                        // writes count): an empty page, the same cursor.
+                        let page = Page {
+                            rows: Vec::new(),
+                            journals: None,
+                        };
+                        return Ok(Some((page, cursor.clone())));
                     };
-                    return Ok(Some((page, cursor.clone())));
+                    first_feed_page = true;
+                    only_own_writes_since(db, seq, written)
+                        .await?
+                        .unwrap_or_else(|| seq.clone())
                 }
-                None => match only_own_writes_since(db, seq, written.unwrap_or(0)).await? {
-                    Some(now) => now,
-                    None => seq.clone(),
-                },
             }
         }
         Cursor::Seq(seq) => seq.clone(),
@@ -1112,7 +1116,10 @@ async fn read_page(
             ..ChangesOptions::default()
         })
         .await?;
-    if changes.results.is_empty() {
+    // An empty first page of the feed still moves the cursor off the first
+    // pass (answering `None` would leave it there, and the run would end
+    // the pass and read this page a second time).
+    if changes.results.is_empty() && !first_feed_page {
         return Ok(None);
     }
     let page = Page {
