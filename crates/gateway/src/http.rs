@@ -141,6 +141,19 @@ impl Gateway {
         }
     }
 
+    /// The databases of [`Gateway::database_names`] that exist and open
+    /// with these credentials (a deleted embedded database's file stays,
+    /// marked deleted), in name order.
+    async fn open_databases(&self, auth: Option<&str>) -> Vec<(String, Database)> {
+        let mut out = Vec::new();
+        for db in self.database_names() {
+            if let Ok(database) = self.database(&db, auth, false).await {
+                out.push((db, database));
+            }
+        }
+        out
+    }
+
     fn target(&self, db: &str, auth: Option<&str>) -> String {
         match &self.inner.backend {
             Backend::Embedded(dir) => dir.join(format!("{db}.db")).display().to_string(),
@@ -655,14 +668,8 @@ async fn route(gateway: &Gateway, call: Call) -> Result<Response, GatewayError> 
             Ok(json_response(200, &json!({"uuids": uuids})))
         }
         ["_all_dbs"] => {
-            // (A deleted embedded database's file stays, marked deleted.)
-            let mut names = Vec::new();
-            for db in gateway.database_names() {
-                let credentials = call.credentials();
-                if gateway.database(&db, credentials.as_deref(), false).await.is_ok() {
-                    names.push(db);
-                }
-            }
+            let open = gateway.open_databases(call.credentials().as_deref()).await;
+            let names: Vec<String> = open.into_iter().map(|(db, _)| db).collect();
             Ok(json_response(200, &json!(names)))
         }
         [first, ..] if ADMIN_ENDPOINTS.contains(first) || (*first == "_users" && call.method != Method::GET) => {
@@ -697,17 +704,12 @@ async fn root(gateway: &Gateway, call: &Call) -> Result<Response, GatewayError> 
         None => {
             let mut served = Vec::new();
             let mut key = Vec::new();
-            for db in gateway.database_names() {
-                if let Ok(database) = gateway
-                    .database(&db, call.credentials().as_deref(), false)
-                    .await
-                {
-                    if let Ok(state) = gateway.state(&db, &database).await {
-                        let epochs = crate::view::epochs(&state);
-                        let epoch = epochs.last().map(String::as_str).unwrap_or("");
-                        key.push(format!("{db}={}@{epoch}", state.served_version()));
-                        served.push((db, state.served_version()));
-                    }
+            for (db, database) in gateway.open_databases(call.credentials().as_deref()).await {
+                if let Ok(state) = gateway.state(&db, &database).await {
+                    let epochs = crate::view::epochs(&state);
+                    let epoch = epochs.last().map(String::as_str).unwrap_or("");
+                    key.push(format!("{db}={}@{epoch}", state.served_version()));
+                    served.push((db, state.served_version()));
                 }
             }
             let versions: serde_json::Map<String, Value> = served
@@ -1597,7 +1599,7 @@ async fn attachment_get(
     name: &str,
     rev: Option<&str>,
 ) -> Result<Response, GatewayError> {
-    let missing = || GatewayError::NotFound(format!("Document is missing attachment {name}"));
+    let missing = || missing_attachment(name);
     let mut doc = session
         .get(id, rev)
         .await?
@@ -1621,6 +1623,11 @@ async fn attachment_get(
         response.headers_mut().insert(header::CONTENT_TYPE, v);
     }
     Ok(response)
+}
+
+/// CouchDB's answer for an attachment a document does not have.
+fn missing_attachment(name: &str) -> GatewayError {
+    GatewayError::NotFound(format!("Document is missing attachment {name}"))
 }
 
 /// `PUT /{db}/{id}/{name}?rev=` (the request body is the attachment, its
@@ -1662,9 +1669,7 @@ async fn attachment_write(
         .unwrap_or_default();
     if call.method == Method::DELETE {
         if attachments.shift_remove(name).is_none() {
-            return Err(GatewayError::NotFound(format!(
-                "Document is missing attachment {name}"
-            )));
+            return Err(missing_attachment(name));
         }
     } else {
         let content_type = call
