@@ -1563,14 +1563,17 @@ fn stub_attachments(doc: &mut Value) {
     if let Some(atts) = doc.get_mut("_attachments").and_then(Value::as_object_mut) {
         for att in atts.values_mut() {
             if let Some(att) = att.as_object_mut() {
-                let data = att
-                    .get("data")
-                    .and_then(Value::as_str)
-                    .and_then(|d| base64::engine::general_purpose::STANDARD.decode(d).ok());
-                if let (Some(data), false) = (&data, att.contains_key("digest")) {
+                let data = match att.contains_key("digest") {
+                    true => None,
+                    false => att
+                        .get("data")
+                        .and_then(Value::as_str)
+                        .and_then(|d| base64::engine::general_purpose::STANDARD.decode(d).ok()),
+                };
+                if let Some(data) = data {
                     att.insert(
                         "digest".into(),
-                        Value::from(rewind_store::attachment_digest(data)),
+                        Value::from(rewind_store::attachment_digest(&data)),
                     );
                 }
                 att.shift_remove("data");
