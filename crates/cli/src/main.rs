@@ -18,17 +18,13 @@ use std::process::ExitCode;
 
 /// mimalloc: the engine and the gateway build and drop many small JSON
 /// values; the system allocator spent about a third of their CPU time.
+/// Built without transparent huge pages (`no_thp` in Cargo.toml): with
+/// them every purged span came back as a fresh 2 MiB page the kernel
+/// zeroed (6% of an upgrade's CPU) and peak RSS was ~40 MB higher; without,
+/// mimalloc's default purge delay (1 s) costs no more memory than 50 ms did
+/// with them (a 1M-document rollback peaked at 139 MB).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
-/// mimalloc's `purge_delay` option (milliseconds before freed memory goes
-/// back to the system), numbered as in mimalloc.h.
-const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
-/// mimalloc keeps freed memory for a second by default: a batch's freed
-/// memory was still held when the next ones were allocated, ~40 MB more
-/// peak RSS for a rollback (over 200 MB at 1M documents); 50 ms gives it
-/// back between batches at no measured cost in speed.
-const PURGE_DELAY_MS: std::ffi::c_long = 50;
 
 /// Reversible schema upgrades for offline-first CouchDB/PouchDB apps.
 ///
@@ -64,9 +60,6 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    // SAFETY: sets an integer option of the allocator in use; mimalloc
-    // reads options on every purge, so a change at any time is safe.
-    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, PURGE_DELAY_MS) };
     restore_sigpipe();
     let cli = Cli::parse();
     let result = match &cli.command {
