@@ -25,6 +25,18 @@ pub struct Args {
     /// a rollback needs) into DST's, when SRC has one.
     #[arg(long)]
     with_companion: bool,
+    /// Changes read from SRC per batch; each batch is checkpointed on DST.
+    #[arg(long, value_name = "N", default_value_t = rewind_store::DEFAULT_COPY_BATCH,
+          value_parser = positive)]
+    batch: usize,
+}
+
+/// A batch size: a whole number of at least 1.
+fn positive(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err(format!("{s:?} is not a whole number of at least 1")),
+    }
 }
 
 pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
@@ -41,13 +53,14 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
         } else {
             None
         };
-        copy_one(&src, &args.src, &args.dst).await?;
+        copy_one(&src, &args.src, &args.dst, args.batch).await?;
         if let Some(companion) = companion {
             let dst = rewind_engine::state::companion_target(&args.dst);
             copy_one(
                 &companion,
                 &rewind_engine::state::companion_target(&args.src),
                 &dst,
+                args.batch,
             )
             .await?;
         } else if args.with_companion {
@@ -66,6 +79,7 @@ async fn copy_one(
     src: &rewind_store::AnyStore,
     src_name: &str,
     dst_name: &str,
+    batch: usize,
 ) -> anyhow::Result<()> {
     let dst = rewind_store::open(dst_name).await?;
     if !dst.exists().await? {
@@ -74,7 +88,8 @@ async fn copy_one(
     let bar = crate::db::progress_bar();
     bar.set_length(src.info().await?.doc_count);
     let started = std::time::Instant::now();
-    let report = rewind_store::copy(src, &dst, |p| bar.set_position(p.docs_seen)).await?;
+    let report =
+        rewind_store::copy_in_batches(src, &dst, batch, |p| bar.set_position(p.docs_seen)).await?;
     bar.finish_and_clear();
     let secs = started.elapsed().as_secs_f64().max(0.001);
     println!(

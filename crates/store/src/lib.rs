@@ -29,7 +29,7 @@ pub mod rev;
 pub mod sqlite;
 pub mod types;
 
-pub use copy::{copy, CopyProgress, CopyReport};
+pub use copy::{copy, copy_in_batches, CopyProgress, CopyReport, DEFAULT_COPY_BATCH};
 pub use couch::{CouchAuth, CouchOptions, CouchStore};
 pub use doc::{digest as attachment_digest, json_len};
 pub use error::{redact_url, Result, StoreError};

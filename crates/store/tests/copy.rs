@@ -94,6 +94,11 @@ async fn sqlite_to_pouchdb_server_and_back_keeps_trees_bodies_and_attachments() 
             .await
             .unwrap();
     }
+    // A first revision with an attachment: its body in the feed holds a stub,
+    // so it is fetched with its data like the revisions with a history.
+    src.put(json!({"_id": "att1", "_attachments": {"g.txt": {"content_type": "text/plain", "data": "d29ybGQ="}}}))
+        .await
+        .unwrap();
     src.put_local("_local/engine-state", json!({"version": 2}))
         .await
         .unwrap();
@@ -106,9 +111,11 @@ async fn sqlite_to_pouchdb_server_and_back_keeps_trees_bodies_and_attachments() 
 
     let mid = common::couch_db().await;
     let mut seen = Vec::new();
-    let report = copy(&src, &mid, |p| seen.push(p)).await.unwrap();
-    assert!(seen.len() >= 3, "progress after each batch: {seen:?}");
-    assert_eq!(report.docs_seen, 453);
+    let report = copy_in_batches(&src, &mid, 200, |p| seen.push(p))
+        .await
+        .unwrap();
+    assert_eq!(seen.len(), 3, "progress after each batch: {seen:?}");
+    assert_eq!(report.docs_seen, 454);
     assert_eq!((report.local_copied, report.local_skipped), (1, 1));
     assert_eq!(
         mid.get_local("_local/engine-state").await.unwrap()["version"],
@@ -130,6 +137,12 @@ async fn sqlite_to_pouchdb_server_and_back_keeps_trees_bodies_and_attachments() 
     let direct = common::sqlite_db();
     copy(&src, &direct, |_| {}).await.unwrap();
     assert_eq!(snapshot(&direct).await, snapshot(&src).await);
+
+    // Copies in a page of one change at a time, where a document's body
+    // never comes with the feed for a first revision: the same.
+    let one_by_one = common::sqlite_db();
+    copy_in_batches(&src, &one_by_one, 1, |_| {}).await.unwrap();
+    assert_eq!(snapshot(&one_by_one).await, snapshot(&src).await);
 
     // Running again copies nothing and starts from the checkpoint.
     let again = copy(&src, &mid, |_| {}).await.unwrap();
@@ -162,4 +175,40 @@ async fn an_interrupted_copy_resumes_from_its_checkpoint() {
     assert_eq!(report.docs_seen, 600 - partial);
     assert_eq!(dst.info().await.unwrap().doc_count, 600);
     assert_eq!(snapshot(&src).await, snapshot(&dst).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_into_a_database_that_has_documents_merges_the_trees() {
+    let src = common::sqlite_db();
+    fill(&src, 0, 300).await;
+    // The destination already holds one document as the source has it,
+    // another edited on its own (a first revision of its own: a conflict
+    // after the copy), and one the source does not have.
+    let dst = common::couch_db().await;
+    let same = src.get("doc0001", &GetOptions::default()).await.unwrap();
+    let GetResult::Doc(same) = same else { panic!() };
+    let mut same_with_history = same.clone();
+    let rev = same["_rev"].as_str().unwrap().to_owned();
+    same_with_history["_revisions"] = json!({"start": 1, "ids": [rev.trim_start_matches("1-")]});
+    dst.bulk_docs(vec![same_with_history], false).await.unwrap();
+    dst.put(json!({"_id": "doc0002", "mine": true})).await.unwrap();
+    dst.put(json!({"_id": "only-here"})).await.unwrap();
+
+    let report = copy(&src, &dst, |_| {}).await.unwrap();
+    assert_eq!(report.docs_seen, 300);
+    assert_eq!(report.revs_copied, 299, "doc0001's revision was there already");
+    assert_eq!(dst.info().await.unwrap().doc_count, 301);
+    let opts = GetOptions {
+        open_revs: Some(OpenRevs::All),
+        ..Default::default()
+    };
+    let GetResult::Revs(leaves) = dst.get("doc0002", &opts).await.unwrap() else {
+        panic!()
+    };
+    assert_eq!(leaves.len(), 2, "both first revisions of doc0002: {leaves:?}");
+    let src_leaves = snapshot(&src).await;
+    let dst_leaves = snapshot(&dst).await;
+    for leaf in &src_leaves {
+        assert!(dst_leaves.contains(leaf), "{leaf} not copied as it is");
+    }
 }
