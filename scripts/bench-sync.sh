@@ -59,6 +59,11 @@
 #   (c)/(a) 1.29-1.35x; 4b/4a 3.4-3.6x.
 #   2026-11-27, second session (gzip from 1 KiB, HEAD, attachment endpoints): (c)/(a) 1.27x,
 #   (b)/(a) 1.34x, (d)/(a) 0.55x, 4b/4a 2.92x, 50 live clients 181 MB; copy 1.38x replicate.
+#   2026-11-27, third session (copy pipelined, first revisions from the feed; mimalloc without
+#   transparent huge pages): copy 2.12x replicate (4.8 s against 10.2 s); 50 live clients
+#   140 MB; (c)/(a) 1.37x, (b)/(a) 1.32x on a slower machine that hour (the direct pull took
+#   7.8 s) — side by side on one server, the gateway before/after the allocator change pulled
+#   /v/0 in 10.6-11.0 / 10.2-10.3 s with 4.75 / 4.3-4.4 s of CPU and 212 / 192 MB peak.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
