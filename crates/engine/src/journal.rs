@@ -188,20 +188,7 @@ enum Numbers {
 
 fn canonical(value: &Value, numbers: Numbers, out: &mut Vec<u8>) {
     match value {
-        Value::Object(map) => {
-            let mut keys: Vec<&String> = map.keys().collect();
-            keys.sort();
-            out.push(b'{');
-            for (i, key) in keys.into_iter().enumerate() {
-                if i > 0 {
-                    out.push(b',');
-                }
-                let _ = serde_json::to_writer(&mut *out, key);
-                out.push(b':');
-                canonical(&map[key], numbers, out);
-            }
-            out.push(b'}');
-        }
+        Value::Object(map) => canonical_members(map.iter(), numbers, out),
         Value::Array(items) => {
             out.push(b'[');
             for (i, item) in items.iter().enumerate() {
@@ -235,6 +222,27 @@ fn canonical(value: &Value, numbers: Numbers, out: &mut Vec<u8>) {
     }
 }
 
+/// An object's members in key order, as [`canonical`] writes them. Sorted
+/// with their values, so no member is looked up by its key again.
+fn canonical_members<'a>(
+    members: impl Iterator<Item = (&'a String, &'a Value)>,
+    numbers: Numbers,
+    out: &mut Vec<u8>,
+) {
+    let mut members: Vec<(&String, &Value)> = members.collect();
+    members.sort_unstable_by(|a, b| a.0.cmp(b.0));
+    out.push(b'{');
+    for (i, (key, value)) in members.into_iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        let _ = serde_json::to_writer(&mut *out, key);
+        out.push(b':');
+        canonical(value, numbers, out);
+    }
+    out.push(b'}');
+}
+
 /// True for an integer's text of at most 15 digits, not `-0`: a double
 /// holds it exactly and formats it as written, so it is its own value's text.
 fn is_plain_integer(text: &str) -> bool {
@@ -264,23 +272,12 @@ fn hash_with(doc: &Value, numbers: Numbers) -> String {
     let mut text = Vec::with_capacity(1024);
     match doc {
         // The body without copying the document: revision members skipped.
-        Value::Object(map) => {
-            let mut keys: Vec<&String> = map
-                .keys()
-                .filter(|k| !REVISION_MEMBERS.contains(&k.as_str()))
-                .collect();
-            keys.sort();
-            text.push(b'{');
-            for (i, key) in keys.into_iter().enumerate() {
-                if i > 0 {
-                    text.push(b',');
-                }
-                let _ = serde_json::to_writer(&mut text, key);
-                text.push(b':');
-                canonical(&map[key], numbers, &mut text);
-            }
-            text.push(b'}');
-        }
+        Value::Object(map) => canonical_members(
+            map.iter()
+                .filter(|(k, _)| !REVISION_MEMBERS.contains(&k.as_str())),
+            numbers,
+            &mut text,
+        ),
         other => canonical(other, numbers, &mut text),
     }
     let mut hex = String::with_capacity(32);

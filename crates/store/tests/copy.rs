@@ -191,12 +191,17 @@ async fn a_copy_into_a_database_that_has_documents_merges_the_trees() {
     let rev = same["_rev"].as_str().unwrap().to_owned();
     same_with_history["_revisions"] = json!({"start": 1, "ids": [rev.trim_start_matches("1-")]});
     dst.bulk_docs(vec![same_with_history], false).await.unwrap();
-    dst.put(json!({"_id": "doc0002", "mine": true})).await.unwrap();
+    dst.put(json!({"_id": "doc0002", "mine": true}))
+        .await
+        .unwrap();
     dst.put(json!({"_id": "only-here"})).await.unwrap();
 
     let report = copy(&src, &dst, |_| {}).await.unwrap();
     assert_eq!(report.docs_seen, 300);
-    assert_eq!(report.revs_copied, 299, "doc0001's revision was there already");
+    assert_eq!(
+        report.revs_copied, 299,
+        "doc0001's revision was there already"
+    );
     assert_eq!(dst.info().await.unwrap().doc_count, 301);
     let opts = GetOptions {
         open_revs: Some(OpenRevs::All),
@@ -205,7 +210,11 @@ async fn a_copy_into_a_database_that_has_documents_merges_the_trees() {
     let GetResult::Revs(leaves) = dst.get("doc0002", &opts).await.unwrap() else {
         panic!()
     };
-    assert_eq!(leaves.len(), 2, "both first revisions of doc0002: {leaves:?}");
+    assert_eq!(
+        leaves.len(),
+        2,
+        "both first revisions of doc0002: {leaves:?}"
+    );
     let src_leaves = snapshot(&src).await;
     let dst_leaves = snapshot(&dst).await;
     for leaf in &src_leaves {
