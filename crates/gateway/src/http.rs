@@ -1267,7 +1267,7 @@ async fn bulk_get(session: &Session<'_>, call: &Call) -> Result<Response, Gatewa
             found = presented
                 .iter()
                 .filter(|p| !any_live || !is_deleted(&p.doc))
-                .map(|p| p.doc.clone())
+                .map(|p| Value::clone(&p.doc))
                 .collect();
         }
         let entries: Vec<Value> = if found.is_empty() {
@@ -1444,7 +1444,7 @@ async fn all_docs(session: &Session<'_>, call: &Call) -> Result<Response, Gatewa
                     value.rev = presented.rev.clone();
                 }
                 if include_docs {
-                    let mut doc = presented.doc.clone();
+                    let mut doc = Value::clone(&presented.doc);
                     if let Some(o) = doc.as_object_mut() {
                         o.shift_remove("_revisions");
                     }

@@ -673,7 +673,7 @@ impl Session<'_> {
                 .collect();
             row.deleted = ps.first().is_some_and(|p| is_deleted(&p.doc));
             if opts.include_docs {
-                row.doc = ps.first().map(|p| strip_revisions(p.doc.clone()));
+                row.doc = ps.first().map(|p| strip_revisions(Value::clone(&p.doc)));
             }
             if !opts.style_all_docs {
                 row.changes.truncate(1);
@@ -827,7 +827,7 @@ impl Session<'_> {
             None => winner(presented),
         };
         if let Some(p) = found {
-            return Ok(Some(p.doc.clone()));
+            return Ok(Some(Value::clone(&p.doc)));
         }
         if let Some(rev) = rev {
             let opts = GetOptions {
@@ -1667,7 +1667,7 @@ mod tests {
         let cache = PresentCache::default();
         let presented = |rev: &str| Presented {
             rev: rev.into(),
-            doc: serde_json::json!({"_id": "a", "_rev": rev}),
+            doc: serde_json::json!({"_id": "a", "_rev": rev}).into(),
             synthetic: true,
         };
         let key = |leaf: &str| PresentKey {

@@ -22,6 +22,7 @@ use rewind_engine::journal::{body_hash, body_of, client_body_hash, Journal};
 use rewind_engine::state::State;
 use rewind_lens::{Complements, LensError, MigrationSet};
 use serde_json::{json, Value};
+use std::sync::Arc;
 
 /// Reads complements from a journal without changing it.
 struct ReadOnly<'a>(&'a Journal);
@@ -420,8 +421,9 @@ pub fn is_retirement(doc: &Value) -> bool {
 pub struct Presented {
     /// The presented revision id.
     pub rev: String,
-    /// The presented document, with `_id`, `_rev` and `_revisions`.
-    pub doc: Value,
+    /// The presented document, with `_id`, `_rev` and `_revisions`; shared,
+    /// so the presentations the cache holds are handed out without a copy.
+    pub doc: Arc<Value>,
     /// True when the body differs from what is stored at this revision id.
     pub synthetic: bool,
 }
@@ -798,7 +800,7 @@ fn retirements(
             let doc = with_meta(json!({"_id": id, "_deleted": true}), &chain);
             out.push(Presented {
                 rev: retired,
-                doc,
+                doc: Arc::new(doc),
                 synthetic: true,
             });
         }
@@ -877,7 +879,7 @@ pub fn present(
     if deleted || leaf_views.alike() {
         out.push(Presented {
             rev,
-            doc: leaf.clone(),
+            doc: Arc::new(leaf.clone()),
             synthetic: false,
         });
     } else {
@@ -886,7 +888,7 @@ pub fn present(
         let chain = leaf_views.history(&ids, rung, base);
         out.push(Presented {
             rev: chain[0].clone(),
-            doc: with_meta(body_of(&seen), &chain),
+            doc: Arc::new(with_meta(body_of(&seen), &chain)),
             synthetic: true,
         });
         retirements(cx, &id, base, &leaf_views, Some(rung), &hist, &mut out);
@@ -916,7 +918,7 @@ pub fn present(
         chain.extend_from_slice(&hist[pos..]);
         out.push(Presented {
             rev: retired,
-            doc: with_meta(json!({"_id": id, "_deleted": true}), &chain),
+            doc: Arc::new(with_meta(json!({"_id": id, "_deleted": true}), &chain)),
             synthetic: true,
         });
     }
