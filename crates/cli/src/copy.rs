@@ -26,6 +26,8 @@ pub struct Args {
     #[arg(long)]
     with_companion: bool,
     /// Changes read from SRC per batch; each batch is checkpointed on DST.
+    /// Two batches' documents are held in memory at most: lower it for
+    /// large documents or attachments.
     #[arg(long, value_name = "N", default_value_t = rewind_store::DEFAULT_COPY_BATCH,
           value_parser = positive)]
     batch: usize,
