@@ -245,8 +245,30 @@ fn a_copy_with_its_companion_rolls_back_like_the_original() {
     stdout_of_success(rewind().args(["copy", &db("a.db"), &db("original.db")]));
     stdout_of_success(rewind().args(["upgrade", "--db", &db("a.db"), "--migrations", &migrations]));
 
-    let copied =
-        stdout_of_success(rewind().args(["copy", "--with-companion", &db("a.db"), &db("b.db")]));
+    // A batch of 7: many pages, of migrated documents (fetched with their
+    // history) and of first-revision journals (written from the feed).
+    let refused = rewind()
+        .args(["copy", "--batch", "0", &db("a.db"), &db("b.db")])
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("at least 1"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    assert!(
+        !dir.path().join("b.db").exists(),
+        "a refused copy made a file"
+    );
+    let copied = stdout_of_success(rewind().args([
+        "copy",
+        "--with-companion",
+        "--batch",
+        "7",
+        &db("a.db"),
+        &db("b.db"),
+    ]));
     assert!(
         copied.contains(&format!("{} → {}", db("a.db-rewind"), db("b.db-rewind"))),
         "{copied}"
