@@ -430,9 +430,9 @@ impl Session<'_> {
             keys: Some(ids.clone()),
             ..AllDocsOptions::default()
         };
-        let (winners, journal_revs) =
-            futures_util::future::try_join(self.winner_rows(&opts), self.journal_revs(&ids))
-                .await?;
+        // Winners, then journals (see `present_by_id`).
+        let winners = self.winner_rows(&opts).await?;
+        let journal_revs = self.journal_revs(&ids).await?;
         let epochs = view::epochs(self.state);
         for (id, rev) in live_revs(winners) {
             let journal_rev = journal_revs
@@ -801,8 +801,16 @@ impl Session<'_> {
         reading: impl std::future::Future<Output = Result<BTreeMap<String, Vec<Value>>, GatewayError>>,
         ids: &[String],
     ) -> Result<HashMap<String, Vec<Presented>>, GatewayError> {
-        let (leaves, journals) =
-            futures_util::future::try_join(reading, self.journals(&unique(ids))).await?;
+        // The leaves first, then their journals: a run writes a document's
+        // journal before the document, so a journal read after the leaf
+        // describes it (it may also describe a write about to come, as after
+        // a crash between the two). Read the other way round, or at once, a
+        // leaf a run just wrote could meet the journal from before: the
+        // run's revision then looks like a human edit, and its presentation
+        // retires the ladder phones hold (a document vanished from a phone
+        // in a drill under load).
+        let leaves = reading.await?;
+        let journals = self.journals(&unique(ids)).await?;
         let leaves: Vec<Value> = leaves.into_values().flatten().collect();
         Ok(by_id(self.present_with(&leaves, &journals).await?))
     }
