@@ -685,10 +685,16 @@ fn anchor_walk(
     let leaf_hash = body_hash(leaf);
     let mut here = leaf_hash.clone();
     while let Some(parent) = hist.get(chain.len() + 1) {
+        // Of the images of one write, the first journaled: a gateway and a
+        // run that both translated the same revision journal the same
+        // write (one of them then finds it written), and the later image
+        // must not move the anchor once the revision is stored (a run's
+        // image after a gateway's passed the walk on through the
+        // translation, and phones were presented retirements of what they
+        // held; found by the Rust drill).
         let Some(image) = journal
             .images
             .iter()
-            .rev()
             .find(|i| i.rev == *parent && i.after == here)
         else {
             break;
