@@ -1066,6 +1066,16 @@ mod tests {
         let mut translated = journal.clone();
         translated.images[0].run = None;
         assert_eq!(anchor(&set, &migrated, &translated).unwrap(), 0);
+        // A run that translated the same revision meanwhile journals the
+        // same write after the gateway (and then finds it written): the
+        // first image decides, so the anchor stays where it was.
+        let mut raced = translated.clone();
+        raced.images.push(journal.images[0].clone());
+        assert_eq!(anchor(&set, &migrated, &raced).unwrap(), 0);
+        // And the other way round: a gateway's image after the run's.
+        let mut raced = journal.clone();
+        raced.images.push(translated.images[0].clone());
+        assert_eq!(anchor(&set, &migrated, &raced).unwrap(), 1);
         let ancestors = [("1-aaaa".to_owned(), body_of(&before))];
         for k in 0..=1 {
             let was = &present_pinned(&set, &journal, &before, k, &[])[0];
