@@ -806,9 +806,8 @@ impl Session<'_> {
         // describes it (it may also describe a write about to come, as after
         // a crash between the two). Read the other way round, or at once, a
         // leaf a run just wrote could meet the journal from before: the
-        // run's revision then looks like a human edit, and its presentation
-        // retires the ladder phones hold (a document vanished from a phone
-        // in a drill under load).
+        // run's revision would look like a human edit, and its presentation
+        // would retire the ladder phones hold.
         let leaves = reading.await?;
         let journals = self.journals(&unique(ids)).await?;
         let leaves: Vec<Value> = leaves.into_values().flatten().collect();
