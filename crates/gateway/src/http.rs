@@ -321,7 +321,7 @@ fn basic_credentials(header: &str) -> Option<(String, String)> {
 }
 
 /// Base64 (standard alphabet) as HTTP credentials and JSON attachments carry it.
-fn decode_base64(s: &str) -> Option<Vec<u8>> {
+pub(crate) fn decode_base64(s: &str) -> Option<Vec<u8>> {
     use base64::Engine;
     base64::engine::general_purpose::STANDARD.decode(s).ok()
 }

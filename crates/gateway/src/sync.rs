@@ -1566,7 +1566,6 @@ fn strip_revisions(mut doc: Value) -> Value {
 /// pouchdb-server look it up so): one sent inline without a digest gets
 /// the digest of its data.
 fn stub_attachments(doc: &mut Value) {
-    use base64::Engine;
     if let Some(atts) = doc.get_mut("_attachments").and_then(Value::as_object_mut) {
         for att in atts.values_mut() {
             if let Some(att) = att.as_object_mut() {
@@ -1575,7 +1574,7 @@ fn stub_attachments(doc: &mut Value) {
                     false => att
                         .get("data")
                         .and_then(Value::as_str)
-                        .and_then(|d| base64::engine::general_purpose::STANDARD.decode(d).ok()),
+                        .and_then(crate::http::decode_base64),
                 };
                 if let Some(data) = data {
                     att.insert(
