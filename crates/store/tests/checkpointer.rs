@@ -52,7 +52,12 @@ async fn one_checkpointer_per_open_file_ending_with_its_last_handle() {
         // The data and its companion share the file's writer and its checkpointer.
         assert_eq!(checkpointers(), 1);
         let second = rewind_store::open(&other).await.unwrap();
-        assert_eq!(checkpointers(), 2);
+        // A new thread names itself once it runs: wait for it (the count
+        // was read too early once, in CI).
+        until("the second file's checkpointer starts", || {
+            checkpointers() == 2
+        })
+        .await;
         drop(second);
         until("the second file's checkpointer ends", || {
             checkpointers() == 1
