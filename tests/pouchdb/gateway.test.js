@@ -21,8 +21,8 @@ const N = 60;
 const TODO = {
   moveDown:
     'a phone moving down (v7 → v3) within a context holds the v7 rung, a descendant of the v3 one: it keeps the ' +
-    'v7 shape until the document or the context changes; a stateless gateway serves moves up ' +
-    '(docs/design.md, "Moves between versions go up")',
+    'v7 shape until the document or the context changes; the gateway serves moves up, and moves down of phones ' +
+    'that name themselves (docs/design.md, "Moves between versions go up"; the device tests below)',
 };
 
 /** A store with N sample docs (at `version`), a gateway in front, cleanup registered on `t`. */
@@ -32,7 +32,7 @@ async function setup(t, kind, { version = 0, docs = N } = {}) {
   const store = await h.makeStore(cleanup, kind, docs);
   if (version > 0) await h.upgrade(store, version);
   const gw = await h.startGateway(cleanup, store);
-  const phone = (k, name) => h.makePhone(cleanup, gw, k, name);
+  const phone = (k, name, opts) => h.makePhone(cleanup, gw, k, name, opts);
   return { cleanup, store, gw, phone };
 }
 
@@ -352,6 +352,61 @@ for (const kind of h.STORE_KINDS) {
       await h.assertNoPhoneConflicts(q);
       await h.assertPhoneShapes(q, N);
       assert.equal(back.docs_read, await changedBetween(7, 3), 'docs downloaded on switching v7 → v3');
+    });
+
+    /** How many sample docs some two versions see differently. */
+    async function changedAnywhere() {
+      const views = [];
+      for (let k = 0; k <= 7; k++) views.push(new Map((await h.sampleAt(N, k)).map((d) => [d._id, JSON.stringify(h.bodyOf(d))])));
+      return [...views[0].keys()].filter((id) => views.some((v) => v.get(id) !== views[0].get(id))).length;
+    }
+
+    // A phone that names itself gets a device epoch per move down
+    // (crates/gateway/src/device.rs): its views come under ids of its own,
+    // with tombstones for the rungs it held.
+    for (const header of [false, true]) {
+      const how = header ? 'X-Rewind-Device' : '/_device/{id}';
+      test(`a phone naming itself (${how}) moves down v7 → v3 → v0, up to v7 and down again, converging in one pull each time`, async (t) => {
+        const ctx = await setup(t, kind);
+        const q = ctx.phone(7, 'mover', { device: 'phone-17', header });
+        await q.pull();
+        const anywhere = await changedAnywhere();
+        for (const k of [3, 0, 7, 3]) {
+          q.k = k;
+          const r = await q.pull();
+          await h.assertNoPhoneConflicts(q);
+          await h.assertPhoneShapes(q, N);
+          assert.ok(r.docs_read <= 2 * anywhere, `v${k}: ${r.docs_read} revisions read for ${anywhere} docs some version sees differently`);
+          assert.equal((await q.pull()).docs_read, 0, `a second pull at v${k} downloads nothing`);
+        }
+        // Another gateway over the same store answers the device alike: the
+        // record is in the store.
+        const other = await h.startGateway(ctx.cleanup, ctx.store);
+        q.gw = other;
+        assert.equal((await q.pull()).docs_read, 0, 'a pull from a second gateway downloads nothing');
+        // An edit made down there goes up to phones at v7.
+        const [person] = await h.sampleIds(N, 'person');
+        await q.edit(person, (d) => (d.phone = 'edited at v3 after moving down'));
+        assert.deepEqual((await q.push()).errors, []);
+        const p = ctx.phone(7, 'seven');
+        await p.pull();
+        const doc = await p.get(person);
+        assert.equal(doc.phone, 'edited at v3 after moving down');
+        await h.assertPhoneShapes(p, N, { edited: { [person]: ['phone'] } });
+        await assertNoConflicts(ctx, [p, q]);
+      });
+    }
+
+    test('a device id that is not one is refused, and changes nothing', async (t) => {
+      const ctx = await setup(t, kind, { docs: 5 });
+      for (const bad of ['a%20b', 'a:b', 'x'.repeat(101)]) {
+        const res = await h.http(`${ctx.gw.url}/v/3/_device/${bad}/${h.DB}/_changes`);
+        assert.equal(res.status, 400, bad);
+        assert.equal(res.json.error, 'bad_request');
+        assert.match(res.json.reason, /device id/);
+      }
+      const res = await h.http(`${ctx.gw.url}/v/3/${h.DB}/_changes`, { headers: { 'X-Rewind-Device': 'no spaces' } });
+      assert.equal(res.status, 400);
     });
 
     test('the same doc edited in turn at v0, v7 and v3: every edit survives, no conflict', async (t) => {

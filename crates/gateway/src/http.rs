@@ -1,6 +1,7 @@
 //! HTTP: parsing CouchDB requests, dispatching them, answering CouchDB-style.
 
 use crate::ahead::ReadAhead;
+use crate::device::Device;
 use crate::sync::{is_deleted, winner, PresentCache, Session};
 use crate::view::Presented;
 use crate::GatewayError;
@@ -269,6 +270,7 @@ impl Gateway {
         state: &'a State,
         k: u32,
         pinned: bool,
+        device: &'a [String],
     ) -> Session<'a> {
         Session {
             db: database,
@@ -276,6 +278,7 @@ impl Gateway {
             checksum: &self.inner.checksum,
             k,
             pinned,
+            device,
             state,
             cache: &self.inner.cache,
         }
@@ -354,6 +357,7 @@ pub fn router(gateway: Gateway) -> Router {
             header::ORIGIN,
             header::REFERER,
             header::HeaderName::from_static("x-rewind-version"),
+            header::HeaderName::from_static("x-rewind-device"),
         ])
         .max_age(Duration::from_secs(3600));
     Router::new()
@@ -407,10 +411,14 @@ struct Call {
     path: Vec<String>,
     /// The version asked for by prefix or header.
     version: Option<u32>,
+    /// The device the client names (`/_device/{id}` after the version
+    /// prefix, or `X-Rewind-Device`), checked (`device::check_id`).
+    device: Option<String>,
     query: HashMap<String, String>,
     headers: HeaderMap,
     body: Bytes,
-    /// The path and query as received, less the version prefix (for pass-through).
+    /// The path and query as received, less the version and device
+    /// prefixes (for pass-through).
     upstream: String,
 }
 
@@ -455,12 +463,15 @@ async fn parse(request: Request) -> Result<Call, GatewayError> {
         .map(percent_decode)
         .collect();
     let mut version = None;
+    // Path segments of the prefixes, dropped from the path passed through.
+    let mut prefix = 0;
     if path.first().map(String::as_str) == Some("v") && path.len() >= 2 {
         let n = path[1].parse::<u32>().map_err(|_| {
             GatewayError::BadRequest(format!("`/v/{}`: the version must be a number", path[1]))
         })?;
         version = Some(n);
         path.drain(..2);
+        prefix += 2;
     } else if let Some(h) = parts.headers.get("x-rewind-version") {
         let text = h.to_str().unwrap_or("");
         version = Some(text.trim().parse::<u32>().map_err(|_| {
@@ -469,13 +480,19 @@ async fn parse(request: Request) -> Result<Call, GatewayError> {
             ))
         })?);
     }
-    let raw_path = parts.uri.path();
-    let stripped = match version {
-        Some(n) if raw_path.starts_with("/v/") => raw_path
-            .trim_start_matches("/v/")
-            .trim_start_matches(&n.to_string()),
-        _ => raw_path,
-    };
+    // `_device` is no database name (those start with a letter).
+    let mut device = None;
+    if path.first().map(String::as_str) == Some("_device") && path.len() >= 2 {
+        device = Some(path[1].clone());
+        path.drain(..2);
+        prefix += 2;
+    } else if let Some(h) = parts.headers.get("x-rewind-device") {
+        device = Some(h.to_str().unwrap_or("").trim().to_owned());
+    }
+    if let Some(id) = &device {
+        crate::device::check_id(id)?;
+    }
+    let stripped = after_segments(parts.uri.path(), prefix);
     let upstream = match parts.uri.query() {
         Some(q) => format!("{}?{q}", if stripped.is_empty() { "/" } else { stripped }),
         None => (if stripped.is_empty() { "/" } else { stripped }).to_owned(),
@@ -489,11 +506,23 @@ async fn parse(request: Request) -> Result<Call, GatewayError> {
         head,
         path,
         version,
+        device,
         query,
         headers: parts.headers,
         body,
         upstream,
     })
+}
+
+/// `path` less its first `n` segments (empty ones not counted, as
+/// [`parse`] drops them): `"/v/3/medic/x"` less 2 is `"/medic/x"`.
+fn after_segments(path: &str, n: usize) -> &str {
+    let mut rest = path;
+    for _ in 0..n {
+        rest = rest.trim_start_matches('/');
+        rest = &rest[rest.find('/').unwrap_or(rest.len())..];
+    }
+    rest
 }
 
 impl Call {
@@ -699,8 +728,24 @@ async fn root(gateway: &Gateway, call: &Call) -> Result<Response, GatewayError> 
     // rollback on `/{db}` restarts the phones' checkpoints, and a phone that
     // comes back to `/{db}` after a run does not resume a checkpoint from
     // before it (the ids it holds from then are retired).
+    //
+    // At a fixed version, a device that names itself and moved down gets a
+    // uuid naming its device epochs too (`device`): coming back up to a
+    // version it pulled before its move, it re-scans instead of resuming
+    // the checkpoint it had there (the copies it holds from then are
+    // retired). PouchDB reads `/{db}/` first, which notes the move.
     let (uuid, version) = match call.version {
-        Some(k) => (gateway.uuid(&k.to_string()), json!(k)),
+        Some(k) => {
+            let mut key = k.to_string();
+            if let Some(id) = &call.device {
+                for (db, database) in gateway.open_databases(call.credentials().as_deref()).await {
+                    if let Some(epoch) = Device::load(&database, id).await?.epochs.last() {
+                        key.push_str(&format!(",{db}@{epoch}"));
+                    }
+                }
+            }
+            (gateway.uuid(&key), json!(k))
+        }
         None => {
             let mut served = Vec::new();
             let mut key = Vec::new();
@@ -751,7 +796,13 @@ async fn database_route(
             gateway.inner.set.latest()
         )));
     }
-    let session = gateway.session(&database, &state, k, asked_k.is_some());
+    // A device that names itself: its request noted (a move down starts a
+    // device epoch), its epochs read.
+    let device = match &call.device {
+        Some(id) => Device::note(&database, id, asked_k).await?.epochs,
+        None => Vec::new(),
+    };
+    let session = gateway.session(&database, &state, k, asked_k.is_some(), &device);
     match (rest, &call.method) {
         ([], &Method::GET) => {
             let info = database.data.info().await?;
@@ -790,6 +841,7 @@ async fn database_route(
                 state: state.clone(),
                 k,
                 pinned: asked_k.is_some(),
+                device: device.clone(),
                 credentials: format!("{db}\n{}", call.credentials().unwrap_or_default()),
             };
             changes(&feed, &session, call).await
@@ -933,6 +985,8 @@ struct FeedContext {
     state: State,
     k: u32,
     pinned: bool,
+    /// The client's device epochs (`Session::device`).
+    device: Vec<String>,
     /// The database and the client's credentials: pages read with one
     /// user's credentials are never another's answer.
     credentials: String,
@@ -940,8 +994,13 @@ struct FeedContext {
 
 impl FeedContext {
     fn session(&self) -> Session<'_> {
-        self.gateway
-            .session(&self.database, &self.state, self.k, self.pinned)
+        self.gateway.session(
+            &self.database,
+            &self.state,
+            self.k,
+            self.pinned,
+            &self.device,
+        )
     }
 
     /// The feed a page belongs to: everything that shapes its answer but
@@ -949,10 +1008,11 @@ impl FeedContext {
     fn feed(&self, opts: &ChangesOptions) -> String {
         let state = serde_json::to_string(&self.state).unwrap_or_default();
         let digest = md5::compute(format!(
-            "{}\n{}\n{}\n{state}\n{:?}\n{}\n{}\n{}",
+            "{}\n{}\n{}\n{}\n{state}\n{:?}\n{}\n{}\n{}",
             self.credentials,
             self.k,
             self.pinned,
+            self.device.last().map(String::as_str).unwrap_or(""),
             opts.limit,
             opts.style_all_docs,
             opts.include_docs,

@@ -11,6 +11,7 @@
 //! revisions are stored.
 
 mod ahead;
+pub mod device;
 mod http;
 pub mod sync;
 pub mod view;

@@ -31,6 +31,9 @@ pub struct Session<'a> {
     /// rather than following the version `/{db}` serves: presentations are
     /// in the pinned context (`view::contexts`).
     pub pinned: bool,
+    /// The device epochs of the client, when it names itself and has moved
+    /// down a version (`crate::device`), oldest first; else empty.
+    pub device: &'a [String],
     /// The database's state (version, run in progress).
     pub state: &'a State,
     /// Presentations already computed (a pure function of their key).
@@ -313,17 +316,20 @@ impl Session<'_> {
     }
 
     /// A revision of a document in the context this session presents in
-    /// (database, version, pinned or not, epoch): the leaf part of a
+    /// (database, version, pinned or not, epoch, device epochs): the leaf part of a
     /// [`PresentKey`] for a stored leaf's revision, and the key of a
     /// presented revision in [`PresentCache`] (a presented revision id
     /// denotes one body, and one history in one context).
     fn revision_key(&self, epochs: &[String], id: &str, rev: &str) -> String {
         format!(
-            "{}\n{}\n{}\n{}\n{id}\n{rev}",
+            "{}\n{}\n{}\n{}\n{}\n{id}\n{rev}",
             self.db.name,
             self.k,
             self.pinned,
-            epochs.last().map(String::as_str).unwrap_or("")
+            epochs.last().map(String::as_str).unwrap_or(""),
+            // (Epochs are only appended, each under a fresh name: the last
+            // names the list.)
+            self.device.last().map(String::as_str).unwrap_or("")
         )
     }
 
@@ -527,7 +533,7 @@ impl Session<'_> {
                         .map(|b| (rev, b.clone()))
                 })
                 .collect();
-            let contexts = view::contexts(&epochs, journal, self.pinned);
+            let contexts = view::contexts(&epochs, journal, self.pinned, self.device);
             let cx = view::Context {
                 set: self.set,
                 checksum: self.checksum,
@@ -959,6 +965,7 @@ impl Session<'_> {
                     &doc,
                     self.state,
                     &journal,
+                    self.device,
                 );
                 let (mut base_is_anchor, mut base_is_live) = (false, false);
                 for leaf in self.leaves(&id).await?.iter().filter(|l| !is_deleted(l)) {

@@ -206,21 +206,33 @@ fn presents_hash(rev: &str, base: &str, checksum: &str, body_hash: &str) -> bool
 /// - the **adoptions** recorded in the journal (a restore: see
 ///   `sync::Session::push`).
 ///
+/// - pinned, for a device that named itself and has moved down a version
+///   (`device`: its device epochs, oldest first, see `crate::device`), its
+///   current **device epoch** instead of [`PINNED`].
+///
 /// The other contexts listed are the ones whose copies the client may hold
 /// and that its presentation retires: following `/{db}`, the window's
 /// epochs and the pinned context (a phone moves from `/v/{k}` to `/{db}`
-/// in one pull); pinned, the pinned context's older adoptions only (a
-/// pinned client retiring `/{db}`'s views would find them deleted on
-/// moving there: moves between the two kinds go one way, like moves
-/// between versions).
-pub fn contexts(epochs: &[String], journal: &Journal, pinned: bool) -> Vec<String> {
+/// in one pull), and the device's epochs in the window; pinned, the pinned
+/// context's older adoptions, and for a device the pinned context and its
+/// device epochs in the window (a pinned client retiring `/{db}`'s views
+/// would find them deleted on moving there: moves from `/{db}` to `/v/{k}`
+/// go one way, like moves between versions of a phone that does not name
+/// itself).
+pub fn contexts(
+    epochs: &[String],
+    journal: &Journal,
+    pinned: bool,
+    device: &[String],
+) -> Vec<String> {
     // The adoption contexts in the window: one more than the epochs', as
     // adopting a copy names two revisions, one at a time (the copy, then
     // its translation).
     let adoptions = adoption_names(journal, WINDOW + 1);
     let window = &epochs[epochs.len().saturating_sub(WINDOW)..];
+    let device = &device[device.len().saturating_sub(WINDOW)..];
     let epoch = match pinned {
-        true => PINNED,
+        true => device.last().map(String::as_str).unwrap_or(PINNED),
         false => window.last().map(String::as_str).unwrap_or(""),
     };
     let adoption = adoptions.last().map(String::as_str).unwrap_or("");
@@ -231,6 +243,7 @@ pub fn contexts(epochs: &[String], journal: &Journal, pinned: bool) -> Vec<Strin
     if !pinned {
         retired.extend(window.iter().map(String::as_str).filter(|e| *e != PINNED));
     }
+    retired.extend(device.iter().map(String::as_str));
     let mut out = Vec::new();
     for e in retired {
         for a in &adoptions {
@@ -321,7 +334,9 @@ pub enum CopyContext {
 
 /// The context a synthetic copy `rev` presenting `body` as a child of
 /// `parent` (its stored base, or the rung below it on a ladder) was
-/// presented in, given the database's state and the document's journal.
+/// presented in, given the database's state, the document's journal and
+/// the pushing device's epochs (`crate::device`; empty when it does not
+/// name itself).
 pub fn copy_context(
     rev: &str,
     parent: &str,
@@ -329,21 +344,23 @@ pub fn copy_context(
     body: &Value,
     state: &State,
     journal: &Journal,
+    device: &[String],
 ) -> CopyContext {
     let hash = client_body_hash(body);
     let is = |context: &str| synthetic_rev_of(parent, checksum, &hash, context) == rev;
     // Current for some client: pinned or following.
     let all = all_epochs(state);
     let epochs = &all[all.len().saturating_sub(WINDOW)..];
-    if [false, true]
-        .iter()
-        .any(|pinned| contexts(epochs, journal, *pinned).iter().any(|c| is(c)))
-    {
+    if [false, true].iter().any(|pinned| {
+        contexts(epochs, journal, *pinned, device)
+            .iter()
+            .any(|c| is(c))
+    }) {
         return CopyContext::Window;
     }
     let adoptions = adoption_names(journal, usize::MAX);
     // `all_epochs` starts with the epoch before any run, `PINNED`.
-    for epoch in &all {
+    for epoch in all.iter().chain(device) {
         for adoption in &adoptions {
             if is(&context_name(epoch, adoption)) {
                 return CopyContext::Older;
@@ -976,7 +993,7 @@ mod tests {
         k: u32,
         ancestors: &[(String, Value)],
     ) -> Vec<Presented> {
-        let contexts = contexts(&["".to_owned()], journal, true);
+        let contexts = contexts(&["".to_owned()], journal, true, &[]);
         let cx = Context {
             set,
             checksum: "ck",
@@ -1016,7 +1033,7 @@ mod tests {
         let set = persons_set();
         let leaf = person_at_v0();
         let journal = Journal::default();
-        let contexts = contexts(&epochs(state), &journal, false);
+        let contexts = contexts(&epochs(state), &journal, false, &[]);
         let cx = Context {
             set: &set,
             checksum: "ck",
@@ -1112,6 +1129,69 @@ mod tests {
         let mut edited = migrated.clone();
         edited["name"] = json!("Ann B.");
         assert_eq!(anchor(&set, &edited, &journal).unwrap(), 0);
+    }
+
+    #[test]
+    fn a_device_moving_down_is_presented_in_its_epoch_with_the_ladder_it_held_retired() {
+        // A person at v0, no run: a pinned phone at v1 holds the v1 rung of
+        // the pinned context, above the v0 rung. Named, and moved down to
+        // v0, it is presented the v0 view in its device epoch (an id no
+        // other phone holds, a child of the stored revision) and a
+        // tombstone retiring the pinned ladder's top rung, the one it holds:
+        // one live leaf, the v0 view.
+        let set = persons_set();
+        let leaf = person_at_v0();
+        let journal = Journal::default();
+        let seen = |k: u32| view(&set, &leaf, k, &journal).unwrap();
+        let pinned0 = synthetic_rev("1-aaaa", "ck", &seen(0), PINNED);
+        let pinned1 = synthetic_rev(&pinned0, "ck", &seen(1), PINNED);
+        assert_eq!(
+            present_pinned(&set, &journal, &leaf, 1, &[])[0].rev,
+            pinned1
+        );
+        let device = ["device d 1 x".to_owned()];
+        let contexts = contexts(&["".to_owned()], &journal, true, &device);
+        assert_eq!(contexts.last(), Some(&device[0]), "the current context");
+        assert!(
+            contexts.contains(&PINNED.to_owned()),
+            "the pinned context is retired"
+        );
+        let cx = Context {
+            set: &set,
+            checksum: "ck",
+            journal: &journal,
+            contexts: &contexts,
+        };
+        let revs: Vec<String> = present(&cx, &leaf, 0, &[])
+            .unwrap()
+            .into_iter()
+            .map(|p| p.rev)
+            .collect();
+        let own0 = synthetic_rev("1-aaaa", "ck", &seen(0), &device[0]);
+        assert_eq!(revs[0], own0);
+        assert_ne!(own0, pinned0);
+        assert!(revs.contains(&tombstone_rev(&pinned1)), "{revs:?}");
+        // Following `/{db}`, the device's epochs are retired too (a phone
+        // moves from `/v/{k}` to `/{db}` in one pull), and the current
+        // context is the database's epoch.
+        let following = contexts_of(&[""], &journal, false, &device);
+        assert_eq!(following.last().map(String::as_str), Some(""));
+        assert!(following.contains(&device[0]));
+        // A second move down: the first device epoch is retired in turn.
+        let device = ["device d 1 x".to_owned(), "device d 2 y".to_owned()];
+        let second = contexts_of(&[""], &journal, true, &device);
+        assert_eq!(second.last(), Some(&device[1]));
+        assert!(second.contains(&device[0]) && second.contains(&PINNED.to_owned()));
+    }
+
+    fn contexts_of(
+        epochs: &[&str],
+        journal: &Journal,
+        pinned: bool,
+        device: &[String],
+    ) -> Vec<String> {
+        let epochs: Vec<String> = epochs.iter().map(|e| (*e).to_owned()).collect();
+        contexts(&epochs, journal, pinned, device)
     }
 
     #[test]

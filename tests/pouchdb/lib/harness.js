@@ -336,8 +336,12 @@ function bodyOf(doc, skip = []) {
 
 let phoneCounter = 0;
 
-/** A PouchDB phone (memory adapter) at version `k` of `gw` (k null: no prefix). */
-function makePhone(cleanup, gw, k, name = 'phone') {
+/**
+ * A PouchDB phone (memory adapter) at version `k` of `gw` (k null: no prefix).
+ * `device`: the id it names itself by (`/_device/{id}` in its URL, or with
+ * `header` the `X-Rewind-Device` header, set through PouchDB's `fetch` option).
+ */
+function makePhone(cleanup, gw, k, name = 'phone', { device, header = false } = {}) {
   const db = new PouchDB(`${name}-${process.pid}-${++phoneCounter}`, { adapter: 'memory' });
   const phone = {
     db,
@@ -346,16 +350,29 @@ function makePhone(cleanup, gw, k, name = 'phone') {
     get url() {
       // `phone.k`, not the `k` it was made with: tests move phones between
       // `/{db}` (k null) and `/v/{k}` by setting it.
-      return phone.k === null || phone.k === undefined ? `${phone.gw.url}/${DB}` : `${phone.gw.url}/v/${phone.k}/${DB}`;
+      const version = phone.k === null || phone.k === undefined ? '' : `/v/${phone.k}`;
+      const named = device && !header ? `/_device/${device}` : '';
+      return `${phone.gw.url}${version}${named}/${DB}`;
     },
     remote() {
-      return new PouchDB(phone.url, { skip_setup: true });
+      const opts = { skip_setup: true };
+      if (device && header) {
+        opts.fetch = (url, init) => {
+          init.headers.set('X-Rewind-Device', device);
+          return PouchDB.fetch(url, init);
+        };
+      }
+      return new PouchDB(phone.url, opts);
+    },
+    /** What replication names as the other side: the URL, or a database sending the header. */
+    endpoint() {
+      return device && header ? phone.remote() : phone.url;
     },
     pull(opts = {}) {
-      return withTimeout(db.replicate.from(phone.url, { batch_size: 100, ...opts }), 60000, `pull ${phone.url}`);
+      return withTimeout(db.replicate.from(phone.endpoint(), { batch_size: 100, ...opts }), 60000, `pull ${phone.url}`);
     },
     push(opts = {}) {
-      return withTimeout(db.replicate.to(phone.url, { batch_size: 100, ...opts }), 60000, `push ${phone.url}`);
+      return withTimeout(db.replicate.to(phone.endpoint(), { batch_size: 100, ...opts }), 60000, `push ${phone.url}`);
     },
     async sync() {
       const pushed = await phone.push();
