@@ -217,10 +217,7 @@ pub(crate) async fn convergence(
         };
         // What the phone's own URL serves: `/medic` and `/v/{k}/medic`
         // present the same bodies in different contexts (revision ids).
-        let view_url = match device.pin {
-            Pin::Follow => format!("{}/medic", drill.base()),
-            Pin::At(k) => format!("{}/v/{k}/medic", drill.base()),
-        };
+        let view_url = crate::scenario::url_of(drill.base(), device.pin, device.named.as_deref());
         let view = rewind_store::open(&view_url)
             .await
             .map_err(|e| step_error("checks")(e.to_string()))?;

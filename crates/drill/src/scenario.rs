@@ -151,6 +151,28 @@ pub(crate) struct Device {
     pub(crate) phone: Phone,
     pub(crate) pin: Pin,
     pub(crate) online: bool,
+    /// The id it names itself by (`/_device/{id}` in its URL), if any: a
+    /// named phone may move down a version.
+    pub(crate) named: Option<String>,
+}
+
+impl Device {
+    /// Points the phone at `pin` on the gateway at `base`.
+    fn point(&mut self, base: &str, pin: Pin) {
+        self.pin = pin;
+        self.phone.remote_url = url_of(base, pin, self.named.as_deref());
+    }
+}
+
+/// The URL a phone syncs with: `/medic` or `/v/{k}/medic`, with
+/// `/_device/{id}` before the database when it names itself.
+pub(crate) fn url_of(base: &str, pin: Pin, named: Option<&str>) -> String {
+    let version = match pin {
+        Pin::Follow => String::new(),
+        Pin::At(k) => format!("/v/{k}"),
+    };
+    let device = named.map(|id| format!("/_device/{id}")).unwrap_or_default();
+    format!("{base}{version}{device}/{DB}")
 }
 
 pub(crate) struct Drill {
@@ -188,13 +210,6 @@ fn err(e: impl std::fmt::Display) -> String {
 }
 
 impl Drill {
-    fn url(&self, pin: Pin) -> String {
-        match pin {
-            Pin::Follow => format!("{}/{DB}", self.base),
-            Pin::At(k) => format!("{}/v/{k}/{DB}", self.base),
-        }
-    }
-
     fn db_path(&self) -> PathBuf {
         self.data.join(format!("{DB}.db"))
     }
@@ -690,8 +705,11 @@ pub async fn run(opts: DrillOptions) -> Result<DrillReport, DrillError> {
     // server's version); the others run the old app, pinned at `/v/0`.
     let half = devices / 2;
     let first_pin = |i: usize| if i < half { Pin::Follow } else { Pin::At(0) };
+    // The first pinned phone names itself: it moves down a version and back
+    // in step 2.
+    let named = |i: usize| (i == half).then(|| format!("phone{i}"));
     for i in 0..devices {
-        let url = drill.url(first_pin(i));
+        let url = url_of(&drill.base, first_pin(i), named(i).as_deref());
         let phones_dir = work.join("phones");
         std::fs::create_dir_all(&phones_dir)
             .map_err(err)
@@ -706,6 +724,7 @@ pub async fn run(opts: DrillOptions) -> Result<DrillReport, DrillError> {
             phone,
             pin: first_pin(i),
             online: true,
+            named: named(i),
         });
     }
     let (pulled, bytes) = drill.sync_all("initial sync").await?;
@@ -751,14 +770,16 @@ pub async fn run(opts: DrillOptions) -> Result<DrillReport, DrillError> {
     );
 
     // 2. The pinned phones but one update their app and move up to the new
-    //    version; two phones go offline and edit. A stateless gateway
-    //    serves moves up, from `/v/{k}` to `/{db}`, not back (docs/design.md,
-    //    "Moves between versions go up"), the way apps update.
+    //    version; two phones go offline and edit. The gateway serves moves
+    //    up, from `/v/{k}` to `/{db}`, not back (docs/design.md, "Moves
+    //    between versions go up"), the way apps update; a phone that names
+    //    itself may move down too: the named one goes down halfway (its app
+    //    taken back) and up again.
     let started = Instant::now();
     let (pulled, bytes) = drill.sync_all("sync at new version").await?;
+    let base = drill.base.clone();
     for device in drill.devices.iter_mut().take(devices - 1).skip(half) {
-        device.pin = Pin::At(latest);
-        device.phone.remote_url = format!("{}/v/{latest}/{DB}", drill.base);
+        device.point(&base, Pin::At(latest));
     }
     let (pulled2, bytes2) = drill.sync_all("phones switch version").await?;
     drill
@@ -766,6 +787,24 @@ pub async fn run(opts: DrillOptions) -> Result<DrillReport, DrillError> {
         .await?;
     let mut all_bytes = bytes;
     Drill::add(&mut all_bytes, &bytes2);
+    let down = latest / 2;
+    let mut pulled3 = 0;
+    for (pin, when) in [
+        (
+            Pin::At(down),
+            format!("a named phone moving down to v{down}"),
+        ),
+        (
+            Pin::At(latest),
+            format!("a named phone moving back up to v{latest}"),
+        ),
+    ] {
+        drill.devices[half].point(&base, pin);
+        let (p, b) = drill.sync_all(&when).await?;
+        pulled3 += p;
+        Drill::add(&mut all_bytes, &b);
+        drill.check_converged(&when).await?;
+    }
     drill.devices[devices - 2].online = false; // a phone that moved up goes offline
     drill.devices[devices - 1].online = false; // the old-version phone goes offline
     drill.edit_round("new-version", 2, false).await?;
@@ -775,11 +814,11 @@ pub async fn run(opts: DrillOptions) -> Result<DrillReport, DrillError> {
     Drill::add(&mut all_bytes, &bytes3);
     drill.record(
         &format!(
-            "{} pinned phones move up to v{latest}; all edit; 2 go offline",
+            "{} pinned phones move up to v{latest} (1 down to v{down} and back); all edit; 2 go offline",
             devices - 1 - half
         ),
         started,
-        pulled + pulled2,
+        pulled + pulled2 + pulled3,
         all_bytes,
     );
 
@@ -789,8 +828,7 @@ pub async fn run(opts: DrillOptions) -> Result<DrillReport, DrillError> {
     let written = drill.engine("rollback", 0, true).await?;
     let exact = checks::exact_rollback(&drill).await?;
     for device in drill.devices.iter_mut() {
-        device.pin = Pin::Follow;
-        device.phone.remote_url = format!("{}/{DB}", drill.base);
+        device.point(&base, Pin::Follow);
     }
     let (_, bytes) = drill.sync_all("sync after rollback").await?;
     drill.check_converged("the rollback").await?;
@@ -807,19 +845,16 @@ pub async fn run(opts: DrillOptions) -> Result<DrillReport, DrillError> {
     let started = Instant::now();
     let offline_pins = [(devices - 2, Pin::At(latest)), (devices - 1, Pin::At(0))];
     for (i, pin) in offline_pins {
-        let url = drill.url(pin);
         let device = &mut drill.devices[i];
         device.online = true;
-        device.pin = pin;
-        device.phone.remote_url = url;
+        device.point(&base, pin);
         device
             .phone
             .push()
             .await
             .map_err(err)
             .map_err(step_error("offline phones return"))?;
-        device.pin = Pin::Follow;
-        device.phone.remote_url = format!("{}/{DB}", drill.base);
+        device.point(&base, Pin::Follow);
     }
     let (pulled, bytes) = drill.sync_all("everyone syncs").await?;
     drill.record(

@@ -123,6 +123,21 @@ impl Device {
         }
         Err(GatewayError::Conflict(record_id(device)))
     }
+
+    /// What the root uuid at `/v/{k}` names of this record, if anything:
+    /// the current device epoch, marked when a request at `k` will start the
+    /// next one (a client may read the root before the database, as
+    /// `rewind`'s own replicator does: the uuid must differ from the one it
+    /// had at `k` in the current epoch, before its move up and back down).
+    pub fn uuid_part(&self, k: u32) -> Option<String> {
+        let moving_down = matches!(self.version, Some(v) if k < v);
+        let epoch = self.epochs.last().map(String::as_str).unwrap_or("");
+        match (epoch, moving_down) {
+            ("", false) => None,
+            (epoch, false) => Some(epoch.to_owned()),
+            (epoch, true) => Some(format!("{epoch}+down")),
+        }
+    }
 }
 
 /// The name of a device's `n`th epoch: unique to the device and the moment
@@ -153,6 +168,27 @@ mod tests {
         for bad in ["", "a b", "a:b", "a/b", &"x".repeat(101)] {
             assert!(check_id(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn the_root_uuid_part_changes_with_each_move_down_before_and_after_it_is_noted() {
+        let mut record = Device::default();
+        assert_eq!(record.uuid_part(3), None, "a device never seen");
+        record.version = Some(7);
+        assert_eq!(record.uuid_part(7), None, "no move down yet");
+        assert_eq!(record.uuid_part(3).as_deref(), Some("+down"));
+        // Noted: 7 → 3 started epoch e1; up to 5 within it; down to 3 again.
+        record.epochs.push("e1".into());
+        record.version = Some(3);
+        assert_eq!(record.uuid_part(5).as_deref(), Some("e1"));
+        record.version = Some(5);
+        let at3 = record.uuid_part(3);
+        assert_eq!(at3.as_deref(), Some("e1+down"));
+        assert_ne!(
+            at3.as_deref(),
+            Some("e1"),
+            "differs from an up visit at 3 in e1"
+        );
     }
 
     #[test]

@@ -729,18 +729,18 @@ async fn root(gateway: &Gateway, call: &Call) -> Result<Response, GatewayError> 
     // comes back to `/{db}` after a run does not resume a checkpoint from
     // before it (the ids it holds from then are retired).
     //
-    // At a fixed version, a device that names itself and moved down gets a
-    // uuid naming its device epochs too (`device`): coming back up to a
-    // version it pulled before its move, it re-scans instead of resuming
-    // the checkpoint it had there (the copies it holds from then are
-    // retired). PouchDB reads `/{db}/` first, which notes the move.
+    // At a fixed version, a device that names itself gets a uuid naming
+    // its device epoch in each database too (`Device::uuid_part`): coming
+    // back to a version it pulled at before a move down, it re-scans
+    // instead of resuming the checkpoint it had there (the copies it holds
+    // from then are retired).
     let (uuid, version) = match call.version {
         Some(k) => {
             let mut key = k.to_string();
             if let Some(id) = &call.device {
                 for (db, database) in gateway.open_databases(call.credentials().as_deref()).await {
-                    if let Some(epoch) = Device::load(&database, id).await?.epochs.last() {
-                        key.push_str(&format!(",{db}@{epoch}"));
+                    if let Some(part) = Device::load(&database, id).await?.uuid_part(k) {
+                        key.push_str(&format!(",{db}@{part}"));
                     }
                 }
             }
