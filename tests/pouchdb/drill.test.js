@@ -120,8 +120,10 @@ class Drill {
     this.gw = await h.startGateway(this.cleanup, this.store);
     this.phones = [];
     for (let i = 0; i < PHONES; i++) {
-      // Phones 0 and 1 follow `/medic`; the others run the old app, pinned at v0.
-      const p = h.makePhone(this.cleanup, this.gw, i < 2 ? null : 0, `drill${this.seed}-p${i}`);
+      // Phones 0 and 1 follow `/medic`; the others run the old app, pinned
+      // at v0. The last names itself (`/_device/{id}`): it moves down.
+      const named = i === PHONES - 1 ? { device: `drill-p${i}` } : {};
+      const p = h.makePhone(this.cleanup, this.gw, i < 2 ? null : 0, `drill${this.seed}-p${i}`, named);
       p.index = i;
       p.online = true;
       p.rng = rng(this.seed * 1000 + i + 17);
@@ -489,7 +491,7 @@ for (const kind of STORES) {
         const d = new Drill(t, seed, kind);
         t.after(() => d.cleanup.run());
         await d.setup();
-        const [a, b, c, e, f] = d.phones; // a, b: follow; c: v0 → v7, offline; e: v0 offline; f: v0 online
+        const [a, b, c, e, f] = d.phones; // a, b: follow; c: v0 → v7, offline; e: v0 offline; f: named, v0 → v7 → v3, online
 
         // 0. Phones pull the database at v0.
         await d.timed('initial pull', async () => {
@@ -521,12 +523,17 @@ for (const kind of STORES) {
           await d.syncAll();
         });
 
-        // 2. One old phone moves up to v7 (and goes offline); the other two
-        //    stay at v0 (one goes offline); a and b follow /medic (v7).
+        // 2. One old phone moves up to v7 (and goes offline); the named
+        //    one moves up to v7, then down to v3 (its app taken back); the
+        //    other stays at v0 and goes offline; a and b follow /medic (v7).
         await d.timed('switch, offline edits', async () => {
           c.k = 7;
+          f.k = 7;
           await d.syncAll();
           await d.assertConverged('moving up to v7');
+          f.k = 3;
+          await d.syncAll();
+          await d.assertConverged('a named phone moving down to v3');
           c.online = false;
           e.online = false;
           for (const p of d.phones) await d.editRound(p, 2, 'pinned', { create: 1, k: p.k === null ? 7 : p.k });
