@@ -397,6 +397,36 @@ for (const kind of h.STORE_KINDS) {
       });
     }
 
+    test('a phone naming itself moves between /{db} and /v/{k} both ways, through an upgrade and a rollback', async (t) => {
+      const ctx = await setup(t, kind);
+      const q = ctx.phone(null, 'switcher', { device: 'phone-9' });
+      let served = 0;
+      const steps = [
+        ['pull following /{db} at v0', null],
+        ['upgrade', 7],
+        ['move to /v/3', 3],
+        ['follow /{db} again (v7)', null],
+        ['rollback', 0],
+        ['move to /v/7', 7],
+        ['follow /{db} again (v0)', null],
+      ];
+      for (const [what, k] of steps) {
+        if (what === 'upgrade' || what === 'rollback') {
+          await h[what](ctx.store, k);
+          await h.waitServed(ctx.gw, k);
+          served = k;
+        } else {
+          q.k = k;
+        }
+        await q.pull();
+        const at = q.k === null ? served : q.k;
+        await h.assertPhoneShapes({ k: at, docs: () => q.docs() }, N);
+        await h.assertNoPhoneConflicts(q);
+        assert.equal((await q.pull()).docs_read, 0, `${what}: a second pull downloads nothing`);
+      }
+      await assertNoConflicts(ctx, [q]);
+    });
+
     test('a device id that is not one is refused, and changes nothing', async (t) => {
       const ctx = await setup(t, kind, { docs: 5 });
       for (const bad of ['a%20b', 'a:b', 'x'.repeat(101)]) {

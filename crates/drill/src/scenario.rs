@@ -869,12 +869,25 @@ pub async fn run(opts: DrillOptions) -> Result<DrillReport, DrillError> {
     let written = drill.engine("re-upgrade", latest, false).await?;
     let complement = checks::complement_restored(&drill).await?;
     let (_, bytes) = drill.sync_all("sync after re-upgrade").await?;
+    let mut bytes = bytes;
+    // The named phone leaves `/{db}` for an older version and comes back.
+    for (pin, when) in [
+        (
+            Pin::At(down),
+            format!("a named phone moving from /{DB} to v{down}"),
+        ),
+        (Pin::Follow, format!("a named phone following /{DB} again")),
+    ] {
+        drill.devices[half].point(&base, pin);
+        let (_, b) = drill.sync_all(&when).await?;
+        Drill::add(&mut bytes, &b);
+        drill.check_converged(&when).await?;
+    }
     drill.edit_round("after-fix", 1, false).await?;
     let (_, b2) = drill.sync_all("sync edits after re-upgrade").await?;
-    let mut bytes = bytes;
     Drill::add(&mut bytes, &b2);
     drill.record(
-        &format!("re-upgrade to v{latest}; phones follow and edit"),
+        &format!("re-upgrade to v{latest}; phones follow (1 visits v{down}) and edit"),
         started,
         written,
         bytes,

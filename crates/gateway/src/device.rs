@@ -37,8 +37,11 @@ pub struct Device {
     /// (`/v/{k}` or `X-Rewind-Version`), if it made one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub version: Option<u32>,
-    /// Its device epochs, oldest first, one per move down (at most
-    /// [`KEPT_EPOCHS`]); empty until it moves down.
+    /// Its last request followed `/{db}` (chose no version).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub following: bool,
+    /// Its device epochs, oldest first, one per move down or from `/{db}`
+    /// to a version (at most [`KEPT_EPOCHS`]); empty until it makes one.
     #[serde(default)]
     pub epochs: Vec<String>,
     #[serde(rename = "_rev", default, skip_serializing_if = "Option::is_none")]
@@ -84,12 +87,31 @@ impl Device {
         }
     }
 
+    /// True when a request at `k` (`None`: following `/{db}`) changes
+    /// nothing in this record.
+    pub fn notes(&self, k: Option<u32>) -> bool {
+        match k {
+            None => self.following,
+            Some(k) => !self.following && self.version == Some(k),
+        }
+    }
+
+    /// True when a request at `k` starts a device epoch: a version below
+    /// the one the device last chose, or any version after following
+    /// `/{db}` (the phone holds the served version's copies, in contexts a
+    /// pinned client's presentation does not retire).
+    fn starts_epoch(&self, k: Option<u32>) -> bool {
+        match k {
+            None => false,
+            Some(k) => self.following || matches!(self.version, Some(v) if k < v),
+        }
+    }
+
     /// Reads the record of `device` and notes a request from it at version
-    /// `k` (`None`: following `/{db}`, which changes nothing): a version
-    /// below the one it last chose starts a device epoch; any other change
-    /// of version is recorded as is. Written conditionally on the record
-    /// read, again on a conflict, so that concurrent requests of a device
-    /// start one epoch per move.
+    /// `k` (`None`: following `/{db}`): a move down, or from `/{db}` to a
+    /// version, starts a device epoch; any other change is recorded as is.
+    /// Written conditionally on the record read, again on a conflict, so
+    /// that concurrent requests of a device start one epoch per move.
     pub async fn note(
         database: &Database,
         device: &str,
@@ -97,18 +119,19 @@ impl Device {
     ) -> Result<Device, GatewayError> {
         for _ in 0..WRITE_ATTEMPTS {
             let mut record = Device::load(database, device).await?;
-            let Some(k) = k else { return Ok(record) };
-            match record.version {
-                Some(v) if v == k => return Ok(record),
-                Some(v) if k < v => {
-                    let n = record.epochs.len() + 1;
-                    record.epochs.push(epoch_name(device, n));
-                    let extra = record.epochs.len().saturating_sub(KEPT_EPOCHS);
-                    record.epochs.drain(..extra);
-                }
-                _ => {}
+            if record.notes(k) {
+                return Ok(record);
             }
-            record.version = Some(k);
+            if record.starts_epoch(k) {
+                let n = record.epochs.len() + 1;
+                record.epochs.push(epoch_name(device, n));
+                let extra = record.epochs.len().saturating_sub(KEPT_EPOCHS);
+                record.epochs.drain(..extra);
+            }
+            record.following = k.is_none();
+            if k.is_some() {
+                record.version = k;
+            }
             let mut doc =
                 serde_json::to_value(&record).map_err(|e| GatewayError::Internal(e.to_string()))?;
             doc["_id"] = Value::from(record_id(device));
@@ -124,13 +147,14 @@ impl Device {
         Err(GatewayError::Conflict(record_id(device)))
     }
 
-    /// What the root uuid at `/v/{k}` names of this record, if anything:
-    /// the current device epoch, marked when a request at `k` will start the
-    /// next one (a client may read the root before the database, as
-    /// `rewind`'s own replicator does: the uuid must differ from the one it
-    /// had at `k` in the current epoch, before its move up and back down).
-    pub fn uuid_part(&self, k: u32) -> Option<String> {
-        let moving_down = matches!(self.version, Some(v) if k < v);
+    /// What the root uuid at `/v/{k}` (`None`: `/`, following) names of
+    /// this record, if anything: the current device epoch, marked when a
+    /// request at `k` will start the next one (a client may read the root
+    /// before the database, as `rewind`'s own replicator does: the uuid must
+    /// differ from the one it had at `k` in the current epoch, before its
+    /// move up and back down).
+    pub fn uuid_part(&self, k: Option<u32>) -> Option<String> {
+        let moving_down = self.starts_epoch(k);
         let epoch = self.epochs.last().map(String::as_str).unwrap_or("");
         match (epoch, moving_down) {
             ("", false) => None,
@@ -173,22 +197,27 @@ mod tests {
     #[test]
     fn the_root_uuid_part_changes_with_each_move_down_before_and_after_it_is_noted() {
         let mut record = Device::default();
-        assert_eq!(record.uuid_part(3), None, "a device never seen");
+        assert_eq!(record.uuid_part(Some(3)), None, "a device never seen");
         record.version = Some(7);
-        assert_eq!(record.uuid_part(7), None, "no move down yet");
-        assert_eq!(record.uuid_part(3).as_deref(), Some("+down"));
+        assert_eq!(record.uuid_part(Some(7)), None, "no move down yet");
+        assert_eq!(record.uuid_part(Some(3)).as_deref(), Some("+down"));
         // Noted: 7 → 3 started epoch e1; up to 5 within it; down to 3 again.
         record.epochs.push("e1".into());
         record.version = Some(3);
-        assert_eq!(record.uuid_part(5).as_deref(), Some("e1"));
+        assert_eq!(record.uuid_part(Some(5)).as_deref(), Some("e1"));
         record.version = Some(5);
-        let at3 = record.uuid_part(3);
+        let at3 = record.uuid_part(Some(3));
         assert_eq!(at3.as_deref(), Some("e1+down"));
         assert_ne!(
             at3.as_deref(),
             Some("e1"),
             "differs from an up visit at 3 in e1"
         );
+        // Following `/{db}` starts none; a version after it does.
+        assert_eq!(record.uuid_part(None).as_deref(), Some("e1"));
+        record.following = true;
+        assert_eq!(record.uuid_part(Some(5)).as_deref(), Some("e1+down"));
+        assert!(record.notes(None) && !record.notes(Some(5)));
     }
 
     #[test]

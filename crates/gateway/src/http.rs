@@ -285,7 +285,7 @@ impl Gateway {
     ) -> Result<Device, GatewayError> {
         let key = (db.to_owned(), device.to_owned());
         if let Some((at, record)) = self.inner.devices.lock().map_err(poisoned)?.get(&key) {
-            if at.elapsed() < STATE_TTL && (k.is_none() || record.version == k) {
+            if at.elapsed() < STATE_TTL && record.notes(k) {
                 return Ok(record.clone());
             }
         }
@@ -774,7 +774,7 @@ async fn root(gateway: &Gateway, call: &Call) -> Result<Response, GatewayError> 
             let mut key = k.to_string();
             if let Some(id) = &call.device {
                 for (db, database) in gateway.open_databases(call.credentials().as_deref()).await {
-                    if let Some(part) = Device::load(&database, id).await?.uuid_part(k) {
+                    if let Some(part) = Device::load(&database, id).await?.uuid_part(Some(k)) {
                         key.push_str(&format!(",{db}@{part}"));
                     }
                 }
@@ -788,7 +788,15 @@ async fn root(gateway: &Gateway, call: &Call) -> Result<Response, GatewayError> 
                 if let Ok(state) = gateway.state(&db, &database).await {
                     let epochs = crate::view::epochs(&state);
                     let epoch = epochs.last().map(String::as_str).unwrap_or("");
-                    key.push(format!("{db}={}@{epoch}", state.served_version()));
+                    let mut part = format!("{db}={}@{epoch}", state.served_version());
+                    // A named device follows in a context of its own once it
+                    // has a device epoch (`view::following`).
+                    if let Some(id) = &call.device {
+                        if let Some(own) = Device::load(&database, id).await?.uuid_part(None) {
+                            part.push_str(&format!("+{own}"));
+                        }
+                    }
+                    key.push(part);
                     served.push((db, state.served_version()));
                 }
             }

@@ -1472,6 +1472,14 @@ fn resolution(id: &str, leaves: &[Value], plan: &PushPlan) -> Vec<Value> {
     });
     let live: Vec<&Value> = leaves.iter().filter(|l| !is_deleted(l)).collect();
     let adopted_live = live.iter().any(|l| adopted(l));
+    // Adopted copies of a view another live branch carries on, presented
+    // in another context (after a restore, phones that held one view in
+    // two contexts push it back under two ids).
+    let stale: Vec<String> = live
+        .iter()
+        .filter(|l| adopted(l) && stale_copy(l, &live, journal))
+        .map(|l| rev_of(l))
+        .collect();
     // A deletion also wins over what rewind wrote on its ancestors.
     let contested = live.len() >= 2 || (deletion && !live.is_empty());
     if !(contested || others && adopted_live) {
@@ -1480,7 +1488,7 @@ fn resolution(id: &str, leaves: &[Value], plan: &PushPlan) -> Vec<Value> {
     let mut tombstones = Vec::new();
     for leaf in live {
         let rev = rev_of(leaf);
-        if others && adopted(leaf) {
+        if others && adopted(leaf) || stale.contains(&rev) {
             tombstones.push(retire(id, leaf));
             continue;
         }
@@ -1497,6 +1505,64 @@ fn resolution(id: &str, leaves: &[Value], plan: &PushPlan) -> Vec<Value> {
         }
     }
     tombstones
+}
+
+/// The synthetic revisions of `leaf`'s history with only rewind above them:
+/// walking down from the leaf through rewind's writes (journal images) and
+/// synthetic rungs, up to the first revision that is neither (a rung's
+/// base ends the walk: below a ladder is the history it was presented on).
+fn rewind_only_above(leaf: &Value, journal: &Journal) -> Vec<String> {
+    let hist = view::history(leaf);
+    let mut out = Vec::new();
+    let mut here = Some(body_hash(leaf));
+    for (pos, rev) in hist.iter().enumerate() {
+        if view::is_synthetic_rev(rev) {
+            out.push(rev.clone());
+            here = None;
+            continue;
+        }
+        let (Some(after), Some(parent)) = (&here, hist.get(pos + 1)) else {
+            break;
+        };
+        let image = journal
+            .images
+            .iter()
+            .rev()
+            .find(|i| i.rev == *parent && i.after == *after);
+        match image {
+            Some(image) => here = image.hash_before(),
+            None => break,
+        }
+    }
+    out
+}
+
+/// True when `leaf` is a synthetic copy of a view, or rewind's writes on
+/// one, that another of the `live` leaves carries on: its history holds
+/// the same view on the same parent presented in another context
+/// (`view::same_view`) with a human edit above it, or, when only rewind
+/// wrote above both, that leaf wins.
+fn stale_copy(leaf: &Value, live: &[&Value], journal: &Journal) -> bool {
+    let ours = rewind_only_above(leaf, journal);
+    let rev = view::history(leaf).first().cloned().unwrap_or_default();
+    let order = |r: &str| (view::generation(r), r.to_owned());
+    live.iter().any(|other| {
+        let hist = view::history(other);
+        let Some(theirs_rev) = hist.first() else {
+            return false;
+        };
+        if *theirs_rev == rev {
+            return false;
+        }
+        let Some(theirs) = hist
+            .iter()
+            .find(|r| ours.iter().any(|o| *o != **r && view::same_view(o, r)))
+        else {
+            return false;
+        };
+        let only_rewind_above = rewind_only_above(other, journal).contains(theirs);
+        !only_rewind_above || order(theirs_rev) > order(&rev)
+    })
 }
 
 /// What storing one pushed revision writes (see [`Session::plan_push`]).
@@ -1600,6 +1666,60 @@ fn stub_attachments(doc: &mut Value) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A leaf with `body` and history `hist` (newest first).
+    fn leaf_with(hist: &[&str], body: Value) -> Value {
+        let hist: Vec<String> = hist.iter().map(|r| (*r).to_owned()).collect();
+        let mut doc = body;
+        doc["_id"] = json!("d");
+        doc["_rev"] = json!(hist[0]);
+        doc["_revisions"] = view::revisions_member(&hist);
+        doc
+    }
+
+    #[test]
+    fn an_adopted_copy_of_a_view_another_branch_edited_on_is_stale() {
+        // After a restore, phone A pushes back its copy of a view in its
+        // context; phone B, which held the same view in another context and
+        // edited it, pushes its edit. A's copy is stale (B's branch starts
+        // from the same view); B's is not.
+        let view_body = json!({"type": "person", "name": "Ann"});
+        let in_a = view::synthetic_rev("1-base", "ck", &view_body, "context a");
+        let in_b = view::synthetic_rev("1-base", "ck", &view_body, "context b");
+        assert!(view::same_view(&in_a, &in_b) && in_a != in_b);
+        let a = leaf_with(&[&in_a, "1-base"], view_body.clone());
+        let b = leaf_with(
+            &["3-edit", &in_b, "1-base"],
+            json!({"type": "person", "name": "Ann B."}),
+        );
+        let journal = Journal::default();
+        let live = [&a, &b];
+        assert!(stale_copy(&a, &live, &journal));
+        assert!(
+            !stale_copy(&b, &live, &journal),
+            "a human edit above the view"
+        );
+        // Two copies of one view with nothing above either: one yields
+        // (the loser by CouchDB's order), never both.
+        let b_copy = leaf_with(&[&in_b, "1-base"], view_body.clone());
+        let live = [&a, &b_copy];
+        assert_ne!(
+            stale_copy(&a, &live, &journal),
+            stale_copy(&b_copy, &live, &journal)
+        );
+        // A copy of another view (the same document edited differently)
+        // is no one's stale copy: the conflict is real.
+        let other_view = json!({"type": "person", "name": "Ann C."});
+        let c = leaf_with(
+            &[
+                &view::synthetic_rev("1-base", "ck", &other_view, "context c"),
+                "1-base",
+            ],
+            other_view,
+        );
+        let live = [&c, &b];
+        assert!(!stale_copy(&c, &live, &journal));
+    }
 
     #[test]
     fn the_present_cache_keeps_the_recent_entries_and_bounds_the_rest() {

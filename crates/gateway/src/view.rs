@@ -175,6 +175,17 @@ pub fn is_synthetic_rev(rev: &str) -> bool {
     SYNTHETIC.is(rev)
 }
 
+/// True when `a` and `b` are synthetic revisions presenting one view on one
+/// parent, in different contexts or the same: the generation and the head
+/// of their ids (which name no context) match.
+pub fn same_view(a: &str, b: &str) -> bool {
+    let head = |rev: &str| {
+        let (generation, hash) = rev.split_once('-')?;
+        Some((generation.to_owned(), hash.get(..16)?.to_owned()))
+    };
+    is_synthetic_rev(a) && is_synthetic_rev(b) && head(a).is_some() && head(a) == head(b)
+}
+
 /// True when `rev` is a synthetic child of `base` presenting `body`, in any
 /// context.
 pub fn presents(rev: &str, base: &str, checksum: &str, body: &Value) -> bool {
@@ -206,19 +217,24 @@ fn presents_hash(rev: &str, base: &str, checksum: &str, body_hash: &str) -> bool
 /// - the **adoptions** recorded in the journal (a restore: see
 ///   `sync::Session::push`).
 ///
-/// - pinned, for a device that named itself and has moved down a version
-///   (`device`: its device epochs, oldest first, see `crate::device`), its
-///   current **device epoch** instead of [`PINNED`].
+/// - for a device that named itself and has a **device epoch** (`device`:
+///   its device epochs, oldest first, see `crate::device`: one per move
+///   down or from `/{db}` to a version), pinned, its current device epoch
+///   instead of [`PINNED`]; following, the epoch with its device epoch
+///   ([`following`]).
 ///
 /// The other contexts listed are the ones whose copies the client may hold
 /// and that its presentation retires: following `/{db}`, the window's
 /// epochs and the pinned context (a phone moves from `/v/{k}` to `/{db}`
-/// in one pull), and the device's epochs in the window; pinned, the pinned
-/// context's older adoptions, and for a device the pinned context and its
-/// device epochs in the window (a pinned client retiring `/{db}`'s views
-/// would find them deleted on moving there: moves from `/{db}` to `/v/{k}`
-/// go one way, like moves between versions of a phone that does not name
-/// itself).
+/// in one pull); pinned, the pinned context's older adoptions (a pinned
+/// client retiring `/{db}`'s views would find them deleted on moving
+/// there: a phone that does not name itself moves from `/{db}` to `/v/{k}`
+/// one way only, like between versions). A device with a device epoch
+/// retires besides, pinned or following, its pinned contexts in the window
+/// and the contexts it followed in before its current epoch; following,
+/// also those of its current epoch with the window's earlier epochs. (Its
+/// pinned presentation retires what it followed, and its following
+/// presentation is its own, so it moves both ways.)
 pub fn contexts(
     epochs: &[String],
     journal: &Journal,
@@ -231,29 +247,57 @@ pub fn contexts(
     let adoptions = adoption_names(journal, WINDOW + 1);
     let window = &epochs[epochs.len().saturating_sub(WINDOW)..];
     let device = &device[device.len().saturating_sub(WINDOW)..];
+    let own = device.last().map(String::as_str);
+    // The device epoch before the current one (none: the device had none).
+    let before = device.len().checked_sub(2).map(|i| device[i].as_str());
+    let current = window.last().map(String::as_str).unwrap_or("");
     let epoch = match pinned {
-        true => device.last().map(String::as_str).unwrap_or(PINNED),
-        false => window.last().map(String::as_str).unwrap_or(""),
+        true => own.unwrap_or(PINNED).to_owned(),
+        false => following(current, own),
     };
     let adoption = adoptions.last().map(String::as_str).unwrap_or("");
     // Every pair of an epoch and an adoption (a phone may have pulled
     // before both changed: a restore's adoptions, then the upgrade after
     // it), the current context last.
-    let mut retired: Vec<&str> = vec![PINNED];
+    let mut retired: Vec<String> = vec![PINNED.to_owned()];
     if !pinned {
-        retired.extend(window.iter().map(String::as_str).filter(|e| *e != PINNED));
+        retired.extend(window.iter().filter(|e| *e != PINNED).cloned());
     }
-    retired.extend(device.iter().map(String::as_str));
+    if own.is_some() {
+        retired.extend(device.iter().cloned());
+        for e in window {
+            retired.push(following(e, before));
+            if !pinned {
+                retired.push(following(e, own));
+            }
+        }
+    }
     let mut out = Vec::new();
-    for e in retired {
+    let mut seen = std::collections::HashSet::new();
+    for e in &retired {
         for a in &adoptions {
-            if (e, a.as_str()) != (epoch, adoption) {
+            if (e.as_str(), a.as_str()) != (epoch.as_str(), adoption) && seen.insert((e, a)) {
                 out.push(context_name(e, a));
             }
         }
     }
-    out.push(context_name(epoch, adoption));
+    out.push(context_name(&epoch, adoption));
     out
+}
+
+/// The epoch of the presentation context of a device following `/{db}`
+/// in the database's `epoch`, with its current device epoch `own` (none:
+/// the database's epoch, shared by every phone). In the first epoch (`""`,
+/// also the pinned one) it is the device's own, as for phones without one
+/// (`/v/{k}` and `/{db}` serving `k` present alike until the first run);
+/// after a run, `"{epoch} {own}"`, which still names the version that
+/// epoch serves first (`context_version`).
+pub fn following(epoch: &str, own: Option<&str>) -> String {
+    match (epoch, own) {
+        (epoch, None) => epoch.to_owned(),
+        ("", Some(own)) => own.to_owned(),
+        (epoch, Some(own)) => format!("{epoch} {own}"),
+    }
 }
 
 /// The epoch of the presentation context of pinned URLs (`/v/{k}/{db}`):
@@ -359,8 +403,13 @@ pub fn copy_context(
         return CopyContext::Window;
     }
     let adoptions = adoption_names(journal, usize::MAX);
-    // `all_epochs` starts with the epoch before any run, `PINNED`.
-    for epoch in all.iter().chain(device) {
+    // `all_epochs` starts with the epoch before any run, `PINNED`; a
+    // device's copies may be in its device epochs, pinned or following.
+    let mut older: Vec<String> = all.iter().chain(device).cloned().collect();
+    for own in device {
+        older.extend(all.iter().map(|e| following(e, Some(own))));
+    }
+    for epoch in &older {
         for adoption in &adoptions {
             if is(&context_name(epoch, adoption)) {
                 return CopyContext::Older;
@@ -1171,12 +1220,29 @@ mod tests {
         assert_eq!(revs[0], own0);
         assert_ne!(own0, pinned0);
         assert!(revs.contains(&tombstone_rev(&pinned1)), "{revs:?}");
-        // Following `/{db}`, the device's epochs are retired too (a phone
-        // moves from `/v/{k}` to `/{db}` in one pull), and the current
-        // context is the database's epoch.
-        let following = contexts_of(&[""], &journal, false, &device);
-        assert_eq!(following.last().map(String::as_str), Some(""));
-        assert!(following.contains(&device[0]));
+        // Following `/{db}` in the first epoch, the device is presented in
+        // its own context too (as `/v/{k}` and `/{db}` present alike until
+        // the first run); after a run, in the run's epoch with its own,
+        // retiring the plain epochs and its pinned context.
+        let first = contexts_of(&[""], &journal, false, &device);
+        assert_eq!(first.last(), Some(&device[0]));
+        let later = contexts_of(&["", "7:r1"], &journal, false, &device);
+        assert_eq!(later.last().map(String::as_str), Some("7:r1 device d 1 x"));
+        for held in [PINNED, "7:r1", device[0].as_str()] {
+            assert!(later.iter().any(|c| c == held), "{held} retired: {later:?}");
+        }
+        // Pinned again after following (a device epoch each time it leaves
+        // `/{db}`): what it followed in is retired.
+        let device2 = ["device d 1 x".to_owned(), "device d 2 y".to_owned()];
+        let again = contexts_of(&["", "7:r1"], &journal, true, &device2);
+        assert_eq!(again.last(), Some(&device2[1]));
+        for held in ["7:r1 device d 1 x", "device d 1 x", PINNED] {
+            assert!(again.iter().any(|c| c == held), "{held} retired: {again:?}");
+        }
+        assert!(
+            !again.iter().any(|c| c == "7:r1 device d 2 y"),
+            "its next follow context is fresh"
+        );
         // A second move down: the first device epoch is retired in turn.
         let device = ["device d 1 x".to_owned(), "device d 2 y".to_owned()];
         let second = contexts_of(&[""], &journal, true, &device);
