@@ -11,8 +11,9 @@ use std::process::ExitCode;
 /// A phone chooses its version by URL prefix, `/v/{N}/{db}` (or the
 /// X-Rewind-Version header); `/{db}` serves the database's current version.
 /// A phone that names itself (`/v/{N}/_device/{id}/{db}`, or the
-/// X-Rewind-Device header) may also move down a version: its next pull
-/// brings the older shape (docs/runbook.md, "Which URL a phone syncs with").
+/// X-Rewind-Device header) may also move down a version, or from `/{db}`
+/// to a version: its next pull brings that version's shape
+/// (docs/runbook.md, "Which URL a phone syncs with").
 /// Pulled documents are translated to the phone's version, pushed ones to the
 /// server's, with complements kept. Revision ids are derived from what they
 /// hold, so every gateway answers alike, a phone that switches version
