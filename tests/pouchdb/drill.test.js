@@ -491,7 +491,7 @@ for (const kind of STORES) {
         const d = new Drill(t, seed, kind);
         t.after(() => d.cleanup.run());
         await d.setup();
-        const [a, b, c, e, f] = d.phones; // a, b: follow; c: v0 → v7, offline; e: v0 offline; f: named, v0 → v7 → v3, online
+        const [a, b, c, e, f] = d.phones; // a, b: follow; c: v0 → v7, offline; e: v0 offline; f: named, v0 → v7 → v3, follows, visits v3, online
 
         // 0. Phones pull the database at v0.
         await d.timed('initial pull', async () => {
@@ -567,6 +567,13 @@ for (const kind of STORES) {
           await d.engine('upgrade', 7);
           await h.waitServed(d.gw, 7);
           await d.syncAll();
+          // The named phone leaves /medic for v3 and comes back.
+          f.k = 3;
+          await d.syncAll();
+          await d.assertConverged('a named phone moving from /medic to v3');
+          f.k = null;
+          await d.syncAll();
+          await d.assertConverged('a named phone following /medic again');
           for (const p of d.phones) await d.editRound(p, 1, 'fixed', { create: 1, k: 7 });
           await d.syncAll();
           await d.syncAll();
