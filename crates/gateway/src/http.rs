@@ -774,7 +774,10 @@ async fn root(gateway: &Gateway, call: &Call) -> Result<Response, GatewayError> 
             let mut key = k.to_string();
             if let Some(id) = &call.device {
                 for (db, database) in gateway.open_databases(call.credentials().as_deref()).await {
-                    if let Some(part) = Device::load(&database, id).await?.uuid_part(Some(k)) {
+                    // (A database this user cannot read names nothing, as
+                    // below.)
+                    let record = Device::load(&database, id).await.unwrap_or_default();
+                    if let Some(part) = record.uuid_part(Some(k)) {
                         key.push_str(&format!(",{db}@{part}"));
                     }
                 }
@@ -792,7 +795,8 @@ async fn root(gateway: &Gateway, call: &Call) -> Result<Response, GatewayError> 
                     // A named device follows in a context of its own once it
                     // has a device epoch (`view::following`).
                     if let Some(id) = &call.device {
-                        if let Some(own) = Device::load(&database, id).await?.uuid_part(None) {
+                        let record = Device::load(&database, id).await.unwrap_or_default();
+                        if let Some(own) = record.uuid_part(None) {
                             part.push_str(&format!("+{own}"));
                         }
                     }
@@ -839,8 +843,8 @@ async fn database_route(
             gateway.inner.set.latest()
         )));
     }
-    // A device that names itself: its request noted (a move down starts a
-    // device epoch), its epochs read.
+    // A device that names itself: its request noted (a move down, or from
+    // `/{db}` to a version, starts a device epoch), its epochs read.
     let device = match &call.device {
         Some(id) => gateway.device(db, &database, id, asked_k).await?.epochs,
         None => Vec::new(),
