@@ -706,7 +706,8 @@ pub async fn run(opts: DrillOptions) -> Result<DrillReport, DrillError> {
     let half = devices / 2;
     let first_pin = |i: usize| if i < half { Pin::Follow } else { Pin::At(0) };
     // The first pinned phone names itself: it moves down a version and back
-    // in step 2.
+    // in step 2, and from `/medic` to that version and back after the
+    // re-upgrade.
     let named = |i: usize| (i == half).then(|| format!("phone{i}"));
     for i in 0..devices {
         let url = url_of(&drill.base, first_pin(i), named(i).as_deref());

@@ -31,8 +31,9 @@ pub struct Session<'a> {
     /// rather than following the version `/{db}` serves: presentations are
     /// in the pinned context (`view::contexts`).
     pub pinned: bool,
-    /// The device epochs of the client, when it names itself and has moved
-    /// down a version (`crate::device`), oldest first; else empty.
+    /// The device epochs of the client, when it names itself and has one
+    /// (a move down, or from `/{db}` to a version: `crate::device`), oldest
+    /// first; else empty.
     pub device: &'a [String],
     /// The database's state (version, run in progress).
     pub state: &'a State,
@@ -316,8 +317,8 @@ impl Session<'_> {
     }
 
     /// A revision of a document in the context this session presents in
-    /// (database, version, pinned or not, epoch, device epochs): the leaf part of a
-    /// [`PresentKey`] for a stored leaf's revision, and the key of a
+    /// (database, version, pinned or not, epoch, device epoch): the leaf
+    /// part of a [`PresentKey`] for a stored leaf's revision, and the key of a
     /// presented revision in [`PresentCache`] (a presented revision id
     /// denotes one body, and one history in one context).
     fn revision_key(&self, epochs: &[String], id: &str, rev: &str) -> String {
