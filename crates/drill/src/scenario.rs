@@ -478,7 +478,9 @@ impl EngineJob {
                     let _ = child.kill(); // SIGKILL
                     kills += 1;
                 }
-                let _ = child.wait();
+                // Reaped off the runtime's threads (the phones keep syncing
+                // on them).
+                let _ = tokio::task::spawn_blocking(move || child.wait()).await;
             }
         }
         let db = self.gateway.open_database(DB).await.map_err(err)?;
