@@ -37,6 +37,15 @@ async fn views_and_unknown_endpoints_pass_through_to_couchdb() {
             .unwrap()
             .expect("the view answers through the gateway");
     assert!(view.contains("\"key\":\"person\""), "{view}");
+    // With a version and a device named in the path, both are dropped from
+    // what goes upstream.
+    let named = tokio::task::spawn_blocking(move || {
+        http_get(port, "/v/3/_device/phone-1/medic/_design/app/_view/by_type")
+    })
+    .await
+    .unwrap()
+    .expect("the view answers through a named device's URL");
+    assert_eq!(named, view);
     let unknown = tokio::task::spawn_blocking(move || http_get(port, "/api/v1/settings"))
         .await
         .unwrap()
