@@ -916,7 +916,7 @@ for (const kind of h.STORE_KINDS) {
         headers: {
           origin,
           'access-control-request-method': 'POST',
-          'access-control-request-headers': 'content-type,authorization,x-rewind-version',
+          'access-control-request-headers': 'content-type,authorization,x-rewind-version,x-rewind-device',
         },
       });
       assert.ok(pre.status === 200 || pre.status === 204, `preflight status ${pre.status}`);
@@ -924,6 +924,7 @@ for (const kind of h.STORE_KINDS) {
       assert.equal(pre.headers.get('access-control-allow-credentials'), 'true');
       assert.match(pre.headers.get('access-control-allow-methods') || '', /POST/);
       assert.match(pre.headers.get('access-control-allow-headers') || '', /x-rewind-version/i);
+      assert.match(pre.headers.get('access-control-allow-headers') || '', /x-rewind-device/i);
       const get = await fetch(`${base}/_all_docs`, { headers: { origin } });
       assert.equal(get.status, 200);
       assert.equal(get.headers.get('access-control-allow-origin'), origin);
