@@ -1,4 +1,5 @@
-//! Devices that name themselves, so that a phone can move *down* a version.
+//! Devices that name themselves, so that a phone can move *down* a version,
+//! and from `/{db}` to a version.
 //!
 //! A stateless gateway serves moves between versions in one direction only
 //! (docs/design.md, "Moves between versions go up"): within one
@@ -7,12 +8,12 @@
 //! it holds. A phone that names itself (`X-Rewind-Device: {id}`, or
 //! `/_device/{id}` after the version prefix) gets a record in the
 //! database's companion (`device:{id}`): the version of its last pinned
-//! request, and one **device epoch** per move down. From its first move down
-//! on, its pinned presentations are in the context of its current device
-//! epoch, which no other phone shares and which retires the contexts it
-//! held copies from (the pinned context and its previous device epoch), so
-//! it converges in one pull like a phone moving up. The record lives in the
-//! store, so two gateways answer the device alike.
+//! request, whether its last request followed `/{db}`, and one **device
+//! epoch** per move down or from `/{db}` to a version. From its first
+//! device epoch on, its presentations are in contexts no other phone shares
+//! (`view::contexts`, `view::following`), which retire the contexts it held
+//! copies from, so it converges in one pull like a phone moving up. The
+//! record lives in the store, so two gateways answer the device alike.
 
 use rewind_engine::state::Database;
 use rewind_store::{GetOptions, Store, StoreError};
