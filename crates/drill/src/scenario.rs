@@ -237,6 +237,26 @@ impl Drill {
 
     /// Checks invariant 4 for the online phones now (after a sync that
     /// switched their version), for the final report.
+    /// Points phone `i` at each pin of `moves` in turn, syncing every
+    /// online phone and checking convergence after each (named by its
+    /// text); returns the documents pulled and the bytes per phone, summed.
+    async fn move_phone(
+        &mut self,
+        i: usize,
+        moves: [(Pin, String); 2],
+    ) -> Result<(u64, Vec<u64>), DrillError> {
+        let (mut pulled, mut bytes) = (0, vec![0; self.devices.len()]);
+        let base = self.base.clone();
+        for (pin, when) in moves {
+            self.devices[i].point(&base, pin);
+            let (p, b) = self.sync_all(&when).await?;
+            pulled += p;
+            Drill::add(&mut bytes, &b);
+            self.check_converged(&when).await?;
+        }
+        Ok((pulled, bytes))
+    }
+
     async fn check_converged(&mut self, when: &str) -> Result<(), DrillError> {
         let served = self.served().await?;
         let (checked, diverged) = checks::convergence(self, served, when).await?;
@@ -791,23 +811,22 @@ pub async fn run(opts: DrillOptions) -> Result<DrillReport, DrillError> {
     let mut all_bytes = bytes;
     Drill::add(&mut all_bytes, &bytes2);
     let down = latest / 2;
-    let mut pulled3 = 0;
-    for (pin, when) in [
-        (
-            Pin::At(down),
-            format!("a named phone moving down to v{down}"),
-        ),
-        (
-            Pin::At(latest),
-            format!("a named phone moving back up to v{latest}"),
-        ),
-    ] {
-        drill.devices[half].point(&base, pin);
-        let (p, b) = drill.sync_all(&when).await?;
-        pulled3 += p;
-        Drill::add(&mut all_bytes, &b);
-        drill.check_converged(&when).await?;
-    }
+    let (pulled3, moved) = drill
+        .move_phone(
+            half,
+            [
+                (
+                    Pin::At(down),
+                    format!("a named phone moving down to v{down}"),
+                ),
+                (
+                    Pin::At(latest),
+                    format!("a named phone moving back up to v{latest}"),
+                ),
+            ],
+        )
+        .await?;
+    Drill::add(&mut all_bytes, &moved);
     drill.devices[devices - 2].online = false; // a phone that moved up goes offline
     drill.devices[devices - 1].online = false; // the old-version phone goes offline
     drill.edit_round("new-version", 2, false).await?;
@@ -874,18 +893,19 @@ pub async fn run(opts: DrillOptions) -> Result<DrillReport, DrillError> {
     let (_, bytes) = drill.sync_all("sync after re-upgrade").await?;
     let mut bytes = bytes;
     // The named phone leaves `/{db}` for an older version and comes back.
-    for (pin, when) in [
-        (
-            Pin::At(down),
-            format!("a named phone moving from /{DB} to v{down}"),
-        ),
-        (Pin::Follow, format!("a named phone following /{DB} again")),
-    ] {
-        drill.devices[half].point(&base, pin);
-        let (_, b) = drill.sync_all(&when).await?;
-        Drill::add(&mut bytes, &b);
-        drill.check_converged(&when).await?;
-    }
+    let (_, moved) = drill
+        .move_phone(
+            half,
+            [
+                (
+                    Pin::At(down),
+                    format!("a named phone moving from /{DB} to v{down}"),
+                ),
+                (Pin::Follow, format!("a named phone following /{DB} again")),
+            ],
+        )
+        .await?;
+    Drill::add(&mut bytes, &moved);
     drill.edit_round("after-fix", 1, false).await?;
     let (_, b2) = drill.sync_all("sync edits after re-upgrade").await?;
     Drill::add(&mut bytes, &b2);
