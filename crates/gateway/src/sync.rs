@@ -1509,33 +1509,23 @@ fn resolution(id: &str, leaves: &[Value], plan: &PushPlan) -> Vec<Value> {
 }
 
 /// The synthetic revisions of `leaf`'s history with only rewind above them:
-/// walking down from the leaf through rewind's writes (journal images) and
-/// synthetic rungs, up to the first revision that is neither (a rung's
-/// base ends the walk: below a ladder is the history it was presented on).
+/// the leaf itself when it is one, else the nearest one rewind's writes
+/// lead down to (`view::system_base`), with the rungs right below it (a
+/// rung's base ends the run: below a ladder is the history it was
+/// presented on).
 fn rewind_only_above(leaf: &Value, journal: &Journal) -> Vec<String> {
     let hist = view::history(leaf);
-    let mut out = Vec::new();
-    let mut here = Some(body_hash(leaf));
-    for (pos, rev) in hist.iter().enumerate() {
-        if view::is_synthetic_rev(rev) {
-            out.push(rev.clone());
-            here = None;
-            continue;
-        }
-        let (Some(after), Some(parent)) = (&here, hist.get(pos + 1)) else {
-            break;
-        };
-        let image = journal
-            .images
-            .iter()
-            .rev()
-            .find(|i| i.rev == *parent && i.after == *after);
-        match image {
-            Some(image) => here = image.hash_before(),
-            None => break,
-        }
+    let is_rung = |r: &&String| view::is_synthetic_rev(r);
+    let copies: Vec<String> = hist.iter().filter(is_rung).cloned().collect();
+    let start = match hist.first() {
+        Some(rev) if view::is_synthetic_rev(rev) => Some(0),
+        _ => view::system_base(leaf, &copies, journal)
+            .and_then(|base| hist.iter().position(|r| r == base)),
+    };
+    match start {
+        Some(at) => hist[at..].iter().take_while(is_rung).cloned().collect(),
+        None => Vec::new(),
     }
-    out
 }
 
 /// True when `leaf` is a synthetic copy of a view, or rewind's writes on
