@@ -290,6 +290,19 @@ pub struct State {
     rev: Option<String>,
 }
 
+/// The document `id` of a companion (the state, a gateway's device
+/// records), `None` when there is none.
+pub async fn companion_doc(
+    companion: &AnyStore,
+    id: &str,
+) -> std::result::Result<Option<Value>, StoreError> {
+    match companion.get(id, &GetOptions::default()).await {
+        Ok(found) => Ok(Some(found.into_doc().unwrap_or(Value::Null))),
+        Err(StoreError::NotFound { .. }) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
 /// Milliseconds since the epoch.
 pub fn now_ms() -> u64 {
     SystemTime::now()
@@ -352,14 +365,10 @@ impl State {
 
     /// Reads the state document of a companion (defaults when there is none).
     pub async fn load_from(companion: &AnyStore) -> Result<State> {
-        match companion.get(STATE_ID, &GetOptions::default()).await {
-            Ok(found) => {
-                let doc = found.into_doc().unwrap_or(Value::Null);
-                serde_json::from_value(doc)
-                    .map_err(|e| EngineError::Corrupt(format!("the state document: {e}")))
-            }
-            Err(StoreError::NotFound { .. }) => Ok(State::default()),
-            Err(e) => Err(e.into()),
+        match companion_doc(companion, STATE_ID).await? {
+            Some(doc) => serde_json::from_value(doc)
+                .map_err(|e| EngineError::Corrupt(format!("the state document: {e}"))),
+            None => Ok(State::default()),
         }
     }
 

@@ -15,8 +15,8 @@
 //! copies from, so it converges in one pull like a phone moving up. The
 //! record lives in the store, so two gateways answer the device alike.
 
-use rewind_engine::state::Database;
-use rewind_store::{GetOptions, Store, StoreError};
+use rewind_engine::state::{companion_doc, Database};
+use rewind_store::{Store, StoreError};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -72,19 +72,10 @@ fn record_id(device: &str) -> String {
 impl Device {
     /// Reads the record of `device` (an empty one when there is none).
     pub async fn load(database: &Database, device: &str) -> Result<Device, GatewayError> {
-        match database
-            .state
-            .get(&record_id(device), &GetOptions::default())
-            .await
-        {
-            Ok(found) => {
-                let doc = found.into_doc().unwrap_or(Value::Null);
-                serde_json::from_value(doc).map_err(|e| {
-                    GatewayError::Internal(format!("the record of device {device}: {e}"))
-                })
-            }
-            Err(StoreError::NotFound { .. }) => Ok(Device::default()),
-            Err(e) => Err(e.into()),
+        match companion_doc(&database.state, &record_id(device)).await? {
+            Some(doc) => serde_json::from_value(doc)
+                .map_err(|e| GatewayError::Internal(format!("the record of device {device}: {e}"))),
+            None => Ok(Device::default()),
         }
     }
 
