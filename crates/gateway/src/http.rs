@@ -68,11 +68,55 @@ struct Inner {
     checksum: String,
     identity: String,
     dbs: Mutex<HashMap<String, Database>>,
-    states: Mutex<HashMap<String, (Instant, State)>>,
+    states: Recent<String, State>,
     /// Device records by database and device, kept like `states` (a named
     /// phone's every request needs its record: read each time, a pull from
     /// pouchdb-server took 8–15% longer).
-    devices: Mutex<HashMap<(String, String), (Instant, Device)>>,
+    devices: Recent<(String, String), Device>,
+}
+
+/// Values read from the store in the last [`STATE_TTL`], by key: what
+/// every request needs (a database's version state, a device's record) is
+/// read once a quarter second, not once a request.
+struct Recent<K, V> {
+    entries: Mutex<HashMap<K, (Instant, V)>>,
+}
+
+impl<K: std::hash::Hash + Eq, V: Clone> Recent<K, V> {
+    /// Entries kept before the expired ones are dropped.
+    const BOUND: usize = 10_000;
+
+    fn new() -> Recent<K, V> {
+        Recent {
+            entries: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The value of `key` stored less than [`STATE_TTL`] ago, when `usable`.
+    fn get(&self, key: &K, usable: impl Fn(&V) -> bool) -> Result<Option<V>, GatewayError> {
+        let entries = self.entries.lock().map_err(poisoned)?;
+        Ok(entries
+            .get(key)
+            .filter(|(at, value)| at.elapsed() < STATE_TTL && usable(value))
+            .map(|(_, value)| value.clone()))
+    }
+
+    /// Keeps `value` for `key` from now on.
+    fn put(&self, key: K, value: V) -> Result<(), GatewayError> {
+        let mut entries = self.entries.lock().map_err(poisoned)?;
+        if entries.len() >= Self::BOUND {
+            entries.retain(|_, (at, _)| at.elapsed() < STATE_TTL);
+        }
+        entries.insert(key, (Instant::now(), value));
+        Ok(())
+    }
+
+    /// Forgets every entry.
+    fn clear(&self) {
+        if let Ok(mut entries) = self.entries.lock() {
+            entries.clear();
+        }
+    }
 }
 
 /// A running gateway's shared parts. Cheap to clone.
@@ -105,8 +149,8 @@ impl Gateway {
                 set: config.migrations,
                 identity,
                 dbs: Mutex::new(HashMap::new()),
-                states: Mutex::new(HashMap::new()),
-                devices: Mutex::new(HashMap::new()),
+                states: Recent::new(),
+                devices: Recent::new(),
             }),
         }
     }
@@ -263,12 +307,8 @@ impl Gateway {
     /// Forgets the cached database states (kept up to a quarter second), so
     /// that the next request sees a run that just ended.
     pub fn forget_states(&self) {
-        if let Ok(mut states) = self.inner.states.lock() {
-            states.clear();
-        }
-        if let Ok(mut devices) = self.inner.devices.lock() {
-            devices.clear();
-        }
+        self.inner.states.clear();
+        self.inner.devices.clear();
     }
 
     /// The record of `device` in `db`, with its request at `k` noted
@@ -284,17 +324,11 @@ impl Gateway {
         k: Option<u32>,
     ) -> Result<Device, GatewayError> {
         let key = (db.to_owned(), device.to_owned());
-        if let Some((at, record)) = self.inner.devices.lock().map_err(poisoned)?.get(&key) {
-            if at.elapsed() < STATE_TTL && record.notes(k) {
-                return Ok(record.clone());
-            }
+        if let Some(record) = self.inner.devices.get(&key, |record| record.notes(k))? {
+            return Ok(record);
         }
         let record = Device::note(database, device, k).await?;
-        let mut devices = self.inner.devices.lock().map_err(poisoned)?;
-        if devices.len() >= 10_000 {
-            devices.retain(|_, (at, _)| at.elapsed() < STATE_TTL);
-        }
-        devices.insert(key, (Instant::now(), record.clone()));
+        self.inner.devices.put(key, record.clone())?;
         Ok(record)
     }
 
@@ -320,17 +354,11 @@ impl Gateway {
     }
 
     async fn state(&self, db: &str, database: &Database) -> Result<State, GatewayError> {
-        if let Some((at, state)) = self.inner.states.lock().map_err(poisoned)?.get(db) {
-            if at.elapsed() < STATE_TTL {
-                return Ok(state.clone());
-            }
+        if let Some(state) = self.inner.states.get(&db.to_owned(), |_| true)? {
+            return Ok(state);
         }
         let state = State::load(database).await?;
-        self.inner
-            .states
-            .lock()
-            .map_err(poisoned)?
-            .insert(db.to_owned(), (Instant::now(), state.clone()));
+        self.inner.states.put(db.to_owned(), state.clone())?;
         Ok(state)
     }
 }
