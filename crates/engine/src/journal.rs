@@ -201,7 +201,7 @@ fn canonical(value: &Value, numbers: Numbers, out: &mut Vec<u8>) {
         }
         Value::Number(n) if numbers == Numbers::AsJavaScript => {
             let text = n.as_str();
-            if is_plain_integer(text) {
+            if rewind_lens::json_text::is_plain_integer(text) {
                 // A double holds it exactly and writes it back alike.
                 out.extend_from_slice(text.as_bytes());
                 return;
@@ -241,16 +241,6 @@ fn canonical_members<'a>(
         canonical(value, numbers, out);
     }
     out.push(b'}');
-}
-
-/// True for an integer's text of at most 15 digits, not `-0`: a double
-/// holds it exactly and formats it as written, so it is its own value's text.
-fn is_plain_integer(text: &str) -> bool {
-    let digits = text.strip_prefix('-').unwrap_or(text);
-    !digits.is_empty()
-        && digits.len() <= 15
-        && digits.bytes().all(|b| b.is_ascii_digit())
-        && text != "-0"
 }
 
 /// A hash of a document's body that ignores key order and revision members

@@ -100,6 +100,17 @@ pub fn to_string(value: &Value, style: NumberStyle) -> String {
     String::from_utf8(out).unwrap_or(text)
 }
 
+/// True for an integer's text of at most 15 digits, not `-0`: a double
+/// holds it exactly and JavaScript formats it as written, so it is its own
+/// value's text on either side.
+pub fn is_plain_integer(text: &str) -> bool {
+    let digits = text.strip_prefix('-').unwrap_or(text);
+    !digits.is_empty()
+        && digits.len() <= 15
+        && digits.bytes().all(|b| b.is_ascii_digit())
+        && text != "-0"
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -143,10 +143,18 @@ impl Script {
             Direction::Up => ("up", &self.up),
             Direction::Down => ("down", &self.down),
         };
-        let mut shielded = doc.clone();
-        shield_numbers(&mut shielded);
-        let doc_text =
-            serde_json::to_string(&shielded).map_err(|e| LensError::Script(e.to_string()))?;
+        // Most documents hold only integers JavaScript writes back as they
+        // are written: no number to shield going in or to restore coming out.
+        let plain =
+            numbers_survive_javascript(doc) && kept_in.values().all(numbers_survive_javascript);
+        let doc_text = if plain {
+            serde_json::to_string(doc)
+        } else {
+            let mut shielded = doc.clone();
+            shield_numbers(&mut shielded);
+            serde_json::to_string(&shielded)
+        }
+        .map_err(|e| LensError::Script(e.to_string()))?;
         let kept_text =
             serde_json::to_string(kept_in).map_err(|e| LensError::Script(e.to_string()))?;
         let (new_doc, kept_out) = with_engine(|engine| {
@@ -185,14 +193,20 @@ impl Script {
             )));
         }
         let mut numbers = HashMap::new();
-        collect_numbers(doc, &mut numbers);
-        collect_numbers(&Value::Object(kept_in.clone()), &mut numbers);
-        restore_number_text(&mut new_doc, &numbers);
+        if !plain {
+            collect_numbers(doc, &mut numbers);
+            kept_in
+                .values()
+                .for_each(|v| collect_numbers(v, &mut numbers));
+            restore_number_text(&mut new_doc, &numbers);
+        }
         *doc = new_doc;
         match serde_json::from_str(&kept_out) {
             Ok(Value::Object(mut kept)) => {
-                for value in kept.values_mut() {
-                    restore_number_text(value, &numbers);
+                if !plain {
+                    for value in kept.values_mut() {
+                        restore_number_text(value, &numbers);
+                    }
                 }
                 Ok(kept)
             }
@@ -206,10 +220,28 @@ impl Script {
 /// Marks a number a double cannot hold (`1e400`) while JavaScript has the document.
 const SHIELD: &str = "\u{0}rewind-number:";
 
-/// Replaces numbers a double cannot hold by marked strings.
+/// True when every number in `value` is an integer of at most 15 digits
+/// (not `-0`): a double holds it exactly and JavaScript writes it back as
+/// it is written, so it needs no shield and no restoring.
+fn numbers_survive_javascript(value: &Value) -> bool {
+    match value {
+        Value::Number(n) => crate::json_text::is_plain_integer(n.as_str()),
+        Value::Object(o) => o.values().all(numbers_survive_javascript),
+        Value::Array(a) => a.iter().all(numbers_survive_javascript),
+        _ => true,
+    }
+}
+
+/// Replaces numbers a double cannot hold, and negative zeros (JavaScript
+/// writes `-0` as `0`, which would then take the text of an input `0`), by
+/// marked strings.
 fn shield_numbers(value: &mut Value) {
     match value {
-        Value::Number(n) if !n.as_f64().is_some_and(f64::is_finite) => {
+        Value::Number(n)
+            if !n
+                .as_f64()
+                .is_some_and(|f| f.is_finite() && !(f == 0.0 && f.is_sign_negative())) =>
+        {
             *value = Value::String(format!("{SHIELD}{n}"));
         }
         Value::Object(o) => o.values_mut().for_each(shield_numbers),

@@ -190,6 +190,34 @@ fn a_custom_step_that_loops_is_stopped_by_the_time_limit() {
 }
 
 #[test]
+fn a_custom_step_keeps_number_text_whatever_numbers_the_document_holds() {
+    let s = set(&["description: x\nwhen: {type: a}\nup:\n  - custom: {up: 'd => { d.copy = d.n; d.sum = d.i + 1; return d }', down: 'd => { delete d.copy; delete d.sum; return d }'}\nwhen_after: {type: a}\n"]);
+    for (input, expected) in [
+        // Integers JavaScript writes as written: passed through as they are.
+        (
+            r#"{"_id":"d","type":"a","n":7,"i":-41}"#,
+            r#"{"_id":"d","type":"a","n":7,"i":-41,"copy":7,"sum":-40,"rewind":1}"#,
+        ),
+        // Any other number keeps its text wherever the function moved it,
+        // and a result of its value takes it (`i + 1` is `i` as a double).
+        (
+            r#"{"_id":"d","type":"a","n":1.10,"i":12345678901234567890,"e":1e400}"#,
+            r#"{"_id":"d","type":"a","n":1.10,"i":12345678901234567890,"e":1e400,"copy":1.10,"sum":12345678901234567890,"rewind":1}"#,
+        ),
+        // `-0` is not an integer JavaScript writes back as written.
+        (
+            r#"{"_id":"d","type":"a","n":-0,"i":0}"#,
+            r#"{"_id":"d","type":"a","n":-0,"i":0,"copy":-0,"sum":1,"rewind":1}"#,
+        ),
+    ] {
+        let (mut doc, style) = rewind_lens::json_text::parse(input).unwrap();
+        s.translate(&mut doc, 0, 1, &mut rewind_lens::migration::NoComplements)
+            .unwrap();
+        assert_eq!(rewind_lens::json_text::to_string(&doc, style), expected);
+    }
+}
+
+#[test]
 fn a_custom_step_has_no_io() {
     let s = set(&["description: x\nwhen: {type: a}\nup:\n  - custom: {up: 'd => { d.t = typeof require + typeof std + typeof os + typeof fetch; return d }', down: 'd => d'}\nwhen_after: {type: a}\n"]);
     let mut doc = json!({"_id": "d", "type": "a"});
