@@ -295,13 +295,15 @@ impl Gateway {
         self.database(db, None, false).await
     }
 
-    /// Forgets every open database and cached state (after their files were
-    /// replaced, e.g. by a restore).
+    /// Forgets every open database and cached state, and which revisions
+    /// were presented lately (after their files were replaced, e.g. by a
+    /// restore: phones must then push back what the files lost).
     pub fn forget_all(&self) {
         if let Ok(mut dbs) = self.inner.dbs.lock() {
             dbs.clear();
         }
         self.forget_states();
+        self.inner.cache.forget_recent_revisions();
     }
 
     /// Forgets the cached database states (kept up to a quarter second), so

@@ -170,6 +170,13 @@ impl PresentCache {
             .is_ok_and(|recent| recent.contains(revision_key))
     }
 
+    /// Forgets which revisions were presented lately.
+    pub fn forget_recent_revisions(&self) {
+        if let Ok(mut recent) = self.revisions.lock() {
+            *recent = RecentRevisions::default();
+        }
+    }
+
     /// True when presentations of the leaf `leaf_part` (a
     /// [`PresentKey::leaf`]) are held for some journal revision.
     fn holds_leaf(&self, leaf_part: &str) -> bool {
@@ -1869,6 +1876,8 @@ mod tests {
         assert!(cache.get_revision("revision of 0").is_none());
         assert!(cache.presented_recently("revision of 0"));
         assert!(!cache.presented_recently("revision of none"));
+        cache.forget_recent_revisions();
+        assert!(!cache.presented_recently("revision of 0"));
         let mut recent = RecentRevisions::default();
         for i in 0..=2 * RecentRevisions::GENERATION {
             recent.insert(&i.to_string());
