@@ -550,8 +550,12 @@ fn version_views(
         body,
         version_of(set, body),
         &mut ReadOnly(journal),
-        |k, seen| {
-            let hash = client_body_hash(seen);
+        |k, seen, same_as| {
+            // A view equal to one hashed already is not hashed again.
+            let hash = match same_as {
+                Some(j) if !hashes[j as usize].is_empty() => hashes[j as usize].clone(),
+                _ => client_body_hash(seen),
+            };
             if std::ptr::eq(seen, body) {
                 own = Some(hash.clone());
             }

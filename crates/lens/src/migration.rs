@@ -826,24 +826,27 @@ impl MigrationSet {
         complements: &mut dyn Complements,
     ) -> Result<Vec<Value>> {
         let mut out = vec![Value::Null; self.latest() as usize + 1];
-        self.visit_all(doc, from, complements, |k, seen| {
+        self.visit_all(doc, from, complements, |k, seen, _| {
             out[k as usize] = seen.clone()
         })?;
         Ok(out)
     }
 
-    /// Calls `seen(k, view)` with the document's view at every version `k`
-    /// (element `k` of [`MigrationSet::translate_all`]), `from` first, then
-    /// down to 0, then up to the latest, without copying the document for
-    /// each version: what needs only to look at the views (hashing them)
-    /// copies nothing. The view at `from` is `doc` itself (the same
-    /// reference) unless its stamp had to be lowered.
+    /// Calls `seen(k, view, same_as)` with the document's view at every
+    /// version `k` (element `k` of [`MigrationSet::translate_all`]), `from`
+    /// first, then down to 0, then up to the latest, without copying the
+    /// document for each version: what needs only to look at the views
+    /// (hashing them) copies nothing. The view at `from` is `doc` itself
+    /// (the same reference) unless its stamp had to be lowered. `same_as`
+    /// names a version whose view, given earlier, this one equals (the
+    /// step between them did not apply), so a caller that derives
+    /// something from each view need not derive it again.
     pub fn visit_all(
         &self,
         doc: &Value,
         from: u32,
         complements: &mut dyn Complements,
-        mut seen: impl FnMut(u32, &Value),
+        mut seen: impl FnMut(u32, &Value, Option<u32>),
     ) -> Result<()> {
         if from > self.latest() {
             return Err(LensError::NoSuchVersion {
@@ -854,27 +857,35 @@ impl MigrationSet {
         // `translate` ends a walk down by lowering a stamp left above the
         // target; the walk carries the document as the steps leave it and
         // a view that needs that fix gets it on a copy of its own.
-        let mut settled = |at: &Value, k: u32| {
+        // (True when the view needed that fix.)
+        let mut settled = |at: &Value, k: u32, same_as: Option<u32>| {
             if self.stamp_of(at).is_some_and(|s| s > k) {
                 let mut fixed = at.clone();
                 self.set_stamp(&mut fixed, Some(k), None);
-                seen(k, &fixed);
+                seen(k, &fixed, None);
+                true
             } else {
-                seen(k, at);
+                seen(k, at, same_as);
+                false
             }
         };
-        settled(doc, from);
+        let from_fixed = settled(doc, from, None);
         // Each walk works on a copy of its own, made only when it moves.
         let mut down = if from > 0 { doc.clone() } else { Value::Null };
         for version in (1..=from).rev() {
             let kept = complements.get(version);
             // The walks' copies are dropped on an error: no backup.
-            if let StepOutcome::Applied(done) =
-                self.down_in_place(version, &mut down, kept.as_ref(), &mut Backup::None)?
-            {
-                complements.put(version, done);
-            }
-            settled(&down, version - 1);
+            let same_as =
+                match self.down_in_place(version, &mut down, kept.as_ref(), &mut Backup::None)? {
+                    StepOutcome::Applied(done) => {
+                        complements.put(version, done);
+                        None
+                    }
+                    // Untouched: the view above, unless that one's stamp was
+                    // lowered (then this one's is too, and `settled` says so).
+                    StepOutcome::Skipped => Some(version),
+                };
+            settled(&down, version - 1, same_as);
         }
         drop(down);
         let mut up = if from < self.latest() {
@@ -884,12 +895,18 @@ impl MigrationSet {
         };
         for version in from + 1..=self.latest() {
             let kept = complements.get(version);
-            if let StepOutcome::Applied(done) =
-                self.up_in_place(version, &mut up, kept.as_ref(), &mut Backup::None)?
-            {
-                complements.put(version, done);
-            }
-            seen(version, &up);
+            let same_as =
+                match self.up_in_place(version, &mut up, kept.as_ref(), &mut Backup::None)? {
+                    StepOutcome::Applied(done) => {
+                        complements.put(version, done);
+                        None
+                    }
+                    // Untouched: the view below, unless that was `doc` with
+                    // its stamp lowered.
+                    StepOutcome::Skipped if version - 1 > from || !from_fixed => Some(version - 1),
+                    StepOutcome::Skipped => None,
+                };
+            seen(version, &up, same_as);
         }
         Ok(())
     }

@@ -257,7 +257,7 @@ fn translate_all_gives_what_translate_gives_for_every_version() {
     let set = MigrationSet::parse_files(&files, "rewind").unwrap();
     let latest = set.latest();
     assert_eq!(latest, 7);
-    let mut checked = 0;
+    let (mut checked, mut same) = (0, 0);
     for doc in rewind_sample::docs(60, 3) {
         // The document at every version, with the complements its upgrade kept.
         let mut kept = Kept::default();
@@ -280,10 +280,28 @@ fn translate_all_gives_what_translate_gives_for_every_version() {
                     assert_eq!(text(&all[to as usize]), text(&one), "{from} → {to}: {doc}");
                     checked += 1;
                 }
+                // A view said to be the same as another is that view, and
+                // one given earlier.
+                let mut given = Vec::new();
+                set.visit_all(
+                    &at[from as usize],
+                    from,
+                    &mut complements.clone(),
+                    |k, view, same_as| {
+                        if let Some(j) = same_as {
+                            assert!(given.contains(&j), "{from}: {k} same as {j}, not given yet");
+                            assert_eq!(text(view), text(&all[j as usize]), "{from}: {k} as {j}");
+                            same += 1;
+                        }
+                        given.push(k);
+                    },
+                )
+                .unwrap();
             }
         }
     }
     assert!(checked > 7000);
+    assert!(same > 1000, "steps that did not apply: {same}");
 }
 
 #[test]
