@@ -447,10 +447,13 @@ fn compress_when() -> impl tower_http::compression::Predicate {
     DefaultPredicate::new().and(SizeAbove::new(1024))
 }
 
-fn json_response(status: u16, value: &Value) -> Response {
+fn json_response(status: u16, value: &impl serde::Serialize) -> Response {
+    // (Nothing answered has a map with keys that are not strings: the only
+    // way serializing JSON fails.)
+    let text = serde_json::to_string(value).unwrap_or_else(|_| "null".to_owned());
     let mut response = (
         StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
-        value.to_string(),
+        text,
     )
         .into_response();
     response.headers_mut().insert(
@@ -1391,7 +1394,7 @@ async fn bulk_get(session: &Session<'_>, call: &Call) -> Result<Response, Gatewa
     let mut results = Vec::with_capacity(asked.len());
     for (id, rev) in asked {
         let presented = presented_of.get(id).map(Vec::as_slice).unwrap_or_default();
-        let mut found: Vec<Value> = session
+        let mut found: Vec<Arc<Value>> = session
             .pick(id, presented, rev)
             .await?
             .into_iter()
@@ -1404,29 +1407,68 @@ async fn bulk_get(session: &Session<'_>, call: &Call) -> Result<Response, Gatewa
             found = presented
                 .iter()
                 .filter(|p| !any_live || !is_deleted(&p.doc))
-                .map(|p| Value::clone(&p.doc))
+                .map(|p| p.doc.clone())
                 .collect();
         }
-        let entries: Vec<Value> = if found.is_empty() {
-            vec![
+        let docs: Vec<Answer> = if found.is_empty() {
+            vec![Answer::Other(
                 json!({"error": {"id": id, "rev": rev.unwrap_or("undefined"), "error": "not_found", "reason": "missing"}}),
-            ]
+            )]
         } else {
-            found
-                .into_iter()
-                .map(|mut doc| {
-                    if !revs {
-                        if let Some(o) = doc.as_object_mut() {
-                            o.shift_remove("_revisions");
-                        }
-                    }
-                    json!({"ok": doc})
-                })
-                .collect()
+            found.into_iter().map(|doc| Answer::ok(doc, revs)).collect()
         };
-        results.push(json!({"id": id, "docs": entries}));
+        results.push(BulkGetResult { id, docs });
     }
-    Ok(json_response(200, &json!({"results": results})))
+    Ok(json_response(200, &BulkGetResults { results }))
+}
+
+/// A `_bulk_get` answer.
+#[derive(serde::Serialize)]
+struct BulkGetResults<'a> {
+    results: Vec<BulkGetResult<'a>>,
+}
+
+/// One document of a `_bulk_get` answer.
+#[derive(serde::Serialize)]
+struct BulkGetResult<'a> {
+    id: &'a str,
+    docs: Vec<Answer>,
+}
+
+/// A revision as `_bulk_get` and `open_revs` answer it: `{"ok": doc}`
+/// (serialized from the presentation itself, without a copy), or another
+/// entry (`error`, `missing`).
+#[derive(serde::Serialize)]
+#[serde(untagged)]
+enum Answer {
+    Ok { ok: SharedDoc },
+    Other(Value),
+}
+
+impl Answer {
+    /// `{"ok": doc}`, without `_revisions` unless `revs` was asked for.
+    fn ok(doc: Arc<Value>, revs: bool) -> Answer {
+        let doc = match revs || doc.get("_revisions").is_none() {
+            true => doc,
+            false => {
+                let mut doc = Arc::unwrap_or_clone(doc);
+                if let Some(o) = doc.as_object_mut() {
+                    o.shift_remove("_revisions");
+                }
+                Arc::new(doc)
+            }
+        };
+        Answer::Ok { ok: SharedDoc(doc) }
+    }
+}
+
+/// A shared document, serialized as itself.
+struct SharedDoc(Arc<Value>);
+
+impl serde::Serialize for SharedDoc {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.0.serialize(serializer)
+    }
 }
 
 fn check_doc(doc: &Value) -> Result<(), GatewayError> {
@@ -1648,19 +1690,12 @@ async fn document(
                 };
                 let mut out = Vec::new();
                 for rev in wanted {
-                    match session.pick(id, &presented, Some(&rev)).await? {
-                        Some(mut doc) => {
-                            if !call.flag("revs") {
-                                if let Some(o) = doc.as_object_mut() {
-                                    o.shift_remove("_revisions");
-                                }
-                            }
-                            out.push(json!({"ok": doc}));
-                        }
-                        None => out.push(json!({"missing": rev})),
-                    }
+                    out.push(match session.pick(id, &presented, Some(&rev)).await? {
+                        Some(doc) => Answer::ok(doc, call.flag("revs")),
+                        None => Answer::Other(json!({"missing": rev})),
+                    });
                 }
-                return Ok(json_response(200, &Value::Array(out)));
+                return Ok(json_response(200, &out));
             }
             let rev = call.query.get("rev").map(String::as_str);
             let Some(mut doc) = session.get(id, rev).await? else {

@@ -16,6 +16,7 @@ use rewind_store::{
 };
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 
 /// One database as seen by a client at version `k`.
 pub struct Session<'a> {
@@ -891,23 +892,24 @@ impl Session<'_> {
     /// and `GET /{db}/{id}` answer. `None` when there is no such revision.
     pub async fn get(&self, id: &str, rev: Option<&str>) -> Result<Option<Value>, GatewayError> {
         let presented = self.presented_leaves(id).await?;
-        self.pick(id, &presented, rev).await
+        Ok(self.pick(id, &presented, rev).await?.map(Arc::unwrap_or_clone))
     }
 
     /// From a document's presented leaves, the one at `rev` (or the
-    /// winner); else an older stored revision asked for by id, as stored.
+    /// winner), shared with the presentation (no copy); else an older
+    /// stored revision asked for by id, as stored.
     pub async fn pick(
         &self,
         id: &str,
         presented: &[Presented],
         rev: Option<&str>,
-    ) -> Result<Option<Value>, GatewayError> {
+    ) -> Result<Option<Arc<Value>>, GatewayError> {
         let found = match rev {
             Some(rev) => presented.iter().find(|p| p.rev == rev),
             None => winner(presented),
         };
         if let Some(p) = found {
-            return Ok(Some(Value::clone(&p.doc)));
+            return Ok(Some(p.doc.clone()));
         }
         if let Some(rev) = rev {
             let opts = GetOptions {
@@ -916,7 +918,7 @@ impl Session<'_> {
                 ..GetOptions::default()
             };
             if let Ok(found) = self.db.data.get(id, &opts).await {
-                return Ok(found.into_doc());
+                return Ok(found.into_doc().map(Arc::new));
             }
         }
         Ok(None)
