@@ -64,6 +64,12 @@
 #   140 MB; (c)/(a) 1.37x, (b)/(a) 1.32x on a slower machine that hour (the direct pull took
 #   7.8 s) — side by side on one server, the gateway before/after the allocator change pulled
 #   /v/0 in 10.6-11.0 / 10.2-10.3 s with 4.75 / 4.3-4.4 s of CPU and 212 / 192 MB peak.
+#   2026-11-27, fifth session: N=100000 before its changes: (c)/(a) 1.17x (the direct pull took
+#   47.5 s), 4b/4a 4.34x (the first push after the pull presented 80,000 documents again). After
+#   them (views equal to the one before not hashed again, _bulk_get without copies, zlib-rs gzip,
+#   revisions presented lately remembered apart), N=20000: (c)/(a) 1.24x with pouchdb-server CPU
+#   at 1.14x the direct pull's (the floor on this server), (b)/(a) 1.23x, 4b/4a 1.51x, copy 1.98x,
+#   50 live clients 104,300 docs in 10 s at 103 MB peak.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
