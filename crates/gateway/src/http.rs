@@ -93,7 +93,11 @@ impl<K: std::hash::Hash + Eq, V: Clone> Recent<K, V> {
     }
 
     /// The value of `key` stored less than [`STATE_TTL`] ago, when `usable`.
-    fn get(&self, key: &K, usable: impl Fn(&V) -> bool) -> Result<Option<V>, GatewayError> {
+    fn get<Q>(&self, key: &Q, usable: impl Fn(&V) -> bool) -> Result<Option<V>, GatewayError>
+    where
+        K: std::borrow::Borrow<Q>,
+        Q: std::hash::Hash + Eq + ?Sized,
+    {
         let entries = self.entries.lock().map_err(poisoned)?;
         Ok(entries
             .get(key)
@@ -356,7 +360,7 @@ impl Gateway {
     }
 
     async fn state(&self, db: &str, database: &Database) -> Result<State, GatewayError> {
-        if let Some(state) = self.inner.states.get(&db.to_owned(), |_| true)? {
+        if let Some(state) = self.inner.states.get(db, |_| true)? {
             return Ok(state);
         }
         let state = State::load(database).await?;
