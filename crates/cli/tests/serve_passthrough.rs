@@ -45,7 +45,10 @@ async fn views_and_unknown_endpoints_pass_through_to_couchdb() {
     .await
     .unwrap()
     .expect("the view answers through a named device's URL");
-    assert_eq!(named, view);
+    // (The bodies: the `date` headers differ when a second turns between.)
+    let body = |response: &str| response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned());
+    assert_eq!(body(&named), body(&view));
+    assert!(named.starts_with("HTTP/1.0 200"), "{named}");
     let unknown = tokio::task::spawn_blocking(move || http_get(port, "/api/v1/settings"))
         .await
         .unwrap()
