@@ -811,10 +811,7 @@ async fn root(gateway: &Gateway, call: &Call) -> Result<Response, GatewayError> 
             let mut key = k.to_string();
             if let Some(id) = &call.device {
                 for (db, database) in gateway.open_databases(call.credentials().as_deref()).await {
-                    // (A database this user cannot read names nothing, as
-                    // below.)
-                    let record = Device::load(&database, id).await.unwrap_or_default();
-                    if let Some(part) = record.uuid_part(Some(k)) {
+                    if let Some(part) = device_uuid_part(&database, id, Some(k)).await {
                         key.push_str(&format!(",{db}@{part}"));
                     }
                 }
@@ -832,8 +829,7 @@ async fn root(gateway: &Gateway, call: &Call) -> Result<Response, GatewayError> 
                     // A named device follows in a context of its own once it
                     // has a device epoch (`view::following`).
                     if let Some(id) = &call.device {
-                        let record = Device::load(&database, id).await.unwrap_or_default();
-                        if let Some(own) = record.uuid_part(None) {
+                        if let Some(own) = device_uuid_part(&database, id, None).await {
                             part.push_str(&format!("+{own}"));
                         }
                     }
@@ -854,6 +850,16 @@ async fn root(gateway: &Gateway, call: &Call) -> Result<Response, GatewayError> 
                 "vendor": {"name": "rewind", "version": env!("CARGO_PKG_VERSION")},
                 "features": [], "rewind": {"version": version}}),
     ))
+}
+
+/// What the root uuid at `k` (`None`: following) names of `device`'s
+/// record in `database` (`Device::uuid_part`). A database this user cannot
+/// read names nothing, as a state it cannot read does.
+async fn device_uuid_part(database: &Database, device: &str, k: Option<u32>) -> Option<String> {
+    Device::load(database, device)
+        .await
+        .unwrap_or_default()
+        .uuid_part(k)
 }
 
 async fn database_route(
