@@ -183,7 +183,7 @@ pub fn same_view(a: &str, b: &str) -> bool {
         let (generation, hash) = rev.split_once('-')?;
         Some((generation.to_owned(), hash.get(..16)?.to_owned()))
     };
-    is_synthetic_rev(a) && is_synthetic_rev(b) && head(a).is_some() && head(a) == head(b)
+    is_synthetic_rev(a) && is_synthetic_rev(b) && head(a).is_some_and(|ha| Some(ha) == head(b))
 }
 
 /// True when `rev` is a synthetic child of `base` presenting `body`, in any
