@@ -3,7 +3,7 @@
 use crate::Cli;
 use indicatif::{ProgressBar, ProgressStyle};
 use rewind_engine::plan::plan;
-use rewind_engine::run::{run, Progress, RunOptions};
+use rewind_engine::run::{run, Kind, Progress, RunOptions};
 use rewind_engine::state::Database;
 use rewind_engine::Project;
 use std::path::PathBuf;
@@ -197,6 +197,7 @@ fn execute(
 pub fn upgrade(cli: &Cli, args: &UpgradeArgs) -> anyhow::Result<ExitCode> {
     let opts = RunOptions {
         batch: args.batch.unwrap_or(0),
+        only: Some(Kind::Upgrade),
         ..RunOptions::default()
     };
     execute(cli, &args.target, args.to, opts)
@@ -206,6 +207,7 @@ pub fn rollback(cli: &Cli, args: &RollbackArgs) -> anyhow::Result<ExitCode> {
     let opts = RunOptions {
         batch: args.batch.unwrap_or(0),
         instant: args.instant,
+        only: Some(Kind::Rollback),
         ..RunOptions::default()
     };
     execute(cli, &args.target, Some(args.to), opts)

@@ -225,6 +225,54 @@ fn the_drill_with_five_phones_and_kill_holds() {
     drill_with_kill_holds("5", "700");
 }
 
+/// `rewind rollback --to N` above the database's version, and `rewind
+/// upgrade --to N` below it, are refused with the command that goes that
+/// way, and write nothing.
+#[test]
+fn upgrade_and_rollback_refuse_to_go_the_other_way() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("a.db").display().to_string();
+    let migrations = examples().display().to_string();
+    stdout_of_success(rewind().args(["sample", "--docs", "40", "--db", &db]));
+    let refused = |args: &[&str], told: &str| {
+        let out = rewind()
+            .args(args)
+            .args(["--db", &db, "--migrations", &migrations])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} was not refused: {stderr}");
+        assert!(stderr.contains(told), "{args:?}: {stderr}");
+    };
+    let status = || stdout_of_success(rewind().args(["status", "--db", &db]));
+    let before = status();
+    refused(&["rollback", "--to", "3"], "run `rewind upgrade --to 3`");
+    assert_eq!(status(), before, "a refused rollback changed the state");
+    assert!(before.contains("schema version 0"), "{before}");
+    stdout_of_success(rewind().args([
+        "upgrade",
+        "--to",
+        "3",
+        "--db",
+        &db,
+        "--migrations",
+        &migrations,
+    ]));
+    let upgraded = status();
+    refused(&["upgrade", "--to", "1"], "run `rewind rollback --to 1`");
+    assert_eq!(status(), upgraded, "a refused upgrade changed the state");
+    stdout_of_success(rewind().args([
+        "rollback",
+        "--to",
+        "1",
+        "--db",
+        &db,
+        "--migrations",
+        &migrations,
+    ]));
+    assert!(status().contains("schema version 1"), "{}", status());
+}
+
 /// `rewind copy --with-companion`: the copy keeps the schema version and
 /// the journal, so it can be rolled back exactly like the original; a copy
 /// without it starts with no state (version 0) and says nothing is lost

@@ -64,6 +64,10 @@ pub struct RunOptions {
     /// Rollback only: serve the target version at once (the gateway flips
     /// within a second) and rewrite the documents behind it.
     pub instant: bool,
+    /// The way the caller means to go (`rewind upgrade` or `rewind
+    /// rollback`): a run the other way, to start or to resume, is refused
+    /// with the command that does it. `None` goes whichever way `to` lies.
+    pub only: Option<Kind>,
 }
 
 impl Default for RunOptions {
@@ -72,6 +76,7 @@ impl Default for RunOptions {
             batch: 0,
             max_retries: 20,
             instant: false,
+            only: None,
         }
     }
 }
@@ -759,6 +764,57 @@ pub async fn run(
     result
 }
 
+/// Refuses a run that would go the other way than `only` says: a run in
+/// progress of the other kind, or a target on the other side of the
+/// database's version. A rollback that upgrades (or the reverse) is never
+/// what the command's user meant.
+fn refuse_other_way(state: &State, to: u32, only: Option<Kind>) -> Result<()> {
+    let Some(only) = only else {
+        return Ok(());
+    };
+    let (kind, from) = match &state.run {
+        Some(run) if run.to == to => {
+            let kind = if run.kind == Kind::Upgrade.name() {
+                Kind::Upgrade
+            } else {
+                Kind::Rollback
+            };
+            if kind != only {
+                return Err(EngineError::Refused(format!(
+                    "a {} from {} to {} is in progress (run {}); finish it: rewind {} --to {}",
+                    run.kind,
+                    run.from,
+                    run.to,
+                    run.id,
+                    kind.name(),
+                    run.to
+                )));
+            }
+            return Ok(());
+        }
+        Some(_) => return Ok(()), // refused below: another run is in progress
+        None if to > state.version => (Kind::Upgrade, state.version),
+        None if to < state.version => (Kind::Rollback, state.version),
+        None => return Ok(()),
+    };
+    if kind == only {
+        return Ok(());
+    }
+    let (what, verb) = match kind {
+        Kind::Upgrade => (
+            format!("rolling back to {to} would upgrade it"),
+            "rewind upgrade",
+        ),
+        Kind::Rollback => (
+            format!("upgrading to {to} would roll it back"),
+            "rewind rollback",
+        ),
+    };
+    Err(EngineError::Refused(format!(
+        "the database is at version {from}: {what}; to do that, run `{verb} --to {to}`"
+    )))
+}
+
 async fn run_with_lease(
     db: &Database,
     set: &MigrationSet,
@@ -774,6 +830,7 @@ async fn run_with_lease(
             set.latest()
         )));
     }
+    refuse_other_way(state, to, opts.only)?;
     let info = db.data.info().await?;
     let mut run = match state.run.take() {
         Some(mut run) if run.to == to => {
@@ -1459,6 +1516,39 @@ mod tests {
             kind: kind.name().into(),
             ..Run::new("test-run", from, to, 0)
         }
+    }
+
+    #[test]
+    fn a_command_refuses_to_go_the_other_way() {
+        let at = |version: u32, run: Option<Run>| {
+            let mut state = State::default();
+            state.version = version;
+            state.run = run;
+            state
+        };
+        let refused =
+            |state: &State, to: u32, only: Kind| match refuse_other_way(state, to, Some(only)) {
+                Err(EngineError::Refused(why)) => why,
+                other => panic!("not refused: {other:?}"),
+            };
+        let why = refused(&at(0, None), 3, Kind::Rollback);
+        assert!(why.contains("`rewind upgrade --to 3`"), "{why}");
+        let why = refused(&at(7, None), 3, Kind::Upgrade);
+        assert!(why.contains("`rewind rollback --to 3`"), "{why}");
+        // A run in progress is resumed by its own command only.
+        let rolling = at(7, Some(sample_run(Kind::Rollback, 7, 3)));
+        let why = refused(&rolling, 3, Kind::Upgrade);
+        assert!(
+            why.contains("a rollback from 7 to 3 is in progress"),
+            "{why}"
+        );
+        assert!(why.contains("rewind rollback --to 3"), "{why}");
+        assert!(refuse_other_way(&rolling, 3, Some(Kind::Rollback)).is_ok());
+        // The way the command goes, or no command, passes.
+        assert!(refuse_other_way(&at(0, None), 3, Some(Kind::Upgrade)).is_ok());
+        assert!(refuse_other_way(&at(7, None), 3, Some(Kind::Rollback)).is_ok());
+        assert!(refuse_other_way(&at(7, None), 3, None).is_ok());
+        assert!(refuse_other_way(&at(0, None), 3, None).is_ok());
     }
 
     fn value_of(doc: NewDoc) -> Value {
