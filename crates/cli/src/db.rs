@@ -233,6 +233,11 @@ pub fn plan_cmd(cli: &Cli, args: &PlanArgs) -> anyhow::Result<ExitCode> {
             for s in &m.samples {
                 println!("    {}", s.id);
                 for (path, before, after) in &s.fields {
+                    let shown = |v: &Option<serde_json::Value>| match v {
+                        Some(v) => v.to_string(),
+                        None => "(absent)".to_owned(),
+                    };
+                    let (before, after) = (shown(before), shown(after));
                     println!("      {path}: {red}- {before}{reset}  {green}+ {after}{reset}");
                 }
             }

@@ -36,6 +36,34 @@ fn stdout_of_success(cmd: &mut Command) -> String {
     stdout
 }
 
+/// The winning revision of every document of the store at `path`, without
+/// `_rev`, by id.
+fn winners(path: &str) -> std::collections::BTreeMap<String, serde_json::Value> {
+    let path = path.to_owned();
+    tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(async move {
+            let store = rewind_store::open(&path).await.unwrap();
+            let all = rewind_store::Store::all_docs(
+                &store,
+                &rewind_store::AllDocsOptions {
+                    include_docs: true,
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
+            all.rows
+                .into_iter()
+                .map(|row| {
+                    let mut doc = row.doc.unwrap();
+                    doc.as_object_mut().unwrap().shift_remove("_rev");
+                    (row.key, doc)
+                })
+                .collect()
+        })
+}
+
 fn sample(n: u32) -> Vec<u8> {
     let out = rewind()
         .args(["sample", "--docs", &n.to_string()])
@@ -225,6 +253,80 @@ fn the_drill_with_five_phones_and_kill_holds() {
     drill_with_kill_holds("5", "700");
 }
 
+/// A rollback's plan shows what the rollback does: each step translated
+/// down with the complement the journal kept (a removed field comes back
+/// with each document's own value, not the step's default), and a field
+/// that is absent on one side shows as absent, not as `null`.
+#[test]
+fn a_rollback_plan_shows_the_values_the_rollback_restores() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("a.db").display().to_string();
+    let migrations = examples().display().to_string();
+    stdout_of_success(rewind().args(["sample", "--docs", "80", "--db", &db]));
+    let original = winners(&db);
+    stdout_of_success(rewind().args(["upgrade", "--db", &db, "--migrations", &migrations]));
+    let plan_of = |json: bool| {
+        let mut cmd = rewind();
+        cmd.args([
+            "plan",
+            "--to",
+            "4",
+            "--db",
+            &db,
+            "--migrations",
+            &migrations,
+        ]);
+        if json {
+            cmd.arg("--json");
+        }
+        stdout_of_success(&mut cmd)
+    };
+    let plan: serde_json::Value = serde_json::from_str(&plan_of(true)).unwrap();
+    let removal = plan["migrations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["id"] == "0005-remove-legacy-code")
+        .expect("the plan rolls back 0005");
+    let samples = removal["samples"].as_array().unwrap();
+    assert!(!samples.is_empty(), "{removal}");
+    let text = plan_of(false);
+    assert!(
+        text.contains("fields.legacy_code: - (absent)  + \""),
+        "{text}"
+    );
+    stdout_of_success(rewind().args([
+        "rollback",
+        "--to",
+        "4",
+        "--db",
+        &db,
+        "--migrations",
+        &migrations,
+    ]));
+    let rolled = winners(&db);
+    for sample in samples {
+        let id = sample["id"].as_str().unwrap();
+        let field = sample["fields"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|f| f[0] == "fields.legacy_code")
+            .unwrap_or_else(|| panic!("{id}: no legacy_code in {sample}"));
+        let kept = &original[id]["fields"]["legacy_code"];
+        assert!(
+            kept.is_string(),
+            "{id}: the sample has no legacy_code to restore"
+        );
+        assert_eq!(field[1], serde_json::Value::Null, "{id}: absent before");
+        assert_eq!(&field[2], kept, "{id}: the plan restores another value");
+        assert_eq!(
+            &rolled[id]["fields"]["legacy_code"], kept,
+            "{id}: the rollback"
+        );
+    }
+}
+
 /// `rewind rollback --to N` above the database's version, and `rewind
 /// upgrade --to N` below it, are refused with the command that goes that
 /// way, and write nothing.
@@ -349,29 +451,10 @@ fn a_copy_with_its_companion_rolls_back_like_the_original() {
         &migrations,
     ]));
     let bodies = |name: &str| {
-        let path = db(name);
-        tokio::runtime::Runtime::new()
-            .unwrap()
-            .block_on(async move {
-                let store = rewind_store::open(&path).await.unwrap();
-                let all = rewind_store::Store::all_docs(
-                    &store,
-                    &rewind_store::AllDocsOptions {
-                        include_docs: true,
-                        ..Default::default()
-                    },
-                )
-                .await
-                .unwrap();
-                all.rows
-                    .into_iter()
-                    .map(|row| {
-                        let mut doc = row.doc.unwrap();
-                        doc.as_object_mut().unwrap().shift_remove("_rev");
-                        doc.to_string()
-                    })
-                    .collect::<Vec<String>>()
-            })
+        winners(&db(name))
+            .into_values()
+            .map(|doc| doc.to_string())
+            .collect::<Vec<String>>()
     };
     let (rolled, original) = (bodies("b.db"), bodies("original.db"));
     assert_eq!(rolled.len(), 300);

@@ -1,22 +1,23 @@
 //! `rewind plan`: what an upgrade or rollback would do, without writing.
 
 use crate::journal::body_hash;
+use crate::run::read_journals;
 use crate::state::Inspected;
 use crate::{EngineError, Result};
-use rewind_lens::migration::NoComplements;
 use rewind_lens::{MigrationSet, StepOutcome};
 use rewind_store::{ChangesOptions, Store};
 use serde::Serialize;
 use serde_json::Value;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 /// One sample change: a document before and after.
 #[derive(Debug, Clone, Serialize)]
 pub struct SampleDiff {
     /// The document id.
     pub id: String,
-    /// The fields that change: `(path, before, after)`; `null` when absent.
-    pub fields: Vec<(String, Value, Value)>,
+    /// The fields that change: `(path, before, after)`; `None` (`null` in
+    /// JSON) when absent.
+    pub fields: Vec<(String, Option<Value>, Option<Value>)>,
 }
 
 /// The plan of one migration.
@@ -47,29 +48,32 @@ pub struct Plan {
     pub migrations: Vec<MigrationPlan>,
 }
 
-fn diff(before: &Value, after: &Value, prefix: &str, out: &mut Vec<(String, Value, Value)>) {
+/// The changes from `before` to `after` (`None`: absent), as
+/// [`SampleDiff::fields`]: members of two objects one by one, anything
+/// else whole.
+fn diff(
+    before: Option<&Value>,
+    after: Option<&Value>,
+    prefix: &str,
+    out: &mut Vec<(String, Option<Value>, Option<Value>)>,
+) {
+    let path = |k: &str| {
+        if prefix.is_empty() {
+            k.to_owned()
+        } else {
+            format!("{prefix}.{k}")
+        }
+    };
     match (before, after) {
-        (Value::Object(b), Value::Object(a)) => {
+        (Some(Value::Object(b)), Some(Value::Object(a))) => {
             for (k, bv) in b {
-                let path = if prefix.is_empty() {
-                    k.clone()
-                } else {
-                    format!("{prefix}.{k}")
-                };
-                diff(bv, a.get(k).unwrap_or(&Value::Null), &path, out);
+                diff(Some(bv), a.get(k), &path(k), out);
             }
-            for (k, av) in a {
-                if !b.contains_key(k) {
-                    let path = if prefix.is_empty() {
-                        k.clone()
-                    } else {
-                        format!("{prefix}.{k}")
-                    };
-                    out.push((path, Value::Null, av.clone()));
-                }
+            for (k, av) in a.iter().filter(|(k, _)| !b.contains_key(*k)) {
+                diff(None, Some(av), &path(k), out);
             }
         }
-        (b, a) if b != a => out.push((prefix.to_owned(), b.clone(), a.clone())),
+        (b, a) if b != a => out.push((prefix.to_owned(), b.cloned(), a.cloned())),
         _ => {}
     }
 }
@@ -122,6 +126,15 @@ pub async fn plan(
         if changes.results.is_empty() {
             break;
         }
+        // A rollback translates down with the complements the journals
+        // kept (what the real one restores), not with the steps' defaults.
+        let journals = match (&db.companion, to < from) {
+            (Some(companion), true) => {
+                let ids: Vec<String> = changes.results.iter().map(|r| r.id.clone()).collect();
+                read_journals(companion, &ids).await?
+            }
+            _ => HashMap::new(),
+        };
         for row in &changes.results {
             let Some(doc) = &row.doc else { continue };
             if row.deleted {
@@ -139,7 +152,8 @@ pub async fn plan(
                 let outcome = if to >= from {
                     set.up_step(*version, &mut current, None)
                 } else {
-                    set.down_step(*version, &mut current, None)
+                    let kept = journals.get(&row.id).and_then(|j| j.kept_for(*version));
+                    set.down_step(*version, &mut current, kept.as_ref())
                 }
                 .map_err(|source| EngineError::Lens {
                     id: row.id.clone(),
@@ -150,7 +164,7 @@ pub async fn plan(
                     *m.by_type.entry(ty.clone()).or_default() += 1;
                     if m.samples.len() < 3 {
                         let mut fields = Vec::new();
-                        diff(&before, &current, "", &mut fields);
+                        diff(Some(&before), Some(&current), "", &mut fields);
                         m.samples.push(SampleDiff {
                             id: row.id.clone(),
                             fields,
@@ -165,6 +179,5 @@ pub async fn plan(
         }
         since = changes.last_seq;
     }
-    let _ = NoComplements;
     Ok(plan)
 }

@@ -228,13 +228,13 @@ fn journal_doc(id: &str, mut journal: Journal, as_text: bool) -> Result<NewDoc> 
 /// conditional write fail, and the retry reads it by key.
 async fn load_page_journals(db: &Database, ids: &[String]) -> Result<HashMap<String, JournalIn>> {
     let AnyStore::Couch(_) = &db.state else {
-        return load_journals(db, ids).await;
+        return load_journals(&db.state, ids).await;
     };
     let (Some(first), Some(last)) = (ids.iter().min(), ids.iter().max()) else {
         return Ok(HashMap::new());
     };
     if ids.len() < RANGE_READ_MIN {
-        return load_journals(db, ids).await;
+        return load_journals(&db.state, ids).await;
     }
     let limit = ids.len() * 2;
     let rows = db
@@ -250,7 +250,7 @@ async fn load_page_journals(db: &Database, ids: &[String]) -> Result<HashMap<Str
         .rows;
     if rows.len() == limit {
         // Journals of many other documents in between (a page of the feed).
-        return load_journals(db, ids).await;
+        return load_journals(&db.state, ids).await;
     }
     let wanted: HashSet<&str> = ids.iter().map(String::as_str).collect();
     journals_of_rows(
@@ -259,14 +259,27 @@ async fn load_page_journals(db: &Database, ids: &[String]) -> Result<HashMap<Str
     )
 }
 
-/// The journals of `ids`, read by key.
-async fn load_journals(db: &Database, ids: &[String]) -> Result<HashMap<String, JournalIn>> {
+/// The journals of `ids` in `companion`, parsed, by document id (a
+/// document without one is left out).
+pub(crate) async fn read_journals(
+    companion: &AnyStore,
+    ids: &[String],
+) -> Result<HashMap<String, Journal>> {
+    let mut out = HashMap::new();
+    for (id, journal) in load_journals(companion, ids).await? {
+        let parsed = journal.parse(&id)?;
+        out.insert(id, parsed);
+    }
+    Ok(out)
+}
+
+/// The journals of `ids` in `companion`, read by key.
+async fn load_journals(companion: &AnyStore, ids: &[String]) -> Result<HashMap<String, JournalIn>> {
     let keys: Vec<String> = ids.iter().map(|id| journal_id(id)).collect();
-    if let AnyStore::Sqlite(state) = &db.state {
+    if let AnyStore::Sqlite(state) = companion {
         return journal_texts(state, ids).await;
     }
-    let rows = db
-        .state
+    let rows = companion
         .all_docs(&AllDocsOptions {
             keys: Some(keys),
             include_docs: true,
@@ -1374,7 +1387,7 @@ async fn journal_batch(
         // Another writer (a gateway journaling a push) changed these
         // journals since they were read: read them and their documents
         // again and redo only them; the rest of the batch is journaled.
-        journals = load_journals(db, &raced).await?;
+        journals = load_journals(&db.state, &raced).await?;
         for id in &raced {
             match journals.get(id) {
                 Some(journal) => before.insert(id.clone(), journal.clone()),

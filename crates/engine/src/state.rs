@@ -123,6 +123,8 @@ pub struct Inspected {
     pub state: State,
     /// How the user named the database (credentials removed).
     pub name: String,
+    /// The companion, when there is one (journals are read from it).
+    pub companion: Option<AnyStore>,
 }
 
 impl Database {
@@ -131,14 +133,16 @@ impl Database {
     /// the defaults: version 0, no runs).
     pub async fn inspect(target: &str) -> Result<Inspected> {
         let data = open_data(target).await?;
-        let state = match existing_companion(target, &data).await? {
-            Some(store) => State::load_from(&store).await?,
+        let companion = existing_companion(target, &data).await?;
+        let state = match &companion {
+            Some(store) => State::load_from(store).await?,
             None => State::default(),
         };
         Ok(Inspected {
             data,
             state,
             name: rewind_store::redact_url(target),
+            companion,
         })
     }
 
