@@ -4,8 +4,9 @@ use crate::Cli;
 use indicatif::{ProgressBar, ProgressStyle};
 use rewind_engine::plan::plan;
 use rewind_engine::run::{run, Kind, Progress, RunOptions};
-use rewind_engine::state::Database;
+use rewind_engine::state::{now_ms, Database};
 use rewind_engine::Project;
+use rewind_store::Store as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
@@ -272,6 +273,7 @@ pub fn status(args: &StatusArgs) -> anyhow::Result<ExitCode> {
         for (i, a) in state.applied.iter().enumerate() {
             println!("  {:>3}  {}  {}", i + 1, a.id, &a.checksum[..12.min(a.checksum.len())]);
         }
+        let live = state.lease.as_ref().filter(|lease| lease.is_live());
         match &state.run {
             Some(r) => {
                 let checkpoint = match &r.by_id {
@@ -279,14 +281,30 @@ pub fn status(args: &StatusArgs) -> anyhow::Result<ExitCode> {
                     Some(pass) => format!("first pass (in id order) done up to {}", pass.after),
                     None => format!("changes feed done up to sequence {}", r.since),
                 };
+                let docs = db.data.info().await?.doc_count;
                 println!(
-                    "run in progress: {} {} → {} ({}), {} read, {} written, {checkpoint}; run `rewind {} --to {}` to finish it",
-                    r.kind, r.from, r.to, r.outcome, r.counts.read, r.counts.written, r.kind, r.to
-                )
+                    "run in progress: {} {} → {}, {} of {docs} documents read, {} written, {checkpoint}",
+                    r.kind, r.from, r.to, r.counts.read, r.counts.written
+                );
+                match live {
+                    Some(lease) => println!(
+                        "  running now in {} (its lease is renewed as it goes; {} s left)",
+                        lease.owner,
+                        lease.expires.saturating_sub(now_ms()) / 1000
+                    ),
+                    None => {
+                        let why = if r.outcome.starts_with("interrupted") {
+                            r.outcome.as_str()
+                        } else {
+                            "its process ended without finishing"
+                        };
+                        println!("  stopped ({why}): run `rewind {} --to {}` to finish it", r.kind, r.to)
+                    }
+                }
             }
             None => println!("no run in progress"),
         }
-        if let Some(lease) = &state.lease {
+        if let (Some(lease), None) = (live, &state.run) {
             println!("lease held by {}", lease.owner);
         }
         if !state.history.is_empty() {

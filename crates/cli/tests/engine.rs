@@ -833,9 +833,18 @@ async fn crash_loop_at(
             Some(_) => "first pass (in id order) not started".to_owned(),
             None => format!("done up to sequence {}", run.since),
         };
+        // The killed process's lease no longer holds: status says the run
+        // stopped and how to finish it.
+        let finish = format!(
+            "stopped (its process ended without finishing): run `rewind {} --to {}` to finish it",
+            run.kind, run.to
+        );
         assert!(
-            status.status.success() && shown.contains(&line) && shown.contains(&place),
-            "status after a kill should show {line:?} and {place:?}:\n{}",
+            status.status.success()
+                && shown.contains(&line)
+                && shown.contains(&place)
+                && shown.contains(&finish),
+            "status after a kill should show {line:?}, {place:?} and {finish:?}:\n{}",
             text(&status)
         );
     }

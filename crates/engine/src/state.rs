@@ -269,6 +269,14 @@ pub struct Lease {
     pub expires: u64,
 }
 
+impl Lease {
+    /// True when it still stops another run: not expired, and not held by
+    /// a process of this host that no longer runs.
+    pub fn is_live(&self) -> bool {
+        self.expires > now_ms() && !holder_is_dead(&self.owner)
+    }
+}
+
 /// How many finished runs the state's history keeps (see [`State::record`]).
 pub const HISTORY: usize = 20;
 
@@ -423,8 +431,7 @@ impl State {
         for _ in 0..10 {
             let mut state = State::load(db).await?;
             if let Some(lease) = &state.lease {
-                let live = lease.expires > now_ms() && !holder_is_dead(&lease.owner);
-                if live && lease.owner != owner {
+                if lease.is_live() && lease.owner != owner {
                     return Err(EngineError::Busy {
                         owner: lease.owner.clone(),
                         seconds: (lease.expires.saturating_sub(now_ms())) / 1000,
