@@ -898,6 +898,18 @@ for (const kind of h.STORE_KINDS) {
       isError(await h.http(`${ctx.gw.url}/v/99/${h.DB}`), 400, 'a version that does not exist');
       isError(await h.http(`${ctx.gw.url}/${h.DB}`, { headers: { 'x-rewind-version': 'seven' } }), 400, 'a bad version header');
       isError(await h.http(`${base}/${person}`, { method: 'PUT', body: 'nope', raw: true }), 400, 'PUT with a malformed body');
+      // A replication endpoint asked with a method it does not take: 405, as CouchDB.
+      for (const [path, method, allowed] of [
+        ['_bulk_get', 'GET', 'POST'],
+        ['_bulk_docs', 'PUT', 'POST'],
+        ['_revs_diff', 'GET', 'POST'],
+        ['_changes', 'DELETE', 'GET,HEAD,POST'],
+      ]) {
+        const res = await h.http(`${base}/${path}`, { method });
+        isError(res, 405, `${method} ${path}`);
+        assert.equal(res.json.error, 'method_not_allowed');
+        assert.equal(res.json.reason, `Only ${allowed} allowed`);
+      }
       const after = await info();
       assert.equal(after.doc_count, before.doc_count);
       assert.deepEqual(after.update_seq, before.update_seq, 'nothing was written');

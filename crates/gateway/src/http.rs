@@ -974,6 +974,11 @@ async fn database_route(
             }
             document(&session, &format!("_design/{name}"), method, call).await
         }
+        // Endpoints served above, asked with another method: CouchDB's 405.
+        (["_bulk_get" | "_bulk_docs" | "_revs_diff" | "_ensure_full_commit"], _) => {
+            Err(GatewayError::MethodNotAllowed("POST"))
+        }
+        (["_changes" | "_all_docs"], _) => Err(GatewayError::MethodNotAllowed("GET,HEAD,POST")),
         ([special, ..], _) if special.starts_with('_') => {
             pass_through(
                 gateway,

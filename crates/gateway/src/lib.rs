@@ -51,6 +51,11 @@ pub enum GatewayError {
     /// A body larger than allowed.
     #[error("{0}")]
     TooLarge(String),
+    /// An endpoint the gateway serves, asked with a method it does not
+    /// take: the methods it takes, as CouchDB says them (`POST`,
+    /// `GET,HEAD,POST`).
+    #[error("Only {0} allowed")]
+    MethodNotAllowed(&'static str),
     /// A bug or an impossible state.
     #[error("{0}")]
     Internal(String),
@@ -78,6 +83,9 @@ impl GatewayError {
             GatewayError::Unauthorized(r) => (401, "unauthorized".into(), r.clone()),
             GatewayError::Forbidden(r) => (403, "forbidden".into(), r.clone()),
             GatewayError::TooLarge(r) => (413, "too_large".into(), r.clone()),
+            GatewayError::MethodNotAllowed(_) => {
+                (405, "method_not_allowed".into(), self.to_string())
+            }
             GatewayError::Internal(r) => (500, "internal".into(), r.clone()),
         }
     }
