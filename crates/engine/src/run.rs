@@ -46,6 +46,15 @@ pub enum Kind {
 }
 
 impl Kind {
+    /// The kind a [`Run`] records by name (`Run::kind`).
+    fn of(run: &Run) -> Kind {
+        if run.kind == Kind::Upgrade.name() {
+            Kind::Upgrade
+        } else {
+            Kind::Rollback
+        }
+    }
+
     fn name(self) -> &'static str {
         match self {
             Kind::Upgrade => "upgrade",
@@ -787,11 +796,7 @@ fn refuse_other_way(state: &State, to: u32, only: Option<Kind>) -> Result<()> {
     };
     let (kind, from) = match &state.run {
         Some(run) if run.to == to => {
-            let kind = if run.kind == Kind::Upgrade.name() {
-                Kind::Upgrade
-            } else {
-                Kind::Rollback
-            };
+            let kind = Kind::of(run);
             if kind != only {
                 return Err(EngineError::Refused(format!(
                     "a {} from {} to {} is in progress (run {}); finish it: rewind {} --to {}",
@@ -883,11 +888,7 @@ async fn run_with_lease(
             }
         }
     };
-    let kind = if run.kind == "upgrade" {
-        Kind::Upgrade
-    } else {
-        Kind::Rollback
-    };
+    let kind = Kind::of(&run);
     state.run = Some(run.clone());
     if kind == Kind::Rollback && opts.instant {
         // Served at once: gateways read the state within their cache time
