@@ -910,6 +910,24 @@ for (const kind of h.STORE_KINDS) {
         assert.equal(res.json.error, 'method_not_allowed');
         assert.equal(res.json.reason, `Only ${allowed} allowed`);
       }
+      // A path with a `%` before raw UTF-8 bytes (no client library sends
+      // one; a raw socket can): a JSON answer, not a dropped connection.
+      const raw = await new Promise((resolve, reject) => {
+        const { port } = new URL(ctx.gw.url);
+        const socket = require('node:net').connect(Number(port), '127.0.0.1', () => {
+          socket.write(Buffer.concat([
+            Buffer.from(`GET /v/0/${h.DB}/%a`),
+            Buffer.from('é', 'utf8'),
+            Buffer.from(' HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n'),
+          ]));
+        });
+        let got = '';
+        socket.on('data', (d) => (got += d));
+        socket.on('end', () => resolve(got));
+        socket.on('error', reject);
+      });
+      assert.match(raw, /^HTTP\/1\.1 404/, raw);
+      assert.match(raw, /"error":"not_found"/, raw);
       const after = await info();
       assert.equal(after.doc_count, before.doc_count);
       assert.deepEqual(after.update_seq, before.update_seq, 'nothing was written');

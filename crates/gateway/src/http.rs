@@ -494,24 +494,6 @@ struct Call {
     upstream: String,
 }
 
-fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' && i + 2 < bytes.len() {
-            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
-                out.push(v);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
 async fn dispatch(AxumState(gateway): AxumState<Gateway>, request: Request) -> Response {
     match parse(request).await {
         Ok(call) => match route(&gateway, call).await {
@@ -532,7 +514,7 @@ async fn parse(request: Request) -> Result<Call, GatewayError> {
         .path()
         .split('/')
         .filter(|s| !s.is_empty())
-        .map(percent_decode)
+        .map(rewind_store::percent_decode)
         .collect();
     let mut version = None;
     // Path segments of the prefixes, dropped from the path passed through.

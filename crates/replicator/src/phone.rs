@@ -111,25 +111,6 @@ fn http_client() -> Result<reqwest::Client, reqwest::Error> {
         .build()
 }
 
-fn pct_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        let hex = |c: u8| (c as char).to_digit(16);
-        if b[i] == b'%' && i + 2 < b.len() {
-            if let (Some(h), Some(l)) = (hex(b[i + 1]), hex(b[i + 2])) {
-                out.push((h * 16 + l) as u8);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(b[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
 /// `GET {base}/` and its `uuid`: `None` when the server answers none.
 ///
 /// `base` is a server root (see [`server_root`]); user and password in it
@@ -143,7 +124,10 @@ pub async fn remote_uuid(base: &str) -> Result<Option<String>> {
     let mut url = Url::parse(base).map_err(|e| err(format!("not a URL: {e}")))?;
     let user = match url.username() {
         "" => None,
-        u => Some((pct_decode(u), url.password().map(pct_decode))),
+        u => Some((
+            rewind_store::percent_decode(u),
+            url.password().map(rewind_store::percent_decode),
+        )),
     };
     let _ = url.set_username("");
     let _ = url.set_password(None);
@@ -417,12 +401,5 @@ mod tests {
             "http://h:5984/"
         );
         assert!(server_root("http://h:5984/").is_err());
-    }
-
-    #[test]
-    fn percent_decoding_of_credentials() {
-        assert_eq!(pct_decode("p%40ss%2Fw"), "p@ss/w");
-        assert_eq!(pct_decode("50%"), "50%");
-        assert_eq!(pct_decode("%4"), "%4");
     }
 }

@@ -115,7 +115,10 @@ impl CouchStore {
             Url::parse(url).map_err(|e| StoreError::bad(format!("invalid URL {shown}: {e}")))?;
         let user = match parsed.username() {
             "" => None,
-            u => Some((pct_decode(u), pct_decode(parsed.password().unwrap_or("")))),
+            u => Some((
+                crate::percent_decode(u),
+                crate::percent_decode(parsed.password().unwrap_or("")),
+            )),
         };
         let _ = parsed.set_username("");
         let _ = parsed.set_password(None);
@@ -130,7 +133,7 @@ impl CouchStore {
                 "URL {shown} names no database (expected http://host:5984/dbname)"
             )));
         };
-        let db_name = pct_decode(db_seg);
+        let db_name = crate::percent_decode(db_seg);
         let mut server = parsed.clone();
         server.set_path(&format!(
             "/{}",
@@ -594,24 +597,6 @@ fn reason_of(bytes: &[u8]) -> String {
         Some(other) => other.to_string(),
         None => String::from_utf8_lossy(&bytes[..bytes.len().min(200)]).into_owned(),
     }
-}
-
-fn pct_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%' && i + 2 < b.len() {
-            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
-                out.push(v);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(b[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 fn seq_param(seq: &Seq) -> String {

@@ -37,6 +37,15 @@ pub use rev::{Rev, DEFAULT_REVS_LIMIT};
 pub use sqlite::{SqliteStore, TextDoc};
 pub use types::*;
 
+/// `s` with its `%XX` escapes decoded (a URL's path segment, user name or
+/// password); a `%` not followed by two hex digits stays as it is, and
+/// bytes that are not UTF-8 become U+FFFD. Never panics, whatever `s` holds.
+pub fn percent_decode(s: &str) -> String {
+    percent_encoding::percent_decode_str(s)
+        .decode_utf8_lossy()
+        .into_owned()
+}
+
 /// What the engine and the gateway need of a database.
 ///
 /// Documents are `serde_json::Value`s with CouchDB's special members (`_id`,
@@ -278,5 +287,23 @@ impl Store for AnyStore {
     }
     fn identity(&self) -> String {
         dispatch!(self, s => s.identity())
+    }
+}
+
+#[cfg(test)]
+mod percent_tests {
+    use super::percent_decode;
+
+    #[test]
+    fn percent_decode_takes_any_text() {
+        assert_eq!(percent_decode("p%40ss%2Fw"), "p@ss/w");
+        assert_eq!(percent_decode("caf%C3%A9"), "café");
+        for kept in ["50%", "%4", "%", "%zz", "%+a"] {
+            assert_eq!(percent_decode(kept), kept);
+        }
+        // A `%` before a character of several bytes (this slices no char).
+        assert_eq!(percent_decode("%aé"), "%aé");
+        assert_eq!(percent_decode("%é"), "%é");
+        assert_eq!(percent_decode("%FF"), "\u{FFFD}");
     }
 }
