@@ -23,6 +23,10 @@ use std::process::ExitCode;
 /// small tombstones retiring the views other versions were shown (see
 /// `rewind plan` and docs/design.md, "Known limits").
 ///
+/// A request the gateway fails with a 5xx of its own (a store it cannot
+/// reach, a translation that failed) is written to standard error: method,
+/// path, status and reason.
+///
 /// Example: rewind serve --data ./data --migrations examples/cht
 #[derive(clap::Args)]
 pub struct Args {
@@ -93,6 +97,7 @@ pub fn run(cli: &Cli, args: &Args) -> anyhow::Result<ExitCode> {
                 migrations: project.migrations,
                 databases: args.databases.clone(),
                 users: project.config.users.clone(),
+                log_errors: true,
             },
             listener,
         )

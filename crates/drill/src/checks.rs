@@ -390,6 +390,7 @@ pub(crate) async fn determinism(drill: &Drill) -> Result<InvariantResult, DrillE
         migrations: drill.set().clone(),
         databases: vec!["medic".into()],
         users: Vec::new(),
+        log_errors: false,
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await

@@ -531,6 +531,7 @@ async fn start_gateway(
         migrations: set.clone(),
         databases: vec![DB.to_owned()],
         users: Vec::new(),
+        log_errors: false,
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await

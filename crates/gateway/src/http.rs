@@ -55,12 +55,17 @@ pub struct GatewayConfig {
     pub databases: Vec<String>,
     /// In front of embedded stores: who may sync what (empty: open to all).
     pub users: Vec<rewind_engine::User>,
+    /// Write each request the gateway failed with a 5xx of its own (a
+    /// store it cannot reach, a translation that failed) to standard error:
+    /// method, path (no query, no credentials), status and reason.
+    pub log_errors: bool,
 }
 
 struct Inner {
     http: std::sync::OnceLock<reqwest::Client>,
     users: Vec<rewind_engine::User>,
     databases: Vec<String>,
+    log_errors: bool,
     cache: PresentCache,
     ahead: ReadAhead,
     backend: Backend,
@@ -146,6 +151,7 @@ impl Gateway {
                 http: std::sync::OnceLock::new(),
                 users: config.users,
                 databases: config.databases,
+                log_errors: config.log_errors,
                 cache: PresentCache::default(),
                 ahead: ReadAhead::default(),
                 backend: config.backend,
@@ -495,12 +501,24 @@ struct Call {
 }
 
 async fn dispatch(AxumState(gateway): AxumState<Gateway>, request: Request) -> Response {
-    match parse(request).await {
-        Ok(call) => match route(&gateway, call).await {
-            Ok(response) => response,
-            Err(error) => error_response(&error),
-        },
-        Err(error) => error_response(&error),
+    let asked = gateway
+        .inner
+        .log_errors
+        .then(|| format!("{} {}", request.method(), request.uri().path()));
+    let result = match parse(request).await {
+        Ok(call) => route(&gateway, call).await,
+        Err(error) => Err(error),
+    };
+    match result {
+        Ok(response) => response,
+        Err(error) => {
+            let response = error_response(&error);
+            if let Some(asked) = asked.filter(|_| response.status().is_server_error()) {
+                let (status, kind, reason) = error.couch();
+                eprintln!("rewind serve: {asked}: {status} {kind}: {reason}");
+            }
+            response
+        }
     }
 }
 

@@ -219,6 +219,7 @@ pub struct Gateway {
     /// Its port on 127.0.0.1.
     pub port: u16,
     child: Child,
+    said: std::sync::Arc<std::sync::Mutex<String>>,
 }
 
 impl Gateway {
@@ -236,9 +237,10 @@ impl Gateway {
         let mut child = command.spawn().expect("start rewind serve");
         let stderr = child.stderr.take().expect("rewind serve's stderr is piped");
         let (tx, rx) = std::sync::mpsc::channel();
+        let said = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let kept = said.clone();
         std::thread::spawn(move || {
             use std::io::BufRead;
-            let mut said = String::new();
             for line in std::io::BufReader::new(stderr)
                 .lines()
                 .map_while(Result::ok)
@@ -246,13 +248,16 @@ impl Gateway {
                 if let Some(port) = served_port(&line) {
                     let _ = tx.send(Ok(port));
                 }
-                said.push_str(&line);
-                said.push('\n');
+                if let Ok(mut said) = kept.lock() {
+                    said.push_str(&line);
+                    said.push('\n');
+                }
             }
-            let _ = tx.send(Err(said));
+            let all = kept.lock().map(|s| s.clone()).unwrap_or_default();
+            let _ = tx.send(Err(all));
         });
         match rx.recv_timeout(Duration::from_secs(30)) {
-            Ok(Ok(port)) => Gateway { port, child },
+            Ok(Ok(port)) => Gateway { port, child, said },
             Ok(Err(said)) => {
                 let _ = child.kill();
                 panic!("rewind serve exited before it listened:\n{said}")
@@ -262,6 +267,13 @@ impl Gateway {
                 panic!("rewind serve did not say it listens within 30 s")
             }
         }
+    }
+}
+
+impl Gateway {
+    /// What it has written to standard error so far.
+    pub fn stderr(&self) -> String {
+        self.said.lock().map(|s| s.clone()).unwrap_or_default()
     }
 }
 

@@ -1,0 +1,110 @@
+//! `rewind serve` tells its operator about the requests it failed: each
+//! 5xx of its own is written to standard error, with method, path, status
+//! and reason; the client's own mistakes (4xx) are not.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use rewind_testkit::Gateway;
+
+/// One HTTP/1.1 request; the status and body of the answer.
+fn request(port: u16, method: &str, path: &str, body: &str) -> (u16, String) {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut out = String::new();
+    stream.read_to_string(&mut out).unwrap();
+    let status = out
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (
+        status,
+        out.split("\r\n\r\n").nth(1).unwrap_or("").to_owned(),
+    )
+}
+
+/// A migration whose step throws on a document that has `boom`.
+const FAILING_STEP: &str = r#"description: Adds `seen`; throws on a document that has `boom`.
+when: {seen: {$exists: false}}
+up:
+  - custom:
+      up: |
+        function up(doc, kept, keep) {
+          if (doc.boom) throw new Error('boom');
+          return Object.assign({}, doc, {seen: true});
+        }
+      down: |
+        function down(doc, kept, keep) {
+          const out = Object.assign({}, doc);
+          delete out.seen;
+          return out;
+        }
+when_after: {seen: {$exists: true}}
+"#;
+
+#[test]
+fn a_failed_translation_is_logged_and_answered_as_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let migrations = dir.path().join("migrations");
+    std::fs::create_dir_all(&migrations).unwrap();
+    std::fs::write(migrations.join("0001-boom.yaml"), FAILING_STEP).unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let mut serve = Command::new(env!("CARGO_BIN_EXE_rewind"));
+    serve
+        .current_dir(dir.path())
+        .arg("serve")
+        .arg("--data")
+        .arg(&data)
+        .arg("--migrations")
+        .arg(&migrations);
+    let gateway = Gateway::spawn(serve);
+    let port = gateway.port;
+    assert_eq!(request(port, "PUT", "/medic", "").0, 201);
+    assert_eq!(request(port, "PUT", "/medic/fine", r#"{"a":1}"#).0, 201);
+    assert_eq!(
+        request(port, "PUT", "/medic/bad", r#"{"boom":true}"#).0,
+        201
+    );
+
+    let (status, body) = request(port, "GET", "/v/1/medic/fine", "");
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains(r#""seen":true"#), "{body}");
+    let (status, body) = request(port, "GET", "/v/1/medic/bad?revs=true", "");
+    assert_eq!(status, 500, "{body}");
+    assert!(body.contains(r#""error":"translation_failed""#), "{body}");
+    assert!(body.contains("boom"), "{body}");
+    let (status, _) = request(port, "GET", "/v/9/medic", "");
+    assert_eq!(status, 400);
+
+    // The line comes from another thread of the test: wait for it.
+    let logged = "rewind serve: GET /v/1/medic/bad: 500 translation_failed: ";
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !gateway.stderr().contains(logged) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let said = gateway.stderr();
+    assert!(said.contains(logged), "not logged:\n{said}");
+    let line = said.lines().find(|l| l.contains(logged)).unwrap();
+    assert!(line.contains("boom"), "the reason: {line}");
+    assert!(
+        !line.contains("revs=true"),
+        "the query is not logged: {line}"
+    );
+    assert!(
+        !said.contains("/v/9/"),
+        "a client's 400 was logged:\n{said}"
+    );
+    assert!(
+        !said.contains("/v/1/medic/fine"),
+        "a success was logged:\n{said}"
+    );
+}
