@@ -253,16 +253,22 @@ fn the_drill_with_five_phones_and_kill_holds() {
     drill_with_kill_holds("5", "700");
 }
 
+/// An embedded store of `docs` sample documents in a temporary directory
+/// (kept while the first value lives), its path, and the example migrations.
+fn sampled_store(docs: &str) -> (tempfile::TempDir, String, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("a.db").display().to_string();
+    stdout_of_success(rewind().args(["sample", "--docs", docs, "--db", &db]));
+    (dir, db, examples().display().to_string())
+}
+
 /// A rollback's plan shows what the rollback does: each step translated
 /// down with the complement the journal kept (a removed field comes back
 /// with each document's own value, not the step's default), and a field
 /// that is absent on one side shows as absent, not as `null`.
 #[test]
 fn a_rollback_plan_shows_the_values_the_rollback_restores() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("a.db").display().to_string();
-    let migrations = examples().display().to_string();
-    stdout_of_success(rewind().args(["sample", "--docs", "80", "--db", &db]));
+    let (_dir, db, migrations) = sampled_store("80");
     let original = winners(&db);
     stdout_of_success(rewind().args(["upgrade", "--db", &db, "--migrations", &migrations]));
     let plan_of = |json: bool| {
@@ -332,10 +338,7 @@ fn a_rollback_plan_shows_the_values_the_rollback_restores() {
 /// way, and write nothing.
 #[test]
 fn upgrade_and_rollback_refuse_to_go_the_other_way() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("a.db").display().to_string();
-    let migrations = examples().display().to_string();
-    stdout_of_success(rewind().args(["sample", "--docs", "40", "--db", &db]));
+    let (_dir, db, migrations) = sampled_store("40");
     let refused = |args: &[&str], told: &str| {
         let out = rewind()
             .args(args)

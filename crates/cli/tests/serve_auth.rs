@@ -1,10 +1,9 @@
 //! `rewind serve` in front of embedded stores with users: per-database access.
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
+use std::io::Write;
 use std::process::{Command, Stdio};
 
-use rewind_testkit::Gateway;
+use rewind_testkit::{http_request, Gateway};
 
 fn request(
     port: u16,
@@ -13,25 +12,10 @@ fn request(
     auth: Option<(&str, &str)>,
     body: &str,
 ) -> (u16, String) {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
     let auth = auth
         .map(|(u, p)| format!("Authorization: Basic {}\r\n", base64(&format!("{u}:{p}"))))
         .unwrap_or_default();
-    write!(
-        stream,
-        "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut out = String::new();
-    stream.read_to_string(&mut out).unwrap();
-    let status = out
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let body = out.split("\r\n\r\n").nth(1).unwrap_or("").to_owned();
-    (status, body)
+    http_request(port, method, path, &auth, body)
 }
 
 fn base64(s: &str) -> String {

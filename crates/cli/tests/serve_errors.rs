@@ -2,33 +2,13 @@
 //! 5xx of its own is written to standard error, with method, path, status
 //! and reason; the client's own mistakes (4xx) are not.
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use rewind_testkit::Gateway;
+use rewind_testkit::{http_request, Gateway};
 
-/// One HTTP/1.1 request; the status and body of the answer.
 fn request(port: u16, method: &str, path: &str, body: &str) -> (u16, String) {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    write!(
-        stream,
-        "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut out = String::new();
-    stream.read_to_string(&mut out).unwrap();
-    let status = out
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    (
-        status,
-        out.split("\r\n\r\n").nth(1).unwrap_or("").to_owned(),
-    )
+    http_request(port, method, path, "", body)
 }
 
 /// A migration whose step throws on a document that has `boom`.
