@@ -262,6 +262,14 @@ fn sampled_store(docs: &str) -> (tempfile::TempDir, String, String) {
     (dir, db, examples().display().to_string())
 }
 
+/// `rewind ARGS --db DB --migrations MIGRATIONS`.
+fn on_store(args: &[&str], db: &str, migrations: &str) -> Command {
+    let mut cmd = rewind();
+    cmd.args(args)
+        .args(["--db", db, "--migrations", migrations]);
+    cmd
+}
+
 /// A rollback's plan shows what the rollback does: each step translated
 /// down with the complement the journal kept (a removed field comes back
 /// with each document's own value, not the step's default), and a field
@@ -270,18 +278,9 @@ fn sampled_store(docs: &str) -> (tempfile::TempDir, String, String) {
 fn a_rollback_plan_shows_the_values_the_rollback_restores() {
     let (_dir, db, migrations) = sampled_store("80");
     let original = winners(&db);
-    stdout_of_success(rewind().args(["upgrade", "--db", &db, "--migrations", &migrations]));
+    stdout_of_success(&mut on_store(&["upgrade"], &db, &migrations));
     let plan_of = |json: bool| {
-        let mut cmd = rewind();
-        cmd.args([
-            "plan",
-            "--to",
-            "4",
-            "--db",
-            &db,
-            "--migrations",
-            &migrations,
-        ]);
+        let mut cmd = on_store(&["plan", "--to", "4"], &db, &migrations);
         if json {
             cmd.arg("--json");
         }
@@ -301,15 +300,7 @@ fn a_rollback_plan_shows_the_values_the_rollback_restores() {
         text.contains("fields.legacy_code: - (absent)  + \""),
         "{text}"
     );
-    stdout_of_success(rewind().args([
-        "rollback",
-        "--to",
-        "4",
-        "--db",
-        &db,
-        "--migrations",
-        &migrations,
-    ]));
+    stdout_of_success(&mut on_store(&["rollback", "--to", "4"], &db, &migrations));
     let rolled = winners(&db);
     for sample in samples {
         let id = sample["id"].as_str().unwrap();
@@ -340,11 +331,7 @@ fn a_rollback_plan_shows_the_values_the_rollback_restores() {
 fn upgrade_and_rollback_refuse_to_go_the_other_way() {
     let (_dir, db, migrations) = sampled_store("40");
     let refused = |args: &[&str], told: &str| {
-        let out = rewind()
-            .args(args)
-            .args(["--db", &db, "--migrations", &migrations])
-            .output()
-            .unwrap();
+        let out = on_store(args, &db, &migrations).output().unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{args:?} was not refused: {stderr}");
         assert!(stderr.contains(told), "{args:?}: {stderr}");
@@ -354,27 +341,11 @@ fn upgrade_and_rollback_refuse_to_go_the_other_way() {
     refused(&["rollback", "--to", "3"], "run `rewind upgrade --to 3`");
     assert_eq!(status(), before, "a refused rollback changed the state");
     assert!(before.contains("schema version 0"), "{before}");
-    stdout_of_success(rewind().args([
-        "upgrade",
-        "--to",
-        "3",
-        "--db",
-        &db,
-        "--migrations",
-        &migrations,
-    ]));
+    stdout_of_success(&mut on_store(&["upgrade", "--to", "3"], &db, &migrations));
     let upgraded = status();
     refused(&["upgrade", "--to", "1"], "run `rewind rollback --to 1`");
     assert_eq!(status(), upgraded, "a refused upgrade changed the state");
-    stdout_of_success(rewind().args([
-        "rollback",
-        "--to",
-        "1",
-        "--db",
-        &db,
-        "--migrations",
-        &migrations,
-    ]));
+    stdout_of_success(&mut on_store(&["rollback", "--to", "1"], &db, &migrations));
     assert!(status().contains("schema version 1"), "{}", status());
 }
 

@@ -70,15 +70,7 @@ fn users_see_only_their_databases_and_wrong_passwords_are_refused() {
             .status;
         assert!(status.success());
     }
-    let mut serve = Command::new(bin);
-    serve
-        .current_dir(dir.path())
-        .arg("serve")
-        .arg("--data")
-        .arg(&data)
-        .arg("--migrations")
-        .arg(&migrations);
-    let gateway = Gateway::spawn(serve);
+    let gateway = Gateway::serve_embedded(bin, dir.path(), &data, &migrations);
     let port = gateway.port;
     let (status, body) = request(port, "GET", "/medic", None, "");
     assert_eq!(status, 401, "{body}");

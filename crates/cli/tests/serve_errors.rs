@@ -2,7 +2,6 @@
 //! 5xx of its own is written to standard error, with method, path, status
 //! and reason; the client's own mistakes (4xx) are not.
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use rewind_testkit::{http_request, Gateway};
@@ -38,15 +37,8 @@ fn a_failed_translation_is_logged_and_answered_as_json() {
     std::fs::write(migrations.join("0001-boom.yaml"), FAILING_STEP).unwrap();
     let data = dir.path().join("data");
     std::fs::create_dir_all(&data).unwrap();
-    let mut serve = Command::new(env!("CARGO_BIN_EXE_rewind"));
-    serve
-        .current_dir(dir.path())
-        .arg("serve")
-        .arg("--data")
-        .arg(&data)
-        .arg("--migrations")
-        .arg(&migrations);
-    let gateway = Gateway::spawn(serve);
+    let gateway =
+        Gateway::serve_embedded(env!("CARGO_BIN_EXE_rewind"), dir.path(), &data, &migrations);
     let port = gateway.port;
     assert_eq!(request(port, "PUT", "/medic", "").0, 201);
     assert_eq!(request(port, "PUT", "/medic/fine", r#"{"a":1}"#).0, 201);

@@ -307,6 +307,22 @@ impl Gateway {
     }
 }
 
+impl Gateway {
+    /// `bin serve --data data --migrations migrations`, run in `cwd` (where
+    /// its `rewind.toml` is), spawned as [`Gateway::spawn`] does.
+    pub fn serve_embedded(bin: &str, cwd: &Path, data: &Path, migrations: &Path) -> Gateway {
+        let mut serve = Command::new(bin);
+        serve
+            .current_dir(cwd)
+            .arg("serve")
+            .arg("--data")
+            .arg(data)
+            .arg("--migrations")
+            .arg(migrations);
+        Gateway::spawn(serve)
+    }
+}
+
 /// The port in `rewind serve`'s "… on http://127.0.0.1:PORT (…" line.
 fn served_port(line: &str) -> Option<u16> {
     let (_, rest) = line.split_once(" on http://")?;
