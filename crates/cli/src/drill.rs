@@ -15,6 +15,9 @@ use std::process::ExitCode;
 /// both versions, re-upgrades, and restores the server from a snapshot taken
 /// before the upgrade. It prints a step table and each invariant of the
 /// design: "holds", or a counterexample. Exit status 1 if any fails.
+/// The fewest phones the drill's scenario has parts for.
+const MIN_DEVICES: usize = 3;
+
 #[derive(clap::Args)]
 pub struct Args {
     /// Sample documents.
@@ -41,6 +44,13 @@ pub struct Args {
 }
 
 pub fn run_drill(_cli: &Cli, args: &Args) -> anyhow::Result<ExitCode> {
+    if args.devices < MIN_DEVICES {
+        anyhow::bail!(
+            "--devices {}: the drill needs at least {MIN_DEVICES} phones (one following /medic, one \
+             pinned at the old version that moves, one that goes offline)",
+            args.devices
+        );
+    }
     let migrations = match &args.migrations {
         Some(dir) => Some(rewind_engine::project::read_migration_files(dir)?),
         None => None,

@@ -57,7 +57,15 @@ pub fn run(cli: &Cli, args: &Args) -> anyhow::Result<ExitCode> {
     let project = Project::load(cli.config.as_deref(), args.migrations.as_deref())?;
     let backend = match (&args.data, &args.couch) {
         (Some(dir), None) => {
-            std::fs::create_dir_all(dir)?;
+            if !dir.is_dir() {
+                std::fs::create_dir_all(dir)
+                    .with_context(|| format!("cannot make the data directory {}", dir.display()))?;
+                // Said, in case the path was mistyped: nothing is served yet.
+                eprintln!(
+                    "rewind serve: made {}, which holds no database yet (`PUT /{{db}}` makes one)",
+                    dir.display()
+                );
+            }
             Backend::Embedded(dir.clone())
         }
         (None, Some(url)) => Backend::Couch(url.clone()),

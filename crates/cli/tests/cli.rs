@@ -270,6 +270,21 @@ fn on_store(args: &[&str], db: &str, migrations: &str) -> Command {
     cmd
 }
 
+/// The drill refuses fewer phones than its scenario has parts for, before
+/// it does anything.
+#[test]
+fn the_drill_refuses_too_few_phones() {
+    let out = rewind().args(["drill", "--devices", "2"]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("at least 3 phones"), "{stderr}");
+    assert!(
+        out.stdout.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
 /// A rollback's plan shows what the rollback does: each step translated
 /// down with the complement the journal kept (a removed field comes back
 /// with each document's own value, not the step's default), and a field

@@ -80,3 +80,30 @@ fn a_failed_translation_is_logged_and_answered_as_json() {
         "a success was logged:\n{said}"
     );
 }
+
+/// A data directory that does not exist is made, and said (a mistyped
+/// path would otherwise serve an empty set of databases in silence).
+#[test]
+fn a_missing_data_directory_is_made_and_said() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("not-yet");
+    let migrations = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/cht");
+    let gateway =
+        Gateway::serve_embedded(env!("CARGO_BIN_EXE_rewind"), dir.path(), &data, &migrations);
+    assert!(data.is_dir(), "the data directory was not made");
+    let said = gateway.stderr();
+    assert!(
+        said.contains(&format!(
+            "made {}, which holds no database yet",
+            data.display()
+        )),
+        "{said}"
+    );
+    let (status, body) = request(gateway.port, "GET", "/_all_dbs", "");
+    assert_eq!((status, body.trim()), (200, "[]"));
+    drop(gateway);
+    // An existing one is served without a word about it.
+    let again =
+        Gateway::serve_embedded(env!("CARGO_BIN_EXE_rewind"), dir.path(), &data, &migrations);
+    assert!(!again.stderr().contains("made "), "{}", again.stderr());
+}
