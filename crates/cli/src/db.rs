@@ -262,8 +262,15 @@ pub fn status(args: &StatusArgs) -> anyhow::Result<ExitCode> {
     rt.block_on(async {
         let db = Database::inspect(&args.db).await?;
         let state = &db.state;
+        let live = state.lease.as_ref().filter(|lease| lease.is_live());
         if args.json {
-            println!("{}", serde_json::to_string_pretty(&state)?);
+            // The state as stored, and whether a process is running its run
+            // now (what the lease alone does not say: its holder may be dead).
+            let mut shown = serde_json::to_value(state)?;
+            if let Some(object) = shown.as_object_mut() {
+                object.insert("running_now".into(), live.is_some().into());
+            }
+            println!("{}", serde_json::to_string_pretty(&shown)?);
             return Ok(ExitCode::SUCCESS);
         }
         println!("{}: schema version {}", db.name, state.version);
@@ -273,7 +280,6 @@ pub fn status(args: &StatusArgs) -> anyhow::Result<ExitCode> {
         for (i, a) in state.applied.iter().enumerate() {
             println!("  {:>3}  {}  {}", i + 1, a.id, &a.checksum[..12.min(a.checksum.len())]);
         }
-        let live = state.lease.as_ref().filter(|lease| lease.is_live());
         match &state.run {
             Some(r) => {
                 let checkpoint = match &r.by_id {

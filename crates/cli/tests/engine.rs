@@ -847,6 +847,10 @@ async fn crash_loop_at(
             "status after a kill should show {line:?}, {place:?} and {finish:?}:\n{}",
             text(&status)
         );
+        let json = run_output(rewind(db.dir(), &["status", "--db", &db.target, "--json"])).await;
+        let json: Value = serde_json::from_slice(&json.stdout).unwrap();
+        assert_eq!(json["running_now"], false, "{json}");
+        assert_eq!(json["run"]["to"], run.to, "{json}");
     }
     let out = run_output(rewind(
         db.dir(),

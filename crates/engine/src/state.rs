@@ -472,6 +472,20 @@ impl State {
 mod tests {
     use super::*;
 
+    #[test]
+    fn a_lease_is_live_until_it_expires_or_its_process_is_gone() {
+        let lease = |owner: String, expires: u64| Lease { owner, expires };
+        let later = now_ms() + 60_000;
+        assert!(lease(owner_name(), later).is_live(), "this process");
+        assert!(!lease(owner_name(), now_ms() - 1).is_live(), "expired");
+        // A pid no process has on this host (above the kernel's pid_max).
+        let gone = format!("{}:{}:0", host(), u32::MAX);
+        assert!(!lease(gone, later).is_live(), "its process is gone");
+        // Another host's process cannot be looked at: live until it expires.
+        let elsewhere = format!("{}-elsewhere:{}:0", host(), u32::MAX);
+        assert!(lease(elsewhere, later).is_live(), "another host");
+    }
+
     fn run(id: usize, from: u32, to: u32) -> Run {
         Run::new(format!("r{id}"), from, to, 0)
     }
