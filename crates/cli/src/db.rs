@@ -219,7 +219,13 @@ pub fn plan_cmd(cli: &Cli, args: &PlanArgs) -> anyhow::Result<ExitCode> {
     let rt = runtime()?;
     rt.block_on(async {
         let db = Database::inspect(&args.target.db).await?;
-        let p = plan(&db, &project.migrations, args.to, 1000).await?;
+        let bar = progress_bar();
+        bar.set_length(db.data.info().await?.doc_count);
+        let p = plan(&db, &project.migrations, args.to, 1000, &mut |read| {
+            bar.set_position(read)
+        })
+        .await?;
+        bar.finish_and_clear();
         if args.json {
             println!("{}", serde_json::to_string_pretty(&p)?);
             return Ok(ExitCode::SUCCESS);

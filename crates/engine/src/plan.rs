@@ -78,12 +78,15 @@ fn diff(
     }
 }
 
-/// Plans a run to `to` (default: the latest version) on `db`; writes nothing.
+/// Plans a run to `to` (default: the latest version) on `db`, reading
+/// `batch` documents at a time and calling `progress` with the documents
+/// read so far after each batch; writes nothing.
 pub async fn plan(
     db: &Inspected,
     set: &MigrationSet,
     to: Option<u32>,
     batch: usize,
+    progress: &mut (dyn FnMut(u64) + Send),
 ) -> Result<Plan> {
     let state = &db.state;
     state.verify(set)?;
@@ -178,6 +181,7 @@ pub async fn plan(
             }
         }
         since = changes.last_seq;
+        progress(plan.docs);
     }
     Ok(plan)
 }
