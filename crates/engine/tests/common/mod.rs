@@ -17,6 +17,7 @@ pub fn cht() -> MigrationSet {
 }
 
 /// Document `id` of `store` as `get` answers it with `opts`.
+#[allow(dead_code)] // each test binary compiles this module; not all use it.
 pub async fn doc(
     store: &rewind_store::AnyStore,
     id: &str,
