@@ -786,6 +786,20 @@ pub async fn run(
     result
 }
 
+/// The refusal to start a run while `run` is in progress: what it is, and
+/// the command that finishes it.
+fn in_progress(run: &Run) -> EngineError {
+    let article = if Kind::of(run) == Kind::Upgrade {
+        "an"
+    } else {
+        "a"
+    };
+    EngineError::Refused(format!(
+        "{article} {} from {} to {} is in progress (run {}); finish it first: `rewind {} --to {}`",
+        run.kind, run.from, run.to, run.id, run.kind, run.to
+    ))
+}
+
 /// Refuses a run that would go the other way than `only` says: a run in
 /// progress of the other kind, or a target on the other side of the
 /// database's version. A rollback that upgrades (or the reverse) is never
@@ -796,17 +810,8 @@ fn refuse_other_way(state: &State, to: u32, only: Option<Kind>) -> Result<()> {
     };
     let (kind, from) = match &state.run {
         Some(run) if run.to == to => {
-            let kind = Kind::of(run);
-            if kind != only {
-                return Err(EngineError::Refused(format!(
-                    "a {} from {} to {} is in progress (run {}); finish it: rewind {} --to {}",
-                    run.kind,
-                    run.from,
-                    run.to,
-                    run.id,
-                    kind.name(),
-                    run.to
-                )));
+            if Kind::of(run) != only {
+                return Err(in_progress(run));
             }
             return Ok(());
         }
@@ -856,12 +861,7 @@ async fn run_with_lease(
             run.outcome = "running".into();
             run
         }
-        Some(run) => {
-            return Err(EngineError::Refused(format!(
-                "a {} from {} to {} is in progress (run {}); finish it first: rewind {} --to {}",
-                run.kind, run.from, run.to, run.id, run.kind, run.to
-            )))
-        }
+        Some(run) => return Err(in_progress(&run)),
         None => {
             if to == state.version {
                 return Err(EngineError::Refused(format!(
@@ -1556,7 +1556,15 @@ mod tests {
             why.contains("a rollback from 7 to 3 is in progress"),
             "{why}"
         );
-        assert!(why.contains("rewind rollback --to 3"), "{why}");
+        assert!(why.contains("`rewind rollback --to 3`"), "{why}");
+        let EngineError::Refused(why) = in_progress(&sample_run(Kind::Upgrade, 0, 7)) else {
+            panic!("not a refusal")
+        };
+        assert!(
+            why.contains("an upgrade from 0 to 7 is in progress")
+                && why.contains("finish it first: `rewind upgrade --to 7`"),
+            "{why}"
+        );
         assert!(refuse_other_way(&rolling, 3, Some(Kind::Rollback)).is_ok());
         // The way the command goes, or no command, passes.
         assert!(refuse_other_way(&at(0, None), 3, Some(Kind::Upgrade)).is_ok());
