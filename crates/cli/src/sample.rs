@@ -28,7 +28,7 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
             let bar = crate::db::progress_bar();
             bar.set_length(args.docs);
             let started = std::time::Instant::now();
-            let n = rewind_engine::load::load(
+            let loaded = rewind_engine::load::load(
                 &store,
                 rewind_sample::docs(args.docs, args.seed),
                 1000,
@@ -37,10 +37,15 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
             .await?;
             bar.finish_and_clear();
             let secs = started.elapsed().as_secs_f64().max(0.001);
+            let present = match loaded.present {
+                0 => String::new(),
+                n => format!("; {n} were there already"),
+            };
             println!(
-                "sample: {n} documents written to {} in {secs:.1} s ({:.0} docs/s)",
+                "sample: {} documents written to {} in {secs:.1} s ({:.0} docs/s){present}",
+                loaded.written,
                 rewind_store::redact_url(target),
-                n as f64 / secs
+                loaded.written as f64 / secs
             );
             Ok(ExitCode::SUCCESS)
         });

@@ -270,6 +270,38 @@ fn on_store(args: &[&str], db: &str, migrations: &str) -> Command {
     cmd
 }
 
+/// `rewind sample --db` run again or with more documents adds only what is
+/// missing; into a database whose sample documents have moved on (here:
+/// upgraded), it is refused and writes nothing.
+#[test]
+fn sample_into_a_database_extends_it_or_refuses_and_writes_nothing() {
+    let (_dir, db, migrations) = sampled_store("30");
+    let out = stdout_of_success(rewind().args(["sample", "--docs", "1200", "--db", &db]));
+    assert!(
+        out.contains("1170 documents written") && out.contains("30 were there already"),
+        "{out}"
+    );
+    let out = stdout_of_success(rewind().args(["sample", "--docs", "1200", "--db", &db]));
+    assert!(
+        out.contains("0 documents written") && out.contains("1200 were there"),
+        "{out}"
+    );
+    assert_eq!(winners(&db).len(), 1200);
+    stdout_of_success(&mut on_store(&["upgrade"], &db, &migrations));
+    let upgraded = winners(&db);
+    let out = rewind()
+        .args(["sample", "--docs", "1500", "--db", &db])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("already holds it with another body"),
+        "{stderr}"
+    );
+    assert_eq!(winners(&db), upgraded, "a refused sample wrote");
+}
+
 /// The drill refuses fewer phones than its scenario has parts for, before
 /// it does anything.
 #[test]
