@@ -1,5 +1,5 @@
 use crate::Cli;
-use rewind_drill::{run, DrillOptions};
+use rewind_drill::{run, DrillOptions, MIN_DEVICES};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -15,9 +15,6 @@ use std::process::ExitCode;
 /// both versions, re-upgrades, and restores the server from a snapshot taken
 /// before the upgrade. It prints a step table and each invariant of the
 /// design: "holds", or a counterexample. Exit status 1 if any fails.
-/// The fewest phones the drill's scenario has parts for.
-const MIN_DEVICES: usize = 3;
-
 #[derive(clap::Args)]
 pub struct Args {
     /// Sample documents.

@@ -315,6 +315,9 @@ fn the_drill_refuses_too_few_phones() {
         "{}",
         String::from_utf8_lossy(&out.stdout)
     );
+    // And its help still teaches what it does.
+    let help = stdout_of_success(rewind().args(["drill", "--help"]));
+    assert!(help.contains("Rehearse the disaster"), "{help}");
 }
 
 /// A rollback's plan shows what the rollback does: each step translated

@@ -9,7 +9,7 @@
 mod checks;
 mod scenario;
 
-pub use scenario::{run, DrillOptions, DrillReport, InvariantResult, StepResult};
+pub use scenario::{run, DrillOptions, DrillReport, InvariantResult, StepResult, MIN_DEVICES};
 
 /// The `examples/cht` migrations, built in so the drill runs anywhere.
 pub fn builtin_migrations() -> Vec<(std::path::PathBuf, String)> {

@@ -12,12 +12,16 @@ use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+/// The fewest phones the scenario has parts for: one following `/medic`,
+/// one pinned at the old version that moves, one that goes offline.
+pub const MIN_DEVICES: usize = 3;
+
 /// What to drill.
 #[derive(Debug, Clone)]
 pub struct DrillOptions {
     /// Sample documents (ignored with `db`).
     pub docs: u64,
-    /// Simulated phones (at least 3).
+    /// Simulated phones (at least [`MIN_DEVICES`]: fewer count as that many).
     pub devices: usize,
     /// Seed of the sample data and of every random choice.
     pub seed: u64,
@@ -723,7 +727,7 @@ pub async fn run(opts: DrillOptions) -> Result<DrillReport, DrillError> {
         converged: (0, Vec::new()),
         _temp: temp,
     };
-    let devices = opts.devices.max(3);
+    let devices = opts.devices.max(MIN_DEVICES);
     // The first half of the phones follow `/medic` (their app follows the
     // server's version); the others run the old app, pinned at `/v/0`.
     let half = devices / 2;
