@@ -501,10 +501,12 @@ struct Call {
 }
 
 async fn dispatch(AxumState(gateway): AxumState<Gateway>, request: Request) -> Response {
+    // Kept for the error log (both are cheap to clone: the URI shares its
+    // bytes); formatted only for a 5xx.
     let asked = gateway
         .inner
         .log_errors
-        .then(|| format!("{} {}", request.method(), request.uri().path()));
+        .then(|| (request.method().clone(), request.uri().clone()));
     let result = match parse(request).await {
         Ok(call) => route(&gateway, call).await,
         Err(error) => Err(error),
@@ -513,9 +515,12 @@ async fn dispatch(AxumState(gateway): AxumState<Gateway>, request: Request) -> R
         Ok(response) => response,
         Err(error) => {
             let response = error_response(&error);
-            if let Some(asked) = asked.filter(|_| response.status().is_server_error()) {
+            if let Some((method, uri)) = asked.filter(|_| response.status().is_server_error()) {
                 let (status, kind, reason) = error.couch();
-                eprintln!("rewind serve: {asked}: {status} {kind}: {reason}");
+                eprintln!(
+                    "rewind serve: {method} {}: {status} {kind}: {reason}",
+                    uri.path()
+                );
             }
             response
         }
