@@ -3,7 +3,7 @@
 use crate::{EngineError, Result};
 use rewind_store::{AllDocsOptions, AnyStore, Store, StoreError};
 use serde_json::Value;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 /// What [`load`] did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -20,9 +20,12 @@ pub struct Loaded {
 ///
 /// A document already there with the same body is left as it is (counted
 /// as present), so a load can be run again or extended. One already there
-/// with another body (edited, migrated) is refused: before anything is
-/// written when it is in the first batch (the usual case: the same sample
-/// loaded into a database that has moved on), else when its batch meets it.
+/// with another body (edited, migrated) is refused before its batch is
+/// written (the usual case, the same sample loaded into a database that has
+/// moved on, is refused in the first batch: nothing written). Batches are
+/// looked up before they are written from the first one on, while the one
+/// before held documents already there (what was loaded before is a prefix
+/// of `docs`); after that, a document already there fails as a conflict.
 pub async fn load(
     store: &AnyStore,
     docs: impl Iterator<Item = Value>,
@@ -37,35 +40,23 @@ pub async fn load(
     }
     let mut loaded = Loaded::default();
     let mut docs = docs.peekable();
-    let mut first = true;
+    let mut look_up = true;
     while docs.peek().is_some() {
         let mut buffer: Vec<Value> = docs.by_ref().take(batch).collect();
-        if std::mem::take(&mut first) {
-            let ids: Vec<String> = buffer.iter().map(id_of).collect();
-            let same = already_there(store, &buffer, &ids).await?;
+        if look_up {
+            let same = already_there(store, &buffer).await?;
+            look_up = !same.is_empty();
             loaded.present += same.len() as u64;
             buffer.retain(|doc| !same.contains(&id_of(doc)));
         }
-        let by_id: HashMap<String, Value> = buffer.iter().map(|d| (id_of(d), d.clone())).collect();
-        let mut conflicts = Vec::new();
         for result in store.bulk_docs(buffer, true).await? {
-            match result.error.as_deref() {
-                None => loaded.written += 1,
-                Some("conflict") => conflicts.push(result.id),
-                Some(error) => {
-                    return Err(EngineError::Input {
-                        what: format!("document {}", result.id),
-                        reason: format!("{error}: {}", result.reason.unwrap_or_default()),
-                    })
-                }
+            if let Some(error) = result.error {
+                return Err(EngineError::Input {
+                    what: format!("document {}", result.id),
+                    reason: format!("{error}: {}", result.reason.unwrap_or_default()),
+                });
             }
-        }
-        if !conflicts.is_empty() {
-            let wanted: Vec<Value> = conflicts
-                .iter()
-                .filter_map(|id| by_id.get(id).cloned())
-                .collect();
-            loaded.present += already_there(store, &wanted, &conflicts).await?.len() as u64;
+            loaded.written += 1;
         }
         progress(loaded.written + loaded.present);
     }
@@ -79,23 +70,20 @@ fn id_of(doc: &Value) -> String {
         .to_owned()
 }
 
-/// The ids of `docs` (named by `ids`) that `store` holds with the same body;
-/// an error naming the first it holds with another body.
-async fn already_there(
-    store: &AnyStore,
-    docs: &[Value],
-    ids: &[String],
-) -> Result<std::collections::HashSet<String>> {
+/// The ids of `docs` that `store` holds with the same body; an error naming
+/// the first it holds with another body.
+async fn already_there(store: &AnyStore, docs: &[Value]) -> Result<HashSet<String>> {
+    let ids: Vec<String> = docs.iter().map(id_of).collect();
     let rows = store
         .all_docs(&AllDocsOptions {
-            keys: Some(ids.to_vec()),
+            keys: Some(ids.clone()),
             include_docs: true,
             ..AllDocsOptions::default()
         })
         .await?
         .rows;
     let wanted: HashMap<&str, &Value> = ids.iter().map(String::as_str).zip(docs).collect();
-    let mut same = std::collections::HashSet::new();
+    let mut same = HashSet::new();
     for row in rows {
         let (Some(mut stored), Some(doc)) = (row.doc, wanted.get(row.key.as_str())) else {
             continue;
