@@ -298,16 +298,12 @@ impl Gateway {
             }
         }
     }
-}
 
-impl Gateway {
     /// What it has written to standard error so far.
     pub fn stderr(&self) -> String {
         self.said.lock().map(|s| s.clone()).unwrap_or_default()
     }
-}
 
-impl Gateway {
     /// `bin serve --data data --migrations migrations`, run in `cwd` (where
     /// its `rewind.toml` is), spawned as [`Gateway::spawn`] does.
     pub fn serve_embedded(bin: &str, cwd: &Path, data: &Path, migrations: &Path) -> Gateway {
