@@ -172,12 +172,14 @@ function rewindWithInput(args, input, { timeout = 60000 } = {}) {
 
 /**
  * Starts `rewind serve` over a backend ({data} or {couch}); returns
- * `{url, port, proc, stop(), restart()}`.
+ * `{url, port, proc, stop(), restart()}`. `config`: a rewind.toml to pass
+ * with `--config` (users, for instance).
  */
-async function startGateway(cleanup, backend, { port } = {}) {
+async function startGateway(cleanup, backend, { port, config } = {}) {
   const gw = { port: port || (await freePort()) };
   const launch = async () => {
     const args = ['serve', '--migrations', MIGRATIONS, '--listen', `127.0.0.1:${gw.port}`];
+    if (config) args.unshift('--config', config);
     if (backend.data) args.push('--data', backend.data);
     else args.push('--couch', backend.couch);
     gw.proc = spawnServer(BIN, args);
