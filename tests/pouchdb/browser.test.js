@@ -50,9 +50,11 @@ const skip =
 
 /**
  * The page: browser PouchDB pulls /v/0 with basic auth, edits a migrated
- * document and creates one at v0, pushes, and reports; plus two plain fetches
- * whose answers a page can only read when the gateway's CORS headers allow it
- * (a 401 without credentials, a 404 JSON error).
+ * document and creates one at v0, pushes, pulls again, makes two plain
+ * fetches whose answers a page can only read when the gateway's CORS headers
+ * allow it (a 401 without credentials, a 404 JSON error), and reports all of
+ * it to `/result`; then it syncs live, reporting to `/live` each revision of
+ * `live-doc` it pulls.
  */
 function pageHtml(gateway) {
   return `<!doctype html><meta charset="utf-8"><title>rewind browser phone</title>
@@ -65,12 +67,11 @@ async function report(body, what = 'result') {
 }
 let live;
 async function scenario() {
-  const out = { steps: [] };
+  const out = {};
   const remote = new PouchDB(GW + '/v/0/medic', { auth: AUTH, skip_setup: true });
   const local = new PouchDB('phone-' + Date.now());
   out.adapter = local.adapter;
   const pulled = await local.replicate.from(remote, { batch_size: 50 });
-  out.steps.push('pulled');
   out.pulled = { ok: pulled.ok, docs_written: pulled.docs_written, errors: pulled.errors.length };
   const all = await local.allDocs({ include_docs: true, conflicts: true });
   out.docs = all.rows.map((r) => r.doc);
@@ -81,7 +82,6 @@ async function scenario() {
   const created = await local.put({ _id: 'browser-made', type: 'person', name: 'Ama Browser', sex: 'female', parent: { _id: 'hc-1' } });
   out.created = created.id;
   const pushed = await local.replicate.to(remote, { batch_size: 50 });
-  out.steps.push('pushed');
   out.pushed = { ok: pushed.ok, docs_written: pushed.docs_written, errors: pushed.errors.length, failures: pushed.doc_write_failures };
   // The pull after the push brings the server's presentation of each
   // pushed edit: the same body, no conflict.
