@@ -305,11 +305,9 @@ pub fn status(args: &StatusArgs) -> anyhow::Result<ExitCode> {
                         lease.expires.saturating_sub(now_ms()) / 1000
                     ),
                     None => {
-                        let why = if r.outcome.starts_with("interrupted") {
-                            r.outcome.as_str()
-                        } else {
-                            "its process ended without finishing"
-                        };
+                        let why = r
+                            .interruption()
+                            .unwrap_or("its process ended without finishing");
                         println!("  stopped ({why}): run `rewind {} --to {}` to finish it", r.kind, r.to)
                     }
                 }

@@ -1,5 +1,6 @@
 //! Loading documents into a database (sample data for rehearsals and benches).
 
+use crate::run::id_of;
 use crate::{EngineError, Result};
 use rewind_store::{AllDocsOptions, AnyStore, Store, StoreError};
 use serde_json::Value;
@@ -61,13 +62,6 @@ pub async fn load(
         progress(loaded.written + loaded.present);
     }
     Ok(loaded)
-}
-
-fn id_of(doc: &Value) -> String {
-    doc.get("_id")
-        .and_then(Value::as_str)
-        .unwrap_or_default()
-        .to_owned()
 }
 
 /// The ids of `docs` that `store` holds with the same body; an error naming

@@ -118,7 +118,8 @@ struct Leaf {
     doc: Value,
 }
 
-fn id_of(doc: &Value) -> String {
+/// A document's `_id` (empty when it has none).
+pub(crate) fn id_of(doc: &Value) -> String {
     doc.get("_id")
         .and_then(Value::as_str)
         .unwrap_or("")
@@ -777,7 +778,7 @@ pub async fn run(
         Ok(_) => state.release(db).await?,
         Err(e) => {
             if let Some(run) = &mut state.run {
-                run.outcome = format!("interrupted: {e}");
+                run.interrupt(e);
             }
             // Keep the run for resumption; give the lease up.
             let _ = state.release(db).await;

@@ -209,7 +209,8 @@ pub struct Run {
     pub started: u64,
     /// Milliseconds since the epoch, when finished.
     pub finished: Option<u64>,
-    /// `running`, `done` or `failed: reason`.
+    /// `running`, `done`, `failed: reason`, or `interrupted: reason` (see
+    /// [`Run::interrupt`]).
     pub outcome: String,
     /// The changes-feed checkpoint: everything up to it is done.
     pub since: Value,
@@ -248,7 +249,24 @@ impl Run {
             counts: Counts::default(),
         }
     }
+
+    /// Records that the run stopped on `reason` and is kept to be resumed.
+    pub fn interrupt(&mut self, reason: impl std::fmt::Display) {
+        self.outcome = format!("{INTERRUPTED}{reason}");
+    }
+
+    /// Why the run stopped, when it was [`Run::interrupt`]ed (its
+    /// `outcome`, prefix included); `None` for a run whose process ended
+    /// without saying (killed).
+    pub fn interruption(&self) -> Option<&str> {
+        self.outcome
+            .starts_with(INTERRUPTED)
+            .then_some(self.outcome.as_str())
+    }
 }
+
+/// How [`Run::outcome`] begins for a run that stopped on an error.
+const INTERRUPTED: &str = "interrupted: ";
 
 /// The checkpoint of a run's id-ordered first pass.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
