@@ -23,10 +23,6 @@ const TODO = {
     'a phone moving down (v7 → v3) within a context holds the v7 rung, a descendant of the v3 one: it keeps the ' +
     'v7 shape until the document or the context changes; the gateway serves moves up, and moves down of phones ' +
     'that name themselves (docs/design.md, "Moves between versions go up"; the device tests below)',
-  unstampedWindow:
-    'a document pushed at v7 without a stamp is stored as sent, then its stamped translation is written as a ' +
-    'child; a live v0 phone woken between the two writes is presented the unstamped body, read as version 0, ' +
-    "in v7's shape, and gets the right shape (with a tombstone) moments later (docs/design.md, Known limits)",
 };
 
 /** A store with N sample docs (at `version`), a gateway in front, cleanup registered on `t`. */
@@ -258,7 +254,7 @@ for (const kind of h.STORE_KINDS) {
       for (const p of phones) await h.assertPhoneShapes(p, N, { edited });
     });
 
-    test('a document written at v7 reaches a live v0 phone in v0\'s shape from its first revision', { todo: TODO.unstampedWindow }, async (t) => {
+    test('a document written at v7 reaches a live v0 phone in v0\'s shape from its first revision', async (t) => {
       const ctx = await setup(t, kind, { version: 7, docs: 20 });
       const phone = ctx.phone(0);
       await phone.pull();

@@ -13,6 +13,7 @@
 //! - `kept`: per migration, the complement the last translation kept (from
 //!   `up` for `down`, or from `down` for `up`).
 
+use rewind_lens::MigrationSet;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
@@ -243,6 +244,29 @@ fn canonical_members<'a>(
     out.push(b'}');
 }
 
+/// The version the stored revision `rev` with body `body` is at: its
+/// stamp; else the version a gateway journaled it at when a phone pushed it
+/// unstamped ([`Journal::pushed_version`]); else 0. Never above the latest.
+pub fn stored_version(set: &MigrationSet, journal: &Journal, rev: &str, body: &Value) -> u32 {
+    set.stamp_of(body)
+        .or_else(|| journal.pushed_version(rev))
+        .unwrap_or(0)
+        .min(set.latest())
+}
+
+/// Puts the stamp of `version` on a body that has none (the lens reads an
+/// unstamped body as version 0 and would skip every step going down from
+/// it), at the end of its members. A stamped body, or version 0, is left
+/// as it is.
+pub fn stamp_unstamped(set: &MigrationSet, body: &mut Value, version: u32) {
+    if version == 0 || set.stamp_of(body).is_some() {
+        return;
+    }
+    if let Some(object) = body.as_object_mut() {
+        object.insert(set.stamp_field().to_owned(), Value::from(version));
+    }
+}
+
 /// A hash of a document's body that ignores key order and revision members
 /// (a server may reorder keys; the content is what matters). Numbers count
 /// as written: journals compare it with what rewind itself wrote.
@@ -297,6 +321,18 @@ impl Journal {
                 self.kept.shift_remove(&version.to_string());
             }
         }
+    }
+
+    /// The version a gateway read revision `rev` at when a phone pushed it
+    /// (its image of the push: `run: None`), if it journaled one. A phone
+    /// whose app writes no stamp pushes its revisions unstamped; the
+    /// gateway journals the version it read the revision at before storing
+    /// it, so that readers never take such a body for version 0.
+    pub fn pushed_version(&self, rev: &str) -> Option<u32> {
+        self.images
+            .iter()
+            .find(|i| i.run.is_none() && i.rev == rev)
+            .map(|i| i.from)
     }
 
     /// Pushes a before-image, dropping the oldest beyond [`MAX_IMAGES`].

@@ -22,7 +22,8 @@
 //! the new version only once a pass over the feed finds nothing left to do.
 
 use crate::journal::{
-    body_hash, body_text, journal_id, journaled_id, Image, Journal, JournalComplements,
+    body_hash, body_text, journal_id, journaled_id, stamp_unstamped, stored_version, Image,
+    Journal, JournalComplements,
 };
 use crate::state::{now_ms, owner_name, Applied, ByIdPass, Counts, Database, Run, State};
 use crate::{EngineError, Result};
@@ -455,7 +456,11 @@ fn rewrite(
             // Taken before the leaf becomes the new document (no copy).
             let before = body_text(&leaf);
             let rev = rev_of(&leaf);
+            let version = stored_version(set, journal, &rev, &leaf);
             let mut doc = leaf;
+            // A phone's unstamped revision is at the version the gateway
+            // journaled: its steps must not apply again.
+            stamp_unstamped(set, &mut doc, version);
             // A step that applies always moves the stamp forward, so the
             // body changed exactly when a step recorded its complement; when
             // none did, neither the document nor its journal changed.
@@ -484,11 +489,11 @@ fn rewrite(
             }))
         }
         Kind::Rollback => {
-            let stamped = set.stamp_of(&leaf).unwrap_or(0);
+            let rev = rev_of(&leaf);
+            let stamped = stored_version(set, journal, &rev, &leaf);
             if stamped <= to {
                 return Ok(None);
             }
-            let rev = rev_of(&leaf);
             let leaf_hash = body_hash(&leaf);
             // The body replaced, for the image: in full when the leaf is
             // translated (views are computed from it), as its hash when a
@@ -520,6 +525,7 @@ fn rewrite(
                 None => {
                     before = Some(body_text(&leaf));
                     let mut doc = leaf;
+                    stamp_unstamped(set, &mut doc, stamped);
                     let mut complements = JournalComplements(journal);
                     if let Err(source) = set.translate(&mut doc, from, to, &mut complements) {
                         return Err(lens_error(&doc, source));
@@ -1643,6 +1649,47 @@ mod tests {
             .map(|(id, _, _)| (id.clone(), journals[id].clone()))
             .collect();
         (out, touched)
+    }
+
+    #[test]
+    fn a_phones_unstamped_revision_is_rewritten_from_the_version_journaled() {
+        // A v7 person a phone pushed without a stamp, left as the leaf (a
+        // gateway crashed before writing its stamped translation): the
+        // gateway journaled it at v7 before storing it.
+        let set = Project::load(None, Some(&rewind_testkit::cht_migrations()))
+            .expect("examples/cht loads")
+            .migrations;
+        let stamp = set.stamp_field().to_owned();
+        let mut leaf = rewind_sample::docs(40, 7)
+            .find(|d| d["type"] == "person")
+            .expect("a person");
+        let mut scratch = Journal::default();
+        set.translate(&mut leaf, 0, 7, &mut JournalComplements(&mut scratch))
+            .unwrap();
+        assert_eq!(leaf["type"], "contact");
+        leaf.as_object_mut().unwrap().shift_remove(&stamp);
+        leaf["_rev"] = Value::from("1-aaaa");
+        let mut journal = Journal::default();
+        journal.push_image(Image {
+            from: 7,
+            to: 7,
+            rev: "1-aaaa".into(),
+            after: String::new(),
+            body: body_text(&leaf),
+            run: None,
+            before: None,
+        });
+        // An upgrade from 0 to 7 applies none of its steps again.
+        let up = sample_run(Kind::Upgrade, 0, 7);
+        let rewritten = rewrite(&set, Kind::Upgrade, &up, leaf.clone(), &mut journal.clone());
+        assert!(rewritten.unwrap().is_none(), "upgraded twice");
+        // A rollback to 0 translates it down to the v0 shape.
+        let down = sample_run(Kind::Rollback, 7, 0);
+        let rolled = rewrite(&set, Kind::Rollback, &down, leaf, &mut journal)
+            .unwrap()
+            .expect("rolled back");
+        assert_eq!(rolled.doc["type"], "person", "{}", rolled.doc);
+        assert!(rolled.doc.get(&stamp).is_none(), "{}", rolled.doc);
     }
 
     #[test]

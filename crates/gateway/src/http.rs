@@ -1246,17 +1246,27 @@ async fn changes(
                 .or(heartbeat)
                 .unwrap_or(Duration::from_secs(60))
                 .min(Duration::from_secs(60));
-            if session
-                .db
-                .data
-                .wait_for_change(&first.last_seq, wait)
-                .await?
-            {
-                return Ok(answer(session.changes(&opts).await?));
+            // Woken, the feed is read again; a read that finds nothing
+            // waits again until the time is up. (pouchdb-server can wake a
+            // longpoll on a revision and then list nothing when the same
+            // document's next revision is being written: the first one is
+            // no longer the document's, the next not yet listed.)
+            let deadline = tokio::time::Instant::now() + wait;
+            let mut last_seq = first.last_seq;
+            loop {
+                let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                if left.is_zero() || !session.db.data.wait_for_change(&last_seq, left).await? {
+                    break;
+                }
+                let page = session.changes(&opts).await?;
+                if !page.results.is_empty() {
+                    return Ok(answer(page));
+                }
+                last_seq = page.last_seq;
             }
             Ok(json_response(
                 200,
-                &json!({"results": [], "last_seq": first.last_seq}),
+                &json!({"results": [], "last_seq": last_seq}),
             ))
         }
         "continuous" => continuous(cx, opts, heartbeat, timeout, seq_interval).await,

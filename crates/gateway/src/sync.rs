@@ -6,7 +6,8 @@ pub(crate) use crate::view::is_deleted;
 use crate::view::{self, Presented};
 use crate::GatewayError;
 use rewind_engine::journal::{
-    body_hash, body_of, journal_id, journaled_id, Image, Journal, JournalComplements,
+    body_hash, body_of, journal_id, journaled_id, stamp_unstamped, stored_version, Image, Journal,
+    JournalComplements,
 };
 use rewind_engine::state::{Database, State};
 use rewind_lens::MigrationSet;
@@ -1099,56 +1100,72 @@ impl Session<'_> {
         if docs.is_empty() {
             return Ok(Vec::new());
         }
-        // 1. Every revision as sent (one batch).
-        let mut errors = Vec::new();
-        let mut failed = std::collections::HashSet::new();
-        for failure in self.db.data.bulk_docs(docs.clone(), false).await? {
-            if failure.error.is_some() {
-                failed.insert(failure.id.clone());
-                errors.push(serde_json::to_value(failure).unwrap_or_default());
-            }
-        }
+        // In rounds: round r takes the r-th revision of each document (a
+        // document's revisions in order; a push names most documents
+        // once), each step in one request for the round:
+        // 1. the plan of each revision: its stored base, what its journal
+        //    gains, its translation to the server's version;
+        // 2. the journals, before the revisions: a reader (a live phone's
+        //    pull, a run, a gateway after a crash here) that meets a phone's
+        //    unstamped revision finds the version it was pushed at
+        //    (`Journal::pushed_version`) and never reads it as version 0;
+        // 3. the revisions as sent;
+        // 4. the translations, and a human edit winning (`carry_out`).
+        // A journal entry naming a revision the store then refuses names
+        // nothing stored, and changes no answer.
         let ids: Vec<String> = docs.iter().map(id_of).collect();
         let mut journals = self.journals(&ids).await?;
-        let bases = self.stored_bases(&docs).await?;
-        // Steps 2 and 3 for the whole batch at once, in rounds: round r takes
-        // the r-th revision of each document (a document's revisions in
-        // order; a push names most documents once).
         let mut groups: Vec<(String, Vec<Value>)> = Vec::new();
         for doc in docs {
             let id = id_of(&doc);
-            if failed.contains(&id) {
-                continue;
-            }
             match groups.iter_mut().find(|(g, _)| *g == id) {
                 Some((_, list)) => list.push(doc),
                 None => groups.push((id, vec![doc])),
             }
         }
+        let mut errors = Vec::new();
         let rounds = groups.iter().map(|(_, list)| list.len()).max().unwrap_or(0);
         for round in 0..rounds {
+            let sent: Vec<Value> = groups
+                .iter()
+                .filter_map(|(_, list)| list.get(round).cloned())
+                .collect();
+            let bases = self.stored_bases(&sent).await?;
             let mut plans = Vec::new();
-            for (id, list) in &groups {
-                let Some(doc) = list.get(round) else {
-                    continue;
-                };
-                let journal = journals.remove(id).unwrap_or_default();
-                if let Some(plan) = self.plan_push(id, doc, journal, target, &adopted, &bases)? {
+            for doc in &sent {
+                let id = id_of(doc);
+                let journal = journals.remove(&id).unwrap_or_default();
+                if let Some(plan) = self.plan_push(&id, doc, journal, target, &adopted, &bases)? {
                     plans.push(plan);
                 }
             }
-            self.carry_out(&mut plans).await?;
-            for plan in plans {
+            let changed: Vec<(&str, &mut Journal)> = plans
+                .iter_mut()
+                .filter(|p| p.journal_changed)
+                .map(|p| (p.id.as_str(), &mut p.journal))
+                .collect();
+            self.save_journals(changed).await?;
+            let mut failed = std::collections::HashSet::new();
+            for failure in self.db.data.bulk_docs(sent, false).await? {
+                if failure.error.is_some() {
+                    failed.insert(failure.id.clone());
+                    errors.push(serde_json::to_value(failure).unwrap_or_default());
+                }
+            }
+            let (mut stored, refused): (Vec<PushPlan>, Vec<PushPlan>) =
+                plans.into_iter().partition(|p| !failed.contains(&p.id));
+            self.carry_out(&mut stored).await?;
+            for plan in stored.into_iter().chain(refused) {
                 journals.insert(plan.id, plan.journal);
             }
         }
         Ok(errors)
     }
 
-    /// Steps 2 and 3 of [`Session::push`] for one pushed revision that was
-    /// stored as sent, computed without I/O: what its journal gains, and
-    /// its translation to the server's version (`bases`: the batch's
-    /// [`Session::stored_bases`]). `None` for a revision without an id.
+    /// Step 1 of [`Session::push`] for one pushed revision, computed
+    /// without I/O: what its journal gains, and its translation to the
+    /// server's version (`bases`: the round's [`Session::stored_bases`]).
+    /// `None` for a revision without a revision id.
     fn plan_push(
         &self,
         id: &str,
@@ -1190,20 +1207,15 @@ impl Session<'_> {
         // hold what rewind wrote.
         let journaled = !journal.is_empty();
         let mut child = None;
-        // 2. Its translation to the server's version, journaled first: a
-        // crash in between leaves the client's revision as the leaf, which
-        // views translate on the fly.
+        // Its translation to the server's version, journaled first: a
+        // crash before it is written leaves the client's revision as the
+        // leaf, which views translate on the fly from the version the
+        // journal names.
         let unstamped = self.set.stamp_of(doc).is_none() && version > 0;
         if !deletion && (version != target || unstamped) && MigrationSet::is_migratable(doc) {
             let mut translated = doc.clone();
-            // A body with no stamp is read at the client's version; tell the
-            // lens, which takes an unstamped body for version 0 and would
-            // skip every step going down.
-            if version > 0 && self.set.stamp_of(&translated).is_none() {
-                if let Some(object) = translated.as_object_mut() {
-                    object.insert(self.set.stamp_field().to_owned(), Value::from(version));
-                }
-            }
+            // A body with no stamp is read at the version found above.
+            stamp_unstamped(self.set, &mut translated, version);
             // What the phone's view of the stored base dropped is what
             // translating its edit back needs: recompute that view, keeping
             // its complements.
@@ -1212,14 +1224,11 @@ impl Session<'_> {
                     .translate(doc, from, to, &mut JournalComplements(journal))
                     .map_err(|e| GatewayError::Lens(id.to_owned(), e))
             };
-            if let Some((_, base)) = base {
+            if let Some((index, base)) = base {
                 let mut seen = base.clone();
-                translate(
-                    &mut seen,
-                    view::version_of(self.set, base),
-                    version,
-                    &mut journal,
-                )?;
+                let base_version = stored_version(self.set, &journal, &chain[*index], base);
+                stamp_unstamped(self.set, &mut seen, base_version);
+                translate(&mut seen, base_version, version, &mut journal)?;
             }
             translate(&mut translated, version, target, &mut journal)?;
             if body_hash(&translated) != body_hash(doc) {
@@ -1253,17 +1262,12 @@ impl Session<'_> {
         }))
     }
 
-    /// Writes what [`Session::plan_push`] planned for a batch of distinct
-    /// documents, each step in one request for the batch: the journals,
-    /// then the translations, then the tombstones that make a human edit
-    /// win over what rewind wrote on its ancestors (step 3).
+    /// Step 4 of [`Session::push`] for the stored revisions of a round
+    /// (distinct documents, their journals saved), each part in one request
+    /// for the round: the translations [`Session::plan_push`] planned, then
+    /// the tombstones that make a human edit win over what rewind wrote on
+    /// its ancestors.
     async fn carry_out(&self, plans: &mut [PushPlan]) -> Result<(), GatewayError> {
-        let changed: Vec<(&str, &mut Journal)> = plans
-            .iter_mut()
-            .filter(|p| p.journal_changed)
-            .map(|p| (p.id.as_str(), &mut p.journal))
-            .collect();
-        self.save_journals(changed).await?;
         let children: Vec<Value> = plans.iter().filter_map(|p| p.child.clone()).collect();
         // A translation the store refused (not a conflict: the translation
         // was written before) fails the push once the others are resolved.
@@ -1289,7 +1293,7 @@ impl Session<'_> {
                 }
             }
         }
-        // 3. A human edit wins over what rewind wrote on its ancestors. Only
+        // A human edit wins over what rewind wrote on its ancestors. Only
         // where a copy was adopted do deleted leaves count (a phone's
         // deletion beats an adopted copy): elsewhere the live leaves tell.
         let contested = |adoptions: bool| -> Vec<String> {
@@ -1332,7 +1336,7 @@ impl Session<'_> {
             return Ok(None);
         };
         if *index == 1 {
-            return Ok(Some(view::version_of(self.set, body)));
+            return Ok(Some(stored_version(self.set, journal, &chain[1], body)));
         }
         // The parent is a rung of a ladder on the base: the version whose
         // view it presented.

@@ -18,7 +18,9 @@
 //!   from recent ancestors: whatever translated copy a phone held, after
 //!   one pull it holds exactly one live leaf, the current view.
 
-use rewind_engine::journal::{body_hash, body_of, client_body_hash, Journal};
+use rewind_engine::journal::{
+    body_hash, body_of, client_body_hash, stamp_unstamped, stored_version, Journal,
+};
 use rewind_engine::state::State;
 use rewind_lens::{Complements, LensError, MigrationSet};
 use serde_json::{json, Value};
@@ -34,11 +36,6 @@ impl Complements for ReadOnly<'_> {
     fn put(&mut self, _: u32, _: Option<Value>) {}
 }
 
-/// The version a stored body is at: its stamp, or 0.
-pub fn version_of(set: &MigrationSet, doc: &Value) -> u32 {
-    set.stamp_of(doc).unwrap_or(0).min(set.latest())
-}
-
 /// The body of `doc` as a client at version `k` sees it.
 pub fn view(
     set: &MigrationSet,
@@ -50,7 +47,9 @@ pub fn view(
     if !MigrationSet::is_migratable(doc) || is_deleted(doc) {
         return Ok(out);
     }
-    let from = version_of(set, doc);
+    let rev = doc.get("_rev").and_then(Value::as_str).unwrap_or("");
+    let from = stored_version(set, journal, rev, doc);
+    stamp_unstamped(set, &mut out, from);
     set.translate(&mut out, from, k, &mut ReadOnly(journal))?;
     Ok(out)
 }
@@ -522,13 +521,16 @@ struct VersionViews {
     kept: Option<Value>,
 }
 
-/// [`VersionViews`] of `body`: one walk through the migrations
+/// [`VersionViews`] of `body`, a stored body at `version` (its
+/// [`stored_version`]): one walk through the migrations
 /// (`MigrationSet::visit_all`) that copies no view but the one kept, and
 /// hashes the body once (it is its own view at its version, unless its
-/// stamp is lowered there).
+/// stamp is lowered there, or it is a phone's unstamped revision above
+/// version 0, whose views are those of the body with the stamp put on).
 fn version_views(
     set: &MigrationSet,
     body: &Value,
+    version: u32,
     journal: &Journal,
     keep: Option<u32>,
 ) -> Result<VersionViews, LensError> {
@@ -546,9 +548,17 @@ fn version_views(
     let mut hashes = vec![String::new(); versions];
     let mut own = None;
     let mut kept = None;
+    let mut stamped = None;
+    if version > 0 && set.stamp_of(body).is_none() {
+        let mut copy = body.clone();
+        stamp_unstamped(set, &mut copy, version);
+        own = Some(client_body_hash(body));
+        stamped = Some(copy);
+    }
+    let walked = stamped.as_ref().unwrap_or(body);
     set.visit_all(
-        body,
-        version_of(set, body),
+        walked,
+        version,
         &mut ReadOnly(journal),
         |k, seen, same_as| {
             // A view equal to one hashed already is not hashed again.
@@ -594,13 +604,16 @@ struct BodyViews {
 }
 
 impl BodyViews {
-    fn of(set: &MigrationSet, body: &Value, journal: &Journal) -> Result<BodyViews, LensError> {
-        let views = version_views(set, body, journal, None)?;
-        Ok(BodyViews::from_hashes(
-            views.own,
-            views.hashes,
-            version_of(set, body),
-        ))
+    /// The views of the stored revision `rev`, whose body is `body`.
+    fn of(
+        set: &MigrationSet,
+        rev: &str,
+        body: &Value,
+        journal: &Journal,
+    ) -> Result<BodyViews, LensError> {
+        let version = stored_version(set, journal, rev, body);
+        let views = version_views(set, body, version, journal, None)?;
+        Ok(BodyViews::from_hashes(views.own, views.hashes, version))
     }
 
     /// The views of a body at `version` from their hashes, in version order.
@@ -691,7 +704,7 @@ pub fn presented_version(
     journal: &Journal,
     path: &[String],
 ) -> Result<Option<u32>, LensError> {
-    let views = BodyViews::of(set, body, journal)?;
+    let views = BodyViews::of(set, base, body, journal)?;
     let oldest = |i: usize| views.rungs.get(i).and_then(|r| r.versions.first().copied());
     // A rung below the foot: a child of the base.
     if let [copy] = path {
@@ -740,8 +753,10 @@ fn anchor_walk(
     leaf_views: Option<&[String]>,
 ) -> Result<(usize, u32), LensError> {
     let hist = history(leaf);
+    let rev = hist.first().map(String::as_str).unwrap_or("");
+    let mut version = stored_version(set, journal, rev, leaf);
     if is_deleted(leaf) || journal.images.is_empty() {
-        return Ok((0, version_of(set, leaf)));
+        return Ok((0, version));
     }
     // The chain of revisions a run wrote, down from the leaf: (place in
     // the history, the parent's body when journaled). It stops at a
@@ -775,7 +790,6 @@ fn anchor_walk(
         here = hash;
         chain.push((chain.len() + 1, previous));
     }
-    let mut version = version_of(set, leaf);
     if chain.is_empty() {
         return Ok((0, version));
     }
@@ -786,7 +800,7 @@ fn anchor_walk(
     let mine: &[String] = match leaf_views {
         Some(views) => views,
         None => {
-            computed = version_views(set, leaf, journal, None)?.hashes;
+            computed = version_views(set, leaf, version, journal, None)?.hashes;
             &computed
         }
     };
@@ -797,9 +811,12 @@ fn anchor_walk(
         let Some(body) = body else {
             continue;
         };
-        if body_hash(body) == leaf_hash || version_views(set, body, journal, None)?.hashes == mine {
+        let body_version = stored_version(set, journal, &hist[*place], body);
+        if body_hash(body) == leaf_hash
+            || version_views(set, body, body_version, journal, None)?.hashes == mine
+        {
             at = *place;
-            version = version_of(set, body);
+            version = body_version;
             break;
         }
     }
@@ -941,7 +958,8 @@ pub fn present(
             kept: None,
         }
     } else {
-        version_views(set, leaf, journal, Some(k))?
+        let version = stored_version(set, journal, &rev, leaf);
+        version_views(set, leaf, version, journal, Some(k))?
     };
     let (at, anchor_version) = anchor_walk(set, leaf, journal, Some(&views.hashes))?;
     let base = &hist[at.min(hist.len().saturating_sub(1))..];
@@ -976,7 +994,7 @@ pub fn present(
         .filter(|(pos, _)| *pos > at)
         .take(ANCESTORS);
     for (pos, body) in others {
-        let views = BodyViews::of(set, body, journal)?;
+        let views = BodyViews::of(set, &hist[pos], body, journal)?;
         retirements(cx, &id, &hist[pos..], &views, None, &hist, &mut out);
     }
     // Copies phones pushed back that are no longer presented, on this
@@ -1102,6 +1120,52 @@ mod tests {
             .map(|p| p.rev)
             .collect();
         (revs, [rung0, rung1])
+    }
+
+    #[test]
+    fn an_unstamped_revision_a_phone_pushed_is_read_at_the_version_journaled() {
+        // A v1 phone whose app writes no stamp pushes a new contact
+        // (1-bbbb). The gateway journals the push at v1, stores the
+        // revision as sent, then writes its stamped translation (2-cccc).
+        let set = persons_set();
+        let mut pushed = json!({"_id": "c", "type": "contact", "contact_type": "person"});
+        let mut translated = pushed.clone();
+        translated["rewind"] = json!(1);
+        pushed["_rev"] = json!("1-bbbb");
+        pushed["_revisions"] = json!({"start": 1, "ids": ["bbbb"]});
+        translated["_rev"] = json!("2-cccc");
+        translated["_revisions"] = json!({"start": 2, "ids": ["cccc", "bbbb"]});
+        let journal = Journal {
+            images: vec![rewind_engine::journal::Image {
+                from: 1,
+                to: 1,
+                rev: "1-bbbb".into(),
+                after: body_hash(&translated),
+                body: serde_json::to_string(&body_of(&pushed)).unwrap(),
+                run: None,
+                before: None,
+            }],
+            ..Journal::default()
+        };
+        // Between the two writes (or after a crash there) a v0 phone is
+        // presented the v0 shape, not the body as stored.
+        let window = present_pinned(&set, &journal, &pushed, 0, &[]);
+        assert_eq!(window[0].doc["type"], "person", "{:?}", window[0].doc);
+        assert!(window[0].synthetic);
+        // Unjournaled, the same body would be read as version 0.
+        let unjournaled = present_pinned(&set, &Journal::default(), &pushed, 0, &[]);
+        assert_eq!(unjournaled[0].doc["type"], "contact");
+        // Once the translation is the leaf, the v0 phone gets the same
+        // shape, and a tombstone for what it was presented in between.
+        let ancestors = [("1-bbbb".to_owned(), body_of(&pushed))];
+        let after = present_pinned(&set, &journal, &translated, 0, &ancestors);
+        assert_eq!(body_of(&after[0].doc), body_of(&window[0].doc));
+        let retired = tombstone_rev(&window[0].rev);
+        assert!(
+            after.iter().any(|p| p.rev == retired),
+            "{:?}",
+            after.iter().map(|p| &p.rev).collect::<Vec<_>>()
+        );
     }
 
     #[test]
