@@ -65,6 +65,16 @@ test('replication with only an AuthSession cookie reaches CouchDB as its user', 
   const refused = await anonymous.replicate.to(withCookie(url, null)).catch((e) => ({ error: e }));
   const anonymousDoc = await h.http(`${up}/${h.DB}/from-anonymous`, { headers: auth });
   assert.equal(anonymousDoc.status, 404, `an anonymous push must not land: ${JSON.stringify(refused)}`);
+  // Refused at a version the gateway translates from (v7, the server at
+  // v0): the gateway journals the translation before it stores the
+  // revision, and puts the journal back when upstream refuses it.
+  const anonymous7 = new PouchDB('anonymous7', { adapter: 'memory' });
+  await anonymous7.put({ _id: 'from-anonymous-v7', type: 'contact', contact_type: 'person', first_name: 'No', last_name: 'Session' });
+  await anonymous7.replicate.to(withCookie(`${gw.url}/v/7/${h.DB}`, null)).catch((e) => ({ error: e }));
+  assert.equal((await h.http(`${up}/${h.DB}/from-anonymous-v7`, { headers: auth })).status, 404);
+  const journal = await h.http(`${up}/${h.DB}-rewind/journal:from-anonymous-v7`, { headers: auth });
+  assert.ok(journal.status === 404 || JSON.stringify(journal.json.images || []) === '[]', `a journal entry was left: ${journal.text}`);
+  await anonymous7.destroy();
 
   // With only the cookie: pushed, and pulled back, through the gateway.
   const phone = new PouchDB('alice-phone', { adapter: 'memory' });

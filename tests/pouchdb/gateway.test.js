@@ -152,6 +152,28 @@ for (const kind of h.STORE_KINDS) {
       await assertNoConflicts(ctx, phones);
     });
 
+    test('a v7 phone that edits its own new document again before pulling: the edit is read at v7, not v0', async (t) => {
+      // The phone's app writes no stamp: its second push's parent is its own
+      // first, stored unstamped; the version comes from the journal.
+      const ctx = await setup(t, kind, { version: 3 });
+      const [p0, p7] = [ctx.phone(0), ctx.phone(7)];
+      await Promise.all([p0, p7].map((p) => p.pull()));
+      await p7.db.put(newPerson('twice-at-v7', 7, 'Ama', 'Owusu'));
+      assert.deepEqual((await p7.push()).errors, []);
+      await p7.edit('twice-at-v7', (d) => (d.phone = '+1-second'));
+      assert.deepEqual((await p7.push()).errors, []);
+      await Promise.all([p0, p7].map((p) => p.pull()));
+      const atV0 = await p0.db.get('twice-at-v7');
+      assert.equal(h.shapeProblem(atV0, 0), null, JSON.stringify(atV0));
+      assert.equal(atV0.name, 'Ama Owusu', JSON.stringify(atV0));
+      assert.equal(atV0.phone, '+1-second');
+      const atV3 = await h.http(`${ctx.gw.url}/${h.DB}/twice-at-v7`);
+      assert.equal(h.shapeProblem(atV3.json, 3), null, atV3.text);
+      assert.equal(atV3.json.name, 'Ama Owusu', atV3.text);
+      for (const p of [p0, p7]) await h.assertPhoneShapes(p, N);
+      await assertNoConflicts(ctx, [p0, p7]);
+    });
+
     test(
       'a document created at the server\'s version (v3) reaches a v0 phone in the v0 shape',
       {},
@@ -879,7 +901,10 @@ for (const kind of h.STORE_KINDS) {
       const ctx = await setup(t, kind, { version: 3, docs: 20 });
       const base = `${ctx.gw.url}/v/0/${h.DB}`;
       const info = async () => (await h.http(`${ctx.gw.url}/${h.DB}`)).json;
+      // The companion (journals), where the server lets us see it.
+      const companion = async () => ctx.store.couch && (await h.http(`${ctx.store.couch}/${h.DB}-rewind`)).json.update_seq;
       const before = await info();
+      const companionBefore = await companion();
       const [person] = await h.sampleIds(20, 'person');
       const isError = (res, status, what) => {
         assert.equal(res.status, status, `${what}: ${res.text}`);
@@ -905,6 +930,19 @@ for (const kind of h.STORE_KINDS) {
         400,
         'one bad revision in a batch',
       );
+      // Documents only the store's own checks refuse, at a version the
+      // gateway translates from (it journals a translation before storing
+      // the revision): refused before anything is written.
+      for (const [what, doc] of [
+        ['an unknown special member', { _id: 'bad-member', _rev: '1-abc', type: 'person', name: 'A B', _foo: 1 }],
+        ['an id starting with an underscore', { _id: '_bad-id', _rev: '1-abc', type: 'person', name: 'A B' }],
+      ]) {
+        isError(
+          await h.http(`${base}/_bulk_docs`, { method: 'POST', body: { new_edits: false, docs: [doc] } }),
+          400,
+          what,
+        );
+      }
       isError(await h.http(`${base}/_revs_diff`, { method: 'POST', body: { [person]: 'no-list' } }), 400, 'bad _revs_diff');
       isError(await h.http(`${base}/${person}?open_revs=garbage`), 400, 'open_revs garbage');
       isError(await h.http(`${base}/${person}?open_revs=%5B1%2C`), 400, 'open_revs truncated JSON');
@@ -946,7 +984,8 @@ for (const kind of h.STORE_KINDS) {
       const after = await info();
       assert.equal(after.doc_count, before.doc_count);
       assert.deepEqual(after.update_seq, before.update_seq, 'nothing was written');
-      for (const id of ['bad-rev', 'bad-rev2', 'bad-rev3']) {
+      assert.deepEqual(await companion(), companionBefore, 'no journal was written');
+      for (const id of ['bad-rev', 'bad-rev2', 'bad-rev3', 'bad-member']) {
         assert.equal((await h.http(`${base}/${id}`)).status, 404, `${id} was not created`);
       }
     });

@@ -996,6 +996,11 @@ impl Session<'_> {
     /// tombstoned, so an edit always wins over a migration and no conflict
     /// appears. Synthetic revisions coming back are ignored.
     pub async fn push(&self, docs: Vec<Value>) -> Result<Vec<Value>, GatewayError> {
+        // What the store would refuse outright is refused before anything
+        // is written (a revision's journal is written before it).
+        for doc in &docs {
+            rewind_store::check_writable(doc, false)?;
+        }
         let target = self.storage_version();
         // Synthetic revisions coming back: ignored while their base is the
         // anchor of a live leaf and they were presented in a context of the
@@ -1111,8 +1116,8 @@ impl Session<'_> {
         //    (`Journal::pushed_version`) and never reads it as version 0;
         // 3. the revisions as sent;
         // 4. the translations, and a human edit winning (`carry_out`).
-        // A journal entry naming a revision the store then refuses names
-        // nothing stored, and changes no answer.
+        // A revision the store then refuses (a validation function on
+        // CouchDB) has its journal put back as it was.
         let ids: Vec<String> = docs.iter().map(id_of).collect();
         let mut journals = self.journals(&ids).await?;
         let mut groups: Vec<(String, Vec<Value>)> = Vec::new();
@@ -1144,7 +1149,11 @@ impl Session<'_> {
                 .filter(|p| p.journal_changed)
                 .map(|p| (p.id.as_str(), &mut p.journal))
                 .collect();
-            self.save_journals(changed).await?;
+            let merged = self.save_journals(changed).await?;
+            for plan in plans.iter_mut().filter(|p| merged.contains(&p.id)) {
+                // Another writer's entries are in it now: never put back.
+                plan.original = None;
+            }
             let mut failed = std::collections::HashSet::new();
             for failure in self.db.data.bulk_docs(sent, false).await? {
                 if failure.error.is_some() {
@@ -1152,8 +1161,9 @@ impl Session<'_> {
                     errors.push(serde_json::to_value(failure).unwrap_or_default());
                 }
             }
-            let (mut stored, refused): (Vec<PushPlan>, Vec<PushPlan>) =
+            let (mut stored, mut refused): (Vec<PushPlan>, Vec<PushPlan>) =
                 plans.into_iter().partition(|p| !failed.contains(&p.id));
+            self.put_back(&mut refused).await?;
             self.carry_out(&mut stored).await?;
             for plan in stored.into_iter().chain(refused) {
                 journals.insert(plan.id, plan.journal);
@@ -1180,6 +1190,7 @@ impl Session<'_> {
             return Ok(None);
         };
         let base = bases.get(&(id.to_owned(), rev.clone()));
+        let original = journal.clone();
         let deletion = is_deleted(doc);
         // The version a pushed body is read at: its stamp; else the version
         // of what the phone edited (its parent revision tells); else the
@@ -1257,9 +1268,33 @@ impl Session<'_> {
             adopted: is_adopted,
             journaled,
             journal,
+            original: changed.then_some(original),
             journal_changed: changed,
             child,
         }))
+    }
+
+    /// Puts back the journals of revisions the store refused as they were
+    /// before [`Session::plan_push`] changed them, conditional on what the
+    /// push wrote. A journal another writer changed meanwhile (merged on
+    /// saving, or changed since) keeps the push's entries, which name a
+    /// revision never stored and change no answer.
+    async fn put_back(&self, refused: &mut [PushPlan]) -> Result<(), GatewayError> {
+        for plan in refused {
+            let Some(mut original) = plan.original.take() else {
+                continue;
+            };
+            original.rev = plan.journal.rev.clone();
+            match self.db.state.put(journal_doc(&plan.id, &original)?).await {
+                Ok(rev) => {
+                    original.rev = Some(rev);
+                    plan.journal = original;
+                }
+                Err(StoreError::Conflict { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
     }
 
     /// Step 4 of [`Session::push`] for the stored revisions of a round
@@ -1418,10 +1453,15 @@ impl Session<'_> {
 
     /// Writes the journals of distinct documents in one request; one that
     /// another writer changed meanwhile is merged and written on its own
-    /// ([`Session::save_journal`]). Updates each to what was written.
-    async fn save_journals(&self, journals: Vec<(&str, &mut Journal)>) -> Result<(), GatewayError> {
+    /// ([`Session::save_journal`]). Updates each to what was written;
+    /// returns the ids of those merged.
+    async fn save_journals(
+        &self,
+        journals: Vec<(&str, &mut Journal)>,
+    ) -> Result<std::collections::HashSet<String>, GatewayError> {
+        let mut merged = std::collections::HashSet::new();
         if journals.is_empty() {
-            return Ok(());
+            return Ok(merged);
         }
         let docs = journals
             .iter()
@@ -1434,11 +1474,14 @@ impl Session<'_> {
         for ((id, journal), result) in journals.into_iter().zip(written) {
             match result.into_written() {
                 Ok(rev) => journal.rev = Some(rev),
-                Err(StoreError::Conflict { .. }) => self.save_journal(id, journal).await?,
+                Err(StoreError::Conflict { .. }) => {
+                    self.save_journal(id, journal).await?;
+                    merged.insert(id.to_owned());
+                }
                 Err(e) => return Err(e.into()),
             }
         }
-        Ok(())
+        Ok(merged)
     }
 
     /// Writes a document's journal, merging with a concurrent writer's
@@ -1656,6 +1699,9 @@ struct PushPlan {
     /// The document had a journal before this revision.
     journaled: bool,
     journal: Journal,
+    /// The journal as read, when this revision changed it (put back if the
+    /// store refuses the revision: [`Session::put_back`]).
+    original: Option<Journal>,
     journal_changed: bool,
     /// The translation to write as the pushed revision's child.
     child: Option<Value>,

@@ -100,6 +100,14 @@ fn specials(map: &Map<String, Value>) -> Result<Specials<'_>> {
     Ok(out)
 }
 
+/// Checks `doc` as `bulk_docs` checks each document before writing any
+/// (special members, id, revision and its history, attachments), writing
+/// nothing: `Err` says why the store would refuse the request. A caller
+/// that writes elsewhere before the document (a journal) checks first.
+pub fn check_writable(doc: &Value, new_edits: bool) -> Result<()> {
+    parse_doc(doc.clone(), new_edits).map(|_| ())
+}
+
 /// Splits and validates one document of a `bulk_docs` request.
 pub(crate) fn parse_doc(doc: Value, new_edits: bool) -> Result<ParsedDoc> {
     let Value::Object(mut map) = doc else {

@@ -31,7 +31,7 @@ pub mod types;
 
 pub use copy::{copy, copy_in_batches, CopyProgress, CopyReport, DEFAULT_COPY_BATCH};
 pub use couch::{CouchAuth, CouchOptions, CouchStore};
-pub use doc::{digest as attachment_digest, json_len};
+pub use doc::{check_writable, digest as attachment_digest, json_len};
 pub use error::{redact_url, Result, StoreError};
 pub use rev::{Rev, DEFAULT_REVS_LIMIT};
 pub use sqlite::{SqliteStore, TextDoc};
