@@ -70,6 +70,9 @@
 #   revisions presented lately remembered apart), N=20000: (c)/(a) 1.24x with pouchdb-server CPU
 #   at 1.14x the direct pull's (the floor on this server), (b)/(a) 1.23x, 4b/4a 1.51x, copy 1.98x,
 #   50 live clients 104,300 docs in 10 s at 103 MB peak.
+#   2026-11-28 (pushes journal before they store; a slow hour: the direct pull took 11.5 s),
+#   N=20000: (c)/(a) 1.38x, (b)/(a) 1.37x, server CPU 1.19x, (d)/(a) 0.39x, 4b/4a 1.41x,
+#   50 live clients 118 MB peak.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
