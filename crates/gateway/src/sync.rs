@@ -1137,16 +1137,18 @@ impl Session<'_> {
                 .collect();
             let bases = self.stored_bases(&sent).await?;
             let mut plans = Vec::new();
-            for doc in &sent {
-                let id = id_of(doc);
-                let journal = journals.remove(&id).unwrap_or_default();
-                if let Some(plan) = self.plan_push(&id, doc, journal, target, &adopted, &bases)? {
+            for (id, list) in &groups {
+                let Some(doc) = list.get(round) else {
+                    continue;
+                };
+                let journal = journals.remove(id).unwrap_or_default();
+                if let Some(plan) = self.plan_push(id, doc, journal, target, &adopted, &bases)? {
                     plans.push(plan);
                 }
             }
             let changed: Vec<(&str, &mut Journal)> = plans
                 .iter_mut()
-                .filter(|p| p.journal_changed)
+                .filter(|p| p.original.is_some())
                 .map(|p| (p.id.as_str(), &mut p.journal))
                 .collect();
             let merged = self.save_journals(changed).await?;
@@ -1269,7 +1271,6 @@ impl Session<'_> {
             journaled,
             journal,
             original: changed.then_some(original),
-            journal_changed: changed,
             child,
         }))
     }
@@ -1699,10 +1700,10 @@ struct PushPlan {
     /// The document had a journal before this revision.
     journaled: bool,
     journal: Journal,
-    /// The journal as read, when this revision changed it (put back if the
-    /// store refuses the revision: [`Session::put_back`]).
+    /// The journal as read, when this revision changed it: the journal is
+    /// then saved, and put back if the store refuses the revision
+    /// ([`Session::put_back`]).
     original: Option<Journal>,
-    journal_changed: bool,
     /// The translation to write as the pushed revision's child.
     child: Option<Value>,
 }
