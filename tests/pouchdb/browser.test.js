@@ -237,10 +237,10 @@ test('browser PouchDB in Chromium syncs through the gateway from another origin 
   assert.equal(out.missing.status, 404);
   assert.equal(out.missing.body.error, 'not_found');
 
-  // Live: written at v7 through /medic, it reaches the browser at v0 and
-  // settles there in v0's shape, without a conflict. (Its first revision may
-  // come in v7's shape: docs/design.md, Known limits, and the todo in
-  // gateway.test.js.)
+  // Live: written at v7 through /medic, it reaches the browser at v0 in
+  // v0's shape from its first revision (the gateway journals the push before
+  // it stores it: docs/design.md, "What a push writes") and settles there
+  // without a conflict.
   const written = await h.http(`${gw.url}/medic/live-doc`, {
     method: 'PUT',
     headers: auth,
@@ -253,6 +253,7 @@ test('browser PouchDB in Chromium syncs through the gateway from another origin 
     .catch((e) => {
       throw new Error(`${e.message}; the page reported ${JSON.stringify(page.live)}; Chromium: ${browserLog}`);
     });
+  for (const seen of page.live) assert.equal(h.shapeProblem(seen, 0), null, `${seen._rev}: ${h.shapeProblem(seen, 0)}`);
   const live = page.live[page.live.length - 1];
   assert.equal(live.name, 'Esi Live');
   assert.equal(live.sex, 'female');
