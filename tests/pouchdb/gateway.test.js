@@ -282,7 +282,14 @@ for (const kind of h.STORE_KINDS) {
       await phone.pull();
       const received = [];
       const live = phone.db.replicate.from(phone.url, { live: true, retry: true, batch_size: 100 });
-      ctx.cleanup.add(() => live.cancel());
+      // Stopped before the gateway is: a request still in flight when the
+      // gateway goes would be reset, and PouchDB leaves that rejection
+      // unhandled.
+      const stopped = new Promise((resolve) => live.once('complete', resolve));
+      ctx.cleanup.add(async () => {
+        live.cancel();
+        await h.withTimeout(stopped, 5000, 'the live replication to stop').catch(() => {});
+      });
       live.on('change', (info) => received.push(...info.docs.filter((d) => d._id === 'live-v7' && !d._deleted)));
       await h.sleep(300);
       const res = await h.http(`${ctx.gw.url}/${h.DB}/live-v7`, { method: 'PUT', body: newPerson('live-v7', 7, 'Esi', 'Live') });
