@@ -73,6 +73,10 @@
 #   2026-11-28 (pushes journal before they store; a slow hour: the direct pull took 11.5 s),
 #   N=20000: (c)/(a) 1.38x, (b)/(a) 1.37x, server CPU 1.19x, (d)/(a) 0.39x, 4b/4a 1.41x,
 #   50 live clients 118 MB peak.
+#   2026-11-28, N=100000 (the issue's size): (c)/(a) 1.36x (direct 38.3 s, gateway 52.0 s), (b)/(a)
+#   1.34x, server CPU 1.15x, (d)/(a) 0.51x, 4b/4a 1.30x, 50 live clients 133 MB peak, copy 1.79x.
+#   The server was busy 88% of the direct pull and 75% of the gateway's: see docs/design.md,
+#   Known limits.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
