@@ -76,12 +76,17 @@ async function livePhoneFields(base, id) {
 
 /** A new person document in the shape of version k. */
 function newPerson(id, k, first, last) {
-  if (k === 0) return { _id: id, type: 'person', name: `${first} ${last}`, sex: 'female', phone: '+1-new' };
+  // Its place: `parent` before v4, `lineage.parent` from v4 (examples/cht
+  // 0004); at v0 nothing of `lineage` may be left, not even `{}`.
+  const place = { _id: 'new-person-clinic' };
+  if (k === 0) return { _id: id, type: 'person', name: `${first} ${last}`, sex: 'female', phone: '+1-new', parent: place };
   const doc = { _id: id, type: 'contact', contact_type: 'person' };
   if (k >= 7) Object.assign(doc, { first_name: first, last_name: last });
   else doc.name = `${first} ${last}`;
   doc.sex = k >= 6 ? 'f' : 'female';
   doc.phone = '+1-new';
+  if (k >= 4) doc.lineage = { parent: place };
+  else doc.parent = place;
   return doc;
 }
 
@@ -145,10 +150,16 @@ for (const kind of h.STORE_KINDS) {
       const fromV7 = await phones[0].db.get('new-person-v7');
       assert.equal(fromV7.name, 'Zoe Kamau7');
       assert.equal(fromV7.sex, 'female');
+      // Its place is where v0 keeps it, and nothing of v4's `lineage` is
+      // left behind (not even an empty object).
+      assert.deepEqual(fromV7.parent, { _id: 'new-person-clinic' }, JSON.stringify(fromV7));
+      assert.ok(!('lineage' in fromV7), JSON.stringify(fromV7));
       const fromV0 = await phones[2].db.get('new-person-v0');
       assert.equal(fromV0.first_name, 'Zoe');
       assert.equal(fromV0.last_name, 'Kamau0');
       assert.equal(fromV0.sex, 'f');
+      assert.deepEqual(fromV0.lineage, { parent: { _id: 'new-person-clinic' } }, JSON.stringify(fromV0));
+      assert.ok(!('parent' in fromV0), JSON.stringify(fromV0));
       await assertNoConflicts(ctx, phones);
     });
 

@@ -310,7 +310,7 @@ fn impose(selector: &Selector, doc: &mut Value) {
 
 fn check_generated(set: &MigrationSet, version: u32, cases: u32, report: &mut MigrationReport) {
     let (paths, values) = vocabulary(set, version);
-    let field = (0..paths.len(), 0..values.len(), 0..4u8);
+    let field = (0..paths.len(), 0..values.len(), 0..5u8);
     let strategy = (
         proptest::collection::vec(field, 0..=paths.len() + 2),
         any::<bool>(),
@@ -334,6 +334,19 @@ fn check_generated(set: &MigrationSet, version: u32, cases: u32, report: &mut Mi
             let value = match shape {
                 0 => json!({"k": values[v].clone()}),
                 1 => json!([values[v].clone()]),
+                // The object that holds the field, there but empty (what a
+                // move into it finds, or out of it leaves).
+                2 => {
+                    let segments = paths[p].segments();
+                    if let Some(parent) =
+                        FieldPath::parse(&segments[..segments.len() - 1].join("."))
+                    {
+                        if parent.get(&doc).is_none() {
+                            let _ = parent.put(&mut doc, json!({}), None);
+                        }
+                    }
+                    continue;
+                }
                 _ => values[v].clone(),
             };
             let _ = paths[p].put(&mut doc, value, None);

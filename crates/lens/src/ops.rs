@@ -174,12 +174,12 @@ fn move_field(
     if let Some(over) = kept_in.get("over") {
         let _ = src.put(doc, over.clone(), Some(taken.index));
     } else {
-        src.prune_empty_parents(doc, created_levels(kept_in));
+        prune_left_behind(doc, src, src.parents_apart_from(dst), kept_in, &mut out);
     }
     let same_parent = src.parent() == dst.parent();
     let index = index_of(kept_in, "pos").or(same_parent.then_some(taken.index));
     let put = dst
-        .put(doc, taken.value, index)
+        .put_with_parents_at(doc, taken.value, index, index_of(kept_in, "rm"))
         .map_err(|_| shape_error(dst))?;
     // Going back puts the value at its old index when it stood elsewhere
     // than where it will be found.
@@ -189,10 +189,49 @@ fn move_field(
     if let Some(replaced) = put.replaced {
         out.insert("over".into(), replaced);
     }
-    if put.created_parents > 0 {
-        out.insert("mk".into(), put.created_parents.into());
-    }
+    record_parents(
+        doc,
+        dst,
+        dst.parents_apart_from(src),
+        put.created_parents,
+        &mut out,
+    );
     Ok(out)
+}
+
+/// Removes the parent objects of `path` a value taken from it left empty:
+/// those the opposite operation says it created (`mk`, which it records
+/// also when it created none but found the object empty); without that
+/// record (a document made in this shape, or a record the same direction
+/// wrote: one complement serves both ways), the `levels` innermost, as the
+/// opposite operation would have created them, and where the outermost
+/// stood goes into `out` as `rm`, for the opposite operation to put them
+/// back there.
+fn prune_left_behind(
+    doc: &mut Value,
+    path: &FieldPath,
+    levels: usize,
+    kept_in: &Kept,
+    out: &mut Kept,
+) {
+    if !kept_in.contains_key("mk") {
+        if let Some(at) = path.prune_empty_parents(doc, levels) {
+            out.insert("rm".into(), at.into());
+        }
+    } else {
+        path.prune_empty_parents(doc, created_levels(kept_in));
+    }
+}
+
+/// Records in `out` how many parent objects a put at `path` created (`mk`),
+/// also when it created none but the innermost of its `levels` parents the
+/// opposite operation would prune holds nothing else: that object was there
+/// before, and the record says so ([`prune_left_behind`] prunes every empty
+/// one only when there is none).
+fn record_parents(doc: &Value, path: &FieldPath, levels: usize, created: usize, out: &mut Kept) {
+    if created > 0 || (levels > 0 && path.is_alone_in_parent(doc)) {
+        out.insert("mk".into(), created.into());
+    }
 }
 
 /// Sets `path` to the value the opposite direction saw there (`set`) or to `value`.
@@ -209,14 +248,23 @@ fn set_field(
     }
     let value = kept_in.get("set").unwrap_or(value).clone();
     let put = path
-        .put(doc, value, index_of(kept_in, "pos"))
+        .put_with_parents_at(
+            doc,
+            value,
+            index_of(kept_in, "pos"),
+            index_of(kept_in, "rm"),
+        )
         .map_err(|_| shape_error(path))?;
     if let Some(replaced) = put.replaced {
         out.insert("over".into(), replaced);
     }
-    if put.created_parents > 0 {
-        out.insert("mk".into(), put.created_parents.into());
-    }
+    record_parents(
+        doc,
+        path,
+        path.parent().len(),
+        put.created_parents,
+        &mut out,
+    );
     Ok(out)
 }
 
@@ -230,7 +278,7 @@ fn unset_field(doc: &mut Value, path: &FieldPath, expected: &Value, kept_in: &Ke
     if let Some(over) = kept_in.get("over") {
         let _ = path.put(doc, over.clone(), Some(taken.index));
     } else {
-        path.prune_empty_parents(doc, created_levels(kept_in));
+        prune_left_behind(doc, path, path.parent().len(), kept_in, &mut out);
     }
     if !same_text(&taken.value, expected) {
         out.insert("set".into(), taken.value);

@@ -113,6 +113,19 @@ impl FieldPath {
     /// Returns the value it replaced and how many parent levels it created,
     /// or `Err` with the value when a parent exists but is not an object.
     pub fn put(&self, doc: &mut Value, value: Value, index: Option<usize>) -> Result<Put, Value> {
+        self.put_with_parents_at(doc, value, index, None)
+    }
+
+    /// [`FieldPath::put`], inserting the outermost parent object it creates
+    /// at `parents_at` in its own parent (clamped; appended when `None`):
+    /// where [`FieldPath::prune_empty_parents`] found the one it removed.
+    pub fn put_with_parents_at(
+        &self,
+        doc: &mut Value,
+        value: Value,
+        index: Option<usize>,
+        parents_at: Option<usize>,
+    ) -> Result<Put, Value> {
         let Some((last, parents)) = self.0.split_last() else {
             return Err(value);
         };
@@ -123,10 +136,19 @@ impl FieldPath {
                 return Err(value);
             };
             if !object.contains_key(segment) {
+                let empty = Value::Object(Map::new());
+                match parents_at {
+                    Some(at) if created == 0 => {
+                        let at = at.min(object.len());
+                        object.shift_insert(at, segment.clone(), empty);
+                    }
+                    _ => {
+                        object.insert(segment.clone(), empty);
+                    }
+                }
                 if created == 0 {
                     created = parents.len() - depth;
                 }
-                object.insert(segment.clone(), Value::Object(Map::new()));
             }
             here = object.get_mut(segment).expect("inserted or present");
         }
@@ -146,9 +168,12 @@ impl FieldPath {
         })
     }
 
-    /// Removes the innermost `levels` parent objects of this path when they are empty.
-    pub fn prune_empty_parents(&self, doc: &mut Value, levels: usize) {
+    /// Removes the innermost `levels` parent objects of this path when they
+    /// are empty, innermost first, stopping at the first that is not.
+    /// Returns where the outermost one removed stood in its own parent.
+    pub fn prune_empty_parents(&self, doc: &mut Value, levels: usize) -> Option<usize> {
         let parents = self.0.len().saturating_sub(1);
+        let mut outermost = None;
         for depth in (parents.saturating_sub(levels)..parents).rev() {
             let parent = FieldPath(self.0[..=depth].to_vec());
             let empty = parent
@@ -156,10 +181,34 @@ impl FieldPath {
                 .and_then(Value::as_object)
                 .is_some_and(Map::is_empty);
             if !empty {
-                return;
+                break;
             }
-            parent.take(doc);
+            outermost = parent.take_indexed(doc).map(|taken| taken.index);
         }
+        outermost
+    }
+
+    /// How many of this path's parent objects are not parents of `other`
+    /// too: the innermost ones, which a value moved from here to `other`
+    /// leaves behind.
+    pub fn parents_apart_from(&self, other: &FieldPath) -> usize {
+        let (mine, theirs) = (self.parent(), other.parent());
+        let shared = mine.iter().zip(theirs).take_while(|(a, b)| a == b).count();
+        mine.len() - shared
+    }
+
+    /// True when the object holding this path's field holds nothing else
+    /// (false for a top-level field: the document is not a parent object).
+    pub fn is_alone_in_parent(&self, doc: &Value) -> bool {
+        let (_, parents) = match self.0.split_last() {
+            Some(split) => split,
+            None => return false,
+        };
+        !parents.is_empty()
+            && FieldPath(parents.to_vec())
+                .get(doc)
+                .and_then(Value::as_object)
+                .is_some_and(|o| o.len() == 1)
     }
 }
 
@@ -204,6 +253,33 @@ mod tests {
         path.take(&mut doc);
         path.prune_empty_parents(&mut doc, put.created_parents);
         assert_eq!(doc, json!({"a": 1}));
+    }
+
+    #[test]
+    fn a_pruned_parent_comes_back_where_it_stood() {
+        let text = r#"{"a":1,"x":{"y":{"z":2}},"b":3}"#;
+        let mut doc: Value = serde_json::from_str(text).unwrap();
+        let path = FieldPath::parse("x.y.z").unwrap();
+        let value = path.take(&mut doc).unwrap();
+        let at = path.prune_empty_parents(&mut doc, 2);
+        assert_eq!(at, Some(1));
+        assert_eq!(serde_json::to_string(&doc).unwrap(), r#"{"a":1,"b":3}"#);
+        let put = path.put_with_parents_at(&mut doc, value, None, at).unwrap();
+        assert_eq!(put.created_parents, 2);
+        assert_eq!(serde_json::to_string(&doc).unwrap(), text);
+    }
+
+    #[test]
+    fn parents_apart_and_alone() {
+        let p = |s| FieldPath::parse(s).unwrap();
+        assert_eq!(p("lineage.parent").parents_apart_from(&p("parent")), 1);
+        assert_eq!(p("a.x").parents_apart_from(&p("a.y")), 0);
+        assert_eq!(p("a.b.x").parents_apart_from(&p("a.y")), 1);
+        assert_eq!(p("x").parents_apart_from(&p("a.y")), 0);
+        let doc = json!({"a": {"x": 1}, "b": {"x": 1, "y": 2}, "x": 3});
+        assert!(p("a.x").is_alone_in_parent(&doc));
+        assert!(!p("b.x").is_alone_in_parent(&doc));
+        assert!(!p("x").is_alone_in_parent(&doc));
     }
 
     #[test]

@@ -85,6 +85,56 @@ fn rename_into_a_missing_parent_creates_it_and_down_removes_it_again() {
 }
 
 #[test]
+fn a_document_made_in_the_new_shape_goes_down_without_the_parent_up_creates() {
+    let s = set(&[
+        "description: x\nwhen: {type: a}\nup:\n  - rename: {from: parent, to: lineage.parent}\n",
+    ]);
+    // Made at version 1 (a phone on the new app): no complement.
+    let made =
+        json!({"_id": "d", "type": "a", "lineage": {"parent": {"_id": "p"}}, "z": 1, "rewind": 1});
+    let mut doc = made.clone();
+    let StepOutcome::Applied(kept) = s.down_step(1, &mut doc, None).unwrap() else {
+        panic!()
+    };
+    assert_eq!(
+        text(&doc),
+        r#"{"_id":"d","type":"a","z":1,"parent":{"_id":"p"}}"#
+    );
+    // Going up again with what down kept: the same bytes, `lineage` where it stood.
+    s.up_step(1, &mut doc, kept.as_ref()).unwrap();
+    assert_eq!(text(&doc), text(&made));
+}
+
+#[test]
+fn a_parent_object_that_was_there_empty_before_up_is_there_after_down() {
+    let s = set(&[
+        "description: x\nwhen: {type: a}\nup:\n  - rename: {from: parent, to: lineage.parent}\n",
+    ]);
+    let original = json!({"_id": "d", "type": "a", "lineage": {}, "parent": {"_id": "p"}});
+    let mut doc = original.clone();
+    let StepOutcome::Applied(kept) = s.up_step(1, &mut doc, None).unwrap() else {
+        panic!()
+    };
+    assert!(kept.is_some(), "up records that it created no parent");
+    s.down_step(1, &mut doc, kept.as_ref()).unwrap();
+    assert_eq!(text(&doc), text(&original));
+}
+
+#[test]
+fn an_added_nested_field_goes_down_with_its_parent_for_a_document_made_in_the_new_shape() {
+    let s =
+        set(&["description: x\nwhen: {type: a}\nup:\n  - add: {path: meta.flag, value: true}\n"]);
+    let made = json!({"_id": "d", "type": "a", "meta": {"flag": true}, "z": 1, "rewind": 1});
+    let mut doc = made.clone();
+    let StepOutcome::Applied(kept) = s.down_step(1, &mut doc, None).unwrap() else {
+        panic!()
+    };
+    assert_eq!(text(&doc), r#"{"_id":"d","type":"a","z":1}"#);
+    s.up_step(1, &mut doc, kept.as_ref()).unwrap();
+    assert_eq!(text(&doc), text(&made));
+}
+
+#[test]
 fn numbers_keep_their_text_and_unmatched_documents_are_untouched() {
     let s = set(&["description: x\nwhen: {type: a}\nup:\n  - rename: {from: n, to: m}\n"]);
     let (mut doc, style) = rewind_lens::json_text::parse(

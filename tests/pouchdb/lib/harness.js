@@ -306,7 +306,7 @@ function shapeProblem(doc, k) {
     if (k === 0 && t !== 'person') return `v0 person has type ${t}`;
     if (k >= 1 && (t !== 'contact' || doc.contact_type !== 'person')) return `v${k} person is not a contact`;
     if (k >= 4 && 'parent' in doc) return `v${k} person still has parent`;
-    if (k < 4 && doc.lineage) return `v${k} person has lineage`;
+    if (k < 4 && 'lineage' in doc) return `v${k} person has lineage`;
     if (k >= 6 && ['male', 'female'].includes(doc.sex)) return `v${k} person has sex ${doc.sex}`;
     if (k < 6 && ['m', 'f'].includes(doc.sex)) return `v${k} person has sex ${doc.sex}`;
     if (k >= 7 && !('first_name' in doc && !('name' in doc))) return `v${k} person has no first_name`;
