@@ -88,10 +88,14 @@ function owner(id) {
 
 /** A new person document in the shape of version k. */
 function newPerson(id, k, marker) {
-  if (k === 0) return { _id: id, type: 'person', name: 'Drill Person', drill_created: marker };
+  // Its place: `parent` before v4, `lineage.parent` from v4 (examples/cht 0004).
+  const place = { _id: 'drill-place' };
+  if (k === 0) return { _id: id, type: 'person', name: 'Drill Person', parent: place, drill_created: marker };
   const doc = { _id: id, type: 'contact', contact_type: 'person' };
   if (k >= 7) Object.assign(doc, { first_name: 'Drill', last_name: 'Person' });
   else doc.name = 'Drill Person';
+  if (k >= 4) doc.lineage = { parent: place };
+  else doc.parent = place;
   doc.drill_created = marker;
   return doc;
 }

@@ -356,6 +356,14 @@ impl Drill {
             } else {
                 json!({"_id": id, "type": "person", "name": "Drill Person"})
             };
+            // Its place, where this version keeps it (examples/cht 0004
+            // moves `parent` under `lineage`).
+            let place = json!({"_id": "drill-place"});
+            if version >= 4 && self.latest >= 4 {
+                doc["lineage"] = json!({ "parent": place });
+            } else {
+                doc["parent"] = place;
+            }
             doc[field.as_str()] = Value::from(marker.clone());
             device
                 .phone
