@@ -185,6 +185,29 @@ for (const kind of h.STORE_KINDS) {
       await assertNoConflicts(ctx, [p0, p7]);
     });
 
+    test('a v7 phone editing a report twice, pushing after each (server at v3): what v7 drops comes back both times', async (t) => {
+      // The second edit's parent is the phone's own first revision, stored
+      // at v7: its translation down needs the complements the first one's
+      // used (the report's legacy_code, which v7 removes), not what that
+      // translation recorded for the way up.
+      const ctx = await setup(t, kind, { version: 3 });
+      const [p3, p7] = [ctx.phone(3), ctx.phone(7)];
+      await Promise.all([p3, p7].map((p) => p.pull()));
+      const reports = await h.sampleIds(N, 'report');
+      const id = reports.find((r) => true);
+      const before = await p3.db.get(id);
+      assert.ok(before.fields && 'legacy_code' in before.fields, JSON.stringify(before));
+      await p7.edit(id, (d) => (d.fields.visit = 'first edit at v7'));
+      assert.deepEqual((await p7.push()).errors, []);
+      await p7.edit(id, (d) => (d.fields.visit = 'second edit at v7'));
+      assert.deepEqual((await p7.push()).errors, []);
+      await p3.pull();
+      const after = await p3.db.get(id);
+      assert.equal(after.fields.visit, 'second edit at v7');
+      assert.equal(after.fields.legacy_code, before.fields.legacy_code, JSON.stringify(after));
+      await assertNoConflicts(ctx, [p3, p7]);
+    });
+
     test(
       'a document created at the server\'s version (v3) reaches a v0 phone in the v0 shape',
       {},

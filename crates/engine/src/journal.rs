@@ -56,6 +56,13 @@ pub struct Image {
     /// a journal about as long as the upgrade's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub before: Option<String>,
+    /// For a phone's revision the gateway translated (`run: None`): the
+    /// complements the translation started from, for the migrations between
+    /// `from` and `to` (a version missing had none). An edit of that
+    /// revision is translated from them again: what the translation
+    /// recorded in [`Journal::kept`] serves the way back, not the same way.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kept: Option<Map<String, Value>>,
 }
 
 impl Image {
@@ -335,6 +342,34 @@ impl Journal {
             .map(|i| i.from)
     }
 
+    /// The complements of the migrations between `low` and `high` (each
+    /// version above `low`, up to `high`), as [`Image::kept`] holds them.
+    pub fn kept_between(&self, low: u32, high: u32) -> Map<String, Value> {
+        (low + 1..=high)
+            .filter_map(|v| self.kept_for(v).map(|c| (v.to_string(), c)))
+            .collect()
+    }
+
+    /// Puts back the complements a translation of the phone's revision
+    /// `rev` started from ([`Image::kept`]), when its image holds them;
+    /// false when it does not (an older journal, or a revision not
+    /// translated by a gateway).
+    pub fn restore_pushed_kept(&mut self, rev: &str) -> bool {
+        let Some((low, high, kept)) = self
+            .images
+            .iter()
+            .rev()
+            .find(|i| i.run.is_none() && i.rev == rev)
+            .and_then(|i| Some((i.from.min(i.to), i.from.max(i.to), i.kept.clone()?)))
+        else {
+            return false;
+        };
+        for v in low + 1..=high {
+            self.keep(v, kept.get(&v.to_string()).cloned());
+        }
+        true
+    }
+
     /// Pushes a before-image, dropping the oldest beyond [`MAX_IMAGES`].
     pub fn push_image(&mut self, image: Image) {
         self.images.push(image);
@@ -369,6 +404,45 @@ impl rewind_lens::Complements for JournalComplements<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_pushed_revisions_starting_complements_come_back_for_its_edit() {
+        let mut journal = Journal::default();
+        journal.keep(4, Some(serde_json::json!({"ops": {"0": {"mk": 1}}})));
+        journal.keep(5, Some(serde_json::json!({"ops": {"0": {"val": "A1"}}})));
+        journal.keep(2, Some(serde_json::json!({"stamp": null})));
+        let started = journal.kept_between(3, 7);
+        assert_eq!(started.keys().collect::<Vec<_>>(), ["4", "5"]);
+        journal.push_image(Image {
+            from: 7,
+            to: 3,
+            rev: "1-phone".into(),
+            after: "h".into(),
+            body: "{}".into(),
+            run: None,
+            before: None,
+            kept: Some(started),
+        });
+        // The translation recorded what the way back needs.
+        journal.keep(5, None);
+        journal.keep(6, Some(serde_json::json!({"ops": {}})));
+        assert!(journal.restore_pushed_kept("1-phone"));
+        assert_eq!(
+            journal.kept_for(5),
+            Some(serde_json::json!({"ops": {"0": {"val": "A1"}}}))
+        );
+        assert_eq!(
+            journal.kept_for(6),
+            None,
+            "had none when the translation started"
+        );
+        assert_eq!(
+            journal.kept_for(2),
+            Some(serde_json::json!({"stamp": null})),
+            "outside the range"
+        );
+        assert!(!journal.restore_pushed_kept("1-other"));
+    }
 
     #[test]
     fn body_text_is_the_body_serialized() {

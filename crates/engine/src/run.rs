@@ -482,6 +482,7 @@ fn rewrite(
                 body: before,
                 run: Some(run.id.clone()),
                 before: None,
+                kept: None,
             });
             Ok(Some(Rewrite {
                 doc,
@@ -551,6 +552,7 @@ fn rewrite(
                 body,
                 run: Some(run.id.clone()),
                 before: hash_before,
+                kept: None,
             });
             if let Some(object) = doc.as_object_mut() {
                 object.shift_remove("_revisions");
@@ -1678,6 +1680,7 @@ mod tests {
             body: body_text(&leaf),
             run: None,
             before: None,
+            kept: None,
         });
         // An upgrade from 0 to 7 applies none of its steps again.
         let up = sample_run(Kind::Upgrade, 0, 7);

@@ -1238,11 +1238,16 @@ impl Session<'_> {
                     .map_err(|e| GatewayError::Lens(id.to_owned(), e))
             };
             if let Some((index, base)) = base {
+                // A base that is itself a phone's revision translated here:
+                // the complements its translation started from first (what
+                // that translation recorded serves the way back).
+                journal.restore_pushed_kept(&chain[*index]);
                 let mut seen = base.clone();
                 let base_version = stored_version(self.set, &journal, &chain[*index], base);
                 stamp_unstamped(self.set, &mut seen, base_version);
                 translate(&mut seen, base_version, version, &mut journal)?;
             }
+            let kept_in = journal.kept_between(version.min(target), version.max(target));
             translate(&mut translated, version, target, &mut journal)?;
             if body_hash(&translated) != body_hash(doc) {
                 add_missing(&mut journal.pushed, vec![rev.clone()]);
@@ -1254,6 +1259,7 @@ impl Session<'_> {
                     body: serde_json::to_string(&body_of(doc)).unwrap_or_default(),
                     run: None,
                     before: None,
+                    kept: Some(kept_in),
                 });
                 changed = true;
                 let mut body = body_of(&translated);

@@ -1144,6 +1144,7 @@ mod tests {
                 body: serde_json::to_string(&body_of(&pushed)).unwrap(),
                 run: None,
                 before: None,
+                kept: None,
             }],
             ..Journal::default()
         };
@@ -1190,6 +1191,7 @@ mod tests {
                 body: serde_json::to_string(&body_of(&before)).unwrap(),
                 run: Some("r1".into()),
                 before: None,
+                kept: None,
             }],
             ..Journal::default()
         };
@@ -1232,6 +1234,7 @@ mod tests {
             body: String::new(),
             run: Some("r2".into()),
             before: Some(body_hash(&migrated)),
+            kept: None,
         });
         assert_eq!(anchor(&set, &rolled_back, &after_rollback).unwrap(), 2);
         for k in 0..=1 {
