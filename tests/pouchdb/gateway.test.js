@@ -208,6 +208,30 @@ for (const kind of h.STORE_KINDS) {
       await assertNoConflicts(ctx, [p3, p7]);
     });
 
+    test('a v0 phone editing a person twice, pushing after each (server at v7): the v7 name split survives both', async (t) => {
+      // v7 splits `name` into first_name / last_name (examples/cht 0007); a
+      // split other than the default one lives in the complement, which
+      // each of the v0 phone's edits must be translated up with.
+      const ctx = await setup(t, kind, { version: 7 });
+      const [p0, p7] = [ctx.phone(0), ctx.phone(7)];
+      await p7.pull();
+      const [person] = await h.sampleIds(N, 'person');
+      await p7.edit(person, (d) => Object.assign(d, { first_name: 'Nguyễn Thị', last_name: 'Lan' }));
+      assert.deepEqual((await p7.push()).errors, []);
+      await p0.pull();
+      assert.equal((await p0.db.get(person)).name, 'Nguyễn Thị Lan');
+      for (const phone of ['+1-first', '+1-second']) {
+        await p0.edit(person, (d) => (d.phone = phone));
+        assert.deepEqual((await p0.push()).errors, []);
+      }
+      await p7.pull();
+      const doc = await p7.db.get(person);
+      assert.equal(doc.phone, '+1-second');
+      assert.equal(doc.first_name, 'Nguyễn Thị', JSON.stringify(doc));
+      assert.equal(doc.last_name, 'Lan', JSON.stringify(doc));
+      await assertNoConflicts(ctx, [p0, p7]);
+    });
+
     test(
       'a document created at the server\'s version (v3) reaches a v0 phone in the v0 shape',
       {},
