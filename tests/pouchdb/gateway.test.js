@@ -232,6 +232,33 @@ for (const kind of h.STORE_KINDS) {
       await assertNoConflicts(ctx, [p0, p7]);
     });
 
+    test('an offline v0 phone\'s edit of a rolled-back person, pushed after the re-upgrade, keeps the split a v7 user typed', async (t) => {
+      // The rollback keeps the v7 split in the complement and the
+      // re-upgrade restores it; the v0 phone edited the rolled-back
+      // revision and pushes after the re-upgrade: its edit is translated up
+      // from that revision, with the complements the re-upgrade started from.
+      const ctx = await setup(t, kind, { version: 7 });
+      const [p0, p7] = [ctx.phone(0), ctx.phone(7)];
+      await p7.pull();
+      const [person] = await h.sampleIds(N, 'person');
+      await p7.edit(person, (d) => Object.assign(d, { first_name: 'Nguyễn Thị', last_name: 'Lan' }));
+      assert.deepEqual((await p7.push()).errors, []);
+      await h.rollback(ctx.store, 0);
+      await h.waitServed(ctx.gw, 0);
+      await p0.pull();
+      assert.equal((await p0.db.get(person)).name, 'Nguyễn Thị Lan');
+      await h.upgrade(ctx.store, 7);
+      await h.waitServed(ctx.gw, 7);
+      await p0.edit(person, (d) => (d.phone = '+1-offline'));
+      assert.deepEqual((await p0.push()).errors, []);
+      await p7.pull();
+      const doc = await p7.db.get(person);
+      assert.equal(doc.phone, '+1-offline');
+      assert.equal(doc.first_name, 'Nguyễn Thị', JSON.stringify(doc));
+      assert.equal(doc.last_name, 'Lan', JSON.stringify(doc));
+      await assertNoConflicts(ctx, [p0, p7]);
+    });
+
     test(
       'a document created at the server\'s version (v3) reaches a v0 phone in the v0 shape',
       {},

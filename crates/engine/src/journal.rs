@@ -56,10 +56,11 @@ pub struct Image {
     /// a journal about as long as the upgrade's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub before: Option<String>,
-    /// For a phone's revision the gateway translated (`run: None`): the
-    /// complements the translation started from, for the migrations between
-    /// `from` and `to` (a version missing had none). An edit of that
-    /// revision is translated from them again: what the translation
+    /// The complements the translation of `rev` started from, for the
+    /// migrations between `from` and `to` (a version missing had none;
+    /// `None` in journals older than this field). An edit of `rev` (a
+    /// phone's pushed revision, or one a run replaced that an offline phone
+    /// still holds) is translated from them again: what the translation
     /// recorded in [`Journal::kept`] serves the way back, not the same way.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kept: Option<Map<String, Value>>,
@@ -350,16 +351,16 @@ impl Journal {
             .collect()
     }
 
-    /// Puts back the complements a translation of the phone's revision
-    /// `rev` started from ([`Image::kept`]), when its image holds them;
-    /// false when it does not (an older journal, or a revision not
-    /// translated by a gateway).
-    pub fn restore_pushed_kept(&mut self, rev: &str) -> bool {
+    /// Puts back the complements the last translation of revision `rev`
+    /// started from ([`Image::kept`]), when an image of it holds them;
+    /// false when none does (an older journal, or a revision never
+    /// translated).
+    pub fn restore_kept_of(&mut self, rev: &str) -> bool {
         let Some((low, high, kept)) = self
             .images
             .iter()
             .rev()
-            .find(|i| i.run.is_none() && i.rev == rev)
+            .find(|i| i.rev == rev)
             .and_then(|i| Some((i.from.min(i.to), i.from.max(i.to), i.kept.clone()?)))
         else {
             return false;
@@ -426,7 +427,7 @@ mod tests {
         // The translation recorded what the way back needs.
         journal.keep(5, None);
         journal.keep(6, Some(serde_json::json!({"ops": {}})));
-        assert!(journal.restore_pushed_kept("1-phone"));
+        assert!(journal.restore_kept_of("1-phone"));
         assert_eq!(
             journal.kept_for(5),
             Some(serde_json::json!({"ops": {"0": {"val": "A1"}}}))
@@ -441,7 +442,7 @@ mod tests {
             Some(serde_json::json!({"stamp": null})),
             "outside the range"
         );
-        assert!(!journal.restore_pushed_kept("1-other"));
+        assert!(!journal.restore_kept_of("1-other"));
     }
 
     #[test]

@@ -464,6 +464,7 @@ fn rewrite(
             // A step that applies always moves the stamp forward, so the
             // body changed exactly when a step recorded its complement; when
             // none did, neither the document nor its journal changed.
+            let kept = journal.kept_between(from, to);
             let mut complements = Recording {
                 journal,
                 applied: false,
@@ -482,7 +483,7 @@ fn rewrite(
                 body: before,
                 run: Some(run.id.clone()),
                 before: None,
-                kept: None,
+                kept: Some(kept),
             });
             Ok(Some(Rewrite {
                 doc,
@@ -496,6 +497,7 @@ fn rewrite(
                 return Ok(None);
             }
             let leaf_hash = body_hash(&leaf);
+            let kept = journal.kept_between(to, stamped.min(from));
             // The body replaced, for the image: in full when the leaf is
             // translated (views are computed from it), as its hash when a
             // before-image is restored (the image below holds what it
@@ -552,7 +554,7 @@ fn rewrite(
                 body,
                 run: Some(run.id.clone()),
                 before: hash_before,
-                kept: None,
+                kept: Some(kept),
             });
             if let Some(object) = doc.as_object_mut() {
                 object.shift_remove("_revisions");

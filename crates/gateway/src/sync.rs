@@ -1238,10 +1238,11 @@ impl Session<'_> {
                     .map_err(|e| GatewayError::Lens(id.to_owned(), e))
             };
             if let Some((index, base)) = base {
-                // A base that is itself a phone's revision translated here:
-                // the complements its translation started from first (what
-                // that translation recorded serves the way back).
-                journal.restore_pushed_kept(&chain[*index]);
+                // A base that was itself translated (a phone's revision
+                // pushed here, or one a run replaced): the complements its
+                // translation started from first (what that translation
+                // recorded serves the way back).
+                journal.restore_kept_of(&chain[*index]);
                 let mut seen = base.clone();
                 let base_version = stored_version(self.set, &journal, &chain[*index], base);
                 stamp_unstamped(self.set, &mut seen, base_version);
