@@ -232,7 +232,7 @@ for (const kind of h.STORE_KINDS) {
       await assertNoConflicts(ctx, [p0, p7]);
     });
 
-    test('an offline v0 phone\'s edit of a rolled-back person, pushed after the re-upgrade, keeps the split a v7 user typed', async (t) => {
+    for (const steps of [[7], [3, 7]]) test(`an offline v0 phone's edit of a rolled-back person, pushed after the re-upgrade (${steps.map((k) => `to v${k}`).join(', then ')}), keeps the split a v7 user typed`, async (t) => {
       // The rollback keeps the v7 split in the complement and the
       // re-upgrade restores it; the v0 phone edited the rolled-back
       // revision and pushes after the re-upgrade: its edit is translated up
@@ -247,7 +247,7 @@ for (const kind of h.STORE_KINDS) {
       await h.waitServed(ctx.gw, 0);
       await p0.pull();
       assert.equal((await p0.db.get(person)).name, 'Nguyễn Thị Lan');
-      await h.upgrade(ctx.store, 7);
+      for (const k of steps) await h.upgrade(ctx.store, k);
       await h.waitServed(ctx.gw, 7);
       await p0.edit(person, (d) => (d.phone = '+1-offline'));
       assert.deepEqual((await p0.push()).errors, []);

@@ -351,24 +351,32 @@ impl Journal {
             .collect()
     }
 
-    /// Puts back the complements the last translation of revision `rev`
-    /// started from ([`Image::kept`]), when an image of it holds them;
-    /// false when none does (an older journal, or a revision never
-    /// translated).
-    pub fn restore_kept_of(&mut self, rev: &str) -> bool {
-        let Some((low, high, kept)) = self
-            .images
-            .iter()
-            .rev()
-            .find(|i| i.rev == rev)
-            .and_then(|i| Some((i.from.min(i.to), i.from.max(i.to), i.kept.clone()?)))
-        else {
+    /// Puts back, for a translation from version `from` to `to` of an edit
+    /// of revision `rev`, the complements its content's own translations
+    /// started from ([`Image::kept`]): for each migration between the two,
+    /// those of the first image, from the newest image of `rev` on, that
+    /// went the same way through it. False when no image did (an older
+    /// journal, or a revision never translated): the complements stay.
+    pub fn restore_kept_of(&mut self, rev: &str, from: u32, to: u32) -> bool {
+        let Some(start) = self.images.iter().rposition(|i| i.rev == rev) else {
             return false;
         };
-        for v in low + 1..=high {
-            self.keep(v, kept.get(&v.to_string()).cloned());
+        let up = from < to;
+        let found: Vec<(u32, Option<Value>)> = (from.min(to) + 1..=from.max(to))
+            .filter_map(|v| {
+                self.images[start..]
+                    .iter()
+                    .filter(|i| (i.from < i.to) == up && i.from != i.to)
+                    .filter(|i| i.from.min(i.to) < v && v <= i.from.max(i.to))
+                    .find_map(|i| i.kept.as_ref())
+                    .map(|kept| (v, kept.get(&v.to_string()).cloned()))
+            })
+            .collect();
+        let restored = !found.is_empty();
+        for (v, complement) in found {
+            self.keep(v, complement);
         }
-        true
+        restored
     }
 
     /// Pushes a before-image, dropping the oldest beyond [`MAX_IMAGES`].
@@ -427,7 +435,7 @@ mod tests {
         // The translation recorded what the way back needs.
         journal.keep(5, None);
         journal.keep(6, Some(serde_json::json!({"ops": {}})));
-        assert!(journal.restore_kept_of("1-phone"));
+        assert!(journal.restore_kept_of("1-phone", 7, 3));
         assert_eq!(
             journal.kept_for(5),
             Some(serde_json::json!({"ops": {"0": {"val": "A1"}}}))
@@ -442,7 +450,11 @@ mod tests {
             Some(serde_json::json!({"stamp": null})),
             "outside the range"
         );
-        assert!(!journal.restore_kept_of("1-other"));
+        assert!(!journal.restore_kept_of("1-other", 7, 3));
+        assert!(
+            !journal.restore_kept_of("1-phone", 3, 7),
+            "the image went down, not up"
+        );
     }
 
     #[test]

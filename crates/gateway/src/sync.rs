@@ -1238,13 +1238,16 @@ impl Session<'_> {
                     .map_err(|e| GatewayError::Lens(id.to_owned(), e))
             };
             if let Some((index, base)) = base {
+                let base_rev = &chain[*index];
+                let mut seen = base.clone();
+                let base_version = stored_version(self.set, &journal, base_rev, base);
                 // A base that was itself translated (a phone's revision
                 // pushed here, or one a run replaced): the complements its
-                // translation started from first (what that translation
-                // recorded serves the way back).
-                journal.restore_kept_of(&chain[*index]);
-                let mut seen = base.clone();
-                let base_version = stored_version(self.set, &journal, &chain[*index], base);
+                // content's translations started from, for both walks
+                // (what a translation recorded serves the way back); the
+                // base's walk records what the edit's then reads.
+                journal.restore_kept_of(base_rev, version, target);
+                journal.restore_kept_of(base_rev, base_version, version);
                 stamp_unstamped(self.set, &mut seen, base_version);
                 translate(&mut seen, base_version, version, &mut journal)?;
             }
