@@ -193,8 +193,7 @@ for (const kind of h.STORE_KINDS) {
       const ctx = await setup(t, kind, { version: 3 });
       const [p3, p7] = [ctx.phone(3), ctx.phone(7)];
       await Promise.all([p3, p7].map((p) => p.pull()));
-      const reports = await h.sampleIds(N, 'report');
-      const id = reports.find((r) => true);
+      const [id] = await h.sampleIds(N, 'report');
       const before = await p3.db.get(id);
       assert.ok(before.fields && 'legacy_code' in before.fields, JSON.stringify(before));
       await p7.edit(id, (d) => (d.fields.visit = 'first edit at v7'));
@@ -208,28 +207,39 @@ for (const kind of h.STORE_KINDS) {
       await assertNoConflicts(ctx, [p3, p7]);
     });
 
+    /** A v7 phone types a person's name split other than v7's default split (kept in the complement), and pushes it. */
+    async function typeSplitAtV7(p7) {
+      await p7.pull();
+      const [person] = await h.sampleIds(N, 'person');
+      await p7.edit(person, (d) => Object.assign(d, { first_name: 'Nguyễn Thị', last_name: 'Lan' }));
+      assert.deepEqual((await p7.push()).errors, []);
+      return person;
+    }
+
+    /** After the v0 phone's edits, the v7 phone pulls the person with the last phone number and the split it typed. */
+    async function assertSplitKept(ctx, [p0, p7], person, phone) {
+      await p7.pull();
+      const doc = await p7.db.get(person);
+      assert.equal(doc.phone, phone);
+      assert.equal(doc.first_name, 'Nguyễn Thị', JSON.stringify(doc));
+      assert.equal(doc.last_name, 'Lan', JSON.stringify(doc));
+      await assertNoConflicts(ctx, [p0, p7]);
+    }
+
     test('a v0 phone editing a person twice, pushing after each (server at v7): the v7 name split survives both', async (t) => {
       // v7 splits `name` into first_name / last_name (examples/cht 0007); a
       // split other than the default one lives in the complement, which
       // each of the v0 phone's edits must be translated up with.
       const ctx = await setup(t, kind, { version: 7 });
       const [p0, p7] = [ctx.phone(0), ctx.phone(7)];
-      await p7.pull();
-      const [person] = await h.sampleIds(N, 'person');
-      await p7.edit(person, (d) => Object.assign(d, { first_name: 'Nguyễn Thị', last_name: 'Lan' }));
-      assert.deepEqual((await p7.push()).errors, []);
+      const person = await typeSplitAtV7(p7);
       await p0.pull();
       assert.equal((await p0.db.get(person)).name, 'Nguyễn Thị Lan');
       for (const phone of ['+1-first', '+1-second']) {
         await p0.edit(person, (d) => (d.phone = phone));
         assert.deepEqual((await p0.push()).errors, []);
       }
-      await p7.pull();
-      const doc = await p7.db.get(person);
-      assert.equal(doc.phone, '+1-second');
-      assert.equal(doc.first_name, 'Nguyễn Thị', JSON.stringify(doc));
-      assert.equal(doc.last_name, 'Lan', JSON.stringify(doc));
-      await assertNoConflicts(ctx, [p0, p7]);
+      await assertSplitKept(ctx, [p0, p7], person, '+1-second');
     });
 
     for (const steps of [[7], [3, 7]]) test(`an offline v0 phone's edit of a rolled-back person, pushed after the re-upgrade (${steps.map((k) => `to v${k}`).join(', then ')}), keeps the split a v7 user typed`, async (t) => {
@@ -239,10 +249,7 @@ for (const kind of h.STORE_KINDS) {
       // from that revision, with the complements the re-upgrade started from.
       const ctx = await setup(t, kind, { version: 7 });
       const [p0, p7] = [ctx.phone(0), ctx.phone(7)];
-      await p7.pull();
-      const [person] = await h.sampleIds(N, 'person');
-      await p7.edit(person, (d) => Object.assign(d, { first_name: 'Nguyễn Thị', last_name: 'Lan' }));
-      assert.deepEqual((await p7.push()).errors, []);
+      const person = await typeSplitAtV7(p7);
       await h.rollback(ctx.store, 0);
       await h.waitServed(ctx.gw, 0);
       await p0.pull();
@@ -251,12 +258,7 @@ for (const kind of h.STORE_KINDS) {
       await h.waitServed(ctx.gw, 7);
       await p0.edit(person, (d) => (d.phone = '+1-offline'));
       assert.deepEqual((await p0.push()).errors, []);
-      await p7.pull();
-      const doc = await p7.db.get(person);
-      assert.equal(doc.phone, '+1-offline');
-      assert.equal(doc.first_name, 'Nguyễn Thị', JSON.stringify(doc));
-      assert.equal(doc.last_name, 'Lan', JSON.stringify(doc));
-      await assertNoConflicts(ctx, [p0, p7]);
+      await assertSplitKept(ctx, [p0, p7], person, '+1-offline');
     });
 
     test(
