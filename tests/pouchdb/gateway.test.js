@@ -207,6 +207,28 @@ for (const kind of h.STORE_KINDS) {
       await assertNoConflicts(ctx, [p3, p7]);
     });
 
+    test('an offline v7 phone\'s edit of a report, pushed after a rollback to v3, keeps the report\'s legacy_code', async (t) => {
+      // The rollback restored the report's before-image and consumed its
+      // complements; the phone's edit of the revision the rollback replaced
+      // is translated down from the complements the rollback started from.
+      const ctx = await setup(t, kind, { version: 7 });
+      const p7 = ctx.phone(7);
+      await p7.pull();
+      const [id] = await h.sampleIds(N, 'report');
+      const original = (await h.sampleAt(N, 3)).find((d) => d._id === id);
+      assert.ok('legacy_code' in original.fields, JSON.stringify(original));
+      await h.rollback(ctx.store, 3);
+      await h.waitServed(ctx.gw, 3);
+      await p7.edit(id, (d) => (d.fields.visit = 'edited offline at v7'));
+      assert.deepEqual((await p7.push()).errors, []);
+      const p3 = ctx.phone(3);
+      await p3.pull();
+      const doc = await p3.db.get(id);
+      assert.equal(doc.fields.visit, 'edited offline at v7');
+      assert.equal(doc.fields.legacy_code, original.fields.legacy_code, JSON.stringify(doc));
+      await assertNoConflicts(ctx, [p3, p7]);
+    });
+
     /** A v7 phone types a person's name split other than v7's default split (kept in the complement), and pushes it. */
     async function typeSplitAtV7(p7) {
       await p7.pull();
