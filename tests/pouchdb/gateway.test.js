@@ -229,6 +229,27 @@ for (const kind of h.STORE_KINDS) {
       await assertNoConflicts(ctx, [p3, p7]);
     });
 
+    test('a v0 phone editing a report twice, pushing after each (server at v7), then a rollback to v0: the report is the phone\'s', async (t) => {
+      const ctx = await setup(t, kind, { version: 7 });
+      const p0 = ctx.phone(0);
+      await p0.pull();
+      const [id] = await h.sampleIds(N, 'report');
+      for (const [visit, code] of [['first', 'Z9'], ['second', undefined]]) {
+        await p0.edit(id, (d) => { d.fields.visit = visit; if (code) d.fields.legacy_code = code; });
+        assert.deepEqual((await p0.push()).errors, []);
+      }
+      await h.rollback(ctx.store, 0);
+      await h.waitServed(ctx.gw, 0);
+      await p0.pull();
+      const doc = await p0.db.get(id);
+      assert.equal(doc.fields.visit, 'second');
+      assert.equal(doc.fields.legacy_code, 'Z9', JSON.stringify(doc));
+      const fresh = ctx.phone(0, 'fresh');
+      await fresh.pull();
+      assert.deepEqual(h.bodyOf(await fresh.db.get(id)), h.bodyOf(doc));
+      await assertNoConflicts(ctx, [p0, fresh]);
+    });
+
     /** A v7 phone types a person's name split other than v7's default split (kept in the complement), and pushes it. */
     async function typeSplitAtV7(p7) {
       await p7.pull();
