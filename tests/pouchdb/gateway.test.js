@@ -185,6 +185,15 @@ for (const kind of h.STORE_KINDS) {
       await assertNoConflicts(ctx, [p0, p7]);
     });
 
+    /** The v3 phone pulls the report with the v7 phone's last visit and the legacy_code v7 drops. */
+    async function assertReportAtV3(ctx, [p3, p7], id, visit, legacyCode) {
+      await p3.pull();
+      const doc = await p3.db.get(id);
+      assert.equal(doc.fields.visit, visit);
+      assert.equal(doc.fields.legacy_code, legacyCode, JSON.stringify(doc));
+      await assertNoConflicts(ctx, [p3, p7]);
+    }
+
     test('a v7 phone editing a report twice, pushing after each (server at v3): what v7 drops comes back both times', async (t) => {
       // The second edit's parent is the phone's own first revision, stored
       // at v7: its translation down needs the complements the first one's
@@ -200,11 +209,7 @@ for (const kind of h.STORE_KINDS) {
       assert.deepEqual((await p7.push()).errors, []);
       await p7.edit(id, (d) => (d.fields.visit = 'second edit at v7'));
       assert.deepEqual((await p7.push()).errors, []);
-      await p3.pull();
-      const after = await p3.db.get(id);
-      assert.equal(after.fields.visit, 'second edit at v7');
-      assert.equal(after.fields.legacy_code, before.fields.legacy_code, JSON.stringify(after));
-      await assertNoConflicts(ctx, [p3, p7]);
+      await assertReportAtV3(ctx, [p3, p7], id, 'second edit at v7', before.fields.legacy_code);
     });
 
     test('an offline v7 phone\'s edit of a report, pushed after a rollback to v3, keeps the report\'s legacy_code', async (t) => {
@@ -221,12 +226,7 @@ for (const kind of h.STORE_KINDS) {
       await h.waitServed(ctx.gw, 3);
       await p7.edit(id, (d) => (d.fields.visit = 'edited offline at v7'));
       assert.deepEqual((await p7.push()).errors, []);
-      const p3 = ctx.phone(3);
-      await p3.pull();
-      const doc = await p3.db.get(id);
-      assert.equal(doc.fields.visit, 'edited offline at v7');
-      assert.equal(doc.fields.legacy_code, original.fields.legacy_code, JSON.stringify(doc));
-      await assertNoConflicts(ctx, [p3, p7]);
+      await assertReportAtV3(ctx, [ctx.phone(3), p7], id, 'edited offline at v7', original.fields.legacy_code);
     });
 
     test('a v0 phone editing a report twice, pushing after each (server at v7), then a rollback to v0: the report is the phone\'s', async (t) => {

@@ -337,10 +337,7 @@ fn check_generated(set: &MigrationSet, version: u32, cases: u32, report: &mut Mi
                 // The object that holds the field, there but empty (what a
                 // move into it finds, or out of it leaves).
                 2 => {
-                    let segments = paths[p].segments();
-                    if let Some(parent) =
-                        FieldPath::parse(&segments[..segments.len() - 1].join("."))
-                    {
+                    if let Some(parent) = paths[p].parent_path() {
                         if parent.get(&doc).is_none() {
                             let _ = parent.put(&mut doc, json!({}), None);
                         }

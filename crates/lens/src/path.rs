@@ -197,18 +197,19 @@ impl FieldPath {
         mine.len() - shared
     }
 
+    /// The path of the object holding this field; `None` for a top-level
+    /// field (the document is not a parent object).
+    pub fn parent_path(&self) -> Option<FieldPath> {
+        let parent = self.parent();
+        (!parent.is_empty()).then(|| FieldPath(parent.to_vec()))
+    }
+
     /// True when the object holding this path's field holds nothing else
-    /// (false for a top-level field: the document is not a parent object).
+    /// (false for a top-level field).
     pub fn is_alone_in_parent(&self, doc: &Value) -> bool {
-        let (_, parents) = match self.0.split_last() {
-            Some(split) => split,
-            None => return false,
-        };
-        !parents.is_empty()
-            && FieldPath(parents.to_vec())
-                .get(doc)
-                .and_then(Value::as_object)
-                .is_some_and(|o| o.len() == 1)
+        self.parent_path()
+            .and_then(|parent| parent.get(doc)?.as_object().map(|o| o.len() == 1))
+            .unwrap_or(false)
     }
 }
 
