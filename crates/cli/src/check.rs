@@ -23,7 +23,7 @@ pub struct Args {
     #[arg(long, value_name = "FILE.jsonl")]
     sample: Option<PathBuf>,
     /// Generated documents per migration.
-    #[arg(long, default_value_t = 256, value_name = "N")]
+    #[arg(long, default_value_t = 1024, value_name = "N")]
     generated: u32,
 }
 

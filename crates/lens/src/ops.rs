@@ -364,9 +364,14 @@ fn convert(
     match lookup(there, slot) {
         Some(converted) => {
             let original = std::mem::replace(slot, converted.clone());
-            let restored = kept_in.get("orig").cloned();
+            // The value the opposite conversion collapsed comes back only
+            // while it still converts to what is here: an edit of the
+            // value since is not hidden by the record.
+            let restored = kept_in
+                .get("orig")
+                .filter(|r| lookup(back, r).is_some_and(|b| same_text(b, &original)));
             if let Some(restored) = restored {
-                *slot = restored;
+                *slot = restored.clone();
             }
             let comes_back = lookup(back, slot);
             if !comes_back.is_some_and(|b| same_text(b, &original)) {
