@@ -304,6 +304,56 @@ for (const kind of h.STORE_KINDS) {
       await assertSplitKept(ctx, [p0, p7], person, '+1-offline');
     });
 
+    test('a name edited at v0 after a v7 user typed its split shows at every version as edited', async (t) => {
+      // The split the v7 user typed lives in the complement; the v0 edit of
+      // the name replaces it, not the other way round (examples/cht 0007
+      // first kept the typed split whatever the name had become).
+      const ctx = await setup(t, kind, { version: 7 });
+      const [p0, p7] = [ctx.phone(0), ctx.phone(7)];
+      const person = await typeSplitAtV7(p7);
+      await p0.pull();
+      await p0.edit(person, (d) => (d.name = 'Bình An'));
+      assert.deepEqual((await p0.push()).errors, []);
+      await p7.pull();
+      const doc = await p7.db.get(person);
+      assert.deepEqual([doc.first_name, doc.last_name], ['Bình', 'An'], JSON.stringify(doc));
+      const fresh = ctx.phone(0, 'fresh');
+      await fresh.pull();
+      assert.equal((await fresh.db.get(person)).name, 'Bình An');
+      await h.rollback(ctx.store, 0);
+      await h.waitServed(ctx.gw, 0);
+      await p0.pull();
+      assert.equal((await p0.db.get(person)).name, 'Bình An');
+      await assertNoConflicts(ctx, [p0, p7, fresh]);
+    });
+
+    test('a first name edited at v7, on a person whose v0 name the upgrade kept aside, rolls back as edited', async (t) => {
+      // "Lan " (a trailing space) splits into "Lan" and "": the upgrade
+      // keeps the name as it was. The v7 user's edit of the first name must
+      // win over that on the way down (it came back as "Lan " before).
+      const ctx = await setup(t, kind);
+      const p0 = ctx.phone(0);
+      await p0.pull();
+      const [person] = await h.sampleIds(N, 'person');
+      await p0.edit(person, (d) => (d.name = 'Lan '));
+      assert.deepEqual((await p0.push()).errors, []);
+      await h.upgrade(ctx.store, 7);
+      await h.waitServed(ctx.gw, 7);
+      const p7 = ctx.phone(7);
+      await p7.pull();
+      assert.deepEqual([(await p7.db.get(person)).first_name, (await p7.db.get(person)).last_name], ['Lan', '']);
+      await p7.edit(person, (d) => (d.first_name = 'Lanh'));
+      assert.deepEqual((await p7.push()).errors, []);
+      await h.rollback(ctx.store, 0);
+      await h.waitServed(ctx.gw, 0);
+      await p0.pull();
+      assert.equal((await p0.db.get(person)).name, 'Lanh');
+      const fresh = ctx.phone(0, 'fresh');
+      await fresh.pull();
+      assert.equal((await fresh.db.get(person)).name, 'Lanh');
+      await assertNoConflicts(ctx, [p0, p7, fresh]);
+    });
+
     test(
       'a document created at the server\'s version (v3) reaches a v0 phone in the v0 shape',
       {},
