@@ -379,6 +379,25 @@ impl Journal {
         restored
     }
 
+    /// Takes back what run `run` journaled for revision `rev` (its image,
+    /// and the complements its translation from `from` to `to` replaced)
+    /// when it journaled that revision before, going the same way: a crash, or a refused write,
+    /// came between the journal's write and the document's, and the run
+    /// now translates `rev` again. Without this the second translation
+    /// would start from what the first one recorded for the way back (a
+    /// name kept aside by the upgrade, gone when a killed rollback ran
+    /// again). False when the run had not journaled `rev`.
+    pub fn retake_run_image(&mut self, run: &str, rev: &str, from: u32, to: u32) -> bool {
+        let Some(at) = self.images.iter().rposition(|i| {
+            i.rev == rev && i.run.as_deref() == Some(run) && (i.from < i.to) == (from < to)
+        }) else {
+            return false;
+        };
+        self.restore_kept_of(rev, from, to);
+        self.images.remove(at);
+        true
+    }
+
     /// Pushes a before-image, dropping the oldest beyond [`MAX_IMAGES`].
     pub fn push_image(&mut self, image: Image) {
         self.images.push(image);
@@ -455,6 +474,39 @@ mod tests {
             !journal.restore_kept_of("1-phone", 3, 7),
             "the image went down, not up"
         );
+    }
+
+    #[test]
+    fn a_run_translating_a_revision_again_starts_from_what_it_first_started_from() {
+        let name = serde_json::json!({"ops": {"0": {"name": "Lan "}}});
+        let mut journal = Journal::default();
+        journal.keep(7, Some(name.clone()));
+        let image = |run: &str| Image {
+            from: 7,
+            to: 0,
+            rev: "2-upgraded".into(),
+            after: "h".into(),
+            body: "{}".into(),
+            run: Some(run.into()),
+            before: None,
+            kept: Some(journal.kept_between(0, 7)),
+        };
+        let (first, other) = (image("rollback"), image("other"));
+        journal.push_image(other);
+        journal.push_image(first);
+        // The killed attempt recorded what going up again would need.
+        journal.keep(7, None);
+        assert!(!journal.retake_run_image("another", "2-upgraded", 7, 0));
+        assert!(
+            !journal.retake_run_image("rollback", "2-upgraded", 0, 7),
+            "the image went down"
+        );
+        assert!(!journal.retake_run_image("rollback", "3-other", 7, 0));
+        assert_eq!(journal.kept_for(7), None);
+        assert!(journal.retake_run_image("rollback", "2-upgraded", 7, 0));
+        assert_eq!(journal.kept_for(7), Some(name));
+        assert_eq!(journal.images.len(), 1, "its own image taken back");
+        assert_eq!(journal.images[0].run.as_deref(), Some("other"));
     }
 
     #[test]

@@ -456,6 +456,7 @@ fn rewrite(
             // Taken before the leaf becomes the new document (no copy).
             let before = body_text(&leaf);
             let rev = rev_of(&leaf);
+            journal.retake_run_image(&run.id, &rev, from, to);
             let version = stored_version(set, journal, &rev, &leaf);
             let mut doc = leaf;
             // A phone's unstamped revision is at the version the gateway
@@ -495,6 +496,10 @@ fn rewrite(
             let stamped = stored_version(set, journal, &rev, &leaf);
             if stamped <= to {
                 return Ok(None);
+            }
+            if journal.retake_run_image(&run.id, &rev, stamped.min(from), to) {
+                // Read again without the image taken back.
+                return rewrite(set, kind, run, leaf, journal);
             }
             let leaf_hash = body_hash(&leaf);
             let kept = journal.kept_between(to, stamped.min(from));
