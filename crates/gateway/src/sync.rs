@@ -1225,32 +1225,38 @@ impl Session<'_> {
         // leaf, which views translate on the fly from the version the
         // journal names.
         let unstamped = self.set.stamp_of(doc).is_none() && version > 0;
-        if !deletion && (version != target || unstamped) && MigrationSet::is_migratable(doc) {
+        let translate = |doc: &mut Value, from: u32, to: u32, journal: &mut Journal| {
+            self.set
+                .translate(doc, from, to, &mut JournalComplements(journal))
+                .map_err(|e| GatewayError::Lens(id.to_owned(), e))
+        };
+        // What the phone's view of the stored base dropped is what
+        // translating its edit back needs: recompute that view, keeping its
+        // complements. A base that was itself translated (a phone's
+        // revision pushed here, or one a run replaced): the complements its
+        // content's translations started from (what a translation recorded
+        // serves the way back); the base's walk records what the edit's
+        // then reads.
+        let walk_base = |journal: &mut Journal| -> Result<(), GatewayError> {
+            if let Some((index, base)) = base {
+                let base_rev = &chain[*index];
+                let base_version = stored_version(self.set, journal, base_rev, base);
+                if version != target {
+                    journal.restore_kept_of(base_rev, version, target);
+                }
+                journal.restore_kept_of(base_rev, base_version, version);
+                let mut seen = base.clone();
+                stamp_unstamped(self.set, &mut seen, base_version);
+                translate(&mut seen, base_version, version, journal)?;
+            }
+            Ok(())
+        };
+        let migratable = !deletion && MigrationSet::is_migratable(doc);
+        if migratable && (version != target || unstamped) {
             let mut translated = doc.clone();
             // A body with no stamp is read at the version found above.
             stamp_unstamped(self.set, &mut translated, version);
-            // What the phone's view of the stored base dropped is what
-            // translating its edit back needs: recompute that view, keeping
-            // its complements.
-            let translate = |doc: &mut Value, from: u32, to: u32, journal: &mut Journal| {
-                self.set
-                    .translate(doc, from, to, &mut JournalComplements(journal))
-                    .map_err(|e| GatewayError::Lens(id.to_owned(), e))
-            };
-            if let Some((index, base)) = base {
-                let base_rev = &chain[*index];
-                let mut seen = base.clone();
-                let base_version = stored_version(self.set, &journal, base_rev, base);
-                // A base that was itself translated (a phone's revision
-                // pushed here, or one a run replaced): the complements its
-                // content's translations started from, for both walks
-                // (what a translation recorded serves the way back); the
-                // base's walk records what the edit's then reads.
-                journal.restore_kept_of(base_rev, version, target);
-                journal.restore_kept_of(base_rev, base_version, version);
-                stamp_unstamped(self.set, &mut seen, base_version);
-                translate(&mut seen, base_version, version, &mut journal)?;
-            }
+            walk_base(&mut journal)?;
             let kept_in = journal.kept_between(version.min(target), version.max(target));
             translate(&mut translated, version, target, &mut journal)?;
             if body_hash(&translated) != body_hash(doc) {
@@ -1271,6 +1277,16 @@ impl Session<'_> {
                 body["_rev"] = Value::from(rev.clone());
                 child = Some(body);
             }
+        } else if migratable {
+            // Stored as sent, at the server's version, though it may edit a
+            // view of a revision stored at another (one written after a
+            // run's last read, which views translate on the fly): what that
+            // view dropped is journaled, or a rollback of the edit would
+            // translate it down without (a name's trailing space, kept
+            // aside by the view, gone).
+            let before = journal.kept.clone();
+            walk_base(&mut journal)?;
+            changed |= journal.kept != before;
         }
         Ok(Some(PushPlan {
             id: id.to_owned(),
