@@ -19,6 +19,8 @@ pub(crate) struct Expectations {
     /// Every edit's marker, per document: `(field, value)`. Each edit sets
     /// a field of its own, so an edit lost under a later one is still seen.
     markers: HashMap<String, Vec<(String, String)>>,
+    /// Each person's name as its last name edit typed it.
+    names: HashMap<String, NameEdit>,
     pub(crate) deleted: HashSet<String>,
     pub(crate) edits: u64,
 }
@@ -35,6 +37,7 @@ impl Expectations {
                 })
                 .collect(),
             markers: HashMap::new(),
+            names: HashMap::new(),
             deleted: HashSet::new(),
             edits: 0,
         }
@@ -54,6 +57,24 @@ impl Expectations {
         self.edits += 1;
     }
 
+    /// Records the name an edit of person `id` typed (the edit's marker is
+    /// recorded by [`Expectations::edit`]).
+    pub(crate) fn name(&mut self, id: &str, name: NameEdit) {
+        self.names.insert(id.to_owned(), name);
+    }
+
+    /// Whether `id` was a person in the original sample.
+    pub(crate) fn is_person(&self, id: &str) -> bool {
+        self.originals
+            .get(id)
+            .is_some_and(|d| d.get("type").and_then(Value::as_str) == Some("person"))
+    }
+
+    /// Whether an edit retyped the name of `id`.
+    pub(crate) fn renamed(&self, id: &str) -> bool {
+        self.names.contains_key(id)
+    }
+
     pub(crate) fn delete(&mut self, id: &str) {
         self.deleted.insert(id.to_owned());
         self.markers.remove(id);
@@ -63,6 +84,69 @@ impl Expectations {
     fn touched(&self, id: &str) -> bool {
         self.markers.contains_key(id) || self.deleted.contains(id)
     }
+}
+
+/// A person's name as an edit typed it: split into first and last name (at
+/// examples/cht v7 and up, `0007-split-name`), or whole (below).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum NameEdit {
+    Split(String, String),
+    Whole(String),
+}
+
+/// The migration whose complement the drill's name edits go through.
+pub(crate) const SPLIT_NAME: &str = "0007-split-name";
+
+impl NameEdit {
+    /// The name `body` (a person, in whichever shape) holds, if any.
+    fn of(body: &Value) -> Option<NameEdit> {
+        let text = |k: &str| body.get(k).and_then(Value::as_str).map(str::to_owned);
+        match (text("first_name"), text("last_name"), text("name")) {
+            (Some(first), Some(last), _) => Some(NameEdit::Split(first, last)),
+            (_, _, Some(name)) => Some(NameEdit::Whole(name)),
+            _ => None,
+        }
+    }
+
+    /// This name in the shape of `like`: split at the first space, or
+    /// joined with one (what `0007-split-name` does with no complement to
+    /// say otherwise: what an edit typed is never undone by one).
+    fn in_shape_of(&self, like: &NameEdit) -> NameEdit {
+        match (self, like) {
+            (NameEdit::Whole(name), NameEdit::Split(..)) => match name.split_once(' ') {
+                Some((first, last)) => NameEdit::Split(first.into(), last.into()),
+                None => NameEdit::Split(name.clone(), String::new()),
+            },
+            (NameEdit::Split(first, last), NameEdit::Whole(_)) if last.is_empty() => {
+                NameEdit::Whole(first.clone())
+            }
+            (NameEdit::Split(first, last), NameEdit::Whole(_)) => {
+                NameEdit::Whole(format!("{first} {last}"))
+            }
+            _ => self.clone(),
+        }
+    }
+}
+
+/// Gives person `doc` (in its phone's shape) a name the split does not
+/// take back as typed, so only the complement holds it exactly: a first
+/// name with a space in it, or a whole name ending in one. `None` for a
+/// document that is not a person with a name.
+pub(crate) fn edit_name(doc: &mut Value, tag: u64) -> Option<NameEdit> {
+    let is_person = doc.get("type").and_then(Value::as_str) == Some("person")
+        || doc.get("contact_type").and_then(Value::as_str) == Some("person");
+    let edit = match NameEdit::of(doc) {
+        Some(NameEdit::Split(_, last)) if is_person => {
+            NameEdit::Split(format!("Drill {tag}"), last)
+        }
+        Some(NameEdit::Whole(_)) if is_person => NameEdit::Whole(format!("Drill{tag} ")),
+        _ => return None,
+    };
+    match &edit {
+        NameEdit::Split(first, _) => doc["first_name"] = first.clone().into(),
+        NameEdit::Whole(name) => doc["name"] = name.clone().into(),
+    }
+    Some(edit)
 }
 
 /// Which phone edits a document: each phone has its own documents, so only
@@ -253,19 +337,66 @@ pub(crate) async fn convergence(
     Ok((checked, diverged))
 }
 
+/// Invariant 1 for retyped names in the documents of one place: each
+/// person's name as its last name edit typed it, in the document's shape.
+fn names_lost(
+    expect: &Expectations,
+    by_id: &HashMap<&str, &DocLeaves>,
+    place: &str,
+) -> (u64, Vec<Counterexample>) {
+    let (mut checked, mut lost) = (0, Vec::new());
+    for (id, typed) in &expect.names {
+        let Some(d) = by_id.get(id.as_str()).filter(|d| !d.deleted) else {
+            continue; // missing or deleted: the markers' check reports it
+        };
+        checked += 1;
+        let found = NameEdit::of(&d.body);
+        let want = found.as_ref().map(|f| typed.in_shape_of(f));
+        if found.is_none() || found != want {
+            let want = format!("the name typed last, {:?}", want.as_ref().unwrap_or(typed));
+            lost.push(cx(id, place, want, text(&d.body)));
+        }
+    }
+    (checked, lost)
+}
+
+/// Invariant 1 for retyped names at one moment of the drill (`when`), in
+/// what the gateway serves at version 0 and at the latest: while the
+/// journal holds the complements the names went through, which the final
+/// checks, after the restore, no longer see.
+pub(crate) async fn names_kept(
+    drill: &Drill,
+    when: &str,
+) -> Result<(u64, Vec<Counterexample>), DrillError> {
+    let (mut checked, mut lost) = (0, Vec::new());
+    for k in [0, drill.latest()] {
+        let url = crate::scenario::url_of(drill.base(), Pin::At(k), None);
+        let view = rewind_store::open(&url)
+            .await
+            .map_err(|e| step_error("checks")(e.to_string()))?;
+        let docs = all_leaves(&view).await?;
+        let by_id: HashMap<&str, &DocLeaves> = docs.iter().map(|d| (d.id.as_str(), d)).collect();
+        let (c, l) = names_lost(drill.expect(), &by_id, &format!("/v/{k} after {when}"));
+        checked += c;
+        lost.extend(l);
+    }
+    Ok((checked, lost))
+}
+
 /// Invariants 1, 2, 3 (merged), 4 and 5 after the last sync.
 pub(crate) async fn final_checks(
     drill: &Drill,
     exact: InvariantResult,
     complement: InvariantResult,
+    names_before: (u64, Vec<Counterexample>),
 ) -> Result<Vec<InvariantResult>, DrillError> {
     let server = server_store(drill).await?;
     let mut places: Vec<(String, AnyStore)> = vec![("server".into(), server.clone())];
     for device in drill.devices() {
         places.push((device.phone.name.clone(), device.phone.local.clone()));
     }
-    let (mut lost, mut conflicts) = (Vec::new(), Vec::new());
-    let (mut lost_checked, mut conflict_checked) = (0u64, 0u64);
+    let (mut lost, mut conflicts) = (names_before.1, Vec::new());
+    let (mut lost_checked, mut conflict_checked) = (names_before.0, 0u64);
     let mut server_docs = Vec::new();
     for (place, store) in &places {
         let docs = all_leaves(store).await?;
@@ -285,6 +416,9 @@ pub(crate) async fn final_checks(
                 }
             }
         }
+        let (checked, names) = names_lost(drill.expect(), &by_id, place);
+        lost_checked += checked;
+        lost.extend(names);
         for id in &drill.expect().deleted {
             lost_checked += 1;
             if let Some(d) = by_id.get(id.as_str()) {

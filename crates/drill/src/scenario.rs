@@ -193,6 +193,9 @@ pub(crate) struct Drill {
     steps: Vec<StepResult>,
     kills: u32,
     latest: u32,
+    /// Whether the migrations split persons' names (examples/cht's
+    /// [`checks::SPLIT_NAME`]): then edits retype names too.
+    splits_names: bool,
     /// Invariant 4 checked after each version switch: (documents checked,
     /// counterexamples).
     pub(crate) converged: (u64, Vec<Counterexample>),
@@ -321,8 +324,19 @@ impl Drill {
                     checks::owner(id, self.devices.len()) == i && !self.expect.deleted.contains(*id)
                 })
                 .collect();
+            // Persons whose name this phone retyped before, to retype
+            // again, maybe at another version: what tests the complement.
+            let renamed: Vec<&String> = mine
+                .iter()
+                .copied()
+                .filter(|id| self.expect.renamed(id))
+                .collect();
             for _ in 0..n.min(mine.len()) {
-                let id = mine[self.rng.below(mine.len() as u64) as usize].clone();
+                let id = if !renamed.is_empty() && self.rng.below(2) == 0 {
+                    renamed[self.rng.below(renamed.len() as u64) as usize].clone()
+                } else {
+                    mine[self.rng.below(mine.len() as u64) as usize].clone()
+                };
                 let marker = format!(
                     "{}-{step}-{}",
                     device.phone.name,
@@ -330,15 +344,51 @@ impl Drill {
                 );
                 let field = self.expect.next_field(&device.phone.name);
                 let (f, m) = (field.clone(), marker.clone());
+                // Half the edits of a person also retype its name, one the
+                // complement of the name split must carry across versions.
+                let rename = self.splits_names && self.rng.below(2) == 0;
+                let tag = self.rng.next() % 1_000_000;
+                let mut typed = None;
                 device
                     .phone
-                    .edit(&id, move |doc| {
+                    .edit(&id, |doc| {
                         doc[f.as_str()] = Value::from(m);
+                        if rename {
+                            typed = checks::edit_name(doc, tag);
+                        }
                     })
                     .await
                     .map_err(err)
                     .map_err(step_error(step))?;
                 self.expect.edit(&id, &field, &marker);
+                if let Some(typed) = typed {
+                    self.expect.name(&id, typed);
+                }
+            }
+            // Its first person's name, retyped each round at whatever
+            // version the phone is then: a chain of edits across versions
+            // that only the name split's complement carries exactly.
+            if self.splits_names {
+                if let Some(id) = mine.iter().find(|id| self.expect.is_person(id)) {
+                    let id = (*id).clone();
+                    let tag = self.rng.next() % 1_000_000;
+                    let marker = format!("{}-{step}-named-{tag}", device.phone.name);
+                    let field = self.expect.next_field(&device.phone.name);
+                    let mut typed = None;
+                    device
+                        .phone
+                        .edit(&id, |doc| {
+                            doc[field.as_str()] = Value::from(marker.clone());
+                            typed = checks::edit_name(doc, tag);
+                        })
+                        .await
+                        .map_err(err)
+                        .map_err(step_error(step))?;
+                    self.expect.edit(&id, &field, &marker);
+                    if let Some(typed) = typed {
+                        self.expect.name(&id, typed);
+                    }
+                }
             }
             // A document created on the phone, in its version's shape.
             let id = format!(
@@ -616,6 +666,7 @@ pub async fn run(opts: DrillOptions) -> Result<DrillReport, DrillError> {
         )
     })?;
     let latest = set.latest();
+    let splits_names = set.migrations().iter().any(|m| m.id == checks::SPLIT_NAME);
     if latest == 0 {
         return Err(step_error("migrations")(
             "the migration set is empty".into(),
@@ -732,6 +783,7 @@ pub async fn run(opts: DrillOptions) -> Result<DrillReport, DrillError> {
         steps: Vec::new(),
         kills: 0,
         latest,
+        splits_names,
         converged: (0, Vec::new()),
         _temp: temp,
     };
@@ -892,6 +944,7 @@ pub async fn run(opts: DrillOptions) -> Result<DrillReport, DrillError> {
         device.point(&base, Pin::Follow);
     }
     let (pulled, bytes) = drill.sync_all("everyone syncs").await?;
+    let mut names = checks::names_kept(&drill, "the offline phones' return").await?;
     drill.record(
         "offline phones return, push v0 and new-version edits, follow",
         started,
@@ -922,6 +975,9 @@ pub async fn run(opts: DrillOptions) -> Result<DrillReport, DrillError> {
     drill.edit_round("after-fix", 1, false).await?;
     let (_, b2) = drill.sync_all("sync edits after re-upgrade").await?;
     Drill::add(&mut bytes, &b2);
+    let (checked, lost) = checks::names_kept(&drill, "the re-upgrade").await?;
+    names.0 += checked;
+    names.1.extend(lost);
     drill.record(
         &format!("re-upgrade to v{latest}; phones follow (1 visits v{down}) and edit"),
         started,
@@ -968,7 +1024,7 @@ pub async fn run(opts: DrillOptions) -> Result<DrillReport, DrillError> {
     );
 
     // 7. The invariants.
-    let mut invariants = checks::final_checks(&drill, exact, complement).await?;
+    let mut invariants = checks::final_checks(&drill, exact, complement, names).await?;
     let determinism = checks::determinism(&drill).await?;
     invariants.push(determinism);
     invariants.sort_by_key(|i| i.number);
