@@ -1661,6 +1661,52 @@ mod tests {
     }
 
     #[test]
+    fn a_revision_rewritten_again_by_the_same_run_comes_out_the_same() {
+        // A run killed (or refused) between writing a leaf's journal and
+        // the leaf rewrites it again, from that journal.
+        let set = Project::load(None, Some(&rewind_testkit::cht_migrations()))
+            .expect("examples/cht loads")
+            .migrations;
+        let mut person = rewind_sample::docs(40, 7)
+            .find(|d| d["type"] == "person")
+            .expect("a person");
+        person["name"] = Value::from("Lan ");
+        person["_rev"] = Value::from("1-aaaa");
+        let mut journal = Journal::default();
+        let up = Run {
+            id: "the-upgrade".into(),
+            ..sample_run(Kind::Upgrade, 0, 7)
+        };
+        let first = rewrite(&set, Kind::Upgrade, &up, person.clone(), &mut journal)
+            .unwrap()
+            .expect("upgraded");
+        let again = rewrite(&set, Kind::Upgrade, &up, person, &mut journal)
+            .unwrap()
+            .expect("upgraded");
+        assert_eq!(first.doc, again.doc);
+        assert_eq!(journal.images.len(), 1, "one image of the leaf");
+        // Edited at v7 since (no before-image to restore): translated down
+        // with the name the upgrade kept aside, twice alike.
+        let mut edited = first.doc;
+        edited["phone"] = Value::from("+1-edited");
+        edited["_rev"] = Value::from("3-bbbb");
+        let down = Run {
+            id: "the-rollback".into(),
+            ..sample_run(Kind::Rollback, 7, 0)
+        };
+        let rolled = rewrite(&set, Kind::Rollback, &down, edited.clone(), &mut journal)
+            .unwrap()
+            .expect("rolled back");
+        assert_eq!(rolled.doc["name"], "Lan ", "{}", rolled.doc);
+        let again = rewrite(&set, Kind::Rollback, &down, edited, &mut journal)
+            .unwrap()
+            .expect("rolled back");
+        assert_eq!(again.doc["name"], "Lan ", "{}", again.doc);
+        assert_eq!(rolled.doc, again.doc);
+        assert_eq!(journal.images.len(), 2, "one image per run");
+    }
+
+    #[test]
     fn a_phones_unstamped_revision_is_rewritten_from_the_version_journaled() {
         // A v7 person a phone pushed without a stamp, left as the leaf (a
         // gateway crashed before writing its stamped translation): the
