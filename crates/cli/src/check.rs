@@ -2,6 +2,7 @@ use crate::Cli;
 use anyhow::Context;
 use rewind_engine::offline::{check, read_json_lines};
 use rewind_engine::{EngineError, Project};
+use rewind_lens::laws::{LAW_EDIT_NEW, LAW_EDIT_OLD};
 use std::io::BufReader;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -10,7 +11,10 @@ use std::process::ExitCode;
 /// laws down(up(d)) = d and up(down(d)) = d hold.
 ///
 /// Malformed or irreversible files are reported as file:line:column and a
-/// reason. The laws are checked on every sample document (JSON lines, at
+/// reason. A third law: what a step keeps aside (its complement) never
+/// undoes an edit made since at the other version (a leaf of the document
+/// changed in either shape shows after translating it). The laws are
+/// checked on every sample document (JSON lines, at
 /// version 0; default: 500 built-in sample documents) and on documents
 /// generated from each migration's selectors and operations. Exit status 1
 /// on any failure.
@@ -92,6 +96,11 @@ pub fn run(cli: &Cli, args: &Args) -> anyhow::Result<ExitCode> {
             eprintln!("  input:    {}", b.input);
             eprintln!("  expected: {}", b.expected);
             eprintln!("  found:    {}", b.found);
+            if [LAW_EDIT_NEW, LAW_EDIT_OLD].contains(&b.law) {
+                eprintln!(
+                    "  hint:     what the step kept aside undid the edit; use it only while the document still matches it (docs/runbook.md, \"Write a reversible migration\")"
+                );
+            }
         }
     }
     if report.holds() {

@@ -133,6 +133,44 @@ fn check_reports_a_broken_law_with_a_counterexample() {
 }
 
 #[test]
+fn check_refuses_a_step_whose_complement_undoes_an_edit_and_says_what_to_do() {
+    let dir = tempfile::tempdir().unwrap();
+    // Upper-cases `code`, keeping the original aside, and puts the original
+    // back going down whatever `code` has become.
+    std::fs::write(
+        dir.path().join("0001-upper.yaml"),
+        concat!(
+            "description: x\nwhen: {type: a}\nwhen_after: {type: a}\nup:\n  - custom:\n",
+            "      up: '(d, kept, keep) => { if (typeof d.code === \"string\") { keep.code = d.code; d.code = d.code.toUpperCase() } return d }'\n",
+            "      down: '(d, kept) => { if (\"code\" in kept) d.code = kept.code; return d }'\n",
+        ),
+    )
+    .unwrap();
+    let sample = dir.path().join("sample.jsonl");
+    std::fs::write(&sample, "{\"_id\":\"s\",\"type\":\"a\",\"code\":\"ab\"}\n").unwrap();
+    let out = rewind()
+        .arg("check")
+        .arg("--migrations")
+        .arg(dir.path())
+        .arg("--sample")
+        .arg(&sample)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(
+            "an edit in the new shape survives going down with the complement fails for s"
+        ),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("hint:     what the step kept aside undid the edit"),
+        "{stderr}"
+    );
+}
+
+#[test]
 fn translate_up_then_down_with_the_same_complements_gives_back_every_document() {
     let dir = tempfile::tempdir().unwrap();
     let complements = dir.path().join("complements.jsonl");
