@@ -331,65 +331,29 @@ impl Drill {
                 .copied()
                 .filter(|id| self.expect.renamed(id))
                 .collect();
+            let name = device.phone.name.clone();
             for _ in 0..n.min(mine.len()) {
                 let id = if !renamed.is_empty() && self.rng.below(2) == 0 {
                     renamed[self.rng.below(renamed.len() as u64) as usize].clone()
                 } else {
                     mine[self.rng.below(mine.len() as u64) as usize].clone()
                 };
-                let marker = format!(
-                    "{}-{step}-{}",
-                    device.phone.name,
-                    self.rng.next() % 1_000_000
-                );
-                let field = self.expect.next_field(&device.phone.name);
-                let (f, m) = (field.clone(), marker.clone());
+                let marker = format!("{name}-{step}-{}", self.rng.next() % 1_000_000);
                 // Half the edits of a person also retype its name, one the
                 // complement of the name split must carry across versions.
                 let rename = self.splits_names && self.rng.below(2) == 0;
-                let tag = self.rng.next() % 1_000_000;
-                let mut typed = None;
-                device
-                    .phone
-                    .edit(&id, |doc| {
-                        doc[f.as_str()] = Value::from(m);
-                        if rename {
-                            typed = checks::edit_name(doc, tag);
-                        }
-                    })
-                    .await
-                    .map_err(err)
-                    .map_err(step_error(step))?;
-                self.expect.edit(&id, &field, &marker);
-                if let Some(typed) = typed {
-                    self.expect.name(&id, typed);
-                }
+                self.edit_one(i, &id, step, marker, rename).await?;
             }
             // Its first person's name, retyped each round at whatever
             // version the phone is then: a chain of edits across versions
             // that only the name split's complement carries exactly.
             if self.splits_names {
                 if let Some(id) = mine.iter().find(|id| self.expect.is_person(id)) {
-                    let id = (*id).clone();
-                    let tag = self.rng.next() % 1_000_000;
-                    let marker = format!("{}-{step}-named-{tag}", device.phone.name);
-                    let field = self.expect.next_field(&device.phone.name);
-                    let mut typed = None;
-                    device
-                        .phone
-                        .edit(&id, |doc| {
-                            doc[field.as_str()] = Value::from(marker.clone());
-                            typed = checks::edit_name(doc, tag);
-                        })
-                        .await
-                        .map_err(err)
-                        .map_err(step_error(step))?;
-                    self.expect.edit(&id, &field, &marker);
-                    if let Some(typed) = typed {
-                        self.expect.name(&id, typed);
-                    }
+                    let marker = format!("{name}-{step}-named");
+                    self.edit_one(i, id, step, marker, true).await?;
                 }
             }
+            let device = &self.devices[i];
             // A document created on the phone, in its version's shape.
             let id = format!(
                 "drill-{}-{}-{}",
@@ -422,6 +386,38 @@ impl Drill {
                 .map_err(err)
                 .map_err(step_error(step))?;
             self.expect.edit(&id, &field, &marker);
+        }
+        Ok(())
+    }
+
+    /// Phone `i` edits document `id`: sets a marker field of its own to
+    /// `marker` and, when `rename`, retypes the person's name
+    /// ([`checks::edit_name`]); records both to check.
+    async fn edit_one(
+        &mut self,
+        i: usize,
+        id: &str,
+        step: &str,
+        marker: String,
+        rename: bool,
+    ) -> Result<(), DrillError> {
+        let field = self.expect.next_field(&self.devices[i].phone.name);
+        let tag = self.rng.next() % 1_000_000;
+        let mut typed = None;
+        self.devices[i]
+            .phone
+            .edit(id, |doc| {
+                doc[field.as_str()] = Value::from(marker.clone());
+                if rename {
+                    typed = checks::edit_name(doc, tag);
+                }
+            })
+            .await
+            .map_err(err)
+            .map_err(step_error(step))?;
+        self.expect.edit(id, &field, &marker);
+        if let Some(typed) = typed {
+            self.expect.name(id, typed);
         }
         Ok(())
     }
