@@ -381,9 +381,9 @@ impl Journal {
 
     /// Takes back what run `run` journaled for revision `rev` (its image,
     /// and the complements its translation from `from` to `to` replaced)
-    /// when it journaled that revision before, going the same way: a crash, or a refused write,
-    /// came between the journal's write and the document's, and the run
-    /// now translates `rev` again. Without this the second translation
+    /// when it journaled that revision before, going the same way: a crash
+    /// came between the journal's write and the document's, and the
+    /// resumed run now translates `rev` again. Without this the second translation
     /// would start from what the first one recorded for the way back (a
     /// name kept aside by the upgrade, gone when a killed rollback ran
     /// again). False when the run had not journaled `rev`.

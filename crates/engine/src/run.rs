@@ -1662,8 +1662,8 @@ mod tests {
 
     #[test]
     fn a_revision_rewritten_again_by_the_same_run_comes_out_the_same() {
-        // A run killed (or refused) between writing a leaf's journal and
-        // the leaf rewrites it again, from that journal.
+        // A run killed between writing a leaf's journal and the leaf
+        // rewrites it again when resumed, from that journal.
         let set = Project::load(None, Some(&rewind_testkit::cht_migrations()))
             .expect("examples/cht loads")
             .migrations;
