@@ -125,7 +125,7 @@ pub fn check_step(set: &MigrationSet, version: u32, doc: &Value) -> Result<bool,
         let mut o = o.clone();
         set.up_step(version, &mut o, kept).ok().map(|_| text(&o))
     };
-    if let Some(edited) = hidden_edit(&up, stamp, complement.as_ref(), down_of) {
+    if let Some(edited) = hidden_edit(&up, doc, stamp, complement.as_ref(), down_of) {
         return Err(LawBroken {
             doc_id: id_of(doc),
             law: LAW_EDIT_NEW,
@@ -137,7 +137,7 @@ pub fn check_step(set: &MigrationSet, version: u32, doc: &Value) -> Result<bool,
     // In the old shape: `n` gone down, and a few documents typed in the
     // new shape that going down keeps something for (what the old shape
     // cannot hold as is), each edited there and taken up again.
-    let typed_new = std::iter::once(up.clone()).chain(edits(&up, stamp));
+    let typed_new = std::iter::once(up.clone()).chain(edits(&up, doc, stamp));
     let kept_going_down = typed_new.filter_map(|n| {
         let mut o = n.clone();
         match set.down_step(version, &mut o, None) {
@@ -146,7 +146,7 @@ pub fn check_step(set: &MigrationSet, version: u32, doc: &Value) -> Result<bool,
         }
     });
     for (n, o, k) in kept_going_down.take(MAX_TYPED_NEW) {
-        if let Some(edited) = hidden_edit(&o, stamp, Some(&k), up_of) {
+        if let Some(edited) = hidden_edit(&o, &n, stamp, Some(&k), up_of) {
             return Err(LawBroken {
                 doc_id: id_of(doc),
                 law: LAW_EDIT_OLD,
@@ -174,8 +174,10 @@ pub const LAW_EDIT_OLD: &str = "an edit in the old shape survives going up with 
 /// step dropped; it must not stand in for a value a user changed since (a
 /// v7 first name edited, then rolled back to v0 as the name kept from
 /// before). Edits that make the translation fail or skip are not hidden.
+/// `other` is `doc` in the other shape (see [`edits`]).
 fn hidden_edit(
     doc: &Value,
+    other: &Value,
     stamp: &str,
     kept: Option<&Value>,
     translate: impl Fn(&Value, Option<&Value>) -> Option<String>,
@@ -183,7 +185,7 @@ fn hidden_edit(
     let kept = kept?;
     let with = translate(doc, Some(kept))?;
     let without = translate(doc, None)?;
-    edits(doc, stamp).into_iter().find(|edited| {
+    edits(doc, other, stamp).into_iter().find(|edited| {
         translate(edited, Some(kept)).as_ref() == Some(&with)
             && translate(edited, None).is_some_and(|w| w != without)
     })
@@ -191,8 +193,10 @@ fn hidden_edit(
 
 /// Leaf edits of `doc` a user could make: each string, number, boolean or
 /// null changed, one at a time (at most [`MAX_EDITS`]), apart from `_id`,
-/// `_rev`, other `_` fields and the stamp.
-fn edits(doc: &Value, stamp: &str) -> Vec<Value> {
+/// `_rev`, other `_` fields and the stamp; first the leaves the step
+/// changed (not the same at the same place in `other`, the document in
+/// the other shape), which are where a complement can stand in for one.
+fn edits(doc: &Value, other: &Value, stamp: &str) -> Vec<Value> {
     fn leaves(value: &Value, at: &mut Vec<PathStep>, out: &mut Vec<Vec<PathStep>>) {
         match value {
             Value::Object(map) => {
@@ -215,11 +219,19 @@ fn edits(doc: &Value, stamp: &str) -> Vec<Value> {
             _ => out.push(at.clone()),
         }
     }
+    fn at<'a>(value: &'a Value, path: &[PathStep]) -> Option<&'a Value> {
+        path.iter().try_fold(value, |v, step| match step {
+            PathStep::Key(k) => v.get(k.as_str()),
+            PathStep::Index(i) => v.get(*i),
+        })
+    }
     let mut paths = Vec::new();
     leaves(doc, &mut Vec::new(), &mut paths);
+    paths.retain(|p| !matches!(p.as_slice(), [PathStep::Key(k)] if k == stamp));
+    // Stable: the changed leaves first, each group in document order.
+    paths.sort_by_key(|p| at(doc, p) == at(other, p));
     paths
         .into_iter()
-        .filter(|p| !matches!(p.as_slice(), [PathStep::Key(k)] if k == stamp))
         .take(MAX_EDITS)
         .filter_map(|path| {
             let mut edited = doc.clone();

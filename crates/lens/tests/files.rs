@@ -261,6 +261,25 @@ fn the_laws_catch_a_complement_that_hides_an_edit_in_either_shape() {
 }
 
 #[test]
+fn the_hidden_edit_laws_edit_the_leaves_the_step_changed_first_in_a_large_document() {
+    use rewind_lens::laws::{check_step, LAW_EDIT_NEW};
+    // Upper-cases `code`, keeping the original aside, and puts the
+    // original back going down whatever `code` has become.
+    let s = set(&[concat!(
+        "description: x\nwhen: {type: a}\nwhen_after: {type: a}\nup:\n  - custom:\n",
+        "      up: '(d, kept, keep) => { keep.code = d.code; d.code = d.code.toUpperCase(); return d }'\n",
+        "      down: '(d, kept) => { if (\"code\" in kept) d.code = kept.code; return d }'\n",
+    )]);
+    let mut doc = json!({"_id": "big", "type": "a"});
+    for i in 0..40 {
+        doc[format!("f{i:02}")] = json!(format!("value {i}"));
+    }
+    doc["code"] = json!("ab");
+    let broken = check_step(&s, 1, &doc).unwrap_err();
+    assert_eq!(broken.law, LAW_EDIT_NEW, "{broken:?}");
+}
+
+#[test]
 fn add_keeps_a_value_a_newer_writer_set_and_up_restores_it() {
     let s =
         set(&["description: x\nwhen: {type: a}\nup:\n  - add: {path: status, value: active}\n"]);
