@@ -357,8 +357,14 @@ fn convert(
     let Some(slot) = path.get_mut(doc) else {
         return out;
     };
-    if kept_in.contains_key("keep") {
-        out.insert("keep".into(), true.into());
+    // A value the opposite conversion left alone (it already looked
+    // converted) is left alone again while it is still that value (`true`:
+    // a record from before the value was kept, whatever it is now).
+    let left_alone = kept_in
+        .get("keep")
+        .is_some_and(|k| *k == Value::Bool(true) || same_text(k, slot));
+    if left_alone {
+        out.insert("keep".into(), slot.clone());
         return out;
     }
     match lookup(there, slot) {
@@ -380,8 +386,9 @@ fn convert(
         }
         None => {
             if lookup(back, slot).is_some() {
-                // Already looks converted: the way back must leave it alone.
-                out.insert("keep".into(), true.into());
+                // Already looks converted: the way back must leave it alone
+                // (unless it is edited since).
+                out.insert("keep".into(), slot.clone());
             }
         }
     }

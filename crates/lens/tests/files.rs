@@ -203,6 +203,29 @@ fn an_edit_of_a_collapsed_value_goes_down_as_edited_not_as_the_complement_kept()
     assert!(report[0].broken.is_empty(), "{:?}", report[0].broken);
 }
 
+#[test]
+fn a_value_that_already_looked_converted_is_left_alone_only_while_unedited() {
+    let s = set(&["description: x\nwhen: {type: a}\nup:\n  - convert: {path: sex, map: {male: m, female: f}}\n"]);
+    // A v0 document already holding the new code: left alone going up.
+    let mut doc = json!({"_id": "d", "type": "a", "sex": "m"});
+    let StepOutcome::Applied(kept) = s.up_step(1, &mut doc, None).unwrap() else {
+        panic!()
+    };
+    assert_eq!(doc["sex"], "m");
+    let mut back = doc.clone();
+    s.down_step(1, &mut back, kept.as_ref()).unwrap();
+    assert_eq!(back["sex"], "m", "left alone going down too");
+    // Edited at the new version: converted down like any other value.
+    doc["sex"] = json!("f");
+    s.down_step(1, &mut doc, kept.as_ref()).unwrap();
+    assert_eq!(doc["sex"], "female");
+    // A record from before the value was kept (`keep: true`) still leaves it alone.
+    let mut old = json!({"_id": "d", "type": "a", "sex": "f", "rewind": 1});
+    s.down_step(1, &mut old, Some(&json!({"ops": {"0": {"keep": true}}})))
+        .unwrap();
+    assert_eq!(old["sex"], "f");
+}
+
 /// A name split whose complement comes back whatever the names have become
 /// (examples/cht 0007 as first written).
 const SPLIT_HIDING_EDITS: &str = r#"description: x
