@@ -197,51 +197,41 @@ fn hidden_edit(
 /// changed (not the same at the same place in `other`, the document in
 /// the other shape), which are where a complement can stand in for one.
 fn edits(doc: &Value, other: &Value, stamp: &str) -> Vec<Value> {
-    fn leaves(value: &Value, at: &mut Vec<PathStep>, out: &mut Vec<Vec<PathStep>>) {
+    // Each leaf as a JSON Pointer, which `Value::pointer` reads and
+    // `Value::pointer_mut` writes.
+    fn escaped(key: &str) -> String {
+        key.replace('~', "~0").replace('/', "~1")
+    }
+    fn leaves(value: &Value, at: &str, out: &mut Vec<String>) {
         match value {
             Value::Object(map) => {
                 for (key, child) in map {
                     if at.is_empty() && key.starts_with('_') {
                         continue;
                     }
-                    at.push(PathStep::Key(key.clone()));
-                    leaves(child, at, out);
-                    at.pop();
+                    leaves(child, &format!("{at}/{}", escaped(key)), out);
                 }
             }
             Value::Array(items) => {
                 for (i, child) in items.iter().enumerate() {
-                    at.push(PathStep::Index(i));
-                    leaves(child, at, out);
-                    at.pop();
+                    leaves(child, &format!("{at}/{i}"), out);
                 }
             }
-            _ => out.push(at.clone()),
+            _ => out.push(at.to_owned()),
         }
     }
-    fn at<'a>(value: &'a Value, path: &[PathStep]) -> Option<&'a Value> {
-        path.iter().try_fold(value, |v, step| match step {
-            PathStep::Key(k) => v.get(k.as_str()),
-            PathStep::Index(i) => v.get(*i),
-        })
-    }
-    let mut paths = Vec::new();
-    leaves(doc, &mut Vec::new(), &mut paths);
-    paths.retain(|p| !matches!(p.as_slice(), [PathStep::Key(k)] if k == stamp));
+    let mut pointers = Vec::new();
+    leaves(doc, "", &mut pointers);
+    let stamp = format!("/{}", escaped(stamp));
+    pointers.retain(|p| *p != stamp);
     // Stable: the changed leaves first, each group in document order.
-    paths.sort_by_key(|p| at(doc, p) == at(other, p));
-    paths
+    pointers.sort_by_key(|p| doc.pointer(p) == other.pointer(p));
+    pointers
         .into_iter()
         .take(MAX_EDITS)
-        .filter_map(|path| {
+        .filter_map(|pointer| {
             let mut edited = doc.clone();
-            let mut slot = &mut edited;
-            for step in &path {
-                slot = match step {
-                    PathStep::Key(k) => slot.get_mut(k.as_str())?,
-                    PathStep::Index(i) => slot.get_mut(*i)?,
-                };
-            }
+            let slot = edited.pointer_mut(&pointer)?;
             *slot = match slot.take() {
                 // A space: text a split takes apart differently.
                 Value::String(s) => Value::String(format!("{s} ~")),
@@ -256,12 +246,6 @@ fn edits(doc: &Value, other: &Value, stamp: &str) -> Vec<Value> {
 
 /// At most this many edits are tried per document and direction.
 const MAX_EDITS: usize = 16;
-
-#[derive(Clone)]
-enum PathStep {
-    Key(String),
-    Index(usize),
-}
 
 /// Checks every migration on sample documents (at version 0), each
 /// translated up to the migration's input version, and on `generated`
