@@ -497,10 +497,9 @@ fn rewrite(
             if stamped <= to {
                 return Ok(None);
             }
-            if journal.retake_run_image(&run.id, &rev, stamped.min(from), to) {
-                // Read again without the image taken back.
-                return rewrite(set, kind, run, leaf, journal);
-            }
+            // Taking a run's image back leaves `stamped` as it was: only a
+            // push's image names a revision's version.
+            journal.retake_run_image(&run.id, &rev, stamped.min(from), to);
             let leaf_hash = body_hash(&leaf);
             let kept = journal.kept_between(to, stamped.min(from));
             // The body replaced, for the image: in full when the leaf is
