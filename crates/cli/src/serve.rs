@@ -68,7 +68,11 @@ pub fn run(cli: &Cli, args: &Args) -> anyhow::Result<ExitCode> {
             }
             Backend::Embedded(dir.clone())
         }
-        (None, Some(url)) => Backend::Couch(url.clone()),
+        (None, Some(url)) if rewind_store::is_url(url) => Backend::Couch(url.clone()),
+        (None, Some(url)) => anyhow::bail!(
+            "--couch {url}: not an http:// or https:// URL (the CouchDB server's root, e.g. \
+             http://127.0.0.1:5984)"
+        ),
         _ => anyhow::bail!(
             "give either --data DIR (embedded stores) or --couch URL (a CouchDB server)"
         ),

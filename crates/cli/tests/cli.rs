@@ -437,6 +437,66 @@ fn upgrade_and_rollback_refuse_to_go_the_other_way() {
     assert!(status().contains("schema version 1"), "{}", status());
 }
 
+/// A missing migrations directory is named with what to do, and nothing
+/// is written; an error's cause is said once (errors that print their
+/// source in their own message were printed with it twice).
+#[test]
+fn a_missing_migrations_directory_is_named_once_with_what_to_do() {
+    let (dir, db, _) = sampled_store("10");
+    let status = || stdout_of_success(rewind().args(["status", "--db", &db]));
+    let before = status();
+    let missing = dir.path().join("no-such-dir").display().to_string();
+    for args in [&["upgrade"][..], &["plan"], &["rollback", "--to", "0"]] {
+        let out = on_store(args, &db, &missing).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?}: {stderr}");
+        assert!(stderr.contains(&missing), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains("no such migrations directory"),
+            "{args:?}: {stderr}"
+        );
+        assert!(stderr.contains("--migrations DIR"), "{args:?}: {stderr}");
+    }
+    assert_eq!(status(), before, "a refused command changed the state");
+    // A file that is not readable as text: its path and the reason, once.
+    let bad = dir.path().join("bad");
+    std::fs::create_dir(&bad).unwrap();
+    std::fs::write(bad.join("0001-x.yaml"), [0xff, 0xfe, 0x00]).unwrap();
+    let out = rewind()
+        .args(["check", "--migrations"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("0001-x.yaml"), "{stderr}");
+    assert_eq!(stderr.matches("UTF-8").count(), 1, "{stderr}");
+}
+
+/// `rewind serve --couch` with something that is not a URL stops at once
+/// with what was expected, instead of serving 503s.
+#[test]
+fn serve_refuses_a_couch_target_that_is_not_a_url() {
+    let out = rewind()
+        .args([
+            "serve",
+            "--couch",
+            "localhost:5984",
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .arg("--migrations")
+        .arg(examples())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("--couch localhost:5984: not an http:// or https:// URL"),
+        "{stderr}"
+    );
+}
+
 /// `rewind copy --with-companion`: the copy keeps the schema version and
 /// the journal, so it can be rolled back exactly like the original; a copy
 /// without it starts with no state (version 0) and says nothing is lost

@@ -61,9 +61,20 @@ impl Config {
             path: path.clone(),
             source,
         })?;
-        let config: Config = toml::from_str(&text).map_err(|e| EngineError::Config {
-            path: path.clone(),
-            reason: e.to_string().lines().collect::<Vec<_>>().join(" "),
+        let config: Config = toml::from_str(&text).map_err(|e| {
+            // `file:line:column: message`, as migration files report.
+            let (line, column) = e.span().map_or((1, 1), |span| {
+                let before = &text[..span.start.min(text.len())];
+                let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+                (
+                    before.matches('\n').count() + 1,
+                    before[line_start..].chars().count() + 1,
+                )
+            });
+            EngineError::Config {
+                path: PathBuf::from(format!("{}:{line}:{column}", path.display())),
+                reason: e.message().to_owned(),
+            }
         })?;
         if config.stamp.is_empty() || config.stamp.starts_with('_') {
             return Err(EngineError::Config {
@@ -115,8 +126,20 @@ pub fn read_migration_files(dir: &Path) -> Result<Vec<(PathBuf, String)>> {
         path: dir.to_path_buf(),
         source,
     };
+    let entries = match std::fs::read_dir(dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(EngineError::Input {
+                what: dir.display().to_string(),
+                reason: "no such migrations directory (name one with --migrations DIR or \
+                         `migrations = \"DIR\"` in rewind.toml; examples/cht holds a set to \
+                         start from)"
+                    .to_owned(),
+            })
+        }
+        other => other.map_err(io)?,
+    };
     let mut files = Vec::new();
-    for entry in std::fs::read_dir(dir).map_err(io)? {
+    for entry in entries {
         let path = entry.map_err(io)?.path();
         let is_yaml = path.extension().is_some_and(|e| e == "yaml" || e == "yml");
         if path.is_file() && is_yaml {
@@ -129,4 +152,33 @@ pub fn read_migration_files(dir: &Path) -> Result<Vec<(PathBuf, String)>> {
     }
     files.sort_by(|a, b| a.0.file_name().cmp(&b.0.file_name()));
     Ok(files)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A malformed rewind.toml is reported as `file:line:column: reason`.
+    #[test]
+    fn a_malformed_config_names_its_line_and_column() {
+        let dir = std::env::temp_dir().join(format!("rewind-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(CONFIG_FILE);
+        let said = |text: &str| {
+            std::fs::write(&path, text).unwrap();
+            Config::load(Some(&path)).unwrap_err().to_string()
+        };
+        let shown = path.display();
+        assert_eq!(
+            said("stamp = \"x\"\n\n[[users]]\nname = \"a\"\n"),
+            format!("{shown}:3:1: missing field `password`")
+        );
+        assert_eq!(
+            said("stamp = 3\n"),
+            format!("{shown}:1:9: invalid type: integer `3`, expected a string")
+        );
+        assert!(said("stamp = \"é\"\nfoo = 1\n")
+            .starts_with(&format!("{shown}:2:1: unknown field `foo`")));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -11,7 +11,7 @@
 
 use crate::{EngineError, Result};
 use rewind_lens::MigrationSet;
-use rewind_store::{AnyStore, GetOptions, Store, StoreError, COMPANION_SUFFIX};
+use rewind_store::{is_url, AnyStore, GetOptions, Store, StoreError, COMPANION_SUFFIX};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -62,7 +62,7 @@ pub struct Database {
 /// The companion of a target: `<url>-rewind`, or `<path>-rewind` (which
 /// [`rewind_store::open`] opens as the companion's tables inside `<path>`).
 pub fn companion_target(target: &str) -> String {
-    if target.starts_with("http://") || target.starts_with("https://") {
+    if is_url(target) {
         let (base, query) = match target.split_once('?') {
             Some((b, q)) => (b, Some(q)),
             None => (target, None),
@@ -89,10 +89,6 @@ pub async fn existing_companion(target: &str, data: &AnyStore) -> Result<Option<
     }
     let store = rewind_store::open(&companion).await?;
     Ok(store.exists().await?.then_some(store))
-}
-
-fn is_url(target: &str) -> bool {
-    target.starts_with("http://") || target.starts_with("https://")
 }
 
 /// Opens a database that must exist.

@@ -309,14 +309,13 @@ impl Phone {
 
     /// The phone's options with the checkpoint key of its remote's uuid.
     async fn replicate_options(&self) -> Result<ReplicateOptions> {
-        let key =
-            if self.remote_url.starts_with("http://") || self.remote_url.starts_with("https://") {
-                remote_uuid(&server_root(&self.remote_url)?)
-                    .await?
-                    .unwrap_or_default()
-            } else {
-                String::new()
-            };
+        let key = if rewind_store::is_url(&self.remote_url) {
+            remote_uuid(&server_root(&self.remote_url)?)
+                .await?
+                .unwrap_or_default()
+        } else {
+            String::new()
+        };
         Ok(ReplicateOptions {
             checkpoint_key: key,
             ..self.options.clone()

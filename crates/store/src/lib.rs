@@ -164,6 +164,12 @@ pub enum AnyStore {
 /// after it: `<db>-rewind` on CouchDB, `<file>-rewind` for an embedded store.
 pub const COMPANION_SUFFIX: &str = "-rewind";
 
+/// True when `target` names a CouchDB server or database (an `http://` or
+/// `https://` URL) rather than the path of an embedded store.
+pub fn is_url(target: &str) -> bool {
+    target.starts_with("http://") || target.starts_with("https://")
+}
+
 /// Opens a database: an `http://` or `https://` URL is a CouchDB database
 /// (user:password in the URL for basic auth; the server must answer like
 /// CouchDB, the database need not exist yet), anything else is the path of an
@@ -174,7 +180,7 @@ pub const COMPANION_SUFFIX: &str = "-rewind";
 /// actually at that path (a companion kept beside its store, as rewind did
 /// before 2026-11-27) is opened as it is.
 pub async fn open(target: &str) -> Result<AnyStore> {
-    if target.starts_with("http://") || target.starts_with("https://") {
+    if is_url(target) {
         Ok(AnyStore::Couch(CouchStore::open(target).await?))
     } else {
         let path = target.to_owned();
