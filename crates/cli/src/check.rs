@@ -13,7 +13,8 @@ use std::process::ExitCode;
 /// Malformed or irreversible files are reported as file:line:column and a
 /// reason. A third law: what a step keeps aside (its complement) never
 /// undoes an edit made since at the other version (a leaf of the document
-/// changed in either shape shows after translating it). The laws are
+/// changed, or a field cleared, in either shape shows after translating
+/// it). The laws are
 /// checked on every sample document (JSON lines, at
 /// version 0; default: 500 built-in sample documents) and on documents
 /// generated from each migration's selectors and operations. Exit status 1

@@ -119,11 +119,11 @@ pub fn check_step(set: &MigrationSet, version: u32, doc: &Value) -> Result<bool,
     let stamp = set.stamp_field();
     let down_of = |n: &Value, kept: Option<&Value>| {
         let mut n = n.clone();
-        set.down_step(version, &mut n, kept).ok().map(|_| text(&n))
+        set.down_step(version, &mut n, kept).ok().map(|_| n)
     };
     let up_of = |o: &Value, kept: Option<&Value>| {
         let mut o = o.clone();
-        set.up_step(version, &mut o, kept).ok().map(|_| text(&o))
+        set.up_step(version, &mut o, kept).ok().map(|_| o)
     };
     if let Some(edited) = hidden_edit(&up, doc, stamp, complement.as_ref(), down_of) {
         return Err(LawBroken {
@@ -180,19 +180,22 @@ fn hidden_edit(
     other: &Value,
     stamp: &str,
     kept: Option<&Value>,
-    translate: impl Fn(&Value, Option<&Value>) -> Option<String>,
+    translate: impl Fn(&Value, Option<&Value>) -> Option<Value>,
 ) -> Option<Value> {
     let kept = kept?;
     let with = translate(doc, Some(kept))?;
     let without = translate(doc, None)?;
+    // Compared as JSON, not text: a cleared field the complement put back
+    // comes back last.
     edits(doc, other, stamp).into_iter().find(|edited| {
-        translate(edited, Some(kept)).as_ref() == Some(&with)
-            && translate(edited, None).is_some_and(|w| w != without)
+        translate(edited, Some(kept)).is_some_and(|w| same_json(&w, &with))
+            && translate(edited, None).is_some_and(|w| !same_json(&w, &without))
     })
 }
 
 /// Leaf edits of `doc` a user could make: each string, number, boolean or
-/// null changed, one at a time (at most [`MAX_EDITS`]), apart from `_id`,
+/// null changed, one at a time (at most [`MAX_EDITS`]), then each member
+/// the step changed removed (at most [`MAX_REMOVALS`]), apart from `_id`,
 /// `_rev`, other `_` fields and the stamp; first the leaves the step
 /// changed (not the same at the same place in `other`, the document in
 /// the other shape), which are where a complement can stand in for one.
@@ -226,26 +229,42 @@ fn edits(doc: &Value, other: &Value, stamp: &str) -> Vec<Value> {
     pointers.retain(|p| *p != stamp);
     // Stable: the changed leaves first, each group in document order.
     pointers.sort_by_key(|p| doc.pointer(p) == other.pointer(p));
-    pointers
-        .into_iter()
-        .take(MAX_EDITS)
+    let changed = pointers
+        .iter()
+        .take_while(|p| doc.pointer(p) != other.pointer(p))
+        .count();
+    let changed_values = pointers.iter().take(MAX_EDITS).filter_map(|pointer| {
+        let mut edited = doc.clone();
+        let slot = edited.pointer_mut(pointer)?;
+        *slot = match slot.take() {
+            // A space: text a split takes apart differently.
+            Value::String(s) => Value::String(format!("{s} ~")),
+            Value::Bool(b) => Value::Bool(!b),
+            Value::Number(n) => Value::String(format!("{n}~")),
+            _ => json!("~"),
+        };
+        Some(edited)
+    });
+    // A field a user cleared: a member the step changed, removed (a
+    // complement must not bring back a value the user deleted).
+    let cleared = pointers
+        .iter()
+        .take(changed.min(MAX_REMOVALS))
         .filter_map(|pointer| {
+            let (parent, key) = pointer.rsplit_once('/')?;
             let mut edited = doc.clone();
-            let slot = edited.pointer_mut(&pointer)?;
-            *slot = match slot.take() {
-                // A space: text a split takes apart differently.
-                Value::String(s) => Value::String(format!("{s} ~")),
-                Value::Bool(b) => Value::Bool(!b),
-                Value::Number(n) => Value::String(format!("{n}~")),
-                _ => json!("~"),
-            };
+            let members = edited.pointer_mut(parent)?.as_object_mut()?;
+            let key = key.replace("~1", "/").replace("~0", "~");
+            members.shift_remove(&key)?;
             Some(edited)
-        })
-        .collect()
+        });
+    changed_values.chain(cleared).collect()
 }
 
-/// At most this many edits are tried per document and direction.
+/// At most this many value edits are tried per document and direction.
 const MAX_EDITS: usize = 16;
+/// At most this many fields are cleared per document and direction.
+const MAX_REMOVALS: usize = 8;
 
 /// Checks every migration on sample documents (at version 0), each
 /// translated up to the migration's input version, and on `generated`

@@ -494,3 +494,27 @@ fn a_failing_step_leaves_the_document_as_it_was_before_the_walk() {
     assert_eq!(good["title"], "n");
     assert_eq!(good["ok"], 1);
 }
+
+#[test]
+fn the_hidden_edit_laws_catch_a_complement_that_brings_back_a_cleared_field() {
+    use rewind_lens::laws::{check_step, LAW_EDIT_NEW};
+    // Lower-cases `code`, keeping the original aside; going down it puts
+    // the original back unless `code` was edited, but a cleared `code`
+    // counts as unedited: a user's deletion at the new version came back.
+    let s = set(&[concat!(
+        "description: x\nwhen: {type: a}\nwhen_after: {type: a}\nup:\n  - custom:\n",
+        "      up: '(d, kept, keep) => { keep.code = d.code; d.code = d.code.toLowerCase(); return d }'\n",
+        "      down: '(d, kept) => { if (\"code\" in kept && (!(\"code\" in d) || kept.code.toLowerCase() === d.code)) d.code = kept.code; return d }'\n",
+    )]);
+    let doc = json!({"_id": "c", "type": "a", "code": "AB", "other": "x"});
+    let broken = check_step(&s, 1, &doc).unwrap_err();
+    assert_eq!(broken.law, LAW_EDIT_NEW, "{broken:?}");
+    assert!(!broken.input.contains("\"code\""), "{broken:?}");
+    // Restoring only while the value is there and matches holds.
+    let s = set(&[concat!(
+        "description: x\nwhen: {type: a}\nwhen_after: {type: a}\nup:\n  - custom:\n",
+        "      up: '(d, kept, keep) => { keep.code = d.code; d.code = d.code.toLowerCase(); return d }'\n",
+        "      down: '(d, kept) => { if (\"code\" in kept && kept.code.toLowerCase() === d.code) d.code = kept.code; return d }'\n",
+    )]);
+    assert!(check_step(&s, 1, &doc).is_ok());
+}
