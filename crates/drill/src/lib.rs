@@ -6,6 +6,8 @@
 //! the engine's `run`, the gateway's HTTP protocol, and phones that
 //! replicate the way PouchDB does — so what it proves holds for them.
 
+#![warn(missing_docs)]
+
 mod checks;
 mod scenario;
 

@@ -94,7 +94,9 @@ impl Image {
 /// stored revision `base`, retired since (see [`Journal::retired`]).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct RetiredCopy {
+    /// The retired synthetic revision, as the phone pushed it back.
     pub rev: String,
+    /// The stored revision it descends from.
     pub base: String,
     /// The synthetic revisions between `rev` and `base` (its parent first):
     /// the lower rungs of the ladder it was presented on. Empty when `rev`

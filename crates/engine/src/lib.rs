@@ -4,6 +4,8 @@
 //! on (journal entry, then document, then checkpoint), and it lives next to
 //! the data, so any process can resume a run another one started.
 
+#![warn(missing_docs)]
+
 pub mod journal;
 pub mod load;
 pub mod offline;

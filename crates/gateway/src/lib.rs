@@ -10,6 +10,8 @@
 //! revisions are presented across versions and `sync` for how pushed
 //! revisions are stored.
 
+#![warn(missing_docs)]
+
 mod ahead;
 pub mod device;
 mod http;

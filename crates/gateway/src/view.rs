@@ -826,8 +826,11 @@ fn anchor_walk(
 /// What presenting a document needs besides its revision: the migrations,
 /// their checksum, the document's journal and the presentation contexts.
 pub struct Context<'a> {
+    /// The migration set the versions are defined by.
     pub set: &'a MigrationSet,
+    /// The set's checksum ([`MigrationSet::checksum`]), part of every synthetic revision id.
     pub checksum: &'a str,
+    /// The presented document's journal.
     pub journal: &'a Journal,
     /// The presentation contexts, the current one last ([`contexts`]).
     pub contexts: &'a [String],

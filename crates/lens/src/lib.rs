@@ -11,6 +11,8 @@
 //! migration set across versions with the stamp, [`laws`] checks the
 //! round-trip laws on sample and generated documents.
 
+#![warn(missing_docs)]
+
 pub mod json_text;
 pub mod laws;
 pub mod migration;

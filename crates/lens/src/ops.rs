@@ -34,24 +34,58 @@ pub enum Wrapping {
 #[derive(Debug, Clone)]
 pub enum Op {
     /// Move a field to another path (into or out of nested objects).
-    Rename { from: FieldPath, to: FieldPath },
+    Rename {
+        /// Where the field is before the migration.
+        from: FieldPath,
+        /// Where it is after.
+        to: FieldPath,
+    },
     /// Set a field to a value going up; remove it going down.
-    Add { path: FieldPath, value: Value },
+    Add {
+        /// The field set.
+        path: FieldPath,
+        /// The value it gets going up (what it overwrote is kept aside).
+        value: Value,
+    },
     /// Remove a field going up; restore it (or `default`) going down.
-    Remove { path: FieldPath, default: Value },
+    Remove {
+        /// The field removed.
+        path: FieldPath,
+        /// The value restored going down when none was kept (a document made
+        /// in the newer shape).
+        default: Value,
+    },
     /// Copy a field going up; remove the copy going down.
-    Copy { from: FieldPath, to: FieldPath },
+    Copy {
+        /// The field copied (left in place).
+        from: FieldPath,
+        /// Where the copy is written.
+        to: FieldPath,
+    },
     /// Map values both ways. `forward` is the `map`; `backward` its reverse
     /// (the stated `reverse` where `map` is not one-to-one).
     Convert {
+        /// The field converted; a value no pair matches is left as it is.
         path: FieldPath,
+        /// `(old, new)` pairs applied going up.
         forward: Vec<(Value, Value)>,
+        /// `(new, old)` pairs applied going down.
         backward: Vec<(Value, Value)>,
     },
     /// Wrap a value going up; unwrap it going down.
-    Wrap { path: FieldPath, wrapping: Wrapping },
+    Wrap {
+        /// The field whose value is wrapped.
+        path: FieldPath,
+        /// How the value is wrapped.
+        wrapping: Wrapping,
+    },
     /// Unwrap a value going up; wrap it going down.
-    Unwrap { path: FieldPath, wrapping: Wrapping },
+    Unwrap {
+        /// The field whose value is unwrapped.
+        path: FieldPath,
+        /// How the value is wrapped in the older shape.
+        wrapping: Wrapping,
+    },
     /// JavaScript `up(doc, kept)` and `down(doc, kept)`.
     Custom(Script),
 }

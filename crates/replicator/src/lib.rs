@@ -13,6 +13,8 @@
 //! Map: [`replicate()`] and [`sync()`] in `replicate`, [`Phone`],
 //! [`remote_uuid`] and [`leaves`] in `phone`, [`ReplicateError`] in `error`.
 
+#![warn(missing_docs)]
+
 mod error;
 mod phone;
 mod replicate;

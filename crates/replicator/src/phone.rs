@@ -18,6 +18,7 @@ use crate::replicate::{replicate, sync, ReplicateOptions, ReplicationReport, Syn
 /// the winner's body. Two databases that converged give equal lists.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct DocLeaves {
+    /// The document's `_id`.
     pub id: String,
     /// The winning revision.
     pub winner: String,
@@ -169,8 +170,12 @@ impl Drop for TempDir {
 /// another schema version of the gateway); the next [`Phone::sync`] uses it.
 /// A remote that is not an `http(s)` URL is opened as an embedded store.
 pub struct Phone {
+    /// The phone's name, shown in messages.
     pub name: String,
+    /// The phone's own database (an embedded store).
     pub local: AnyStore,
+    /// The database the phone syncs with: a URL (credentials allowed; messages
+    /// redact them) or an embedded store's path.
     pub remote_url: String,
     /// Replication settings; `checkpoint_key` is overwritten by each sync
     /// with the remote's uuid.

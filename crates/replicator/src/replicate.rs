@@ -52,8 +52,11 @@ impl Default for ReplicateOptions {
 /// A revision the target refused (`forbidden` or `unauthorized`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct WriteFailure {
+    /// The refused document's `_id`.
     pub id: String,
+    /// The target's error name: `forbidden` or `unauthorized`.
     pub error: String,
+    /// The target's reason (e.g. the validation function's message).
     pub reason: String,
 }
 

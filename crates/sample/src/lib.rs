@@ -7,6 +7,8 @@
 //! `health_center` places; a few carry unicode, deep nesting and integers
 //! above 2^53.
 
+#![warn(missing_docs)]
+
 use serde_json::{json, Value};
 
 /// mulberry32: a small, fast, deterministic generator (the Node baseline uses the same).

@@ -35,7 +35,9 @@ pub struct CopyProgress {
 pub struct CopyReport {
     /// Where this run started (`0`, or the checkpoint of an interrupted run).
     pub resumed_from: Seq,
+    /// Documents read from the source's changes feed by this run.
     pub docs_seen: u64,
+    /// Revisions the destination lacked and got in this run.
     pub revs_copied: u64,
     /// `_local` documents copied (embedded sources only; CouchDB cannot list them).
     pub local_copied: u64,
@@ -44,6 +46,8 @@ pub struct CopyReport {
     /// changes), rewind's own copy checkpoints, and anything that is not a
     /// JSON object.
     pub local_skipped: u64,
+    /// The source sequence copied up to (checkpointed; `resumed_from` when
+    /// there was nothing new).
     pub last_seq: Seq,
 }
 

@@ -40,9 +40,11 @@ pub enum CouchAuth {
 /// Connection settings for [`CouchStore::open_with`].
 #[derive(Debug, Clone)]
 pub struct CouchOptions {
+    /// How the URL's credentials are used (default: basic auth).
     pub auth: CouchAuth,
     /// Limit for one request (longpoll waits get their timeout added).
     pub timeout: Duration,
+    /// Limit for opening a connection to the server.
     pub connect_timeout: Duration,
     /// Extra attempts for a request that is safe to repeat.
     pub retries: u32,

@@ -11,49 +11,101 @@ pub enum StoreError {
     /// A document, revision, attachment or database does not exist (404 `not_found`).
     /// `reason` is CouchDB's: `missing` or `deleted` for documents.
     #[error("{what}: not found ({reason})")]
-    NotFound { what: String, reason: String },
+    NotFound {
+        /// What was looked for: `document <id>`, `database <name>`, or the
+        /// request (`METHOD url`) a CouchDB server answered 404 to.
+        what: String,
+        /// CouchDB's reason, passed back as the answer's `reason`.
+        reason: String,
+    },
     /// An update named a revision that is not a leaf of the document (409 `conflict`).
     #[error("{what}: document update conflict")]
-    Conflict { what: String },
+    Conflict {
+        /// The document (`document <id>`) or the request (`METHOD url`) that conflicted.
+        what: String,
+    },
     /// The request or a document in it is malformed; nothing was written (400 `bad_request`).
     #[error("bad request: {reason}")]
-    BadRequest { reason: String },
+    BadRequest {
+        /// What is wrong, passed back as the answer's `reason`.
+        reason: String,
+    },
     /// The server refused the credentials (401 `unauthorized`).
     #[error("{url}: unauthorized: {reason}")]
-    Unauthorized { url: String, reason: String },
+    Unauthorized {
+        /// The request refused (`METHOD url` or a URL), without credentials.
+        url: String,
+        /// The server's reason, passed back as the answer's `reason`.
+        reason: String,
+    },
     /// The credentials are valid but not allowed to do this (403 `forbidden`).
     #[error("{url}: forbidden: {reason}")]
-    Forbidden { url: String, reason: String },
+    Forbidden {
+        /// The request refused (`METHOD url`), without credentials.
+        url: String,
+        /// The server's reason, passed back as the answer's `reason`.
+        reason: String,
+    },
     /// `create_db` on a database that already exists (412 `file_exists`).
     #[error("{what}: the database already exists")]
-    FileExists { what: String },
+    FileExists {
+        /// The database (its name) or the request (`METHOD url`) CouchDB refused.
+        what: String,
+    },
     /// An attachment stub refers to an attachment the store does not have (412 `missing_stub`).
     #[error(
         "document {id}: attachment stub {name:?} refers to an attachment this store does not have"
     )]
-    MissingStub { id: String, name: String },
+    MissingStub {
+        /// The id of the document holding the stub.
+        id: String,
+        /// The attachment's name in `_attachments`.
+        name: String,
+    },
     /// A file that is not a rewind store (a text file, a foreign SQLite database,
     /// a damaged file). Nothing was written to it (500 `corrupt_store`).
     #[error("{path}: not a rewind store: {reason}")]
-    NotAStore { path: String, reason: String },
+    NotAStore {
+        /// The file that was opened.
+        path: String,
+        /// Why it is not a rewind store.
+        reason: String,
+    },
     /// A URL that does not answer like CouchDB (502 `not_couchdb`).
     #[error("{url}: not a CouchDB server: {reason}")]
-    NotCouch { url: String, reason: String },
+    NotCouch {
+        /// The URL asked, without credentials.
+        url: String,
+        /// What in the answer was not like CouchDB.
+        reason: String,
+    },
     /// The server could not be reached, even after retries (503 `unreachable`).
     #[error("{url}: cannot reach the server: {reason}")]
-    Unreachable { url: String, reason: String },
+    Unreachable {
+        /// The URL or request (`METHOD url`) that failed, without credentials.
+        url: String,
+        /// Why the last attempt failed (connection error, timeout, unreadable answer).
+        reason: String,
+    },
     /// Any other error answer from the CouchDB server, passed through.
     #[error("{url}: HTTP {status} {error}: {reason}")]
     Http {
+        /// The request (`METHOD url`, without credentials), or `document <id>`
+        /// for a per-document failure of `bulk_docs`.
         url: String,
+        /// The HTTP status; [`StoreError::status`] returns it unchanged.
         status: u16,
+        /// CouchDB's `error` name (empty when the answer had none).
         error: String,
+        /// CouchDB's `reason`.
         reason: String,
     },
     /// SQLite failed (500 `internal`).
     #[error("{path}: sqlite: {source}")]
     Sqlite {
+        /// The store's file (empty when the error did not pass through a store handle).
         path: String,
+        /// The SQLite error.
         #[source]
         source: rusqlite::Error,
     },

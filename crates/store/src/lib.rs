@@ -15,6 +15,8 @@
 //! the backends, [`copy()`] copies a database between any two stores,
 //! replication-style and resumable.
 
+#![warn(missing_docs)]
+
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::time::Duration;
@@ -156,7 +158,9 @@ pub trait Store: Send + Sync {
 /// Either backend, chosen at run time by [`open`].
 #[derive(Clone)]
 pub enum AnyStore {
+    /// An embedded store (a file path was given).
     Sqlite(SqliteStore),
+    /// A CouchDB database (an `http://` or `https://` URL was given).
     Couch(CouchStore),
 }
 

@@ -14,7 +14,9 @@ pub const DEFAULT_REVS_LIMIT: u64 = 1000;
 /// A revision id `N-hash`: generation `N` ≥ 1 and a hex hash.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Rev {
+    /// The generation `N`: 1 for a first revision, its parent's plus one after.
     pub pos: u64,
+    /// The hash part: 1 to 128 hex digits (32 lowercase ones for revisions this crate makes).
     pub hash: String,
 }
 
@@ -107,15 +109,18 @@ pub fn rev_path(rev: &Rev, revisions: Option<&serde_json::Value>) -> Result<Vec<
 /// One revision in a tree.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Node {
+    /// The revision id.
     pub rev: Rev,
     /// Index of the parent node; `None` for a root.
     pub parent: Option<usize>,
+    /// True when this revision is a tombstone (`_deleted: true`).
     pub deleted: bool,
 }
 
 /// All known revisions of one document.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RevTree {
+    /// Every known revision, in no particular order; `parent` indexes into this list.
     pub nodes: Vec<Node>,
 }
 

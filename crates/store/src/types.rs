@@ -76,8 +76,10 @@ impl GetResult {
 /// One entry of an `open_revs` answer: `{"ok": doc}` or `{"missing": rev}`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum OpenRev {
+    /// The revision's document, with `_id` and `_rev` (a tombstone has `_deleted: true`).
     #[serde(rename = "ok")]
     Ok(Value),
+    /// A requested revision the database does not have, as it was asked.
     #[serde(rename = "missing")]
     Missing(String),
 }
@@ -88,11 +90,15 @@ pub enum OpenRev {
 /// names (`conflict`, `forbidden`, `missing_stub`, ...).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BulkResult {
+    /// The document's `_id`.
     pub id: String,
+    /// The revision written; `None` on failure.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rev: Option<String>,
+    /// CouchDB's error name on failure; `None` when the document was written.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// CouchDB's human-readable reason on failure; `None` when the document was written.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
 }
@@ -129,7 +135,9 @@ impl BulkResult {
 /// One document asked of `bulk_get`: its winner (`rev: None`) or one revision.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BulkGetRequest {
+    /// The document's `_id`.
     pub id: String,
+    /// The revision asked for; `None` for the winning revision.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rev: Option<String>,
 }
@@ -158,15 +166,20 @@ pub struct BulkGetOptions {
 /// The answer of `bulk_get` for one requested id, in request order.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct BulkGetResult {
+    /// The requested document's `_id`.
     pub id: String,
+    /// The revisions found, or the error: one entry, or with `latest` one per
+    /// leaf that descends from the requested revision.
     pub docs: Vec<BulkGetItem>,
 }
 
 /// `{"ok": doc}` or `{"error": {id, rev, error, reason}}`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum BulkGetItem {
+    /// A revision's document, with `_id` and `_rev`.
     #[serde(rename = "ok")]
     Ok(Value),
+    /// Why the requested document or revision could not be given.
     #[serde(rename = "error")]
     Error(DocError),
 }
@@ -174,16 +187,20 @@ pub enum BulkGetItem {
 /// A per-document error inside `bulk_get`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DocError {
+    /// The requested document's `_id`.
     pub id: String,
     /// The requested revision (`"undefined"` when none was, as CouchDB says).
     pub rev: String,
+    /// CouchDB's error name, e.g. `not_found`.
     pub error: String,
+    /// CouchDB's human-readable reason, e.g. `missing` or `deleted`.
     pub reason: String,
 }
 
 /// The `_revs_diff` answer for one document: the revisions the store lacks.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RevsDiffEntry {
+    /// The asked revisions this database does not have.
     pub missing: Vec<String>,
     /// Leaves the store has with a lower generation than a missing revision:
     /// attachments they hold need not be sent again.
@@ -200,10 +217,13 @@ pub struct AllDocsOptions {
     pub start_key: Option<String>,
     /// Last id (inclusive).
     pub end_key: Option<String>,
+    /// At most this many rows; `None`: no limit.
     pub limit: Option<usize>,
+    /// Rows to pass over before the first one returned.
     pub skip: usize,
     /// Add the winning revision's body as `doc`.
     pub include_docs: bool,
+    /// Highest id first (also the order of `keys`, reversed).
     pub descending: bool,
 }
 
@@ -212,20 +232,28 @@ pub struct AllDocsOptions {
 pub struct AllDocs {
     /// Number of non-deleted documents in the database.
     pub total_rows: u64,
+    /// Where the first row stands, as CouchDB says; the embedded store answers `skip`.
     pub offset: u64,
+    /// The rows, by id (highest first with `descending`), or in `keys` order.
     pub rows: Vec<AllDocsRow>,
 }
 
 /// One row of `all_docs`: a document, or `{key, error: "not_found"}` for a missing key.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AllDocsRow {
+    /// The document's `_id`; `None` for a missing key.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub id: Option<String>,
+    /// The row's key: the document id, or the requested key.
     pub key: String,
+    /// The winning revision; `None` for a missing key.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub value: Option<RowValue>,
+    /// With `include_docs`, the winning revision's body (JSON `null` for a
+    /// deleted document asked by key); otherwise `None`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub doc: Option<Value>,
+    /// `not_found` for a requested key the database does not have; otherwise `None`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
 }
@@ -233,7 +261,9 @@ pub struct AllDocsRow {
 /// `{rev, deleted?}` in an `all_docs` row.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RowValue {
+    /// The winning revision.
     pub rev: String,
+    /// True when the winning revision is deleted (only for rows asked by key).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub deleted: bool,
 }
@@ -243,6 +273,7 @@ pub struct RowValue {
 pub struct ChangesOptions {
     /// Changes after this sequence (`0`: from the beginning; `"now"`: nothing yet).
     pub since: Seq,
+    /// At most this many rows; `None`: no limit.
     pub limit: Option<usize>,
     /// List every leaf revision (`style=all_docs`), not only the winner.
     pub style_all_docs: bool,
@@ -267,6 +298,7 @@ impl Default for ChangesOptions {
 /// The `changes` answer.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Changes {
+    /// One row per changed document, in sequence order (newest first with `descending`).
     pub results: Vec<ChangeRow>,
     /// Pass this as the next `since` to continue.
     pub last_seq: Seq,
@@ -275,11 +307,16 @@ pub struct Changes {
 /// One document in the changes feed, at its latest change.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ChangeRow {
+    /// The sequence of the document's latest change.
     pub seq: Seq,
+    /// The document's `_id`.
     pub id: String,
+    /// The winning revision, or with `style_all_docs` every leaf (the winner first).
     pub changes: Vec<ChangeRev>,
+    /// True when the winning revision is deleted.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub deleted: bool,
+    /// With `include_docs`, the winning revision's body; otherwise `None`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub doc: Option<Value>,
 }
@@ -287,5 +324,6 @@ pub struct ChangeRow {
 /// `{rev}` in a change row.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChangeRev {
+    /// A leaf revision id (`N-hash`).
     pub rev: String,
 }

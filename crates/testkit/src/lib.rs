@@ -6,6 +6,8 @@
 //! our end of its stdin closes (also when the test process dies without
 //! running destructors).
 
+#![warn(missing_docs)]
+
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::TcpStream;
