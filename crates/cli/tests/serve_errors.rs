@@ -107,3 +107,59 @@ fn a_missing_data_directory_is_made_and_said() {
         Gateway::serve_embedded(env!("CARGO_BIN_EXE_rewind"), dir.path(), &data, &migrations);
     assert!(!again.stderr().contains("made "), "{}", again.stderr());
 }
+
+/// A write the store refuses for one document (a stub naming an
+/// attachment it does not have) is answered as CouchDB answers it, with
+/// that refusal's own status, error and reason, and writes nothing: by
+/// `PUT`, `PUT ?new_edits=false` and in `_bulk_docs`' per-document answer.
+#[test]
+fn a_refused_document_is_answered_with_its_own_couchdb_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let migrations = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/cht");
+    let gateway =
+        Gateway::serve_embedded(env!("CARGO_BIN_EXE_rewind"), dir.path(), &data, &migrations);
+    let port = gateway.port;
+    assert_eq!(request(port, "PUT", "/medic", "").0, 201);
+    let (status, body) = request(port, "PUT", "/medic/d", r#"{"a":1}"#);
+    assert_eq!(status, 201, "{body}");
+    let written: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let rev = written["rev"].as_str().unwrap().to_owned();
+    let stub = r#""_attachments":{"x.txt":{"stub":true}}"#;
+    let refused = |status: u16, body: &str| {
+        assert_eq!(status, 412, "{body}");
+        assert!(body.contains(r#""error":"missing_stub""#), "{body}");
+        assert!(body.contains(r#"attachment stub \"x.txt\""#), "{body}");
+        assert!(
+            !body.contains(r#"{\"id\""#),
+            "a refusal inside a refusal: {body}"
+        );
+    };
+    let (status, body) = request(
+        port,
+        "PUT",
+        &format!("/medic/d?rev={rev}"),
+        &format!("{{{stub}}}"),
+    );
+    refused(status, &body);
+    let (status, body) = request(
+        port,
+        "PUT",
+        "/medic/e?new_edits=false",
+        &format!(r#"{{"_rev":"1-abc",{stub}}}"#),
+    );
+    refused(status, &body);
+    let (status, body) = request(
+        port,
+        "POST",
+        "/medic/_bulk_docs",
+        &format!(r#"{{"docs":[{{"_id":"d","_rev":"{rev}",{stub}}}]}}"#),
+    );
+    assert_eq!(status, 201, "{body}");
+    let answer: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(answer[0]["error"], "missing_stub", "{body}");
+    // Nothing was written.
+    let (_, body) = request(port, "GET", "/medic/d", "");
+    assert!(body.contains(&rev), "{body}");
+    assert_eq!(request(port, "GET", "/medic/e", "").0, 404);
+}

@@ -1770,7 +1770,7 @@ async fn document(
                 check_doc(&doc)?;
                 let errors = session.push(vec![doc]).await?;
                 if let Some(e) = errors.first() {
-                    return Err(GatewayError::BadRequest(e.to_string()));
+                    return Err(crate::sync::refusal(e));
                 }
                 return Ok(json_response(201, &json!({"ok": true, "id": id})));
             }

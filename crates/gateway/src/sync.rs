@@ -1592,7 +1592,7 @@ impl Session<'_> {
         }
         let errors = self.push(vec![doc]).await?;
         if let Some(e) = errors.first() {
-            return Ok(Err(GatewayError::BadRequest(e.to_string())));
+            return Ok(Err(refusal(e)));
         }
         Ok(Ok((id, rev)))
     }
@@ -1811,6 +1811,17 @@ fn stub_attachments(doc: &mut Value) {
             }
         }
     }
+}
+
+/// A document's entry in a [`Session::push`] answer (`{"id", "error",
+/// "reason"}`) as the error a write of that document alone answers with.
+pub fn refusal(entry: &Value) -> GatewayError {
+    let text = |key: &str| entry.get(key).and_then(Value::as_str);
+    GatewayError::Store(StoreError::refused(
+        text("id").unwrap_or_default(),
+        text("error").unwrap_or("internal"),
+        text("reason").unwrap_or_default().to_owned(),
+    ))
 }
 
 #[cfg(test)]

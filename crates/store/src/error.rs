@@ -118,6 +118,34 @@ pub enum StoreError {
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
 impl StoreError {
+    /// A document's refusal in a `_bulk_docs` answer (`error`, `reason`) as
+    /// the error CouchDB answers a write of that document alone with: a
+    /// `conflict` as [`StoreError::Conflict`], any other as
+    /// [`StoreError::Http`] with the status of its name (`forbidden` 403,
+    /// `missing_stub` 412, ...; 500 for a name it does not know).
+    pub fn refused(id: &str, error: &str, reason: String) -> StoreError {
+        if error == "conflict" {
+            return StoreError::Conflict {
+                what: format!("document {id}"),
+            };
+        }
+        let status = match error {
+            "bad_request" | "doc_validation" => 400,
+            "unauthorized" => 401,
+            "forbidden" => 403,
+            "not_found" => 404,
+            "file_exists" | "missing_stub" => 412,
+            "too_large" => 413,
+            _ => 500,
+        };
+        StoreError::Http {
+            url: format!("document {id}"),
+            status,
+            error: error.to_owned(),
+            reason,
+        }
+    }
+
     /// The HTTP status CouchDB would answer with.
     pub fn status(&self) -> u16 {
         match self {

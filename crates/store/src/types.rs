@@ -110,24 +110,16 @@ impl BulkResult {
     }
 
     /// The new revision of a document written with `new_edits=true`; a
-    /// failure as the error it is (`Conflict`, `MissingStub`, else `Http`
-    /// with CouchDB's error and reason).
+    /// failure as the error CouchDB answers for that document alone
+    /// ([`crate::StoreError::refused`]).
     pub fn into_written(self) -> crate::Result<String> {
         match (self.rev, self.error.as_deref()) {
             (Some(rev), None) => Ok(rev),
-            (_, Some("conflict")) => Err(crate::StoreError::Conflict {
-                what: format!("document {}", self.id),
-            }),
-            (_, Some("missing_stub")) => Err(crate::StoreError::MissingStub {
-                id: self.id,
-                name: self.reason.unwrap_or_default(),
-            }),
-            (_, e) => Err(crate::StoreError::Http {
-                url: format!("document {}", self.id),
-                status: 400,
-                error: e.unwrap_or("unknown").to_owned(),
-                reason: self.reason.unwrap_or_default(),
-            }),
+            (_, e) => Err(crate::StoreError::refused(
+                &self.id,
+                e.unwrap_or("unknown"),
+                self.reason.unwrap_or_default(),
+            )),
         }
     }
 }
