@@ -1,7 +1,7 @@
 use std::io::BufRead;
 use std::process::ExitCode;
 
-/// Print a salted password hash for a `[[users]]` entry of rewind.toml.
+/// Print a salted password hash for a `[[users]]` entry of rewind.toml
 ///
 /// Reads the password from standard input (one line), so it stays out of
 /// the shell history, and prints `salt$sha256(salt + password)`:
@@ -15,6 +15,7 @@ use std::process::ExitCode;
 ///   password = "<the printed hash>"
 ///   databases = ["medic"]
 #[derive(clap::Args)]
+#[command(verbatim_doc_comment)]
 pub struct Args {}
 
 pub fn run(_args: &Args) -> anyhow::Result<ExitCode> {

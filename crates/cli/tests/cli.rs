@@ -622,3 +622,28 @@ fn a_plain_copy_of_the_file_after_a_command_is_complete() {
     ]));
     assert!(rolled.contains("3000"), "{rolled}");
 }
+
+/// `rewind hash-password --help` shows its rewind.toml example as lines a
+/// user can paste (a wrapped paragraph made it one line, not TOML).
+#[test]
+fn hash_password_help_shows_a_pasteable_config_entry() {
+    let help = stdout_of_success(rewind().args(["hash-password", "--help"]));
+    assert!(
+        help.contains("  [[users]]\n  name = \"chw1\"\n  password = \"<the printed hash>\"\n"),
+        "{help}"
+    );
+    let hash = String::from_utf8(
+        run_with_stdin(
+            {
+                let mut cmd = rewind();
+                cmd.arg("hash-password");
+                cmd
+            },
+            b"secret\n",
+        )
+        .stdout,
+    )
+    .unwrap();
+    let (salt, digest) = hash.trim().split_once('$').unwrap();
+    assert!(!salt.is_empty() && digest.len() == 64, "{hash}");
+}
