@@ -647,3 +647,29 @@ fn hash_password_help_shows_a_pasteable_config_entry() {
     let (salt, digest) = hash.trim().split_once('$').unwrap();
     assert!(!salt.is_empty() && digest.len() == 64, "{hash}");
 }
+
+/// A database file in a directory that does not exist is refused naming
+/// the directory, and nothing is made.
+#[test]
+fn a_database_in_a_missing_directory_names_the_directory() {
+    let (dir, db, _) = sampled_store("5");
+    let missing = dir.path().join("rehearsal");
+    let target = missing.join("medic.db").display().to_string();
+    for args in [
+        vec!["copy", db.as_str(), target.as_str()],
+        vec!["sample", "--docs", "3", "--db", target.as_str()],
+    ] {
+        let out = rewind().args(&args).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains(&format!("directory {}: not found", missing.display())),
+            "{args:?}: {stderr}"
+        );
+        assert!(
+            stderr.contains("make the directory first"),
+            "{args:?}: {stderr}"
+        );
+    }
+    assert!(!missing.exists());
+}

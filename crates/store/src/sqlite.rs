@@ -554,6 +554,16 @@ impl SqliteStore {
             .map(|m| m.len() == 0)
             .unwrap_or(true);
         let mut conn = if fresh {
+            // Said plainly: SQLite says "unable to open database file".
+            if let Some(dir) = path
+                .parent()
+                .filter(|d| !d.as_os_str().is_empty() && !d.is_dir())
+            {
+                return Err(StoreError::NotFound {
+                    what: format!("directory {}", dir.display()),
+                    reason: format!("{ps} cannot be created there: make the directory first"),
+                });
+            }
             Connection::open(&path).map_err(|e| not_store(format!("cannot create: {e}")))?
         } else {
             Connection::open_with_flags(
