@@ -2,6 +2,7 @@
 
 use crate::ahead::ReadAhead;
 use crate::device::Device;
+use crate::filter::ChangesFilter;
 use crate::sync::{is_deleted, winner, PresentCache, Session};
 use crate::view::Presented;
 use crate::GatewayError;
@@ -1198,12 +1199,11 @@ async fn changes(
     } else {
         None
     };
-    if let Some(filter) = call.query.get("filter") {
-        return Err(GatewayError::BadRequest(format!(
-            "filter `{filter}` is not supported by the gateway; replicate without a filter"
-        )));
-    }
-    let _ = body;
+    let filter = ChangesFilter::parse(
+        call.query.get("filter").map(String::as_str),
+        call.json_param("doc_ids")?,
+        body.as_ref(),
+    )?;
     let mut since = parse_since(call.query.get("since"));
     if since == "now" {
         since = session.db.data.info().await?.update_seq;
@@ -1235,10 +1235,19 @@ async fn changes(
         thin_seqs(&mut changes.results, seq_interval);
         json_response(200, &serde_json::to_value(changes).unwrap_or_default())
     };
+    let page = |opts: ChangesOptions| {
+        let filter = filter.as_ref();
+        async move {
+            match filter {
+                Some(filter) => filtered_page(session, &opts, filter).await,
+                None => feed_page(cx, session, &opts).await,
+            }
+        }
+    };
     match feed {
-        "normal" => Ok(answer(feed_page(cx, session, &opts).await?)),
+        "normal" => Ok(answer(page(opts.clone()).await?)),
         "longpoll" => {
-            let first = feed_page(cx, session, &opts).await?;
+            let first = page(opts.clone()).await?;
             if !first.results.is_empty() {
                 return Ok(answer(first));
             }
@@ -1258,7 +1267,12 @@ async fn changes(
                 if left.is_zero() || !session.db.data.wait_for_change(&last_seq, left).await? {
                     break;
                 }
-                let page = session.changes(&opts).await?;
+                let mut again = opts.clone();
+                if filter.is_some() {
+                    // Rows the filter dropped are not read again.
+                    again.since = last_seq.clone();
+                }
+                let page = page(again).await?;
                 if !page.results.is_empty() {
                     return Ok(answer(page));
                 }
@@ -1269,7 +1283,7 @@ async fn changes(
                 &json!({"results": [], "last_seq": last_seq}),
             ))
         }
-        "continuous" => continuous(cx, opts, heartbeat, timeout, seq_interval).await,
+        "continuous" => continuous(cx, opts, filter, heartbeat, timeout, seq_interval).await,
         other => Err(GatewayError::BadRequest(format!(
             "feed `{other}` is not supported: use normal, longpoll or continuous"
         ))),
@@ -1291,9 +1305,58 @@ fn thin_seqs(rows: &mut [rewind_store::ChangeRow], interval: usize) {
     }
 }
 
+/// Rows read at a time for a filtered feed.
+const FILTERED_PAGE: usize = 500;
+
+/// A page of a normal (or longpoll) feed with a filter: pages of the feed
+/// read until `limit` rows are kept or the feed ends (a page with no row is
+/// the feed's end to PouchDB, so a page the filter emptied must not be
+/// answered while rows follow). `last_seq` is the last kept row's when the
+/// limit stopped it.
+async fn filtered_page(
+    session: &Session<'_>,
+    opts: &ChangesOptions,
+    filter: &ChangesFilter,
+) -> Result<rewind_store::Changes, GatewayError> {
+    let want = opts.limit.filter(|&l| l > 0);
+    let mut read = opts.clone();
+    read.include_docs = opts.include_docs || filter.needs_docs();
+    // Descending: one read of the whole feed, kept rows cut to the limit.
+    read.limit = (!opts.descending).then_some(FILTERED_PAGE);
+    let mut kept = Vec::new();
+    loop {
+        let page = session.changes(&read).await?;
+        let more = read.limit.is_some_and(|l| page.results.len() >= l);
+        for mut row in page.results {
+            if !filter.keeps(&row) {
+                continue;
+            }
+            if !opts.include_docs {
+                row.doc = None;
+            }
+            kept.push(row);
+            if want.is_some_and(|w| kept.len() >= w) {
+                let last_seq = kept.last().map(|r| r.seq.clone()).unwrap_or_default();
+                return Ok(rewind_store::Changes {
+                    results: kept,
+                    last_seq,
+                });
+            }
+        }
+        if !more {
+            return Ok(rewind_store::Changes {
+                results: kept,
+                last_seq: page.last_seq,
+            });
+        }
+        read.since = page.last_seq;
+    }
+}
+
 async fn continuous(
     cx: &FeedContext,
     mut opts: ChangesOptions,
+    filter: Option<ChangesFilter>,
     heartbeat: Option<Duration>,
     timeout: Option<Duration>,
     seq_interval: usize,
@@ -1304,6 +1367,10 @@ async fn continuous(
     // cache like any other request.
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(16);
     let cx = cx.clone();
+    let wants_docs = opts.include_docs;
+    if filter.as_ref().is_some_and(ChangesFilter::needs_docs) {
+        opts.include_docs = true;
+    }
     tokio::spawn(async move {
         let session = cx.session();
         let db = &cx.database;
@@ -1322,6 +1389,14 @@ async fn continuous(
                     return;
                 }
             };
+            if let Some(filter) = &filter {
+                changes.results.retain(|row| filter.keeps(row));
+                if !wants_docs {
+                    for row in &mut changes.results {
+                        row.doc = None;
+                    }
+                }
+            }
             thin_seqs(&mut changes.results, seq_interval);
             for row in &changes.results {
                 let line = serde_json::to_string(row).unwrap_or_default() + "\n";

@@ -14,6 +14,7 @@
 
 mod ahead;
 pub mod device;
+mod filter;
 mod http;
 pub mod sync;
 pub mod view;
