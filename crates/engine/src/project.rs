@@ -64,7 +64,7 @@ impl Config {
         let config: Config = toml::from_str(&text).map_err(|e| {
             // `file:line:column: message`, as migration files report.
             let (line, column) = e.span().map_or((1, 1), |span| {
-                let before = &text[..span.start.min(text.len())];
+                let before = text.get(..span.start).unwrap_or(&text);
                 let line_start = before.rfind('\n').map_or(0, |i| i + 1);
                 (
                     before.matches('\n').count() + 1,
