@@ -103,6 +103,19 @@ pub fn run(cli: &Cli, args: &Args) -> anyhow::Result<ExitCode> {
             project.migrations.latest(),
             project.migrations.latest()
         );
+        if let (Backend::Embedded(_), true) = (&backend, project.config.users.is_empty()) {
+            // Said after the line scripts wait for: who may do what.
+            let reach = if listener.local_addr().is_ok_and(|a| a.ip().is_loopback()) {
+                "this machine"
+            } else {
+                "the network"
+            };
+            eprintln!(
+                "rewind serve: no [[users]] in rewind.toml: every request is served as an admin \
+                 (anyone on {reach} who reaches http://{bound} may read, write and delete every \
+                 database; `rewind hash-password --help` shows how to add users)"
+            );
+        }
         rewind_gateway::serve(
             GatewayConfig {
                 backend,

@@ -74,6 +74,12 @@ fn users_see_only_their_databases_and_wrong_passwords_are_refused() {
     let port = gateway.port;
     let (status, body) = request(port, "GET", "/medic", None, "");
     assert_eq!(status, 401, "{body}");
+    // With users, no word of an open gateway.
+    assert!(
+        !gateway.stderr().contains("no [[users]]"),
+        "{}",
+        gateway.stderr()
+    );
     assert!(body.contains("\"error\":\"unauthorized\""), "{body}");
     let (status, _) = request(port, "GET", "/medic", Some(("chw1", "wrong")), "");
     assert_eq!(status, 401);

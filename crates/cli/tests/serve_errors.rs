@@ -99,6 +99,15 @@ fn a_missing_data_directory_is_made_and_said() {
         )),
         "{said}"
     );
+    // No [[users]]: the operator is told the gateway is open (a line
+    // after the one the gateway was waited for).
+    let open = "no [[users]] in rewind.toml: every request is served as an admin \
+                (anyone on this machine";
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !gateway.stderr().contains(open) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(gateway.stderr().contains(open), "{}", gateway.stderr());
     let (status, body) = request(gateway.port, "GET", "/_all_dbs", "");
     assert_eq!((status, body.trim()), (200, "[]"));
     drop(gateway);
