@@ -81,6 +81,15 @@ impl ChangesFilter {
         }
     }
 
+    /// The documents `_doc_ids` names (which need not be presented to be
+    /// told apart); `None` for other filters.
+    pub(crate) fn doc_ids(&self) -> Option<&HashSet<String>> {
+        match self {
+            ChangesFilter::DocIds(ids) => Some(ids),
+            ChangesFilter::Selector(_) => None,
+        }
+    }
+
     /// True when the rows must come with their documents to be filtered.
     pub(crate) fn needs_docs(&self) -> bool {
         matches!(self, ChangesFilter::Selector(_))

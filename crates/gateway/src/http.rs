@@ -1325,8 +1325,16 @@ async fn filtered_page(
     read.limit = (!opts.descending).then_some(FILTERED_PAGE);
     let mut kept = Vec::new();
     loop {
-        let page = session.changes(&read).await?;
-        let more = read.limit.is_some_and(|l| page.results.len() >= l);
+        // `_doc_ids`: only the named documents are presented.
+        let (page, listed) = match filter.doc_ids() {
+            Some(ids) => session.changes_of(&read, |id| ids.contains(id)).await?,
+            None => {
+                let page = session.changes(&read).await?;
+                let listed = page.results.len();
+                (page, listed)
+            }
+        };
+        let more = read.limit.is_some_and(|l| listed >= l);
         for mut row in page.results {
             if !filter.keeps(&row) {
                 continue;

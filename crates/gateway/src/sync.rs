@@ -679,8 +679,36 @@ impl Session<'_> {
         // The feed names every leaf of each listed document (deleted ones
         // included): they are read in one request, not listed per document.
         inner.style_all_docs = true;
-        let mut changes = self.db.data.changes(&inner).await?;
+        let changes = self.db.data.changes(&inner).await?;
         read(&changes);
+        self.present_rows(opts, changes).await
+    }
+
+    /// [`Session::changes`] of the documents whose id `keep` accepts: the
+    /// store's page is read whole (`last_seq` is its end) and only those
+    /// rows are presented. Returns the page and how many rows the store
+    /// listed (a full page means more may follow).
+    pub async fn changes_of(
+        &self,
+        opts: &ChangesOptions,
+        keep: impl Fn(&str) -> bool,
+    ) -> Result<(Changes, usize), GatewayError> {
+        let mut inner = opts.clone();
+        inner.include_docs = false;
+        inner.style_all_docs = true;
+        let mut changes = self.db.data.changes(&inner).await?;
+        let listed = changes.results.len();
+        changes.results.retain(|row| keep(&row.id));
+        Ok((self.present_rows(opts, changes).await?, listed))
+    }
+
+    /// The store's `changes` rows (every leaf listed) presented to the
+    /// client as `opts` asks.
+    async fn present_rows(
+        &self,
+        opts: &ChangesOptions,
+        mut changes: Changes,
+    ) -> Result<Changes, GatewayError> {
         // Documents whose every leaf's presentations the cache holds (another
         // phone pulled them just now) are answered from it once their
         // journals' revisions (one light read) match; the others are read.
