@@ -1325,23 +1325,9 @@ async fn filtered_page(
     read.limit = (!opts.descending).then_some(FILTERED_PAGE);
     let mut kept = Vec::new();
     loop {
-        // `_doc_ids`: only the named documents are presented.
-        let (page, listed) = match filter.doc_ids() {
-            Some(ids) => session.changes_of(&read, |id| ids.contains(id)).await?,
-            None => {
-                let page = session.changes(&read).await?;
-                let listed = page.results.len();
-                (page, listed)
-            }
-        };
+        let (page, listed) = read_filtered(session, &read, filter, opts.include_docs).await?;
         let more = read.limit.is_some_and(|l| listed >= l);
-        for mut row in page.results {
-            if !filter.keeps(&row) {
-                continue;
-            }
-            if !opts.include_docs {
-                row.doc = None;
-            }
+        for row in page.results {
             kept.push(row);
             if want.is_some_and(|w| kept.len() >= w) {
                 let last_seq = kept.last().map(|r| r.seq.clone()).unwrap_or_default();
@@ -1359,6 +1345,34 @@ async fn filtered_page(
         }
         read.since = page.last_seq;
     }
+}
+
+/// One read of the feed (`read`, with documents when the filter needs
+/// them) for a filtered client: the rows `filter` keeps, their documents
+/// left in only when the client asked (`wants_docs`), and how many rows the
+/// store listed (a full page means more may follow). A `_doc_ids` read
+/// presents only the named documents.
+async fn read_filtered(
+    session: &Session<'_>,
+    read: &ChangesOptions,
+    filter: &ChangesFilter,
+    wants_docs: bool,
+) -> Result<(rewind_store::Changes, usize), GatewayError> {
+    let (mut page, listed) = match filter.doc_ids() {
+        Some(ids) => session.changes_of(read, |id| ids.contains(id)).await?,
+        None => {
+            let page = session.changes(read).await?;
+            let listed = page.results.len();
+            (page, listed)
+        }
+    };
+    page.results.retain(|row| filter.keeps(row));
+    if !wants_docs {
+        for row in &mut page.results {
+            row.doc = None;
+        }
+    }
+    Ok((page, listed))
 }
 
 async fn continuous(
@@ -1385,7 +1399,13 @@ async fn continuous(
         let started = Instant::now();
         let mut sent = 0usize;
         loop {
-            let mut changes = match session.changes(&opts).await {
+            let read = match &filter {
+                Some(filter) => read_filtered(&session, &opts, filter, wants_docs)
+                    .await
+                    .map(|(page, _)| page),
+                None => session.changes(&opts).await,
+            };
+            let mut changes = match read {
                 Ok(c) => c,
                 Err(e) => {
                     let (_, error, reason) = e.couch();
@@ -1397,14 +1417,6 @@ async fn continuous(
                     return;
                 }
             };
-            if let Some(filter) = &filter {
-                changes.results.retain(|row| filter.keeps(row));
-                if !wants_docs {
-                    for row in &mut changes.results {
-                        row.doc = None;
-                    }
-                }
-            }
             thin_seqs(&mut changes.results, seq_interval);
             for row in &changes.results {
                 let line = serde_json::to_string(row).unwrap_or_default() + "\n";

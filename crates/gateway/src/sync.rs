@@ -674,12 +674,7 @@ impl Session<'_> {
         opts: &ChangesOptions,
         read: impl FnOnce(&Changes),
     ) -> Result<Changes, GatewayError> {
-        let mut inner = opts.clone();
-        inner.include_docs = false;
-        // The feed names every leaf of each listed document (deleted ones
-        // included): they are read in one request, not listed per document.
-        inner.style_all_docs = true;
-        let changes = self.db.data.changes(&inner).await?;
+        let changes = self.store_page(opts).await?;
         read(&changes);
         self.present_rows(opts, changes).await
     }
@@ -693,13 +688,20 @@ impl Session<'_> {
         opts: &ChangesOptions,
         keep: impl Fn(&str) -> bool,
     ) -> Result<(Changes, usize), GatewayError> {
-        let mut inner = opts.clone();
-        inner.include_docs = false;
-        inner.style_all_docs = true;
-        let mut changes = self.db.data.changes(&inner).await?;
+        let mut changes = self.store_page(opts).await?;
         let listed = changes.results.len();
         changes.results.retain(|row| keep(&row.id));
         Ok((self.present_rows(opts, changes).await?, listed))
+    }
+
+    /// The store's page of the feed `opts` asks for, before presenting:
+    /// every leaf of each listed document (deleted ones included), so that
+    /// they are read in one request, not listed per document; no bodies.
+    async fn store_page(&self, opts: &ChangesOptions) -> Result<Changes, GatewayError> {
+        let mut inner = opts.clone();
+        inner.include_docs = false;
+        inner.style_all_docs = true;
+        Ok(self.db.data.changes(&inner).await?)
     }
 
     /// The store's `changes` rows (every leaf listed) presented to the
