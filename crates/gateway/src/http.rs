@@ -1,6 +1,6 @@
 //! HTTP: parsing CouchDB requests, dispatching them, answering CouchDB-style.
 
-use crate::ahead::ReadAhead;
+use crate::ahead::{next_since, ReadAhead};
 use crate::device::Device;
 use crate::filter::ChangesFilter;
 use crate::sync::{is_deleted, winner, PresentCache, Session};
@@ -1135,20 +1135,20 @@ async fn feed_page(
         return session.changes(opts).await;
     };
     let feed = cx.feed(opts);
-    if let Some(answer) = cx.gateway.inner.ahead.take(&feed, &opts.since.to_string()) {
+    let held = cx
+        .gateway
+        .inner
+        .ahead
+        .take(&feed, &opts.since.to_string(), limit);
+    if let Some(answer) = held {
         if let Some(page) = answer.await {
             client_moved(cx, &feed, opts, limit, &page);
-            return Ok((*page).clone());
+            return Ok(page);
         }
     }
     session
         .changes_then(opts, |page| client_moved(cx, &feed, opts, limit, page))
         .await
-}
-
-/// Where the page after `page` starts, when there may be one.
-fn next_since(page: &rewind_store::Changes, limit: usize) -> Option<String> {
-    (page.results.len() >= limit).then(|| page.last_seq.to_string())
 }
 
 /// The client was answered `page`: the pages after it are read ahead.
@@ -1165,22 +1165,21 @@ fn client_moved(
     }
 }
 
-/// Starts reading the pages of `feed` the client will ask for next, each
-/// in a task of its own (see `ahead`).
+/// Starts reading the pages of `feed` the client will ask for next, a
+/// chunk of them in a task of its own (see `ahead`).
 fn read_ahead(cx: &FeedContext, feed: &str, opts: &ChangesOptions, limit: usize) {
-    while let Some(reserved) = cx.gateway.inner.ahead.reserve(feed) {
+    while let Some(reserved) = cx.gateway.inner.ahead.reserve(feed, limit) {
         let (cx, feed) = (cx.clone(), feed.to_owned());
         let mut opts = opts.clone();
         opts.since = parse_since(Some(&reserved.since));
+        let mut chunk = opts.clone();
+        chunk.limit = Some(limit.saturating_mul(reserved.pages));
         tokio::spawn(async move {
             let since = reserved.since.clone();
             let page = cx
                 .session()
-                .changes_then(&opts, |page| {
-                    cx.gateway
-                        .inner
-                        .ahead
-                        .read(&feed, &since, next_since(page, limit));
+                .changes_then(&chunk, |page| {
+                    cx.gateway.inner.ahead.read(&feed, &since, page, limit);
                     read_ahead(&cx, &feed, &opts, limit);
                 })
                 .await;
