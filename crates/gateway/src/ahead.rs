@@ -49,9 +49,10 @@ const CHUNKS_AHEAD: usize = 2;
 /// until the client asks for it.
 const AHEAD_ROWS: usize = 10_000;
 /// Pages held at most, all feeds together: enough for a hundred phones
-/// pulling at once ([`AHEAD`] each, and the one each is being answered). A
-/// page holds its rows (ids and revisions, bodies only with `include_docs`),
-/// not its presentations (those are in the presentation cache).
+/// pulling at once (the pages of their chunks read ahead, and those handed
+/// over in the last [`FRESH`] seconds). A page holds its chunk's rows (ids
+/// and revisions, bodies only with `include_docs`), not its presentations
+/// (those are in the presentation cache).
 const PAGES: usize = 512;
 /// How long a page read ahead may be served.
 const FRESH: Duration = Duration::from_secs(5);
@@ -109,8 +110,8 @@ impl Reserved {
 /// the chunk ends).
 pub(crate) fn part_of(chunk: &Changes, part: usize, limit: usize) -> Changes {
     let len = chunk.results.len();
-    let start = (part * limit).min(len);
-    let end = (start + limit).min(len);
+    let start = part.saturating_mul(limit).min(len);
+    let end = start.saturating_add(limit).min(len);
     let last_seq = match chunk.results.get(..end).and_then(<[_]>::last) {
         Some(row) if end < len => row.seq.clone(),
         _ => chunk.last_seq.clone(),
@@ -171,7 +172,7 @@ impl ReadAhead {
             return;
         };
         let (made, answer) = (first.made, first.answer.clone());
-        let parts = store_page.results.len().div_ceil(limit).max(1);
+        let parts = store_page.results.len().div_ceil(limit.max(1)).max(1);
         let mut start = since.to_owned();
         for part in 0..parts {
             let next = next_since(&part_of(store_page, part, limit), limit);
@@ -300,6 +301,9 @@ mod tests {
             None,
             "a short page ends the feed"
         );
+        // Any `limit` a client names.
+        assert_eq!(part_of(&chunk, 0, usize::MAX).results.len(), 5);
+        assert!(part_of(&chunk, 3, usize::MAX).results.is_empty());
         // A chunk with no row: the page the client would have read.
         let empty = part_of(&page(20, 0, 20), 0, 2);
         assert_eq!(seqs(&empty), (vec![], "20".into()));
