@@ -10,6 +10,13 @@ fn request(port: u16, method: &str, path: &str, body: &str) -> (u16, String) {
     http_request(port, method, path, "", body)
 }
 
+/// `rewind serve` run in `dir` on the embedded stores in `data`, with
+/// examples/cht's migrations.
+fn serve_cht(dir: &std::path::Path, data: &std::path::Path) -> Gateway {
+    let migrations = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/cht");
+    Gateway::serve_embedded(env!("CARGO_BIN_EXE_rewind"), dir, data, &migrations)
+}
+
 /// A migration whose step throws on a document that has `boom`.
 const FAILING_STEP: &str = r#"description: Adds `seen`; throws on a document that has `boom`.
 when: {seen: {$exists: false}}
@@ -87,9 +94,7 @@ fn a_failed_translation_is_logged_and_answered_as_json() {
 fn a_missing_data_directory_is_made_and_said() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("not-yet");
-    let migrations = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/cht");
-    let gateway =
-        Gateway::serve_embedded(env!("CARGO_BIN_EXE_rewind"), dir.path(), &data, &migrations);
+    let gateway = serve_cht(dir.path(), &data);
     assert!(data.is_dir(), "the data directory was not made");
     let said = gateway.stderr();
     assert!(
@@ -112,8 +117,7 @@ fn a_missing_data_directory_is_made_and_said() {
     assert_eq!((status, body.trim()), (200, "[]"));
     drop(gateway);
     // An existing one is served without a word about it.
-    let again =
-        Gateway::serve_embedded(env!("CARGO_BIN_EXE_rewind"), dir.path(), &data, &migrations);
+    let again = serve_cht(dir.path(), &data);
     assert!(!again.stderr().contains("made "), "{}", again.stderr());
 }
 
@@ -125,9 +129,7 @@ fn a_missing_data_directory_is_made_and_said() {
 fn a_refused_document_is_answered_with_its_own_couchdb_error() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let migrations = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/cht");
-    let gateway =
-        Gateway::serve_embedded(env!("CARGO_BIN_EXE_rewind"), dir.path(), &data, &migrations);
+    let gateway = serve_cht(dir.path(), &data);
     let port = gateway.port;
     assert_eq!(request(port, "PUT", "/medic", "").0, 201);
     let (status, body) = request(port, "PUT", "/medic/d", r#"{"a":1}"#);
