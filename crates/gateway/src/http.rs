@@ -1319,12 +1319,11 @@ async fn filtered_page(
 ) -> Result<rewind_store::Changes, GatewayError> {
     let want = opts.limit.filter(|&l| l > 0);
     let mut read = opts.clone();
-    read.include_docs = opts.include_docs || filter.needs_docs();
     // Descending: one read of the whole feed, kept rows cut to the limit.
     read.limit = (!opts.descending).then_some(FILTERED_PAGE);
     let mut kept = Vec::new();
     loop {
-        let (page, listed) = read_filtered(session, &read, filter, opts.include_docs).await?;
+        let (page, listed) = read_filtered(session, &read, filter).await?;
         let more = read.limit.is_some_and(|l| listed >= l);
         for row in page.results {
             kept.push(row);
@@ -1346,27 +1345,28 @@ async fn filtered_page(
     }
 }
 
-/// One read of the feed (`read`, with documents when the filter needs
-/// them) for a filtered client: the rows `filter` keeps, their documents
-/// left in only when the client asked (`wants_docs`), and how many rows the
-/// store listed (a full page means more may follow). A `_doc_ids` read
-/// presents only the named documents.
+/// One read of the feed the client asked for (`asked`) for a filtered
+/// client, with documents when the filter needs them: the rows `filter`
+/// keeps, their documents left in only when the client asked, and how many
+/// rows the store listed (a full page means more may follow). A `_doc_ids`
+/// read presents only the named documents.
 async fn read_filtered(
     session: &Session<'_>,
-    read: &ChangesOptions,
+    asked: &ChangesOptions,
     filter: &ChangesFilter,
-    wants_docs: bool,
 ) -> Result<(rewind_store::Changes, usize), GatewayError> {
+    let mut read = asked.clone();
+    read.include_docs |= filter.needs_docs();
     let (mut page, listed) = match filter.doc_ids() {
-        Some(ids) => session.changes_of(read, |id| ids.contains(id)).await?,
+        Some(ids) => session.changes_of(&read, |id| ids.contains(id)).await?,
         None => {
-            let page = session.changes(read).await?;
+            let page = session.changes(&read).await?;
             let listed = page.results.len();
             (page, listed)
         }
     };
     page.results.retain(|row| filter.keeps(row));
-    if !wants_docs {
+    if !asked.include_docs {
         for row in &mut page.results {
             row.doc = None;
         }
@@ -1388,10 +1388,6 @@ async fn continuous(
     // cache like any other request.
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(16);
     let cx = cx.clone();
-    let wants_docs = opts.include_docs;
-    if filter.as_ref().is_some_and(ChangesFilter::needs_docs) {
-        opts.include_docs = true;
-    }
     tokio::spawn(async move {
         let session = cx.session();
         let db = &cx.database;
@@ -1399,7 +1395,7 @@ async fn continuous(
         let mut sent = 0usize;
         loop {
             let read = match &filter {
-                Some(filter) => read_filtered(&session, &opts, filter, wants_docs)
+                Some(filter) => read_filtered(&session, &opts, filter)
                     .await
                     .map(|(page, _)| page),
                 None => session.changes(&opts).await,
