@@ -31,8 +31,9 @@
 //! oldest dropped first).
 
 use futures_util::future::{BoxFuture, FutureExt, Shared};
-use rewind_store::Changes;
+use rewind_store::{Changes, Seq};
 use std::collections::HashMap;
+use std::ops::Range;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -109,23 +110,35 @@ impl Reserved {
 /// before the chunk's last ends at its last row's sequence, the last where
 /// the chunk ends).
 pub(crate) fn part_of(chunk: &Changes, part: usize, limit: usize) -> Changes {
+    let (rows, last_seq) = part_bounds(chunk, part, limit);
+    Changes {
+        results: chunk.results[rows].to_vec(),
+        last_seq: last_seq.clone(),
+    }
+}
+
+/// The rows of a chunk that page `part` holds ([`part_of`]), and where it
+/// ends.
+fn part_bounds(chunk: &Changes, part: usize, limit: usize) -> (Range<usize>, &Seq) {
     let len = chunk.results.len();
     let start = part.saturating_mul(limit).min(len);
     let end = start.saturating_add(limit).min(len);
     let last_seq = match chunk.results.get(..end).and_then(<[_]>::last) {
-        Some(row) if end < len => row.seq.clone(),
-        _ => chunk.last_seq.clone(),
+        Some(row) if end < len => &row.seq,
+        _ => &chunk.last_seq,
     };
-    Changes {
-        results: chunk.results[start..end].to_vec(),
-        last_seq,
-    }
+    (start..end, last_seq)
 }
 
 /// Where the page after `page` starts, when there may be one (a page
 /// shorter than `limit` was the feed's last).
 pub(crate) fn next_since(page: &Changes, limit: usize) -> Option<String> {
-    (page.results.len() >= limit).then(|| page.last_seq.to_string())
+    next_start(page.results.len(), &page.last_seq, limit)
+}
+
+/// [`next_since`] of a page of `rows` rows ending at `last_seq`.
+fn next_start(rows: usize, last_seq: &Seq, limit: usize) -> Option<String> {
+    (rows >= limit).then(|| last_seq.to_string())
 }
 
 impl ReadAhead {
@@ -175,7 +188,8 @@ impl ReadAhead {
         let parts = store_page.results.len().div_ceil(limit.max(1)).max(1);
         let mut start = since.to_owned();
         for part in 0..parts {
-            let next = next_since(&part_of(store_page, part, limit), limit);
+            let (rows, last_seq) = part_bounds(store_page, part, limit);
+            let next = next_start(rows.len(), last_seq, limit);
             let page = pages.pages.entry((feed.to_owned(), start)).or_insert(Page {
                 made,
                 answer: answer.clone(),
